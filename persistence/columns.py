@@ -1,0 +1,86 @@
+"""Column types that are exact on every backend: :class:`ExactNumeric` and :class:`UTCDateTime`.
+
+SQLite has no decimal type; SQLAlchemy's ``Numeric`` there stores a float, which is not exact. ``ExactNumeric``
+therefore stores a decimal on SQLite as a 64-bit integer count of ``10**-scale`` units (the value times 10**8):
+exact, compact, and ordered numerically by the integer comparison, negatives included. On PostgreSQL it is a
+native ``NUMERIC(18, 8)``. Both hold the same range, which :mod:`persistence.models` enforces on the way in.
+
+``UTCDateTime`` keeps timestamps in UTC: a naive ISO string in UTC on SQLite (the fixed-width format sorts
+chronologically), ``timestamptz`` on PostgreSQL; values come back timezone-aware in UTC on both.
+
+Migrations import these types, so their storage must never change in place; a new representation is a new type.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, Numeric
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from persistence.models import DECIMAL_PRECISION, DECIMAL_SCALE, to_exact_decimal
+
+
+class ExactNumeric(TypeDecorator[Decimal]):
+    """An exact decimal with 18 significant digits, 8 after the point, on every backend."""
+
+    impl = Numeric(DECIMAL_PRECISION, DECIMAL_SCALE, asdecimal=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(BigInteger())
+        return dialect.type_descriptor(Numeric(DECIMAL_PRECISION, DECIMAL_SCALE, asdecimal=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        number = value if isinstance(value, Decimal) and value.as_tuple().exponent == -DECIMAL_SCALE else None
+        if number is None:
+            number = to_exact_decimal(value)
+        if dialect.name == "sqlite":
+            return int(number.scaleb(DECIMAL_SCALE))
+        return number
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            return Decimal(int(value)).scaleb(-DECIMAL_SCALE)
+        number = value if isinstance(value, Decimal) else Decimal(str(value))
+        return number.quantize(Decimal(1).scaleb(-DECIMAL_SCALE))
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and returned timezone-aware in UTC; naive input is taken as UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(DateTime(timezone=False))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime, got {type(value).__name__}")
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC)

@@ -1,0 +1,190 @@
+"""The database handle: one engine built from :class:`~persistence.config.Settings`, plus its safety rails.
+
+On SQLite every connection gets WAL (the mode that comes back is checked), ``synchronous=NORMAL``, a busy
+timeout and foreign keys; the driver's own transaction handling is switched off so that writers can start with
+``BEGIN IMMEDIATE`` (a deferred transaction that upgrades to a write fails at once with "database is locked"),
+while readers use a plain ``BEGIN``. Pool settings are applied only where they make sense: a file SQLite
+database keeps a small pool, ``:memory:`` one static connection, PostgreSQL the configured pool.
+
+Every statement is bounded by ``DATABASE_QUERY_TIMEOUT``. PostgreSQL enforces it on the server
+(``statement_timeout``). On SQLite cancelling an ``await`` does not stop a statement that is running in the
+driver's thread, so a timer calls ``sqlite3.Connection.interrupt()`` when the statement overruns; the
+interrupted statement raises :class:`~persistence.errors.QueryTimeoutError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, ExceptionContext
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+
+from persistence.config import Settings
+from persistence.errors import QueryTimeoutError
+
+log = structlog.get_logger(__name__)
+
+_BEGIN_OPTION = "persistence_begin"
+_TIMER_KEY = "persistence_timeout_timer"
+_FIRED_KEY = "persistence_timeout_fired"
+_INTERRUPT_KEY = "persistence_interrupt_task"
+SQLITE_MAX_BUSY_MS = 1000
+"""Upper bound of SQLite's busy wait per statement; retries above it handle longer locks."""
+
+
+class Database:
+    """The engine and the two ways to use it: :meth:`read` and :meth:`write` (one transaction, committed)."""
+
+    def __init__(self, engine: AsyncEngine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.dialect_name = engine.dialect.name
+        self._writer = engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+
+    @property
+    def is_sqlite(self) -> bool:
+        """Whether this database is SQLite."""
+        return self.dialect_name == "sqlite"
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reading; its implicit transaction is rolled back at the end."""
+        async with self.engine.connect() as connection:
+            yield connection
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """One write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success, rolled back on error."""
+        async with self._writer.begin() as connection:
+            yield connection
+
+    async def dispose(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+
+def create_database(settings: Settings) -> Database:
+    """Build the engine for ``settings.database_url`` with pragmas, pool and timeouts, and wrap it."""
+    url = settings.url
+    engine = _sqlite_engine(url, settings) if url.get_backend_name() == "sqlite" else _server_engine(url, settings)
+    return Database(engine, settings)
+
+
+def sqlite_path(url: URL) -> Path | None:
+    """The file of a SQLite URL, or ``None`` for an in-memory database."""
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:") or url.query.get("mode") == "memory":
+        return None
+    return Path(database)
+
+
+def _sqlite_engine(url: URL, settings: Settings) -> AsyncEngine:
+    path = sqlite_path(url)
+    busy_ms = min(settings.query_timeout_ms, SQLITE_MAX_BUSY_MS)
+    connect_args: dict[str, Any] = {"timeout": busy_ms / 1000.0, "check_same_thread": False}
+    options: dict[str, Any] = {"connect_args": connect_args}
+    if path is None:
+        # pool_size/max_overflow are not accepted by StaticPool; an in-memory database lives on one connection.
+        options["poolclass"] = StaticPool
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        options["pool_size"] = 5
+        options["max_overflow"] = 5
+        options["pool_timeout"] = settings.query_timeout
+    engine = create_async_engine(url, **options)
+    _install_sqlite_hooks(engine, busy_ms=busy_ms, in_memory=path is None, timeout_ms=settings.query_timeout_ms)
+    return engine
+
+
+def _server_engine(url: URL, settings: Settings) -> AsyncEngine:
+    connect_args: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql":
+        connect_args = {
+            "timeout": max(settings.query_timeout, 1.0),
+            # The server cancels an overrunning statement; the client-side timeout is a backstop for a
+            # server that stopped answering altogether.
+            "server_settings": {"statement_timeout": str(settings.query_timeout_ms)},
+            "command_timeout": settings.query_timeout + 5.0,
+        }
+    return create_async_engine(
+        url,
+        pool_size=settings.pool_size,
+        max_overflow=settings.max_overflow,
+        pool_timeout=settings.query_timeout,
+        pool_pre_ping=True,
+        connect_args=connect_args,
+    )
+
+
+def _install_sqlite_hooks(engine: AsyncEngine, *, busy_ms: int, in_memory: bool, timeout_ms: int) -> None:
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # Take transaction control away from the driver so BEGIN is ours to emit.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            mode = str(cursor.fetchone()[0]).lower()
+            if mode != "wal" and not in_memory:
+                log.warning("sqlite_wal_unavailable", journal_mode=mode)
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get(_BEGIN_OPTION, "")
+        connection.exec_driver_sql(f"BEGIN {mode}".strip())
+
+    @event.listens_for(sync_engine, "before_cursor_execute")
+    def _arm_timer(conn: Connection, _cursor: Any, _stmt: str, _params: Any, context: Any, _many: bool) -> None:
+        driver = _driver_connection(conn)
+        if driver is None:
+            return
+        loop = asyncio.get_running_loop()
+        info = conn.info
+        info[_FIRED_KEY] = False
+
+        def _interrupt() -> None:
+            info[_FIRED_KEY] = True
+            # sqlite3.Connection.interrupt() is safe to call from another thread; aiosqlite's interrupt()
+            # calls it directly instead of queueing behind the running statement.
+            info[_INTERRUPT_KEY] = loop.create_task(driver.interrupt())
+
+        info[_TIMER_KEY] = loop.call_later(timeout_ms / 1000.0, _interrupt)
+
+    @event.listens_for(sync_engine, "after_cursor_execute")
+    def _disarm_timer(conn: Connection, *_args: Any) -> None:
+        timer = conn.info.pop(_TIMER_KEY, None)
+        if timer is not None:
+            timer.cancel()
+
+    @event.listens_for(sync_engine, "handle_error")
+    def _timeout_error(context: ExceptionContext) -> BaseException | None:
+        conn = context.connection
+        if conn is None:
+            return None
+        timer = conn.info.pop(_TIMER_KEY, None)
+        if timer is not None:
+            timer.cancel()
+        if conn.info.pop(_FIRED_KEY, False) and "interrupted" in str(context.original_exception).lower():
+            return QueryTimeoutError(timeout_ms, context.statement)
+        return None
+
+
+def _driver_connection(conn: Connection) -> Any:
+    try:
+        return conn.connection.driver_connection
+    except Exception:  # a connection being invalidated has no driver connection; nothing to arm
+        return None

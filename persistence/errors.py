@@ -1,0 +1,97 @@
+"""The one error hierarchy of the sidecar.
+
+Every error the library raises on purpose derives from :class:`PersistenceError` and carries its context as
+attributes, so callers can branch on type and read the details without parsing messages. Errors about bad
+input are also ``ValueError`` and timeouts are also ``TimeoutError``, so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PersistenceError(Exception):
+    """Base class of every error raised by the persistence sidecar."""
+
+
+class ConfigurationError(PersistenceError, ValueError):
+    """A setting is invalid. ``variable`` names the environment variable, ``reason`` says why."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        self.variable = problems[0][0] if problems else ""
+        self.reason = problems[0][1] if problems else ""
+        super().__init__("invalid configuration: " + "; ".join(f"{var}: {why}" for var, why in problems))
+
+
+class InvalidRecordError(PersistenceError, ValueError):
+    """A record failed validation; nothing was stored.
+
+    ``entity`` is the kind of record (``trade``, ``signal``, …), ``field`` the offending field (``""`` for a
+    rule that spans fields) and ``reason`` a human-readable explanation. ``errors`` lists every problem found.
+    """
+
+    def __init__(self, entity: str, errors: list[tuple[str, str]]) -> None:
+        self.entity = entity
+        self.errors = errors
+        self.field = errors[0][0] if errors else ""
+        self.reason = errors[0][1] if errors else ""
+        detail = "; ".join(f"{field or '<record>'}: {why}" for field, why in errors)
+        super().__init__(f"invalid {entity}: {detail}")
+
+
+class SidecarClosedError(PersistenceError):
+    """A record was offered to a sidecar that has been closed (or was never started)."""
+
+
+class FlushTimeoutError(PersistenceError, TimeoutError):
+    """``flush()`` did not see every recorded record committed within its timeout."""
+
+    def __init__(self, timeout: float, outstanding: int) -> None:
+        self.timeout = timeout
+        self.outstanding = outstanding
+        super().__init__(f"{outstanding} record(s) not yet committed after {timeout:g} s")
+
+
+class DeadLetteredError(PersistenceError):
+    """The record can never be written; it was put in ``dead_letters``."""
+
+    def __init__(self, entity: str, key: str, error: str) -> None:
+        self.entity = entity
+        self.key = key
+        self.error = error
+        super().__init__(f"{entity} {key!r} was dead-lettered: {error}")
+
+
+class QueryTimeoutError(PersistenceError, TimeoutError):
+    """A statement ran longer than ``DATABASE_QUERY_TIMEOUT`` and was interrupted."""
+
+    def __init__(self, timeout_ms: int, statement: str | None = None) -> None:
+        self.timeout_ms = timeout_ms
+        self.statement = statement
+        super().__init__(f"statement exceeded DATABASE_QUERY_TIMEOUT ({timeout_ms} ms)")
+
+
+class DatabaseUnavailableError(PersistenceError):
+    """The database cannot be reached or refused the operation for a reason that is not the data's fault."""
+
+    def __init__(self, message: str, *, cause: BaseException | None = None) -> None:
+        self.cause = cause
+        super().__init__(message)
+
+
+class MigrationError(PersistenceError):
+    """Applying the schema migrations failed."""
+
+    def __init__(self, message: str, **context: Any) -> None:
+        self.context = context
+        super().__init__(message)
+
+
+class InvalidQueryError(PersistenceError, ValueError):
+    """A read was asked with a parameter outside what is allowed (for example an unknown sort column)."""
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        self.parameter = parameter
+        self.reason = reason
+        super().__init__(f"{parameter}: {reason}")

@@ -1,0 +1,499 @@
+"""Reads and batched upserts for the five tables.
+
+Repositories take a :class:`~persistence.db.Database` (the engine factory's product), never a URL. Each write
+method has two forms: ``save_*`` opens its own write transaction, and ``upsert`` / ``insert`` take an open
+connection so the writer can put a whole batch of mixed records into one transaction. A batch is one
+statement executed for many parameter sets. Upserts are keyed by the natural id, so a replay never creates a
+second row; a trade's ``updated_at`` guards the update, so an older version never overwrites a newer one, and a
+signal that is already ``executed`` is never reset by a replay of its earlier, unexecuted version.
+
+Sorting is only ever by a column from a fixed set; anything else raises
+:class:`~persistence.errors.InvalidQueryError` before any SQL is built.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from sqlalchemy import ColumnElement, Select, Table, false, func, or_, select, true, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from persistence.db import Database
+from persistence.errors import InvalidQueryError
+from persistence.models import (
+    SESSIONS,
+    ParameterChange,
+    PerformanceSnapshot,
+    Record,
+    Signal,
+    SignalExecution,
+    Trade,
+    to_utc,
+    utc_now,
+)
+from persistence.schema import dead_letters, parameter_history, performance_snapshots, signals, trades
+
+RecordT = TypeVar("RecordT", bound=Record)
+SortOrder = Literal["asc", "desc"]
+
+TRADE_SORT_COLUMNS: tuple[str, ...] = (
+    "entry_time",
+    "exit_time",
+    "created_at",
+    "updated_at",
+    "symbol",
+    "trade_id",
+    "entry_price",
+    "exit_price",
+    "position_size",
+    "pnl",
+    "pnl_percentage",
+    "confidence_score",
+    "risk_reward_ratio",
+)
+SIGNAL_SORT_COLUMNS: tuple[str, ...] = (
+    "generated_at",
+    "created_at",
+    "symbol",
+    "signal_id",
+    "confidence",
+    "entry_price",
+)
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[RecordT]):
+    """One page of a query: the records, and the total number matching when it was asked for."""
+
+    items: list[RecordT]
+    limit: int
+    offset: int
+    total: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record that can never be written, with the error that condemned it."""
+
+    entity: str
+    natural_key: str
+    payload: dict[str, Any]
+    error: str
+    error_class: str
+    created_at: datetime
+
+
+def _insert(database: Database, table: Table) -> Any:
+    if database.dialect_name == "postgresql":
+        return postgresql.insert(table)
+    if database.dialect_name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"upserts are not implemented for {database.dialect_name}")
+
+
+def _columns(table: Table) -> list[Any]:
+    return [column for column in table.c if column.name != "id"]
+
+
+def _check_page(limit: int, offset: int) -> None:
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidQueryError("limit", f"must be between 1 and {MAX_PAGE_SIZE}")
+    if offset < 0:
+        raise InvalidQueryError("offset", "must not be negative")
+
+
+def _order(table: Table, allowed: tuple[str, ...], sort_by: str, sort_order: str) -> list[Any]:
+    if sort_by not in allowed:
+        raise InvalidQueryError("sort_by", f"must be one of {', '.join(allowed)}")
+    if sort_order not in ("asc", "desc"):
+        raise InvalidQueryError("sort_order", "must be asc or desc")
+    column = table.c[sort_by]
+    if sort_order == "asc":
+        return [column.asc().nulls_last(), table.c.id.asc()]
+    return [column.desc().nulls_last(), table.c.id.desc()]
+
+
+def _date_range(column: Any, start_date: datetime | None, end_date: datetime | None) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if start_date is not None:
+        conditions.append(column >= to_utc(start_date))
+    if end_date is not None:
+        conditions.append(column <= to_utc(end_date))
+    if start_date is not None and end_date is not None and to_utc(start_date) > to_utc(end_date):
+        raise InvalidQueryError("start_date", "is after end_date")
+    return conditions
+
+
+class TradeRepository:
+    """Trades: batched upserts for the writer, and the read queries the API and users need."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        statement = _insert(database, trades)
+        updatable = [c.name for c in _columns(trades) if c.name not in ("trade_id", "created_at")]
+        self._upsert = statement.on_conflict_do_update(
+            index_elements=[trades.c.trade_id],
+            set_={name: statement.excluded[name] for name in updatable},
+            where=trades.c.updated_at <= statement.excluded.updated_at,
+        )
+        self._select = select(*_columns(trades))
+
+    async def upsert(self, connection: AsyncConnection, batch: Sequence[Trade]) -> None:
+        """Insert or update ``batch`` in one statement inside the caller's transaction."""
+        if batch:
+            await connection.execute(self._upsert, [trade.to_row() for trade in batch])
+
+    async def save_trade(self, trade: Trade | Mapping[str, Any]) -> None:
+        """Insert or update one trade in its own transaction (the writer batches instead)."""
+        record = Trade.parse(trade)
+        async with self._db.write() as connection:
+            await self.upsert(connection, [record])
+
+    async def get_trade_by_id(self, trade_id: str) -> Trade | None:
+        """The trade with this ``trade_id``, or ``None``."""
+        rows = await self._fetch(self._select.where(trades.c.trade_id == trade_id))
+        return rows[0] if rows else None
+
+    async def get_recent_trades(self, limit: int = 100) -> list[Trade]:
+        """The ``limit`` most recent trades by entry time, newest first."""
+        _check_page(limit, 0)
+        return await self._fetch(
+            self._select.order_by(*_order(trades, TRADE_SORT_COLUMNS, "entry_time", "desc")).limit(limit)
+        )
+
+    async def get_latest_trades(self, limit: int) -> list[Trade]:
+        """The ``limit`` most recently recorded trades (by ``updated_at``), oldest first, for history loading."""
+        newest = self._select.order_by(trades.c.updated_at.desc(), trades.c.id.desc()).limit(limit).subquery()
+        ordered = select(*[newest.c[c.name] for c in _columns(trades)]).order_by(
+            newest.c.updated_at, newest.c.created_at
+        )
+        return await self._fetch(ordered)
+
+    async def get_trades_by_session(
+        self, session: str, start_date: datetime | None = None, end_date: datetime | None = None
+    ) -> list[Trade]:
+        """Trades of one trading session (TOKYO, LONDON, …), optionally within an entry-time range, oldest first."""
+        if session.upper() not in SESSIONS:
+            raise InvalidQueryError("session", f"must be one of {', '.join(SESSIONS)}")
+        conditions = [
+            trades.c.session == session.upper(),
+            *_date_range(trades.c.entry_time, start_date, end_date),
+        ]
+        return await self._fetch(self._select.where(*conditions).order_by(trades.c.entry_time, trades.c.id))
+
+    async def get_trades_by_pattern(
+        self, pattern_type: str, start_date: datetime | None = None, end_date: datetime | None = None
+    ) -> list[Trade]:
+        """Trades of one pattern type, optionally within an entry-time range, oldest first."""
+        conditions = [
+            trades.c.pattern_type == pattern_type,
+            *_date_range(trades.c.entry_time, start_date, end_date),
+        ]
+        return await self._fetch(self._select.where(*conditions).order_by(trades.c.entry_time, trades.c.id))
+
+    async def query(
+        self,
+        *,
+        start_date: datetime | None = None,
+        end_date: datetime | None = None,
+        symbol: str | None = None,
+        session: str | None = None,
+        pattern_type: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        sort_by: str = "entry_time",
+        sort_order: SortOrder = "desc",
+        with_total: bool = False,
+    ) -> Page[Trade]:
+        """Trades matching every given filter (entry-time range inclusive), one page, sorted by a whitelisted column."""
+        _check_page(limit, offset)
+        order = _order(trades, TRADE_SORT_COLUMNS, sort_by, sort_order)
+        conditions = _date_range(trades.c.entry_time, start_date, end_date)
+        if symbol is not None:
+            conditions.append(trades.c.symbol == symbol)
+        if session is not None:
+            if session.upper() not in SESSIONS:
+                raise InvalidQueryError("session", f"must be one of {', '.join(SESSIONS)}")
+            conditions.append(trades.c.session == session.upper())
+        if pattern_type is not None:
+            conditions.append(trades.c.pattern_type == pattern_type)
+        items = await self._fetch(self._select.where(*conditions).order_by(*order).limit(limit).offset(offset))
+        total = await _count(self._db, trades, conditions) if with_total else None
+        return Page(items=items, limit=limit, offset=offset, total=total)
+
+    async def count(self) -> int:
+        """How many trades the table holds."""
+        return await _count(self._db, trades, [])
+
+    async def _fetch(self, statement: Select[Any]) -> list[Trade]:
+        async with self._db.read() as connection:
+            result = await connection.execute(statement)
+            return [Trade.from_row(row) for row in result.mappings()]
+
+
+class SignalRepository:
+    """Signals: batched upserts, execution updates, and reads."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        statement = _insert(database, signals)
+        updatable = [c.name for c in _columns(signals) if c.name not in ("signal_id", "created_at")]
+        self._upsert = statement.on_conflict_do_update(
+            index_elements=[signals.c.signal_id],
+            set_={name: statement.excluded[name] for name in updatable},
+            # A replay of the unexecuted version never undoes a recorded execution.
+            where=or_(signals.c.executed == false(), statement.excluded.executed == true()),
+        )
+        self._select = select(*_columns(signals))
+
+    async def upsert(self, connection: AsyncConnection, batch: Sequence[Signal]) -> None:
+        """Insert or update ``batch`` in one statement inside the caller's transaction."""
+        if batch:
+            await connection.execute(self._upsert, [signal.to_row() for signal in batch])
+
+    async def apply_executions(
+        self, connection: AsyncConnection, batch: Sequence[SignalExecution]
+    ) -> list[SignalExecution]:
+        """Apply execution updates in order; return those whose signal is not in the table."""
+        missing: list[SignalExecution] = []
+        for change in batch:
+            result = await connection.execute(
+                update(signals)
+                .where(signals.c.signal_id == change.signal_id)
+                .values(executed=change.executed, execution_status=change.execution_status)
+            )
+            if result.rowcount == 0:
+                missing.append(change)
+        return missing
+
+    async def save_signal(self, signal: Signal | Mapping[str, Any]) -> None:
+        """Insert or update one signal in its own transaction."""
+        record = Signal.parse(signal)
+        async with self._db.write() as connection:
+            await self.upsert(connection, [record])
+
+    async def update_signal_execution(
+        self, signal_id: str, executed: bool, execution_status: str | None = None
+    ) -> bool:
+        """Record that a signal was (or was not) executed; ``False`` when no such signal exists."""
+        change = SignalExecution.parse(
+            {"signal_id": signal_id, "executed": executed, "execution_status": execution_status}
+        )
+        async with self._db.write() as connection:
+            return not await self.apply_executions(connection, [change])
+
+    async def get_signal_by_id(self, signal_id: str) -> Signal | None:
+        """The signal with this ``signal_id``, or ``None``."""
+        rows = await self._fetch(self._select.where(signals.c.signal_id == signal_id))
+        return rows[0] if rows else None
+
+    async def get_recent_signals(self, limit: int = 100) -> list[Signal]:
+        """The ``limit`` most recently generated signals, newest first."""
+        _check_page(limit, 0)
+        order = _order(signals, SIGNAL_SORT_COLUMNS, "generated_at", "desc")
+        return await self._fetch(self._select.order_by(*order).limit(limit))
+
+    async def get_signals_by_status(self, executed: bool, limit: int = MAX_PAGE_SIZE) -> list[Signal]:
+        """Signals that were (or were not) executed, newest first."""
+        _check_page(limit, 0)
+        order = _order(signals, SIGNAL_SORT_COLUMNS, "generated_at", "desc")
+        return await self._fetch(self._select.where(signals.c.executed == executed).order_by(*order).limit(limit))
+
+    async def query(
+        self,
+        *,
+        executed: bool | None = None,
+        symbol: str | None = None,
+        start_date: datetime | None = None,
+        end_date: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        sort_by: str = "generated_at",
+        sort_order: SortOrder = "desc",
+        with_total: bool = False,
+    ) -> Page[Signal]:
+        """Signals matching every given filter (generation-time range inclusive), one page."""
+        _check_page(limit, offset)
+        order = _order(signals, SIGNAL_SORT_COLUMNS, sort_by, sort_order)
+        conditions = _date_range(signals.c.generated_at, start_date, end_date)
+        if executed is not None:
+            conditions.append(signals.c.executed == executed)
+        if symbol is not None:
+            conditions.append(signals.c.symbol == symbol)
+        items = await self._fetch(self._select.where(*conditions).order_by(*order).limit(limit).offset(offset))
+        total = await _count(self._db, signals, conditions) if with_total else None
+        return Page(items=items, limit=limit, offset=offset, total=total)
+
+    async def _fetch(self, statement: Select[Any]) -> list[Signal]:
+        async with self._db.read() as connection:
+            result = await connection.execute(statement)
+            return [Signal.from_row(row) for row in result.mappings()]
+
+
+class _AppendOnlyRepository(Generic[RecordT]):
+    """Immutable events keyed by a generated ``id``: an insert that ignores a replay of the same id."""
+
+    table: Table
+    record_type: type[RecordT]
+    time_column: str
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        self._insert = _insert(database, self.table).on_conflict_do_nothing(index_elements=[self.table.c.id])
+        self._select = select(*self.table.c)
+
+    async def insert(self, connection: AsyncConnection, batch: Sequence[RecordT]) -> None:
+        """Insert ``batch`` in one statement inside the caller's transaction; known ids are skipped."""
+        if batch:
+            await connection.execute(self._insert, [record.to_row() for record in batch])
+
+    async def _save(self, record: RecordT) -> None:
+        async with self._db.write() as connection:
+            await self.insert(connection, [record])
+
+    async def _between(
+        self, start_date: datetime | None, end_date: datetime | None, session: str | None, limit: int
+    ) -> list[RecordT]:
+        _check_page(limit, 0)
+        column = self.table.c[self.time_column]
+        conditions = _date_range(column, start_date, end_date)
+        if session is not None:
+            conditions.append(self.table.c.session == session.upper())
+        statement = self._select.where(*conditions).order_by(column.desc(), self.table.c.id).limit(limit)
+        async with self._db.read() as connection:
+            result = await connection.execute(statement)
+            return [self.record_type.from_row(row) for row in result.mappings()]
+
+
+class PerformanceSnapshotRepository(_AppendOnlyRepository[PerformanceSnapshot]):
+    """Performance snapshots."""
+
+    table = performance_snapshots
+    record_type = PerformanceSnapshot
+    time_column = "snapshot_time"
+
+    async def save_snapshot(self, snapshot: PerformanceSnapshot | Mapping[str, Any]) -> None:
+        """Insert one snapshot in its own transaction."""
+        await self._save(PerformanceSnapshot.parse(snapshot))
+
+    async def get_snapshots(
+        self,
+        start_date: datetime | None = None,
+        end_date: datetime | None = None,
+        session: str | None = None,
+        limit: int = 100,
+    ) -> list[PerformanceSnapshot]:
+        """Snapshots in a time range (inclusive), newest first."""
+        return await self._between(start_date, end_date, session, limit)
+
+
+class ParameterHistoryRepository(_AppendOnlyRepository[ParameterChange]):
+    """The history of parameter changes."""
+
+    table = parameter_history
+    record_type = ParameterChange
+    time_column = "change_time"
+
+    async def save_change(self, change: ParameterChange | Mapping[str, Any]) -> None:
+        """Insert one parameter change in its own transaction."""
+        await self._save(ParameterChange.parse(change))
+
+    async def get_changes(
+        self,
+        start_date: datetime | None = None,
+        end_date: datetime | None = None,
+        session: str | None = None,
+        limit: int = 100,
+    ) -> list[ParameterChange]:
+        """Parameter changes in a time range (inclusive), newest first."""
+        return await self._between(start_date, end_date, session, limit)
+
+
+class DeadLetterRepository:
+    """Records that can never be written, kept with their error for a human to look at."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def insert(self, connection: AsyncConnection, entries: Sequence[tuple[Record, BaseException | str]]) -> None:
+        """Put each (record, error) into ``dead_letters`` inside the caller's transaction."""
+        if not entries:
+            return
+        now = utc_now()
+        rows = [
+            {
+                "entity": record.entity,
+                "natural_key": record.key[:64],
+                "payload": json.dumps(record.to_json(), separators=(",", ":")),
+                "error": str(error)[:4000],
+                "error_class": (type(error).__name__ if isinstance(error, BaseException) else "Error")[:128],
+                "created_at": now,
+            }
+            for record, error in entries
+        ]
+        await connection.execute(dead_letters.insert(), rows)
+
+    async def add(self, record: Record, error: BaseException | str) -> None:
+        """Dead-letter one record in its own transaction."""
+        async with self._db.write() as connection:
+            await self.insert(connection, [(record, error)])
+
+    async def list(self, limit: int = 100, entity: str | None = None) -> list[DeadLetter]:
+        """The most recent dead letters, newest first."""
+        _check_page(limit, 0)
+        statement = select(dead_letters).order_by(dead_letters.c.id.desc()).limit(limit)
+        if entity is not None:
+            statement = statement.where(dead_letters.c.entity == entity)
+        async with self._db.read() as connection:
+            result = await connection.execute(statement)
+            return [
+                DeadLetter(
+                    entity=row["entity"],
+                    natural_key=row["natural_key"],
+                    payload=json.loads(row["payload"]),
+                    error=row["error"],
+                    error_class=row["error_class"],
+                    created_at=row["created_at"],
+                )
+                for row in result.mappings()
+            ]
+
+    async def count(self) -> int:
+        """How many dead letters there are."""
+        return await _count(self._db, dead_letters, [])
+
+
+class Repositories:
+    """Every repository over one database."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.trades = TradeRepository(database)
+        self.signals = SignalRepository(database)
+        self.snapshots = PerformanceSnapshotRepository(database)
+        self.parameters = ParameterHistoryRepository(database)
+        self.dead_letters = DeadLetterRepository(database)
+
+    async def table_counts(self) -> dict[str, int]:
+        """Row counts of the five tables."""
+        counts: dict[str, int] = {}
+        for table in (trades, signals, performance_snapshots, parameter_history, dead_letters):
+            counts[table.name] = await _count(self.database, table, [])
+        return counts
+
+
+async def _count(database: Database, table: Table, conditions: Sequence[ColumnElement[bool]]) -> int:
+    async with database.read() as connection:
+        result = await connection.execute(select(func.count()).select_from(table).where(*conditions))
+        return int(result.scalar_one())
+
+
+def rows_as_dicts(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Plain dict copies of result rows (handy in tests and the CLI)."""
+    return [dict(row) for row in rows]

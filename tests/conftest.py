@@ -1,0 +1,101 @@
+"""Shared fixtures: a migrated database on every backend (a SQLite file per test; PostgreSQL when
+``PERSISTENCE_TEST_POSTGRES_URL`` is set, in a throwaway database created for the session and dropped after)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import URL, make_url
+
+from persistence.config import Settings
+from persistence.db import Database, create_database
+from persistence.migrations import upgrade
+from persistence.repositories import Repositories
+from persistence.schema import TABLES
+
+POSTGRES_ENV = "PERSISTENCE_TEST_POSTGRES_URL"
+POSTGRES_SKIP_REASON = f"{POSTGRES_ENV} is not set; PostgreSQL tests skipped"
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings for tests: never read a developer's .env file."""
+    return Settings(_env_file=None, **overrides)
+
+
+async def _admin(url: URL, *statements: str) -> None:
+    connection = await asyncpg.connect(
+        host=url.host or "127.0.0.1",
+        port=url.port or 5432,
+        user=url.username,
+        password=url.password,
+        database=url.database,
+    )
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+def create_postgres_database(prefix: str = "persistence_test") -> str:
+    """Create an empty PostgreSQL database for a test and return its async URL."""
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(POSTGRES_SKIP_REASON)
+    url = make_url(base)
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+    asyncio.run(_admin(url, f'CREATE DATABASE "{name}"'))
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgres_database(database_url: str) -> None:
+    url = make_url(database_url)
+    base = make_url(os.environ[POSTGRES_ENV])
+    asyncio.run(_admin(base, f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    url = create_postgres_database()
+    yield url
+    drop_postgres_database(url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'trading.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'trading.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    db = create_database(make_settings(database_url=database_url, query_timeout_ms=5000))
+    await upgrade(db)
+    if db.dialect_name == "postgresql":
+        async with db.write() as connection:
+            names = ", ".join(table.name for table in TABLES)
+            await connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY"))
+    try:
+        yield db
+    finally:
+        await db.dispose()
+
+
+@pytest.fixture
+def repos(database: Database) -> Repositories:
+    return Repositories(database)

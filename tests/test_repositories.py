@@ -1,0 +1,277 @@
+"""Repository contract: the same suite on SQLite and, when its URL is given, PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import insert, select, text
+from sqlalchemy.exc import IntegrityError
+
+from persistence.db import Database
+from persistence.errors import InvalidQueryError
+from persistence.models import SignalExecution
+from persistence.repositories import TRADE_SORT_COLUMNS, Repositories
+from persistence.schema import trades
+from tests.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot, make_trade
+
+EXACT_VALUES = [
+    Decimal("98765.12345678"),
+    Decimal("0.00001234"),
+    Decimal("0.00000001"),
+    Decimal("-0.00000001"),
+    Decimal("-12345.6789"),
+    Decimal("9999999999.99999999"),
+    Decimal("-9999999999.99999999"),
+    Decimal("0"),
+    Decimal("1.10000000"),
+]
+
+
+async def test_values_round_trip_digit_for_digit(repos: Repositories) -> None:
+    recorded = [make_trade(pnl=value, pnl_percentage=value, exit_price=abs(value) or None) for value in EXACT_VALUES]
+    for trade in recorded:
+        await repos.trades.save_trade(trade)
+    for trade in recorded:
+        stored = await repos.trades.get_trade_by_id(trade.trade_id)
+        assert stored is not None
+        assert str(stored.pnl) == str(trade.pnl)
+        assert str(stored.pnl_percentage) == str(trade.pnl_percentage)
+        assert stored == trade
+
+
+async def test_big_prices_and_sizes_fit(repos: Repositories) -> None:
+    trade = make_trade(entry_price=Decimal("98765.12345678"), position_size=Decimal("2500000.5"))
+    await repos.trades.save_trade(trade)
+    stored = await repos.trades.get_trade_by_id(trade.trade_id)
+    assert stored is not None
+    assert (stored.entry_price, stored.position_size) == (Decimal("98765.12345678"), Decimal("2500000.50000000"))
+
+
+async def test_timestamps_come_back_aware_in_utc(repos: Repositories) -> None:
+    trade = make_trade(entry_time="2026-05-01T17:45:30.123456+03:00")
+    await repos.trades.save_trade(trade)
+    stored = await repos.trades.get_trade_by_id(trade.trade_id)
+    assert stored is not None
+    assert stored.entry_time == trade.entry_time
+    assert stored.entry_time.utcoffset() == timedelta(0)
+    assert stored.entry_time.hour == 14 and stored.entry_time.microsecond == 123456
+
+
+async def test_sorting_by_pnl_is_numeric_negatives_included(repos: Repositories) -> None:
+    values = ["-100", "-20.5", "-3", "-0.00000001", "0", "0.00000001", "2", "10", "100.25", "1000"]
+    for value in reversed(values):
+        await repos.trades.save_trade(make_trade(pnl=Decimal(value), symbol="XAUUSD"))
+    ascending = await repos.trades.query(symbol="XAUUSD", sort_by="pnl", sort_order="asc")
+    assert [t.pnl for t in ascending.items] == [Decimal(v) for v in values]
+    descending = await repos.trades.query(symbol="XAUUSD", sort_by="pnl", sort_order="desc")
+    assert [t.pnl for t in descending.items] == [Decimal(v) for v in reversed(values)]
+
+
+async def test_range_filter_on_money_is_numeric(database: Database, repos: Repositories) -> None:
+    for value in ["-50", "-5", "5", "50", "500"]:
+        await repos.trades.save_trade(make_trade(pnl=Decimal(value), symbol="GBPJPY"))
+    async with database.read() as connection:
+        rows = await connection.execute(
+            select(trades.c.pnl).where(trades.c.pnl > Decimal("-10"), trades.c.symbol == "GBPJPY").order_by(trades.c.pnl)
+        )
+        assert [row.pnl for row in rows] == [Decimal("-5"), Decimal("5"), Decimal("50"), Decimal("500")]
+
+
+async def test_upsert_updates_in_place_and_never_creates_a_second_row(database: Database, repos: Repositories) -> None:
+    opened = make_trade()
+    closed = opened.model_copy(
+        update={
+            "exit_price": Decimal("1.09000000"),
+            "exit_time": opened.entry_time + timedelta(hours=1),
+            "pnl": Decimal("57.70"),
+            "updated_at": opened.updated_at + timedelta(seconds=5),
+        }
+    )
+    async with database.write() as connection:
+        await repos.trades.upsert(connection, [opened, closed, opened])  # a replay of the older version, too
+    assert await repos.trades.count() == 1
+    stored = await repos.trades.get_trade_by_id(opened.trade_id)
+    assert stored is not None and stored.pnl == Decimal("57.70") and stored.exit_price == Decimal("1.09")
+    assert stored.created_at == opened.created_at
+
+
+async def test_an_older_version_replayed_later_never_overwrites_a_newer_one(repos: Repositories) -> None:
+    newer = make_trade(pnl=Decimal("10"))
+    older = newer.model_copy(update={"pnl": Decimal("-99"), "updated_at": newer.updated_at - timedelta(seconds=1)})
+    await repos.trades.save_trade(newer)
+    await repos.trades.save_trade(older)
+    stored = await repos.trades.get_trade_by_id(newer.trade_id)
+    assert stored is not None and stored.pnl == Decimal("10")
+    assert await repos.trades.count() == 1
+
+
+async def test_a_batch_is_one_transaction(database: Database, repos: Repositories) -> None:
+    good = make_trade()
+    with pytest.raises(Exception, match="boom"):
+        async with database.write() as connection:
+            await repos.trades.upsert(connection, [good])
+            raise RuntimeError("boom")
+    assert await repos.trades.get_trade_by_id(good.trade_id) is None
+
+
+async def test_check_constraints_hold_in_the_database_itself(database: Database) -> None:
+    row = make_trade().to_row()
+    for column, value in [("direction", "LONG"), ("session", "MARS")]:
+        with pytest.raises(IntegrityError):
+            async with database.write() as connection:
+                await connection.execute(insert(trades), [{**row, column: value}])
+    with pytest.raises(IntegrityError):
+        async with database.write() as connection:
+            await connection.execute(insert(trades), [row, {**row}])  # unique trade_id
+
+
+async def test_recent_trades_newest_first_with_limit(repos: Repositories) -> None:
+    made = [make_trade(entry_time=BASE_TIME + timedelta(hours=i)) for i in range(5)]
+    for trade in made:
+        await repos.trades.save_trade(trade)
+    recent = await repos.trades.get_recent_trades(limit=3)
+    assert [t.trade_id for t in recent] == [t.trade_id for t in reversed(made)][:3]
+
+
+async def test_trades_by_session_and_pattern_with_date_range(repos: Repositories) -> None:
+    day = [BASE_TIME + timedelta(days=i) for i in range(4)]
+    tokyo = [make_trade(session="TOKYO", pattern_type="flag", entry_time=t) for t in day]
+    await repos.trades.save_trade(make_trade(session="NY", pattern_type="wedge", entry_time=day[1]))
+    for trade in tokyo:
+        await repos.trades.save_trade(trade)
+    in_session = await repos.trades.get_trades_by_session("tokyo", start_date=day[1], end_date=day[2])
+    assert [t.trade_id for t in in_session] == [tokyo[1].trade_id, tokyo[2].trade_id]
+    by_pattern = await repos.trades.get_trades_by_pattern("flag", start_date=day[2])
+    assert [t.trade_id for t in by_pattern] == [tokyo[2].trade_id, tokyo[3].trade_id]
+    assert await repos.trades.get_trades_by_pattern("wedge") != []
+
+
+async def test_query_filters_paginate_and_count(repos: Repositories) -> None:
+    for i in range(12):
+        await repos.trades.save_trade(
+            make_trade(
+                symbol="EURUSD" if i % 2 else "USDJPY",
+                session="LONDON" if i % 3 else "SYDNEY",
+                entry_time=BASE_TIME + timedelta(minutes=i),
+            )
+        )
+    page = await repos.trades.query(symbol="EURUSD", limit=4, offset=0, sort_by="entry_time", sort_order="asc", with_total=True)
+    rest = await repos.trades.query(symbol="EURUSD", limit=4, offset=4, sort_by="entry_time", sort_order="asc")
+    assert page.total == 6 and len(page.items) == 4 and len(rest.items) == 2
+    assert {t.trade_id for t in page.items}.isdisjoint({t.trade_id for t in rest.items})
+    times = [t.entry_time for t in page.items + rest.items]
+    assert times == sorted(times)
+    sydney = await repos.trades.query(session="sydney", with_total=True)
+    assert sydney.total == 4 and all(t.session == "SYDNEY" for t in sydney.items)
+    window = await repos.trades.query(start_date=BASE_TIME + timedelta(minutes=3), end_date=BASE_TIME + timedelta(minutes=5))
+    assert len(window.items) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "parameter"),
+    [
+        ({"sort_by": "pnl; DROP TABLE trades"}, "sort_by"),
+        ({"sort_by": "id"}, "sort_by"),
+        ({"sort_order": "sideways"}, "sort_order"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"offset": -1}, "offset"),
+        ({"session": "MOON"}, "session"),
+        ({"start_date": BASE_TIME, "end_date": BASE_TIME - timedelta(days=1)}, "start_date"),
+    ],
+)
+async def test_query_refuses_bad_parameters_before_any_sql(
+    repos: Repositories, kwargs: dict[str, object], parameter: str
+) -> None:
+    await repos.trades.save_trade(make_trade())
+    with pytest.raises(InvalidQueryError) as caught:
+        await repos.trades.query(**kwargs)  # type: ignore[arg-type]
+    assert caught.value.parameter == parameter
+    assert await repos.trades.count() == 1
+
+
+async def test_every_whitelisted_sort_column_works(repos: Repositories) -> None:
+    await repos.trades.save_trade(make_trade(pnl=Decimal("1")))
+    await repos.trades.save_trade(make_trade())
+    for column in TRADE_SORT_COLUMNS:
+        for order in ("asc", "desc"):
+            page = await repos.trades.query(sort_by=column, sort_order=order)  # type: ignore[arg-type]
+            assert len(page.items) == 2
+
+
+async def test_latest_trades_for_history_are_oldest_first(repos: Repositories) -> None:
+    made = [make_trade() for _ in range(6)]
+    for trade in made:
+        await repos.trades.save_trade(trade)
+    latest = await repos.trades.get_latest_trades(4)
+    assert [t.trade_id for t in latest] == [t.trade_id for t in made[2:]]
+
+
+async def test_signals_save_update_and_query(database: Database, repos: Repositories) -> None:
+    first, second = make_signal(), make_signal(symbol="BTCUSD", entry_price=Decimal("98765.12345678"))
+    await repos.signals.save_signal(first)
+    await repos.signals.save_signal(second)
+    assert await repos.signals.update_signal_execution(first.signal_id, True, "FILLED") is True
+    assert await repos.signals.update_signal_execution("S-unknown", True, "FILLED") is False
+    executed = await repos.signals.get_signals_by_status(True)
+    assert [s.signal_id for s in executed] == [first.signal_id]
+    assert executed[0].execution_status == "FILLED"
+    pending = await repos.signals.get_signals_by_status(False)
+    assert [s.signal_id for s in pending] == [second.signal_id]
+    assert pending[0].entry_price == Decimal("98765.12345678")
+    recent = await repos.signals.get_recent_signals(limit=10)
+    assert [s.signal_id for s in recent] == [second.signal_id, first.signal_id]
+    page = await repos.signals.query(executed=False, symbol="BTCUSD", with_total=True)
+    assert page.total == 1
+
+
+async def test_a_replayed_unexecuted_signal_never_undoes_its_execution(database: Database, repos: Repositories) -> None:
+    signal = make_signal()
+    await repos.signals.save_signal(signal)
+    async with database.write() as connection:
+        missing = await repos.signals.apply_executions(
+            connection, [SignalExecution(signal_id=signal.signal_id, executed=True, execution_status="FILLED")]
+        )
+    assert missing == []
+    await repos.signals.save_signal(signal)  # replay of the original version
+    stored = await repos.signals.get_signal_by_id(signal.signal_id)
+    assert stored is not None and stored.executed is True and stored.execution_status == "FILLED"
+    page = await repos.signals.query(with_total=True)
+    assert page.total == 1
+
+
+async def test_snapshots_and_parameter_changes_are_idempotent_on_replay(database: Database, repos: Repositories) -> None:
+    snapshot = make_snapshot(total_pnl=Decimal("-0.00000001"))
+    change = make_parameter_change()
+    for _ in range(2):
+        async with database.write() as connection:
+            await repos.snapshots.insert(connection, [snapshot])
+            await repos.parameters.insert(connection, [change])
+    assert await repos.snapshots.get_snapshots() == [snapshot]
+    assert await repos.parameters.get_changes() == [change]
+    await repos.snapshots.save_snapshot(make_snapshot(snapshot_time=BASE_TIME + timedelta(hours=1), session="LONDON"))
+    assert len(await repos.snapshots.get_snapshots(session="london")) == 1
+    assert len(await repos.snapshots.get_snapshots(start_date=BASE_TIME + timedelta(minutes=1))) == 1
+    counts = await repos.table_counts()
+    assert counts["performance_snapshots"] == 2 and counts["parameter_history"] == 1
+
+
+async def test_dead_letters_keep_the_payload_and_error(repos: Repositories) -> None:
+    trade = make_trade(pnl=Decimal("-1.5"))
+    await repos.dead_letters.add(trade, ValueError("value out of range"))
+    [letter] = await repos.dead_letters.list()
+    assert (letter.entity, letter.natural_key, letter.error_class) == ("trade", trade.trade_id, "ValueError")
+    assert letter.error == "value out of range"
+    assert letter.payload["pnl"] == "-1.50000000"
+    assert letter.created_at.utcoffset() == timedelta(0)
+    assert await repos.dead_letters.count() == 1
+
+
+async def test_the_table_survives_an_injection_attempt_in_sort_by(database: Database, repos: Repositories) -> None:
+    await repos.trades.save_trade(make_trade())
+    with pytest.raises(InvalidQueryError):
+        await repos.trades.query(sort_by="entry_time; DELETE FROM trades")
+    async with database.read() as connection:
+        assert (await connection.execute(text("SELECT count(*) FROM trades"))).scalar_one() == 1
