@@ -113,7 +113,7 @@ def _server_engine(url: URL, settings: Settings) -> AsyncEngine:
             "server_settings": {"statement_timeout": str(settings.query_timeout_ms)},
             "command_timeout": settings.query_timeout + 5.0,
         }
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
@@ -121,6 +121,15 @@ def _server_engine(url: URL, settings: Settings) -> AsyncEngine:
         pool_pre_ping=True,
         connect_args=connect_args,
     )
+    timeout_ms = settings.query_timeout_ms
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _timeout_error(context: ExceptionContext) -> BaseException | None:
+        if "canceling statement due to statement timeout" in str(context.original_exception):
+            return QueryTimeoutError(timeout_ms, context.statement)
+        return None
+
+    return engine
 
 
 def _install_sqlite_hooks(engine: AsyncEngine, *, busy_ms: int, in_memory: bool, timeout_ms: int) -> None:

@@ -1,0 +1,172 @@
+"""Engine factory: SQLite pragmas, BEGIN IMMEDIATE for writers, pool settings, and statement timeouts."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import StaticPool
+
+from persistence.db import SQLITE_MAX_BUSY_MS, create_database, sqlite_path
+from persistence.errors import QueryTimeoutError
+from tests.conftest import make_settings
+
+ENDLESS_SQLITE_QUERY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+
+
+async def test_sqlite_connections_get_wal_normal_sync_busy_timeout_and_foreign_keys(sqlite_url: str) -> None:
+    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=400))
+    try:
+        async with database.read() as connection:
+            pragma = {
+                name: (await connection.execute(text(f"PRAGMA {name}"))).scalar_one()
+                for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
+            }
+    finally:
+        await database.dispose()
+    assert pragma == {"journal_mode": "wal", "synchronous": 1, "busy_timeout": 400, "foreign_keys": 1}
+
+
+async def test_busy_timeout_is_capped(sqlite_url: str) -> None:
+    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=60_000))
+    try:
+        async with database.read() as connection:
+            assert (await connection.execute(text("PRAGMA busy_timeout"))).scalar_one() == SQLITE_MAX_BUSY_MS
+    finally:
+        await database.dispose()
+
+
+async def test_the_folder_of_a_sqlite_file_is_created(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'deep' / 'er' / 'trading.db'}"
+    database = create_database(make_settings(database_url=url))
+    try:
+        async with database.write() as connection:
+            await connection.execute(text("CREATE TABLE t (x)"))
+    finally:
+        await database.dispose()
+    assert (tmp_path / "deep" / "er" / "trading.db").exists()
+
+
+async def test_writers_take_the_write_lock_at_begin(sqlite_url: str) -> None:
+    """A writer holds the RESERVED lock from BEGIN on, so a second writer is refused before it reads."""
+    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=200))
+    path = sqlite_path(database.engine.url)
+    assert path is not None
+    try:
+        async with database.write() as connection:
+            await connection.execute(text("CREATE TABLE t (x)"))
+        async with database.write() as connection:
+            await connection.execute(text("SELECT 1"))  # a read only, yet the lock is already taken
+            other = sqlite3.connect(path, timeout=0, isolation_level=None)
+            try:
+                with pytest.raises(sqlite3.OperationalError, match="locked"):
+                    other.execute("BEGIN IMMEDIATE")
+            finally:
+                other.close()
+    finally:
+        await database.dispose()
+
+
+async def test_readers_do_not_block_on_a_held_write_lock(sqlite_url: str) -> None:
+    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=200))
+    path = sqlite_path(database.engine.url)
+    assert path is not None
+    try:
+        async with database.write() as connection:
+            await connection.execute(text("CREATE TABLE t (x)"))
+            await connection.execute(text("INSERT INTO t VALUES (1)"))
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            async with database.read() as connection:
+                assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar_one() == 1
+        finally:
+            other.rollback()
+            other.close()
+    finally:
+        await database.dispose()
+
+
+async def test_a_writer_facing_an_exclusive_lock_fails_after_the_busy_timeout(sqlite_url: str) -> None:
+    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=300))
+    path = sqlite_path(database.engine.url)
+    assert path is not None
+    try:
+        async with database.write() as connection:
+            await connection.execute(text("CREATE TABLE t (x)"))
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        try:
+            with pytest.raises(OperationalError, match="locked"):
+                async with database.write() as connection:
+                    await connection.execute(text("INSERT INTO t VALUES (2)"))
+        finally:
+            other.rollback()
+            other.close()
+        assert time.monotonic() - started < 5
+        async with database.write() as connection:  # and the engine still works afterwards
+            await connection.execute(text("INSERT INTO t VALUES (3)"))
+    finally:
+        await database.dispose()
+
+
+async def test_a_runaway_sqlite_statement_is_interrupted_at_the_query_timeout(sqlite_url: str) -> None:
+    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=300))
+    try:
+        started = time.monotonic()
+        with pytest.raises(QueryTimeoutError) as caught:
+            async with database.read() as connection:
+                await connection.execute(text(ENDLESS_SQLITE_QUERY))
+        elapsed = time.monotonic() - started
+        assert caught.value.timeout_ms == 300
+        assert elapsed < 5, "the statement kept running after the timeout"
+        # The connection is usable again: a quick statement is not hit by a stale interrupt.
+        async with database.read() as connection:
+            assert (await connection.execute(text("SELECT 42"))).scalar_one() == 42
+    finally:
+        await database.dispose()
+
+
+async def test_fast_statements_are_never_interrupted(sqlite_url: str) -> None:
+    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=50))
+    try:
+        for _ in range(200):
+            async with database.read() as connection:
+                assert (await connection.execute(text("SELECT 1"))).scalar_one() == 1
+    finally:
+        await database.dispose()
+
+
+async def test_in_memory_sqlite_uses_one_static_connection_without_pool_arguments() -> None:
+    database = create_database(make_settings(database_url="sqlite+aiosqlite:///:memory:", pool_size=3))
+    try:
+        assert isinstance(database.engine.pool, StaticPool)
+        async with database.write() as connection:
+            await connection.execute(text("CREATE TABLE t (x)"))
+        async with database.read() as connection:
+            assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
+    finally:
+        await database.dispose()
+
+
+@pytest.mark.postgres
+async def test_postgres_pool_settings_and_statement_timeout(postgres_url: str) -> None:
+    database = create_database(
+        make_settings(database_url=postgres_url, pool_size=3, max_overflow=2, query_timeout_ms=300)
+    )
+    try:
+        assert database.engine.pool.size() == 3  # type: ignore[attr-defined]
+        started = time.monotonic()
+        with pytest.raises(QueryTimeoutError):
+            async with database.read() as connection:
+                await connection.execute(text("SELECT pg_sleep(10)"))
+        assert time.monotonic() - started < 5
+        async with database.read() as connection:
+            assert (await connection.execute(text("SHOW statement_timeout"))).scalar_one() == "300ms"
+    finally:
+        await database.dispose()
