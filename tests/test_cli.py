@@ -16,7 +16,12 @@ def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[st
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "PERSISTENCE_", "ENABLE_"))}
     environment.update(env, PYTHONPATH=str(REPO_ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "persistence", *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "persistence", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -50,6 +55,9 @@ def test_a_configuration_error_is_one_clear_line_and_exit_2(tmp_path: Path) -> N
 
 def test_status_never_prints_the_database_password(tmp_path: Path) -> None:
     result = run_cli(
-        "status", cwd=tmp_path, DATABASE_URL="postgresql+asyncpg://trader:hunter2@127.0.0.1:1/nowhere", DATABASE_QUERY_TIMEOUT="500"
+        "status",
+        cwd=tmp_path,
+        DATABASE_URL="postgresql+asyncpg://trader:hunter2@127.0.0.1:1/nowhere",
+        DATABASE_QUERY_TIMEOUT="500",
     )
     assert "hunter2" not in result.stdout + result.stderr

@@ -19,7 +19,7 @@ from persistence.models import (
     Trade,
     to_exact_decimal,
 )
-from tests.factories import make_parameter_change, make_snapshot, make_signal, make_trade, trade_data
+from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 
 
 def invalid(data: dict[str, Any]) -> InvalidRecordError:
@@ -47,7 +47,9 @@ def test_float_goes_through_its_shortest_repr() -> None:
     assert str(trade.entry_price) == "0.10000000"
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), Decimal("NaN"), Decimal("-Infinity"), "nan"])
+@pytest.mark.parametrize(
+    "bad", [float("nan"), float("inf"), float("-inf"), Decimal("NaN"), Decimal("-Infinity"), "nan"]
+)
 def test_nan_and_infinities_are_refused(bad: Any) -> None:
     error = invalid(trade_data(pnl=bad))
     assert error.field == "pnl"
@@ -69,7 +71,9 @@ def test_float_arithmetic_noise_is_refused_rather_than_silently_rounded() -> Non
 def test_a_value_too_large_for_the_column_is_refused() -> None:
     error = invalid(trade_data(position_size=DECIMAL_LIMIT))
     assert error.field == "position_size" and "does not fit" in error.reason
-    assert make_trade(position_size=DECIMAL_LIMIT - Decimal("0.00000001")).position_size == Decimal("9999999999.99999999")
+    assert make_trade(position_size=DECIMAL_LIMIT - Decimal("0.00000001")).position_size == Decimal(
+        "9999999999.99999999"
+    )
 
 
 def test_trailing_zeros_beyond_the_scale_are_exact_and_accepted() -> None:

@@ -74,7 +74,9 @@ async def test_range_filter_on_money_is_numeric(database: Database, repos: Repos
         await repos.trades.save_trade(make_trade(pnl=Decimal(value), symbol="GBPJPY"))
     async with database.read() as connection:
         rows = await connection.execute(
-            select(trades.c.pnl).where(trades.c.pnl > Decimal("-10"), trades.c.symbol == "GBPJPY").order_by(trades.c.pnl)
+            select(trades.c.pnl)
+            .where(trades.c.pnl > Decimal("-10"), trades.c.symbol == "GBPJPY")
+            .order_by(trades.c.pnl)
         )
         assert [row.pnl for row in rows] == [Decimal("-5"), Decimal("5"), Decimal("50"), Decimal("500")]
 
@@ -157,7 +159,9 @@ async def test_query_filters_paginate_and_count(repos: Repositories) -> None:
                 entry_time=BASE_TIME + timedelta(minutes=i),
             )
         )
-    page = await repos.trades.query(symbol="EURUSD", limit=4, offset=0, sort_by="entry_time", sort_order="asc", with_total=True)
+    page = await repos.trades.query(
+        symbol="EURUSD", limit=4, offset=0, sort_by="entry_time", sort_order="asc", with_total=True
+    )
     rest = await repos.trades.query(symbol="EURUSD", limit=4, offset=4, sort_by="entry_time", sort_order="asc")
     assert page.total == 6 and len(page.items) == 4 and len(rest.items) == 2
     assert {t.trade_id for t in page.items}.isdisjoint({t.trade_id for t in rest.items})
@@ -165,7 +169,9 @@ async def test_query_filters_paginate_and_count(repos: Repositories) -> None:
     assert times == sorted(times)
     sydney = await repos.trades.query(session="sydney", with_total=True)
     assert sydney.total == 4 and all(t.session == "SYDNEY" for t in sydney.items)
-    window = await repos.trades.query(start_date=BASE_TIME + timedelta(minutes=3), end_date=BASE_TIME + timedelta(minutes=5))
+    window = await repos.trades.query(
+        start_date=BASE_TIME + timedelta(minutes=3), end_date=BASE_TIME + timedelta(minutes=5)
+    )
     assert len(window.items) == 3
 
 
@@ -242,7 +248,9 @@ async def test_a_replayed_unexecuted_signal_never_undoes_its_execution(database:
     assert page.total == 1
 
 
-async def test_snapshots_and_parameter_changes_are_idempotent_on_replay(database: Database, repos: Repositories) -> None:
+async def test_snapshots_and_parameter_changes_are_idempotent_on_replay(
+    database: Database, repos: Repositories
+) -> None:
     snapshot = make_snapshot(total_pnl=Decimal("-0.00000001"))
     change = make_parameter_change()
     for _ in range(2):
