@@ -14,9 +14,12 @@ from persistence.errors import (
     MigrationError,
     PersistenceError,
     QueryTimeoutError,
+    RecordDroppedError,
     SidecarClosedError,
 )
 from persistence.models import ParameterChange, PerformanceSnapshot, Signal, Trade
+from persistence.receipts import Receipt
+from persistence.sidecar import PersistenceSidecar
 
 __all__ = [
     "ConfigurationError",
@@ -29,7 +32,10 @@ __all__ = [
     "ParameterChange",
     "PerformanceSnapshot",
     "PersistenceError",
+    "PersistenceSidecar",
     "QueryTimeoutError",
+    "Receipt",
+    "RecordDroppedError",
     "Settings",
     "SidecarClosedError",
     "Signal",

@@ -95,3 +95,13 @@ class InvalidQueryError(PersistenceError, ValueError):
         self.parameter = parameter
         self.reason = reason
         super().__init__(f"{parameter}: {reason}")
+
+
+class RecordDroppedError(PersistenceError):
+    """The record was neither written nor journaled (for example, the journal's disk was full too)."""
+
+    def __init__(self, entity: str, key: str, reason: str) -> None:
+        self.entity = entity
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{entity} {key!r} was dropped: {reason}")
