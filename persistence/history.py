@@ -38,8 +38,11 @@ class TradeHistory(Sequence[Trade]):
         """How many trades have a version that is not yet committed or journaled."""
         return len(self._unsafe)
 
-    def record(self, trade: Trade) -> Trade:
-        """Insert or update ``trade``; returns the version stored (and to be persisted)."""
+    def record(self, trade: Trade, *, unsafe: bool = False) -> Trade:
+        """Insert or update ``trade``; returns the version stored (and to be persisted).
+
+        ``unsafe`` marks the new version as waiting to be persisted, before any eviction can consider it.
+        """
         existing = self._trades.get(trade.trade_id)
         if existing is not None and (
             trade.created_at != existing.created_at or trade.updated_at <= existing.updated_at
@@ -52,6 +55,8 @@ class TradeHistory(Sequence[Trade]):
             )
         self._trades[trade.trade_id] = trade
         self._snapshot = None
+        if unsafe:
+            self._unsafe[trade.trade_id] = self._unsafe.get(trade.trade_id, 0) + 1
         if len(self._trades) > self._max:
             self.evict(scan_limit=_EVICTION_SCAN_LIMIT)
         return trade

@@ -219,11 +219,11 @@ class PersistenceSidecar:
     def record_trade(self, trade: Trade | Mapping[str, Any]) -> Receipt:
         """Add or update a trade in ``trade_history`` and queue it; raises ``InvalidRecordError`` on bad input."""
         self._check_open()
-        stored = self._history.record(Trade.parse(trade))
-        if self._writer is None:
+        writer = self._writer
+        stored = self._history.record(Trade.parse(trade), unsafe=writer is not None)
+        if writer is None:
             return disabled_receipt("trade", stored.trade_id)
-        self._history.mark_unsafe(stored.trade_id)
-        return self._writer.submit(stored)
+        return writer.submit(stored)
 
     def record_signal(self, signal: Signal | Mapping[str, Any]) -> Receipt:
         """Queue a signal; raises ``InvalidRecordError`` on bad input."""

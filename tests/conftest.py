@@ -99,3 +99,45 @@ async def database(database_url: str) -> AsyncIterator[Database]:
 @pytest.fixture
 def repos(database: Database) -> Repositories:
     return Repositories(database)
+
+
+# ---------------------------------------------------------------------------------------------- sidecars
+
+
+@pytest.fixture
+def sidecar_settings(tmp_path: Path) -> Any:
+    """Settings for a sidecar on a given URL, with short timeouts and its journal in ``tmp_path``."""
+
+    def build(database_url: str, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": database_url,
+            "journal_dir": tmp_path / "journal",
+            "query_timeout_ms": 300,
+            "shutdown_timeout": 5.0,
+        }
+        values.update(overrides)
+        return make_settings(**values)
+
+    return build
+
+
+@pytest.fixture
+async def sidecars() -> AsyncIterator[list[Any]]:
+    """A list tests append their sidecars to; every one is closed at the end."""
+    created: list[Any] = []
+    yield created
+    for sidecar in created:
+        await sidecar.close(timeout=2.0)
+
+
+@pytest.fixture
+async def clean_database_url(database_url: str) -> AsyncIterator[str]:
+    """``database_url`` with every table emptied (PostgreSQL is shared by the session)."""
+    if database_url.startswith("postgresql"):
+        db = create_database(make_settings(database_url=database_url))
+        await upgrade(db)
+        async with db.write() as connection:
+            await connection.execute(text("DROP TRIGGER IF EXISTS poison ON trades"))
+            await connection.execute(text(f"TRUNCATE {', '.join(t.name for t in TABLES)} RESTART IDENTITY"))
+        await db.dispose()
+    yield database_url
