@@ -131,7 +131,7 @@ async def sidecars() -> AsyncIterator[list[Any]]:
 
 
 @pytest.fixture
-async def clean_database_url(database_url: str) -> AsyncIterator[str]:
+async def clean_database_url(database_url: str) -> str:
     """``database_url`` with every table emptied (PostgreSQL is shared by the session)."""
     if database_url.startswith("postgresql"):
         db = create_database(make_settings(database_url=database_url))
@@ -140,4 +140,4 @@ async def clean_database_url(database_url: str) -> AsyncIterator[str]:
             await connection.execute(text("DROP TRIGGER IF EXISTS poison ON trades"))
             await connection.execute(text(f"TRUNCATE {', '.join(t.name for t in TABLES)} RESTART IDENTITY"))
         await db.dispose()
-    yield database_url
+    return database_url
