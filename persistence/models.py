@@ -126,6 +126,14 @@ Price = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(_po
 PositiveSize = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(_positive)]
 NonNegativeDecimal = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(_non_negative)]
 UtcDatetime = Annotated[datetime, AfterValidator(to_utc)]
+
+
+def _now_if_missing(value: object) -> object:
+    return utc_now() if value is None else value
+
+
+Stamp = Annotated[datetime, BeforeValidator(_now_if_missing), AfterValidator(to_utc)]
+"""A record-keeping timestamp: ``None`` or absent means now."""
 Identifier = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_surrounding_space)]
 Symbol = Annotated[str, Field(min_length=1, max_length=32), AfterValidator(_no_surrounding_space)]
 Label = Annotated[str, Field(min_length=1, max_length=64)]
@@ -203,8 +211,8 @@ class Trade(Record):
     pattern_type: Label | None = None
     confidence_score: NonNegativeDecimal | None = None
     risk_reward_ratio: NonNegativeDecimal | None = None
-    created_at: UtcDatetime = Field(default_factory=utc_now)
-    updated_at: UtcDatetime = Field(default_factory=utc_now)
+    created_at: Stamp = Field(default_factory=utc_now)
+    updated_at: Stamp = Field(default_factory=utc_now)
 
     @model_validator(mode="after")
     def _exit_not_before_entry(self) -> Self:
@@ -232,7 +240,7 @@ class Signal(Record):
     pattern_type: Label | None = None
     executed: bool = False
     execution_status: Annotated[str, Field(min_length=1, max_length=32)] | None = None
-    created_at: UtcDatetime = Field(default_factory=utc_now)
+    created_at: Stamp = Field(default_factory=utc_now)
 
 
 class SignalExecution(Record):
@@ -264,7 +272,7 @@ class PerformanceSnapshot(Record):
     average_rr: NonNegativeDecimal | None = None
     session: UpperSession | None = None
     parameter_mode: Label | None = None
-    created_at: UtcDatetime = Field(default_factory=utc_now)
+    created_at: Stamp = Field(default_factory=utc_now)
 
     @model_validator(mode="after")
     def _outcomes_within_total(self) -> Self:
@@ -287,7 +295,7 @@ class ParameterChange(Record):
     confidence_threshold: NonNegativeDecimal | None = None
     min_risk_reward: NonNegativeDecimal | None = None
     reason: Annotated[str, Field(max_length=2000)] | None = None
-    created_at: UtcDatetime = Field(default_factory=utc_now)
+    created_at: Stamp = Field(default_factory=utc_now)
 
 
 def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:

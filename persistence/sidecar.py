@@ -269,10 +269,7 @@ class PersistenceSidecar:
     def breaker_state(self) -> str:
         """``closed``, ``open`` or ``half_open``."""
         writer = self._writer
-        if writer is None:
-            return "closed"
-        writer.breaker.poll(self._clock())
-        return str(writer.breaker.state)
+        return "closed" if writer is None else str(writer.breaker.state)
 
     @property
     def writer(self) -> Writer | None:

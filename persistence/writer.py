@@ -198,6 +198,7 @@ class Writer:
         self._ready = False
         self._database_ok = False
         self._database_file: tuple[int, int] | None = None
+        self._reset_pool = False
         self._schema_revision: str | None = None
         self._journal_receipts: weakref.WeakValueDictionary[int, Receipt] = weakref.WeakValueDictionary()
         self._unsynced: list[_Pending] = []
@@ -410,6 +411,10 @@ class Writer:
 
     async def _initialize(self) -> None:
         database, repos = self._require_database()
+        if self._reset_pool:
+            # Pooled connections still point at a deleted or replaced file; open fresh ones.
+            await database.dispose()
+            self._reset_pool = False
         self._schema_revision = await upgrade(database, lock_wait_seconds=max(self._settings.query_timeout, 1.0))
         trades = await repos.trades.get_latest_trades(self._settings.history_max)
         self.history_loaded = self._history.load(trades)
@@ -466,6 +471,8 @@ class Writer:
 
     def _check_database_file(self) -> None:
         """A SQLite file deleted or replaced under us would swallow writes into an unlinked inode."""
+        if self._reset_pool:
+            raise DatabaseUnavailableError("the database file vanished; reconnecting before the next write")
         if self._database_file is None:
             return
         path = sqlite_path(self._settings.url)
@@ -477,6 +484,7 @@ class Writer:
             current = None
         if current != self._database_file:
             self._ready = False
+            self._reset_pool = True
             self._database_file = None
             raise DatabaseUnavailableError(f"the database file {path} vanished or was replaced")
 
@@ -505,7 +513,7 @@ class Writer:
                     RecordsDropped(entity=_entity_of(payload), count=1, reason="corrupt_journal", error=str(error))
                 )
             return None
-        receipt = self._journal_receipts.pop(seq, None) if seq else None
+        receipt = self._journal_receipts.get(seq) if seq else None
         return _Pending(seq, record, receipt, None, payload.get("cid"))
 
     async def _write_next_batch(self, admission: Admission) -> None:
@@ -557,6 +565,9 @@ class Writer:
             if from_journal and not self._journal.pending:
                 self._unreadable_seen.clear()
             self._progress.set()
+        if from_journal:
+            for item in itertools.chain(outcome.committed, (dead for dead, _, _ in outcome.dead)):
+                self._journal_receipts.pop(item.seq, None)
         for item in outcome.committed:
             if item.receipt is not None:
                 item.receipt.mark_persisted()
@@ -652,7 +663,8 @@ class Writer:
         attempts = 0
         try:
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception(lambda error: classify(error) == "transient"),
+                # Only real errors are retried: a cancellation (shutdown) must go through at once.
+                retry=retry_if_exception(lambda error: isinstance(error, Exception) and classify(error) == "transient"),
                 stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.max_seconds),
                 wait=wait_random_exponential(multiplier=policy.initial_wait, max=policy.max_wait),
                 sleep=self._sleep,

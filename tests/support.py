@@ -93,11 +93,15 @@ class DiskLimit:
 
     def __init__(self, database: Database) -> None:
         self.max_pages: int | None = None
-        event.listen(database.engine.sync_engine, "engine_connect", self._apply)
+        event.listen(database.engine.sync_engine.pool, "checkout", self._apply)
 
-    def _apply(self, connection: Any) -> None:
+    def _apply(self, dbapi_connection: Any, *_: Any) -> None:
         limit = self.max_pages if self.max_pages is not None else 1_073_741_823
-        connection.exec_driver_sql(f"PRAGMA max_page_count = {limit}")
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA max_page_count = {limit}")
+        finally:
+            cursor.close()
 
     def fill(self, path: Path) -> None:
         """Allow no more pages than the file has now."""

@@ -1,0 +1,49 @@
+"""Child process for the kill -9 test: records trades continuously and prints each key once it is persisted."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from persistence import PersistenceSidecar, Settings
+from persistence.receipts import Receipt
+
+
+async def main(database_url: str, journal_dir: str) -> None:
+    settings = Settings(_env_file=None, database_url=database_url, journal_dir=journal_dir)
+    sidecar = PersistenceSidecar(settings, log_events=False)
+    await sidecar.start()
+    queue: asyncio.Queue[Receipt] = asyncio.Queue()
+
+    async def produce() -> None:
+        for i in range(1_000_000):
+            receipt = sidecar.record_trade(
+                {
+                    "trade_id": f"K-{i:07d}",
+                    "symbol": "EURUSD",
+                    "direction": "BUY",
+                    "entry_time": datetime.now(UTC),
+                    "entry_price": Decimal("1.08"),
+                    "position_size": Decimal("1000"),
+                    "pnl": Decimal(i) / 100,
+                }
+            )
+            queue.put_nowait(receipt)
+            if i % 5 == 0:
+                await asyncio.sleep(0.001)
+
+    async def report() -> None:
+        while True:
+            receipt = await queue.get()
+            if await receipt == "persisted":
+                sys.stdout.write(f"{receipt.key}\n")
+                sys.stdout.flush()
+
+    print("READY", flush=True)
+    await asyncio.gather(produce(), report())
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2]))

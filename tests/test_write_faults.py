@@ -1,0 +1,376 @@
+"""Write-path guarantees under real faults: locks, a full disk, poison rows, vanished files, kill -9, long outages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from persistence import DeadLetteredError, PersistenceSidecar
+from persistence.config import Settings
+from persistence.events import BreakerChanged, JournalSpilled, RecordDeadLettered, WriteFailed
+from persistence.journal import Journal
+from persistence.testing import FakeClock
+from tests.factories import make_signal, make_trade
+from tests.support import (
+    DatabaseLock,
+    DiskLimit,
+    Recorder,
+    StatementCounter,
+    add_poison_trigger_postgres,
+    add_poison_trigger_sqlite,
+    eventually,
+    sqlite_file,
+)
+from tests.test_sidecar import build, stored_trade_ids
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SettingsFactory = Callable[..., Settings]
+
+
+def transitions(events: Recorder) -> list[tuple[str, str]]:
+    return [(event.from_state, event.to_state) for event in events.of(BreakerChanged)]
+
+
+# ------------------------------------------------------------------------------ (a) breaker and backfill
+
+
+async def test_breaker_opens_after_five_failures_no_calls_while_open_then_backfills_exactly_once(
+    clean_database_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
+) -> None:
+    clock = FakeClock()
+    sidecar = build(sidecar_settings(clean_database_url), sidecars, clock=clock)
+    events = Recorder(sidecar.events)
+    await sidecar.start()
+    assert await sidecar.record_trade(make_trade()) == "persisted"
+    lock = DatabaseLock(clean_database_url)
+    await lock.acquire()
+    try:
+        outage = [sidecar.record_trade(make_trade())]
+        await eventually(lambda: sidecar.breaker_state == "open")
+        failed_attempts = [event for event in events.of(WriteFailed) if event.records]
+        assert len(failed_attempts) == 5
+        assert transitions(events) == [("closed", "open")]
+
+        assert sidecar.database is not None
+        calls = StatementCounter(sidecar.database)
+        outage += [sidecar.record_trade(make_trade()) for _ in range(200)]
+        closing = make_trade()
+        outage.append(sidecar.record_trade(closing))
+        outage.append(sidecar.record_trade({**closing.to_json(), "pnl": "-7.25", "updated_at": None}))
+        await asyncio.sleep(0.3)
+        clock.advance(29.9)
+        await asyncio.sleep(0.2)
+        assert sidecar.breaker_state == "open"
+        assert calls.count == 0, "a database call was made while the breaker was open"
+        assert len(sidecar.trade_history) == 1 + 1 + 200 + 1
+    finally:
+        await lock.release()
+    clock.advance(0.1)
+    await sidecar.flush(timeout=15)
+    assert transitions(events) == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+    ids = await stored_trade_ids(sidecar)
+    assert len(ids) == len(set(ids)) == 203
+    assert {receipt.key for receipt in outage} <= set(ids)
+    assert all(receipt.status == "persisted" for receipt in outage)
+    stored = await sidecar.trades.get_trade_by_id(closing.trade_id)
+    assert stored is not None and str(stored.pnl) == "-7.25000000"
+
+
+# ------------------------------------------------------------------------------ (b) poison record
+
+
+async def test_a_poison_record_among_100_is_dead_lettered_the_rest_commit_and_the_breaker_stays_closed(
+    clean_database_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
+) -> None:
+    sidecar = build(sidecar_settings(clean_database_url), sidecars)
+    events = Recorder(sidecar.events)
+    await sidecar.start()
+    if clean_database_url.startswith("sqlite"):
+        add_poison_trigger_sqlite(sqlite_file(clean_database_url), "POISON-42")
+    else:
+        await add_poison_trigger_postgres(clean_database_url, "POISON-42")
+    receipts = [
+        sidecar.record_trade(make_trade(trade_id="POISON-42" if i == 42 else f"OK-{i:03d}")) for i in range(100)
+    ]
+    await sidecar.flush(timeout=15)
+    ids = await stored_trade_ids(sidecar)
+    assert len(ids) == 99 and "POISON-42" not in ids
+    [letter] = await sidecar.dead_letters.list()
+    assert letter.natural_key == "POISON-42" and letter.entity == "trade"
+    assert "poison record refused by trigger" in letter.error
+    assert letter.payload["trade_id"] == "POISON-42"
+    with pytest.raises(DeadLetteredError):
+        await receipts[42]
+    assert [r.status for i, r in enumerate(receipts) if i != 42] == ["persisted"] * 99
+    assert sidecar.breaker_state == "closed" and transitions(events) == []
+    assert [event.key for event in events.of(RecordDeadLettered)] == ["POISON-42"]
+    assert sidecar.writer is not None and sidecar.writer.breaker.consecutive_failures == 0
+    assert await sidecar.record_trade(make_trade()) == "persisted"  # the writer is alive
+
+
+async def test_a_data_error_never_trips_the_breaker(
+    sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
+) -> None:
+    sidecar = build(sidecar_settings(sqlite_url, breaker_failure_threshold=1), sidecars)
+    events = Recorder(sidecar.events)
+    await sidecar.start()
+    add_poison_trigger_sqlite(sqlite_file(sqlite_url), "POISON")
+    for _ in range(3):
+        with pytest.raises(DeadLetteredError):
+            await sidecar.record_trade(make_trade(trade_id="POISON"))
+    assert sidecar.breaker_state == "closed" and transitions(events) == []
+
+
+async def test_a_data_error_in_the_half_open_probe_neither_closes_nor_reopens_the_breaker(
+    sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
+) -> None:
+    clock = FakeClock()
+    sidecar = build(sidecar_settings(sqlite_url, breaker_failure_threshold=1), sidecars, clock=clock)
+    events = Recorder(sidecar.events)
+    await sidecar.start()
+    add_poison_trigger_sqlite(sqlite_file(sqlite_url), "POISON")
+    async with DatabaseLock(sqlite_url):
+        poison = sidecar.record_trade(make_trade(trade_id="POISON"))
+        await eventually(lambda: sidecar.breaker_state == "open")
+    clock.advance(30)
+    with pytest.raises(DeadLetteredError):
+        await asyncio.wait_for(poison, 10)
+    # The probe met a data error: no reset (still half-open) and no trip (not open again).
+    assert sidecar.breaker_state == "half_open"
+    assert transitions(events) == [("closed", "open"), ("open", "half_open")]
+    assert await asyncio.wait_for(sidecar.record_trade(make_trade()), 10) == "persisted"
+    assert transitions(events)[-1] == ("half_open", "closed")
+
+
+# ------------------------------------------------------------------------------ (c) close during an outage
+
+
+async def test_close_during_an_outage_returns_in_time_journals_the_backlog_and_a_new_sidecar_writes_it(
+    sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any], tmp_path: Path
+) -> None:
+    settings = sidecar_settings(sqlite_url, shutdown_timeout=1.5)
+    sidecar = build(settings, sidecars)
+    await sidecar.start()
+    async with DatabaseLock(sqlite_url):
+        recorded = [sidecar.record_trade(make_trade()) for _ in range(300)]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await sidecar.close()
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.5 + 0.5, f"close() took {elapsed:.2f} s"
+        assert Journal(tmp_path / "journal").pending == 300
+        assert {r.status for r in recorded} == {"journaled"}
+    async with PersistenceSidecar(settings) as restarted:
+        ids = await stored_trade_ids(restarted)
+        assert restarted.health()["journal"] == 0
+    assert sorted(ids) == sorted(r.key for r in recorded)
+
+
+# ------------------------------------------------------------------------------ (d) kill -9
+
+
+def test_kill_9_loses_nothing_whose_receipt_had_resolved(tmp_path: Path) -> None:
+    database = tmp_path / "crash.db"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.children.record_until_killed",
+            f"sqlite+aiosqlite:///{database}",
+            str(tmp_path / "journal"),
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "READY"
+    acknowledged: list[str] = []
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 500 and time.monotonic() < deadline:
+        acknowledged.append(child.stdout.readline().strip())
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert len(acknowledged) == 500
+    with sqlite3.connect(database) as connection:
+        stored = {row[0] for row in connection.execute("SELECT trade_id FROM trades")}
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    missing = [key for key in acknowledged if key not in stored]
+    assert missing == []
+
+
+# ------------------------------------------------------------------------------ (e) long outage
+
+
+@pytest.mark.slow
+def test_an_outage_of_200000_records_keeps_memory_bounded_and_loses_nothing(tmp_path: Path) -> None:
+    total, max_pending = 200_000, 5_000
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.children.long_outage",
+            str(tmp_path / "outage.db"),
+            str(tmp_path / "journal"),
+            str(total),
+            str(max_pending),
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["peak_queue"] <= max_pending + 2_000
+    assert figures["journal_during_outage"] >= total - max_pending - 2_000
+    # History keeps every trade not yet safe: the RAM backlog plus what awaits the next journal sync.
+    assert figures["peak_history"] <= 1_000 + max_pending + 2_000 + 2_000
+    # 200,000 trades held in RAM would need several hundred MB; the bounded backlog needs a few tens.
+    assert figures["peak_rss_growth"] < 150 * 1024 * 1024, figures
+    assert figures["rows"] == figures["distinct"] == total + 1
+    assert figures["journal_after"] == 0
+
+
+# ------------------------------------------------------------------------------ (h) full disk
+
+
+async def test_a_full_disk_sends_records_to_the_journal_and_they_come_back_when_space_returns(
+    sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
+) -> None:
+    clock = FakeClock()
+    sidecar = build(sidecar_settings(sqlite_url, max_pending=20, breaker_failure_threshold=2), sidecars, clock=clock)
+    events = Recorder(sidecar.events)
+    await sidecar.start()
+    assert sidecar.database is not None
+    disk = DiskLimit(sidecar.database)
+    assert await sidecar.record_trade(make_trade()) == "persisted"
+    disk.fill(sqlite_file(sqlite_url))
+    recorded = [sidecar.record_trade(make_trade(pattern_type="x" * 64)) for _ in range(400)]
+    await eventually(lambda: sidecar.breaker_state == "open")
+    assert any("full" in event.error for event in events.of(WriteFailed))
+    await eventually(lambda: sidecar.health()["queue"] <= 20)
+    clock.advance(1.0)  # the journal sync interval
+    await eventually(lambda: sum(r.status == "journaled" for r in recorded) >= 380)
+    assert sidecar.health()["journal"] >= 380
+    assert events.of(JournalSpilled)
+    disk.free()
+    clock.advance(30)
+    await sidecar.flush(timeout=20)
+    ids = await stored_trade_ids(sidecar)
+    assert len(ids) == len(set(ids)) == 401
+    assert sidecar.health()["journal"] == 0
+    assert {r.status for r in recorded} == {"persisted"}
+
+
+# ------------------------------------------------------------------------------ a vanished database file
+
+
+async def test_a_vanished_database_file_is_noticed_recreated_and_written_again(
+    sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
+) -> None:
+    sidecar = build(sidecar_settings(sqlite_url), sidecars)
+    events = Recorder(sidecar.events)
+    await sidecar.start()
+    assert await sidecar.record_trade(make_trade()) == "persisted"
+    path = sqlite_file(sqlite_url)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    after = sidecar.record_trade(make_trade())
+    assert await asyncio.wait_for(after, 10) == "persisted"
+    assert any("vanished" in event.error for event in events.of(WriteFailed))
+    with sqlite3.connect(path) as connection:
+        assert [row[0] for row in connection.execute("SELECT trade_id FROM trades")] == [after.key]
+    assert len(sidecar.trade_history) == 2
+
+
+# ------------------------------------------------------------------------------ ordering
+
+
+async def test_a_signal_journaled_during_an_outage_is_written_before_its_later_execution_update(
+    sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
+) -> None:
+    clock = FakeClock()
+    sidecar = build(sidecar_settings(sqlite_url, max_pending=1, breaker_failure_threshold=1), sidecars, clock=clock)
+    await sidecar.start()
+    signal_record = make_signal()
+    async with DatabaseLock(sqlite_url):
+        sidecar.record_signal(signal_record)
+        for _ in range(10):
+            sidecar.record_trade(make_trade())
+        await eventually(lambda: sidecar.breaker_state == "open")
+        await eventually(lambda: sidecar.health()["journal"] >= 5)
+        update = sidecar.update_signal_execution(signal_record.signal_id, True, "FILLED")
+    clock.advance(30)
+    assert await asyncio.wait_for(update, 10) == "persisted"
+    stored = await sidecar.signals.get_signal_by_id(signal_record.signal_id)
+    assert stored is not None and stored.executed and stored.execution_status == "FILLED"
+    assert await sidecar.dead_letters.count() == 0
+
+
+# ------------------------------------------------------------------------------ corrupt journal at start-up
+
+
+async def test_a_corrupt_journal_line_is_skipped_and_counted_at_start_up(
+    sqlite_url: str, sidecar_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    settings = sidecar_settings(sqlite_url, shutdown_timeout=0.5)
+    first = PersistenceSidecar(settings)
+    await first.start()
+    async with DatabaseLock(sqlite_url):
+        keys = [first.record_trade(make_trade()).key for _ in range(3)]
+        await first.close()  # the database is locked: all three go to the journal
+    segment = next((tmp_path / "journal").glob("segment-*.jsonl"))
+    lines = segment.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + b"#corrupted#" + lines[1][31:]
+    segment.write_bytes(b"".join(lines) + b'deadbeef {"truncated')
+    async with PersistenceSidecar(settings) as second:
+        ids = await stored_trade_ids(second)
+        assert second.writer is not None and second.writer.journal_corrupt_lines >= 1
+    assert sorted(ids) == sorted([keys[0], keys[2]])
+
+
+# ------------------------------------------------------------------------------ (i) two sidecars, one PostgreSQL
+
+
+@pytest.mark.postgres
+async def test_two_sidecars_writing_to_one_postgres_database_never_duplicate_a_record(
+    postgres_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any], tmp_path: Path
+) -> None:
+    first = build(sidecar_settings(postgres_url, journal_dir=tmp_path / "j1"), sidecars)
+    second = build(sidecar_settings(postgres_url, journal_dir=tmp_path / "j2"), sidecars)
+    await asyncio.gather(first.start(), second.start())
+    assert first.database is not None
+    async with first.database.write() as connection:
+        await connection.execute(text("DROP TRIGGER IF EXISTS poison ON trades"))
+        await connection.execute(text("TRUNCATE trades, dead_letters RESTART IDENTITY"))
+    shared = [make_trade() for _ in range(300)]
+    receipts = []
+    for trade in shared:
+        receipts.append(first.record_trade(trade))
+        receipts.append(second.record_trade(trade))
+    receipts += [first.record_trade(make_trade()) for _ in range(100)]
+    receipts += [second.record_trade(make_trade()) for _ in range(100)]
+    await asyncio.gather(first.flush(20), second.flush(20))
+    assert {r.status for r in receipts} == {"persisted"}
+    async with first.database.read() as connection:
+        total, distinct = (
+            await connection.execute(text("SELECT count(*), count(DISTINCT trade_id) FROM trades"))
+        ).one()
+    assert total == distinct == 500
+    assert await first.dead_letters.count() == 0
