@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
 
+from prometheus_client import CollectorRegistry
+
 from persistence.config import Settings
 from persistence.db import Database
 from persistence.errors import (
@@ -32,6 +34,7 @@ from persistence.events import (
 )
 from persistence.history import TradeHistory
 from persistence.logs import EventLogger
+from persistence.metrics import SidecarMetrics
 from persistence.models import ParameterChange, PerformanceSnapshot, Record, Signal, SignalExecution, Trade
 from persistence.receipts import Receipt, disabled_receipt
 from persistence.repositories import (
@@ -61,6 +64,7 @@ class PersistenceSidecar:
         retry: RetryPolicy | None = None,
         bus: EventBus | None = None,
         log_events: bool = True,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings()
         self._clock = clock
@@ -72,6 +76,9 @@ class PersistenceSidecar:
             password = self.settings.url.password or ""
             self.events.subscribe(EventLogger(secrets=(str(password), token)))
         self._history = TradeHistory(self.settings.history_max)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = SidecarMetrics(self.registry, self)
+        self.events.subscribe(self.metrics)
         self._enabled = self.settings.enabled
         self._writer: Writer | None = None
         self._started = False
@@ -270,6 +277,18 @@ class PersistenceSidecar:
         """``closed``, ``open`` or ``half_open``."""
         writer = self._writer
         return "closed" if writer is None else str(writer.breaker.state)
+
+    def queue_depth(self) -> int:
+        """Records waiting in RAM."""
+        return self._writer.queue_depth if self._writer is not None else 0
+
+    def journal_depth(self) -> int:
+        """Records waiting in the on-disk journal."""
+        return self._writer.journal_pending if self._writer is not None else 0
+
+    def oldest_unpersisted_age(self) -> float:
+        """Seconds the oldest record not yet committed has been waiting: the live loss window."""
+        return self._writer.oldest_unpersisted_age() if self._writer is not None else 0.0
 
     @property
     def writer(self) -> Writer | None:
