@@ -102,9 +102,9 @@ class SidecarMetrics:
                 self.writes.labels(entity=entity, outcome=outcome)
             self.dead_letters.labels(entity=entity)
             self.latency.labels(entity=entity)
-        for entity in entity_labels:
+        for label in entity_labels:
             for reason in DROP_REASONS:
-                self.dropped.labels(entity=entity, reason=reason)
+                self.dropped.labels(entity=label, reason=reason)
         for from_state, to_state in BREAKER_TRANSITIONS:
             self.transitions.labels(from_state=from_state, to_state=to_state)
 
