@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from structlog.testing import capture_logs
 
-from persistence import DeadLetteredError, PersistenceSidecar
+from persistence import DeadLetteredError, PersistenceSidecar, RecordDroppedError
 from persistence.config import Settings
 from persistence.events import BreakerChanged, JournalSpilled, RecordDeadLettered, WriteFailed
 from persistence.journal import Journal
@@ -374,3 +375,37 @@ async def test_two_sidecars_writing_to_one_postgres_database_never_duplicate_a_r
         ).one()
     assert total == distinct == 500
     assert await first.dead_letters.count() == 0
+
+
+# ------------------------------------------------------------------------------ the journal's disk is gone too
+
+
+async def test_when_the_journal_cannot_take_the_backlog_every_dropped_record_is_counted_and_logged(
+    sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any], tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    settings = sidecar_settings(sqlite_url, max_pending=10, breaker_failure_threshold=1)
+    sidecar = build(settings, sidecars, clock=clock)
+    await sidecar.start()
+    settings.journal_dir.write_text("not a directory")  # the journal has nowhere to go
+    async with DatabaseLock(sqlite_url):
+        first = sidecar.record_trade(make_trade())
+        await eventually(lambda: sidecar.breaker_state == "open")
+        with capture_logs() as logs:
+            recorded = [first, *(sidecar.record_trade(make_trade()) for _ in range(50))]
+            await eventually(lambda: sidecar.health()["counts"]["dropped"] > 0)
+        dropped = [r for r in recorded if r.status == "dropped"]
+        assert len(dropped) == sidecar.health()["counts"]["dropped"] == 51 - sidecar.health()["queue"]
+        assert sidecar.health()["queue"] <= 20  # bounded at twice PERSISTENCE_MAX_PENDING
+        with pytest.raises(RecordDroppedError):
+            await dropped[0]
+        assert sum(line["count"] for line in logs if line["event"] == "records_dropped") == len(dropped)
+        scraped = sidecar.registry.get_sample_value(
+            "persistence_dropped_records_total", {"entity": "trade", "reason": "journal_unavailable"}
+        )
+        assert scraped == len(dropped)
+    clock.advance(30)
+    await sidecar.flush(10)
+    kept = [r for r in recorded if r.status != "dropped"]
+    assert {r.status for r in kept} == {"persisted"}
+    assert sorted(await stored_trade_ids(sidecar)) == sorted(r.key for r in kept)
