@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -p no:randomly --benchmark-only
+	$(PY) -m pytest benchmarks --benchmark-only -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -24,6 +24,26 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 from persistence.models import DECIMAL_PRECISION, DECIMAL_SCALE, to_exact_decimal
 
 
+def to_scaled_int(value: object) -> int:
+    """The SQLite storage of an exact decimal: an integer count of ``10**-8`` units. Never rounds."""
+    if isinstance(value, Decimal):
+        scaled = value.scaleb(DECIMAL_SCALE)
+        as_int = int(scaled)
+        if as_int == scaled and -_SCALED_LIMIT < as_int < _SCALED_LIMIT:
+            return as_int
+    return int(to_exact_decimal(value).scaleb(DECIMAL_SCALE))
+
+
+def to_sqlite_datetime(value: datetime) -> str:
+    """The SQLite storage of a timestamp: naive UTC in SQLAlchemy's fixed-width format (it sorts by time)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.isoformat(sep=" ", timespec="microseconds")
+
+
+_SCALED_LIMIT = 10**DECIMAL_PRECISION
+
+
 class ExactNumeric(TypeDecorator[Decimal]):
     """An exact decimal with 18 significant digits, 8 after the point, on every backend."""
 
@@ -38,12 +58,9 @@ class ExactNumeric(TypeDecorator[Decimal]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
             return None
-        number = value if isinstance(value, Decimal) and value.as_tuple().exponent == -DECIMAL_SCALE else None
-        if number is None:
-            number = to_exact_decimal(value)
         if dialect.name == "sqlite":
-            return int(number.scaleb(DECIMAL_SCALE))
-        return number
+            return to_scaled_int(value)
+        return value if isinstance(value, Decimal) and value.is_finite() else to_exact_decimal(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
         if value is None:

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, cast
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -170,8 +170,19 @@ class Record(BaseModel):
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Self:
-        """Build a record from a database row, trusting the types the column types already produced."""
-        return cast(Self, cls.model_construct(**{name: row[name] for name in cls.model_fields}))
+        """Build a record from a database row, trusting the types the column types already produced.
+
+        This is pydantic's ``model_construct`` without its per-field default handling (every field is a column,
+        so there is none to do): loading the history at start-up builds thousands of these.
+        """
+        names = cls.__dict__.get("_field_names") or _field_names(cls)
+        record = cls.__new__(cls)
+        values = {name: row[name] for name in names}
+        object.__setattr__(record, "__dict__", values)
+        object.__setattr__(record, "__pydantic_fields_set__", set(names))
+        object.__setattr__(record, "__pydantic_extra__", None)
+        object.__setattr__(record, "__pydantic_private__", None)
+        return record
 
     @property
     def key(self) -> str:
@@ -296,6 +307,12 @@ class ParameterChange(Record):
     min_risk_reward: NonNegativeDecimal | None = None
     reason: Annotated[str, Field(max_length=2000)] | None = None
     created_at: Stamp = Field(default_factory=utc_now)
+
+
+def _field_names(cls: type[Record]) -> tuple[str, ...]:
+    names = tuple(cls.model_fields)
+    type.__setattr__(cls, "_field_names", names)
+    return names
 
 
 def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:

@@ -405,7 +405,7 @@ class Writer:
         due = self._sync_due_in()
         if due is not None and due <= 0:
             await self._sync_journal()
-        self._history.evict()
+        self._history.evict(scan_limit=1024)
 
     # ------------------------------------------------------------------ initialisation
 

@@ -283,3 +283,29 @@ async def test_the_table_survives_an_injection_attempt_in_sort_by(database: Data
         await repos.trades.query(sort_by="entry_time; DELETE FROM trades")
     async with database.read() as connection:
         assert (await connection.execute(text("SELECT count(*) FROM trades"))).scalar_one() == 1
+
+
+async def test_the_sqlite_batch_fast_path_stores_exactly_what_the_column_types_store(sqlite_url: str) -> None:
+    import sqlite3
+
+    from persistence.config import Settings
+    from persistence.db import create_database
+    from persistence.migrations import upgrade
+
+    database = create_database(Settings(_env_file=None, database_url=sqlite_url))
+    try:
+        await upgrade(database)
+        repos = Repositories(database)
+        fast = make_trade(trade_id="via-fast-path", pnl=Decimal("-0.00000001"), exit_price=Decimal("98765.12345678"))
+        typed = fast.model_copy(update={"trade_id": "via-column-types"})
+        async with database.write() as connection:
+            await repos.trades.upsert(connection, [fast])
+            await connection.execute(insert(trades), [typed.to_row()])
+        assert await repos.trades.get_trade_by_id("via-fast-path") == fast
+        assert await repos.trades.get_trade_by_id("via-column-types") == typed
+    finally:
+        await database.dispose()
+    with sqlite3.connect(sqlite_url.split(":///", 1)[1]) as connection:
+        rows = connection.execute("SELECT * FROM trades ORDER BY id").fetchall()
+    assert rows[0][2:] == rows[1][2:]  # every stored value identical but id and trade_id
+    assert isinstance(rows[0][rows[0].index(-1)], int)

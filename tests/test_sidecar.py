@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,8 @@ async def test_a_trade_recorded_again_updates_history_in_place_and_the_row(
     first, second = make_trade(), make_trade()
     sidecar.record_trade(first)
     sidecar.record_trade(second)
-    closed = {**first.to_json(), "exit_price": "1.09", "exit_time": "2026-03-02T12:00:00Z", "pnl": "57.70"}
+    exit_time = (first.entry_time + timedelta(hours=4)).isoformat()
+    closed = {**first.to_json(), "exit_price": "1.09", "exit_time": exit_time, "pnl": "57.70"}
     del closed["created_at"], closed["updated_at"]
     sidecar.record_trade(closed)
     assert [t.trade_id for t in sidecar.trade_history] == [first.trade_id, second.trade_id]
@@ -270,7 +272,7 @@ async def test_flag_off_means_no_file_no_journal_no_thread_and_disabled_receipts
         assert sidecar.record_signal(make_signal()).status == "disabled"
         assert len(sidecar.trade_history) == 5
         await sidecar.flush(1)
-        assert _threads() == before
+        assert _threads() - before == set(), "persistence switched off must not start a thread"
         assert sidecar.health()["enabled"] is False
         assert sidecar.database is None
     assert not database.exists() and not database.parent.exists()
