@@ -17,9 +17,8 @@ from typing import overload
 from persistence.models import Trade
 
 _TICK = timedelta(microseconds=1)
-_EVICTION_SCAN_LIMIT = 64
-_EVICTION_SLACK = 64
-"""The hot path lets the window overshoot by this much, then evicts a run at once (amortised O(1))."""
+_EVICTION_SCAN_LIMIT = 4
+"""The hot path looks at no more than this many of the oldest trades; the writer evicts past longer unsafe runs."""
 
 
 class TradeHistory(Sequence[Trade]):
@@ -61,8 +60,8 @@ class TradeHistory(Sequence[Trade]):
         self._snapshot = None
         if unsafe:
             self._unsafe[trade.trade_id] = self._unsafe.get(trade.trade_id, 0) + 1
-        if len(self._trades) > self._max + _EVICTION_SLACK:
-            self.evict(scan_limit=_EVICTION_SLACK + _EVICTION_SCAN_LIMIT)
+        if len(self._trades) > self._max:
+            self.evict(scan_limit=_EVICTION_SCAN_LIMIT)
         return trade
 
     def mark_unsafe(self, trade_id: str) -> None:
