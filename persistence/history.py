@@ -96,12 +96,13 @@ class TradeHistory(Sequence[Trade]):
     def load(self, trades: Iterable[Trade]) -> int:
         """Put trades loaded from the database (oldest first) before those recorded since; returns the count added."""
         loaded = OrderedDict((trade.trade_id, trade) for trade in trades if trade.trade_id not in self._trades)
-        if loaded:
+        added = len(loaded)
+        if added:
             loaded.update(self._trades)
             self._trades = loaded
             self._snapshot = None
             self.evict()
-        return len(loaded)
+        return added
 
     def get(self, trade_id: str) -> Trade | None:
         """The current version of a trade, or ``None``."""

@@ -65,12 +65,12 @@ def test_a_trade_with_two_pending_versions_stays_unsafe_until_both_are_safe() ->
     history.record(trade, unsafe=True)
     history.record(trade.model_copy(update={"pnl": Decimal("2")}), unsafe=True)
     history.mark_safe(trade.trade_id)
-    history.record(make_trade())
-    history.evict()
-    assert trade.trade_id in history
+    history.record(make_trade())  # the only safe trade is this newer one: it goes, the unsafe one stays
+    assert [t.trade_id for t in history] == [trade.trade_id]
     history.mark_safe(trade.trade_id)
-    history.evict()
-    assert trade.trade_id not in history
+    newest = make_trade()
+    history.record(newest)
+    assert [t.trade_id for t in history] == [newest.trade_id]
 
 
 def test_loaded_trades_go_before_those_recorded_since_and_never_replace_them() -> None:
