@@ -1,17 +1,29 @@
-"""Log lines for sidecar events: one event name per happening, with counts, latency, error class and correlation id.
+"""Log lines for sidecar events, and the process-wide structlog set-up the command line and the demo use.
 
-:class:`EventLogger` subscribes to the sidecar's :class:`~persistence.events.EventBus`. It never logs per record at
-INFO: a committed batch is DEBUG, trouble is WARNING or worse. Error messages are passed through the secret mask
-so a database password never reaches a log line.
+:class:`EventLogger` subscribes to the sidecar's :class:`~persistence.events.EventBus`: one event name per
+happening, with counts, latency, error class and the records' correlation ids. It never logs per record at INFO: a
+committed batch is DEBUG, trouble is WARNING or worse. Error messages are passed through the secret mask so a
+database password or the API token never reaches a log line.
+
+:func:`configure_logging` is for the edge (the CLI, the demo, a host that wants our format): JSON lines in
+production, a console renderer on a TTY, and the standard library's loggers (SQLAlchemy, Alembic, uvicorn) rendered
+through the same processors. Importing this package never configures logging; an embedding application keeps its
+own set-up, and the sidecar's structlog lines simply flow into it.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
 
+from persistence.config import Settings
+from persistence.context import current_correlation_id
 from persistence.events import (
     BatchCommitted,
     BreakerChanged,
@@ -42,6 +54,13 @@ def mask_secrets(text: str, secrets: tuple[str, ...] = ()) -> str:
         if secret:
             masked = masked.replace(secret, "***")
     return masked
+
+
+def settings_secrets(settings: Settings) -> tuple[str, ...]:
+    """The secret strings of ``settings`` that must never be logged: the database password and the API token."""
+    token = settings.api_token.get_secret_value() if settings.api_token is not None else ""
+    password = settings.url.password or ""
+    return tuple(secret for secret in (str(password), token) if secret)
 
 
 class EventLogger:
@@ -163,3 +182,125 @@ class EventLogger:
                 )
             case _:
                 log.debug(type(event).__name__)
+
+
+# ---------------------------------------------------------------------------------------------- process set-up
+
+_NOISY_LOGGERS = ("sqlalchemy", "aiosqlite", "asyncio")
+"""Standard-library loggers kept at WARNING or above: at INFO SQLAlchemy would log every statement."""
+
+_HANDLER_NAME = "persistence-structlog"
+
+
+class SecretMasker:
+    """A processor that masks URL passwords and the given secrets in every string value of a log line."""
+
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        self.secrets = secrets
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        """Mask ``event_dict`` in place (strings only, one level of lists and dicts)."""
+        for key, value in event_dict.items():
+            event_dict[key] = self._mask(value)
+        return event_dict
+
+    def _mask(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return mask_secrets(value, self.secrets)
+        if type(value) in (list, tuple):  # exactly: a namedtuple cannot be rebuilt from a generator
+            return type(value)(mask_secrets(item, self.secrets) if isinstance(item, str) else item for item in value)
+        if type(value) is dict:
+            return {k: mask_secrets(v, self.secrets) if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+
+def add_correlation_id(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Add the current context's correlation id, unless the line already names its records' ids."""
+    if "correlation_id" not in event_dict and "correlation_ids" not in event_dict:
+        cid = current_correlation_id()
+        if cid is not None:
+            event_dict["correlation_id"] = cid
+    return event_dict
+
+
+def wants_console(log_format: str, stream: TextIO) -> bool:
+    """``console`` or ``json`` as asked; ``auto`` means console on a TTY and JSON otherwise."""
+    if log_format == "auto":
+        isatty: Callable[[], bool] | None = getattr(stream, "isatty", None)
+        return bool(isatty and isatty())
+    return log_format == "console"
+
+
+def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> logging.Handler:
+    """Set up structlog and the standard library for a process: call once at the edge (CLI, demo), never on import.
+
+    ``PERSISTENCE_LOG_FORMAT`` chooses JSON lines or the console renderer (``auto``: console when ``stream``, by
+    default standard error, is a TTY); ``PERSISTENCE_LOG_LEVEL`` the level. One handler on the root logger renders
+    structlog's lines and every standard-library logger's (SQLAlchemy, Alembic, uvicorn: run uvicorn with
+    ``log_config=None`` so its records reach the root logger) through the same processors: ISO timestamps in UTC,
+    level, logger name, the current correlation id and the secret mask. Calling it again replaces the previous
+    set-up. Loggers are not cached, so ``structlog.testing.capture_logs`` and later reconfiguration keep working;
+    the sidecar logs per batch, never per record, so this costs nothing measurable. Returns the root handler.
+    """
+    out = stream if stream is not None else sys.stderr
+    level = logging.getLevelNamesMapping()[settings.log_level]
+    secrets = settings_secrets(settings)
+    console = wants_console(settings.log_format, out)
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        add_correlation_id,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.PositionalArgumentsFormatter(),
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        SecretMasker(secrets),
+    ]
+    renderer: Processor
+    final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
+    if console:
+        renderer = structlog.dev.ConsoleRenderer(colors=_colors(out))
+    else:
+        final += [structlog.processors.dict_tracebacks]
+        renderer = structlog.processors.JSONRenderer(sort_keys=False, default=str)
+    final.append(_masked(renderer, secrets))
+    formatter = structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final)
+
+    handler = logging.StreamHandler(out)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        context_class=dict,
+        cache_logger_on_first_use=False,
+    )
+    return handler
+
+
+def _colors(stream: TextIO) -> bool:
+    isatty: Callable[[], bool] | None = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _masked(renderer: Processor, secrets: tuple[str, ...]) -> Processor:
+    """Mask the rendered line too: a traceback or a nested value may carry a URL the per-value mask did not see."""
+
+    def render(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> Any:
+        rendered = renderer(logger, method_name, event_dict)
+        return mask_secrets(rendered, secrets) if isinstance(rendered, str) else rendered
+
+    return render

@@ -9,6 +9,7 @@ zeros rather than gaps.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -28,7 +29,8 @@ from persistence.models import ENTITIES
 
 BREAKER_STATES = ("closed", "open", "half_open")
 BREAKER_TRANSITIONS = (("closed", "open"), ("open", "half_open"), ("half_open", "closed"), ("half_open", "open"))
-DROP_REASONS = ("journal_unavailable", "corrupt_journal")
+DROP_REASONS = ("journal_unavailable", "corrupt_journal", "other")
+"""Why records were dropped; a reason the writer gives that is not listed here is counted as ``other``."""
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 METRIC_NAMES = (
@@ -60,7 +62,13 @@ class MetricsSource(Protocol):
 
 
 class SidecarMetrics:
-    """The metric families of one sidecar; call it with every event."""
+    """The metric families of one sidecar; call it with every event.
+
+    ``persistence_writes_total{outcome="failure"}`` counts the records of a write attempt that failed after its
+    retries (one breaker failure); a record that fails again on the next attempt is counted again, so the failure
+    ratio is per attempt. Records refused for their data are not failures: they are counted once in
+    ``persistence_dead_letters_total``. ``registry`` must not already hold these metrics (one registry per sidecar).
+    """
 
     def __init__(self, registry: CollectorRegistry, source: MetricsSource) -> None:
         self.registry = registry
@@ -121,9 +129,10 @@ class SidecarMetrics:
             "persistence_circuit_breaker_state", "Circuit breaker state, one-hot.", ["state"], registry=registry
         )
         for name in BREAKER_STATES:
-            state.labels(state=name).set_function(_is_state(source, name))
+            state.labels(state=name).set_function(_LiveValue(_is_state(source, name)))
 
     def __call__(self, event: Event) -> None:
+        """Move the counters and histograms for one event from the write path."""
         match event:
             case BatchCommitted():
                 for entity, count in event.by_entity.items():
@@ -140,7 +149,7 @@ class SidecarMetrics:
                 self.dead_letters.labels(entity=event.entity).inc()
             case RecordsDropped():
                 label = event.entity if event.entity in ENTITIES else "unknown"
-                reason = event.reason if event.reason in DROP_REASONS else "journal_unavailable"
+                reason = event.reason if event.reason in DROP_REASONS else "other"
                 self.dropped.labels(entity=label, reason=reason).inc(event.count)
             case BreakerChanged():
                 self.transitions.labels(from_state=event.from_state, to_state=event.to_state).inc()
@@ -152,9 +161,29 @@ def _is_state(source: MetricsSource, name: str) -> Callable[[], float]:
     return lambda: float(source.breaker_state == name)
 
 
+class _LiveValue:
+    """A gauge reading taken at scrape time, which may run on the exporter's thread.
+
+    The write path mutates the backlog on the event loop while a scrape reads it from another thread, so a read can
+    race (the RAM backlog emptied between a length check and an index, the writer replaced by ``set_enabled``). A
+    scrape must never fail because of that: the last good value is reported instead.
+    """
+
+    __slots__ = ("_last", "_read")
+
+    def __init__(self, read: Callable[[], float]) -> None:
+        self._read = read
+        self._last = 0.0
+
+    def __call__(self) -> float:
+        with contextlib.suppress(Exception):  # a racing read keeps the previous value; see the class docstring
+            self._last = float(self._read())
+        return self._last
+
+
 def _gauge(registry: CollectorRegistry, name: str, documentation: str, read: Callable[[], float]) -> Gauge:
     gauge = Gauge(name, documentation, registry=registry)
-    gauge.set_function(read)
+    gauge.set_function(_LiveValue(read))
     return gauge
 
 

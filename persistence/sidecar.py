@@ -32,6 +32,7 @@ from persistence.events import (
     ShutdownComplete,
     SidecarStarted,
 )
+from persistence.exporter import MetricsExporter, start_exporter
 from persistence.history import TradeHistory
 from persistence.logs import EventLogger
 from persistence.metrics import SidecarMetrics
@@ -86,6 +87,7 @@ class PersistenceSidecar:
         self._closing: asyncio.Task[None] | None = None
         self._toggle_lock = asyncio.Lock()
         self._dead_writer_totals = [0, 0, 0, 0]  # persisted, journaled, dead-lettered, dropped of retired writers
+        self._exporter: MetricsExporter | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -110,8 +112,14 @@ class PersistenceSidecar:
             return
         started = time.perf_counter()
         self._started = True
+        # PERSISTENCE_METRICS_PORT: served from before the start-up replay, so a long backfill can be watched.
+        self._exporter = start_exporter(self.settings.metrics_port, self.registry, enabled=self._enabled)
         if self._enabled:
-            await self._start_writer()
+            try:
+                await self._start_writer()
+            except BaseException:
+                await self._stop_exporter()
+                raise
         writer = self._writer
         self.events.publish(
             SidecarStarted(
@@ -136,6 +144,12 @@ class PersistenceSidecar:
         await asyncio.shield(self._closing)
 
     async def _close(self, timeout: float) -> None:
+        try:
+            await self._stop_writer_and_report(timeout)
+        finally:
+            await self._stop_exporter()  # last, so a final scrape still sees the shutdown
+
+    async def _stop_writer_and_report(self, timeout: float) -> None:
         started = time.perf_counter()
         journal_pending = 0
         if self._writer is not None:
@@ -155,6 +169,11 @@ class PersistenceSidecar:
                 journal_pending=journal_pending,
             )
         )
+
+    async def _stop_exporter(self) -> None:
+        exporter, self._exporter = self._exporter, None
+        if exporter is not None:
+            await asyncio.to_thread(exporter.close)
 
     def __del__(self) -> None:
         if getattr(self, "_started", False) and not getattr(self, "_closed", True):
