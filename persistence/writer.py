@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import uuid
 import weakref
@@ -262,10 +263,12 @@ class Writer:
         oldest: float | None = None
         if self._journal.pending and self._oldest_journaled_at is not None:
             oldest = self._oldest_journaled_at
-        if self._ram:
-            first = self._ram[0].recorded_at
-            if first is not None and (oldest is None or first < oldest):
-                oldest = first
+        try:
+            first = self._ram[0].recorded_at  # read from the metrics thread too: the deque may empty meanwhile
+        except IndexError:
+            first = None
+        if first is not None and (oldest is None or first < oldest):
+            oldest = first
         return max(now - oldest, 0.0) if oldest is not None else 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -284,7 +287,8 @@ class Writer:
             self._bus.publish(DatabaseUnavailable(error_class=type(error).__name__, error=str(error), at_startup=True))
         else:
             await self._replay_journal_at_start()
-        self._task = asyncio.create_task(self._run(), name="persistence-writer")
+        # A fresh context: the writer must not carry the correlation id of whoever happened to call start().
+        self._task = asyncio.create_task(self._run(), name="persistence-writer", context=contextvars.Context())
         return self._ready
 
     async def stop(self, timeout: float) -> None:
@@ -514,7 +518,11 @@ class Writer:
                 )
             return None
         receipt = self._journal_receipts.get(seq) if seq else None
-        return _Pending(seq, record, receipt, None, payload.get("cid"))
+        # Monotonic times only mean something within the run that wrote them.
+        recorded_at = payload.get("at") if seq else None
+        return _Pending(
+            seq, record, receipt, recorded_at if isinstance(recorded_at, float) else None, payload.get("cid")
+        )
 
     async def _write_next_batch(self, admission: Admission) -> None:
         batch, entries = self._take_batch()
@@ -767,6 +775,7 @@ class Writer:
             "seq": item.seq,
             "kind": KINDS[type(item.record)],
             "cid": item.correlation_id,
+            "at": item.recorded_at,
             "data": item.record.to_json(),
         }
 

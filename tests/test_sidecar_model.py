@@ -143,7 +143,14 @@ class SidecarMachine(RuleBasedStateMachine):
     @rule()
     def break_the_database(self) -> None:
         self.lock = sqlite3.connect(self.db_path, isolation_level=None, timeout=5)
-        self.lock.execute("BEGIN EXCLUSIVE")
+        for attempt in range(20):  # the writer may hold the write lock for a moment
+            try:
+                self.lock.execute("BEGIN EXCLUSIVE")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 19:
+                    raise
+                self.settle(0.05)
 
     @precondition(lambda self: self.lock is not None)
     @rule()
@@ -217,8 +224,14 @@ class SidecarMachine(RuleBasedStateMachine):
     def memory_stays_bounded(self) -> None:
         if self.sidecar is None:
             return
+        # Records pile up while the writer is busy with a batch; once it has run, RAM holds no more than the
+        # backlog limit (twice it when the journal cannot take the rest) plus a batch.
+        for _ in range(50):
+            if self.sidecar.health()["queue"] <= 2 * MAX_PENDING + BATCH_SIZE:
+                break
+            self.settle(0.02)
         health = self.sidecar.health()
-        assert health["queue"] <= 2 * MAX_PENDING + BATCH_SIZE + 2, health
+        assert health["queue"] <= 2 * MAX_PENDING + BATCH_SIZE, health
         # History may exceed its window only by trades not yet safe (RAM backlog and unsynced journal).
         assert len(self.sidecar.trade_history) <= HISTORY_MAX + 2 * MAX_PENDING + 64
 
