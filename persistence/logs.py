@@ -186,7 +186,7 @@ class EventLogger:
 
 # ---------------------------------------------------------------------------------------------- process set-up
 
-_NOISY_LOGGERS = ("sqlalchemy", "aiosqlite", "asyncio")
+_NOISY_LOGGERS = ("sqlalchemy", "aiosqlite", "asyncio", "alembic")
 """Standard-library loggers kept at WARNING or above: at INFO SQLAlchemy would log every statement."""
 
 _HANDLER_NAME = "persistence-structlog"

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -284,7 +285,9 @@ class Writer:
             await self._initialize()
         except Exception as error:
             self._database_ok = False
-            self._bus.publish(DatabaseUnavailable(error_class=type(error).__name__, error=str(error), at_startup=True))
+            self._bus.publish(
+                DatabaseUnavailable(error_class=type(error).__name__, error=_short(error), at_startup=True)
+            )
         else:
             await self._replay_journal_at_start()
         # A fresh context: the writer must not carry the correlation id of whoever happened to call start().
@@ -439,7 +442,7 @@ class Writer:
                     records=0,
                     by_entity={},
                     error_class=type(error).__name__,
-                    error=str(error),
+                    error=_short(error),
                     transient=True,
                     attempts=1,
                 )
@@ -624,7 +627,7 @@ class Writer:
                     records=len(failed),
                     by_entity=_by_entity(failed),
                     error_class=type(outcome.failure).__name__,
-                    error=str(outcome.failure),
+                    error=_short(outcome.failure),
                     transient=True,
                     attempts=outcome.attempts,
                     correlation_ids=_correlation_ids(failed),
@@ -860,7 +863,12 @@ def _correlation_ids(items: Sequence[_Pending], limit: int = 20) -> tuple[str, .
 
 
 def _short(error: BaseException | None, limit: int = 500) -> str:
-    text = str(error) if error is not None else ""
+    """The driver's own message, without SQLAlchemy's statement echo and documentation link."""
+    if error is None:
+        return ""
+    original = getattr(error, "orig", None)
+    text = str(original) if isinstance(error, DBAPIError) and original is not None else str(error)
+    text = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

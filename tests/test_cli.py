@@ -1,13 +1,29 @@
-"""The command line: `python -m persistence migrate` and `status` from a clean working directory."""
+"""The command line as a user runs it, in a subprocess from a clean working directory: every command."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
+
+import pytest
+
+from persistence import PersistenceSidecar
+from persistence.journal import Journal
+from tests.conftest import make_settings
+from tests.factories import BASE_TIME, make_trade
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,3 +77,261 @@ def test_status_never_prints_the_database_password(tmp_path: Path) -> None:
         DATABASE_QUERY_TIMEOUT="500",
     )
     assert "hunter2" not in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- help, status
+
+
+@pytest.mark.parametrize("command", ["demo", "serve", "migrate", "status", "backup", "history"])
+def test_every_command_has_help(tmp_path: Path, command: str) -> None:
+    result = run_cli(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0 and "usage: persistence-sidecar " + command in result.stdout
+    assert not (tmp_path / "data").exists()
+
+
+def test_top_level_help_lists_every_command(tmp_path: Path) -> None:
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("demo", "serve", "migrate", "status", "backup", "history"):
+        assert command in result.stdout
+
+
+def test_status_reports_journal_depth_and_no_server_without_creating_the_journal(tmp_path: Path) -> None:
+    assert run_cli("migrate", cwd=tmp_path).returncode == 0
+    env = {"PERSISTENCE_API_PORT": str(free_port())}
+    report = json.loads(run_cli("status", "--json", cwd=tmp_path, **env).stdout)
+    assert report["journal_pending"] == 0 and report["server"]["running"] is False
+    assert not (tmp_path / "data" / "journal").exists()
+    text = run_cli("status", cwd=tmp_path, **env)
+    assert text.returncode == 0 and "not running" in text.stdout
+
+
+def test_status_counts_records_left_in_the_journal(tmp_path: Path) -> None:
+    assert run_cli("migrate", cwd=tmp_path).returncode == 0
+    journal = Journal(tmp_path / "data" / "journal")
+    journal.append([{"kind": "trade", "n": n} for n in range(3)])
+    journal.sync()
+    journal.close()
+    report = json.loads(run_cli("status", "--json", cwd=tmp_path, PERSISTENCE_API_PORT=str(free_port())).stdout)
+    assert report["journal_pending"] == 3
+
+
+@pytest.mark.parametrize(
+    "database_url",
+    ["postgresql+asyncpg://trader:hunter2@127.0.0.1:1/nowhere", "sqlite+aiosqlite:///{tmp}/a-directory"],
+    ids=["postgres-refused", "sqlite-not-a-file"],
+)
+def test_status_on_an_unreachable_database_is_one_clear_line_and_exit_1(tmp_path: Path, database_url: str) -> None:
+    (tmp_path / "a-directory").mkdir()
+    result = run_cli(
+        "status", cwd=tmp_path, DATABASE_URL=database_url.format(tmp=tmp_path), DATABASE_QUERY_TIMEOUT="500"
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "unreachable" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- serve
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cli_environment(**env: str) -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "PERSISTENCE_", "ENABLE_"))}
+    environment.update(env, PYTHONPATH=str(REPO_ROOT))
+    return environment
+
+
+def get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_until_serving(base: str, process: subprocess.Popen[str], token: str | None = None) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            get(f"{base}/api/v1/health", token)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("serve never answered")
+
+
+def test_serve_answers_over_a_real_port_with_the_token_and_stops_on_sigterm(tmp_path: Path) -> None:
+    seed_trades(tmp_path / "data" / "trading_system.db", 3)
+    port = free_port()
+    env = {"PERSISTENCE_API_PORT": str(port), "PERSISTENCE_API_TOKEN": "serve-token"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "persistence", "serve"],
+        cwd=tmp_path,
+        env=cli_environment(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(base, process, "serve-token")
+        status, body = get(f"{base}/api/v1/trades/history?sort_by=pnl&sort_order=asc", "serve-token")
+        assert status == 200
+        answer = json.loads(body)
+        assert answer["source"] == "database" and answer["data"]["total"] == 3
+        assert get(f"{base}/api/v1/health")[0] == 401
+        assert get(f"{base}/metrics")[0] == 200
+        status_report = run_cli("status", cwd=tmp_path, **env)
+        assert f"running at {base}, breaker closed" in status_report.stdout, status_report.stdout
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert f"{base}/api/v1" in stdout and "stopped" in stdout
+    assert "serve-token" not in stdout + stderr
+
+
+def test_serve_on_a_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", cwd=tmp_path, PERSISTENCE_API_PORT=str(port))
+    assert result.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- backup
+
+
+def seed_trades(database: Path, count: int, *, prefix: str = "SEED") -> None:
+    """``count`` trades recorded through a real sidecar into ``database`` (P&L alternating in sign)."""
+
+    async def record() -> None:
+        settings = make_settings(
+            database_url=f"sqlite+aiosqlite:///{database}", journal_dir=database.parent / "journal"
+        )
+        async with PersistenceSidecar(settings, log_events=False) as sidecar:
+            for n in range(count):
+                sidecar.record_trade(
+                    make_trade(
+                        trade_id=f"{prefix}-{n:05d}",
+                        symbol=("EURUSD", "GBPUSD")[n % 2],
+                        session=("LONDON", "NY", "TOKYO")[n % 3],
+                        pnl=Decimal(n * 10) * (-1 if n % 2 else 1),
+                        entry_time=BASE_TIME + timedelta(minutes=n),
+                    )
+                )
+            await sidecar.flush(30)
+
+    asyncio.run(record())
+
+
+def test_backup_while_a_writer_is_busy_is_a_consistent_copy(tmp_path: Path) -> None:
+    database = tmp_path / "data" / "trading_system.db"
+    seed_trades(database, 3000)
+    stop = threading.Event()
+    written = [0]
+
+    def writer() -> None:
+        connection = sqlite3.connect(database, isolation_level=None, timeout=10)
+        while not stop.is_set():
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute(
+                "INSERT INTO trades (trade_id, symbol, direction, entry_time, entry_price, position_size,"
+                " created_at, updated_at) SELECT 'BUSY-' || ?, symbol, direction, entry_time, entry_price,"
+                " position_size, created_at, updated_at FROM trades LIMIT 1",
+                (written[0],),
+            )
+            connection.execute("COMMIT")
+            written[0] += 1
+        connection.close()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        before = written[0]
+        result = run_cli("backup", str(tmp_path / "copy.db"), cwd=tmp_path)
+        during = written[0] - before
+    finally:
+        stop.set()
+        thread.join()
+    assert result.returncode == 0, result.stderr
+    assert "integrity ok" in result.stdout
+    assert during > 0, "the writer was held up for the whole backup"
+    with sqlite3.connect(tmp_path / "copy.db") as copy:
+        assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        trades_in_copy = copy.execute("SELECT COUNT(*) FROM trades").fetchone()[0]
+        busy_in_copy = copy.execute("SELECT COUNT(*) FROM trades WHERE trade_id LIKE 'BUSY-%'").fetchone()[0]
+        assert copy.execute("SELECT COUNT(*) FROM trades WHERE trade_id LIKE 'SEED-%'").fetchone()[0] == 3000
+    # A snapshot: the busy rows in the copy are exactly a prefix of what was written, none torn.
+    assert trades_in_copy == 3000 + busy_in_copy and busy_in_copy <= written[0]
+    assert run_cli("backup", str(tmp_path / "copy.db"), cwd=tmp_path).returncode == 1  # no silent overwrite
+
+
+def test_backup_on_postgres_points_to_pg_dump_and_exits_2(tmp_path: Path) -> None:
+    result = run_cli(
+        "backup", str(tmp_path / "x.db"), cwd=tmp_path, DATABASE_URL="postgresql+asyncpg://u:pw-secret@127.0.0.1:1/db"
+    )
+    assert result.returncode == 2 and "pg_dump" in result.stderr
+    assert "pw-secret" not in result.stderr and not (tmp_path / "x.db").exists()
+
+
+# ---------------------------------------------------------------------------------------------- history
+
+
+def test_history_prints_a_table_with_the_apis_filters_and_sorting(tmp_path: Path) -> None:
+    seed_trades(tmp_path / "data" / "trading_system.db", 12)
+    result = run_cli(
+        "history", "--symbol", "GBPUSD", "--sort-by", "pnl", "--sort-order", "asc", "--limit", "3", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["TRADE_ID", "SYMBOL", "DIR"]
+    rows = [line.split()[0] for line in lines[2:5]]
+    assert rows == ["SEED-00011", "SEED-00009", "SEED-00007"]  # P&L -110, -90, -70
+    assert "3 trade(s) shown (1-3 of 6), sorted by pnl asc" in result.stdout
+    dated = run_cli(
+        "history",
+        "--session",
+        "tokyo",
+        "--start-date",
+        "2026-03-02T08:05:00Z",
+        "--pattern-type",
+        "breakout",
+        cwd=tmp_path,
+    )
+    assert [line.split()[0] for line in dated.stdout.splitlines()[2:4]] == ["SEED-00011", "SEED-00008"]
+    assert run_cli("history", "--symbol", "XAUUSD", cwd=tmp_path).stdout.strip() == "no trades match"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--sort-by", "pnl; DROP TABLE trades"),
+        ("--sort-order", "up"),
+        ("--limit", "0"),
+        ("--limit", "1001"),
+        ("--start-date", "yesterday"),
+        ("--session", "MOON"),
+    ],
+)
+def test_history_refuses_bad_arguments_with_exit_2(tmp_path: Path, args: tuple[str, str]) -> None:
+    seed_trades(tmp_path / "data" / "trading_system.db", 1)
+    result = run_cli("history", *args, cwd=tmp_path)
+    assert result.returncode == 2 and args[0] in result.stderr and "Traceback" not in result.stderr
+    with sqlite3.connect(tmp_path / "data" / "trading_system.db") as connection:
+        assert connection.execute("SELECT COUNT(*) FROM trades").fetchone()[0] == 1

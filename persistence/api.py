@@ -1,0 +1,670 @@
+"""The history API: a FastAPI router an orchestrator includes in its own app, and an app for ``serve`` and ``demo``.
+
+Every ``/api`` answer, errors included, is the wrapper ``{"data": …, "error": null | {"code", "message"},
+"correlation_id": "…"}``; history reads add ``"source": "database" | "memory"`` beside the data. The wrapper is put
+on by the router's own route class, so it holds wherever the router is included, whatever error handlers the host
+app has. Parameters are validated before any SQL is built: sorting only by a column from a fixed set, ``limit``
+1-1000, ISO 8601 dates; anything else is a 422 in the wrapper. An ``X-Correlation-ID`` header is honoured (else
+one is generated), echoed in the response header and body, and is the correlation id of whatever is recorded while
+the request runs. While the circuit breaker is open, or when the database cannot be read, trade reads answer from
+the authoritative in-memory ``trade_history`` (same filters, sort and pagination); signals have no in-memory copy
+and answer 503. When ``PERSISTENCE_API_TOKEN`` is set, ``/api/*`` needs ``Authorization: Bearer <token>``;
+``/metrics`` stays open. Decimals are JSON strings, timestamps ISO 8601 in UTC.
+"""
+
+import contextlib
+import hmac
+import re
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
+
+import structlog
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from sqlalchemy import exc as sa_exc
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from persistence.config import Settings
+from persistence.context import correlation_scope, current_correlation_id, new_correlation_id
+from persistence.errors import (
+    DatabaseUnavailableError,
+    InvalidQueryError,
+    QueryTimeoutError,
+    SidecarClosedError,
+)
+from persistence.faults import classify
+from persistence.iso8601 import parse_iso8601
+from persistence.metrics import render
+from persistence.models import SESSIONS, Signal, Trade, UpperSession
+from persistence.repositories import MAX_PAGE_SIZE, SIGNAL_SORT_COLUMNS, TRADE_SORT_COLUMNS
+from persistence.sidecar import PersistenceSidecar
+
+__all__ = [
+    "API_PREFIX",
+    "CORRELATION_HEADER",
+    "Envelope",
+    "ErrorBody",
+    "HistoryEnvelope",
+    "create_app",
+    "create_router",
+]
+
+log = structlog.get_logger("persistence.api")
+
+API_PREFIX = "/api/v1"
+CORRELATION_HEADER = "X-Correlation-ID"
+_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+TradeSortColumn = Literal[
+    "entry_time",
+    "exit_time",
+    "created_at",
+    "updated_at",
+    "symbol",
+    "trade_id",
+    "entry_price",
+    "exit_price",
+    "position_size",
+    "pnl",
+    "pnl_percentage",
+    "confidence_score",
+    "risk_reward_ratio",
+]
+SignalSortColumn = Literal["generated_at", "created_at", "symbol", "signal_id", "confidence", "entry_price"]
+SortOrder = Literal["asc", "desc"]
+Source = Literal["database", "memory"]
+
+# The OpenAPI enums are spelled out above for the type checker; they must be exactly the repositories' whitelists.
+if get_args(TradeSortColumn) != TRADE_SORT_COLUMNS or get_args(SignalSortColumn) != SIGNAL_SORT_COLUMNS:
+    raise RuntimeError("persistence.api sort columns are out of step with persistence.repositories")
+
+DataT = TypeVar("DataT")
+
+
+# ---------------------------------------------------------------------------------------------- response models
+
+
+class ErrorBody(BaseModel):
+    """What went wrong: a stable machine-readable ``code`` and a message for people."""
+
+    code: str = Field(examples=["invalid_parameter"])
+    message: str
+
+
+class Envelope(BaseModel, Generic[DataT]):
+    """The wrapper of every ``/api`` answer."""
+
+    data: DataT | None = None
+    error: ErrorBody | None = None
+    correlation_id: str
+
+
+class HistoryEnvelope(Envelope[DataT], Generic[DataT]):
+    """The wrapper of a history read, saying where the data came from."""
+
+    source: Source | None = Field(
+        None, description="`database` normally; `memory` when the database could not be used (breaker open, …)"
+    )
+
+
+class TradePage(BaseModel):
+    """One page of trades."""
+
+    items: list[Trade]
+    limit: int
+    offset: int
+    total: int = Field(description="how many trades match the filters, over every page")
+
+
+class SignalPage(BaseModel):
+    """One page of signals."""
+
+    items: list[Signal]
+    limit: int
+    offset: int
+    total: int = Field(description="how many signals match the filters, over every page")
+
+
+class DatabaseHealth(BaseModel):
+    """Whether the database answered its last operation, and where it is (password masked)."""
+
+    reachable: bool | None = Field(description="null while persistence is disabled")
+    url: str
+
+
+class RecordCounts(BaseModel):
+    """What became of the records since start-up."""
+
+    persisted: int
+    journaled: int
+    dead_lettered: int
+    dropped: int
+
+
+class Health(BaseModel):
+    """The sidecar's state: the flag, the breaker, the backlog, the database and its schema."""
+
+    enabled: bool
+    started: bool
+    closed: bool
+    breaker: Literal["closed", "open", "half_open"]
+    queue: int = Field(description="records waiting in RAM")
+    journal: int = Field(description="records waiting in the on-disk journal")
+    db: DatabaseHealth
+    schema_revision: str | None = Field(description="the Alembic revision the database is at")
+    history: int = Field(description="trades in the in-memory trade_history")
+    oldest_unpersisted_age_seconds: float = Field(description="the live loss window")
+    counts: RecordCounts
+
+
+class PersistenceToggle(BaseModel):
+    """The run-time persistence flag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: StrictBool
+
+
+class PersistenceState(BaseModel):
+    """The flag after the change, and the breaker."""
+
+    enabled: bool
+    breaker: Literal["closed", "open", "half_open"]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, ``code`` and message, put in the wrapper by the route class."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    415: "unsupported_media_type",
+    422: "invalid_parameter",
+    503: "database_unavailable",
+    504: "query_timeout",
+}
+
+
+def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        content=model.model_dump_json(),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(
+    status: int, code: str, message: str, correlation_id: str, headers: dict[str, str] | None = None
+) -> Response:
+    """An error in the wrapper, with the correlation id in the header and the body."""
+    body = Envelope[None](data=None, error=ErrorBody(code=code, message=message), correlation_id=correlation_id)
+    return _json(body, status, {**(headers or {}), CORRELATION_HEADER: correlation_id})
+
+
+def validation_message(errors: Sequence[Any]) -> str:
+    """One readable line from FastAPI's validation errors: ``where: why; …``."""
+    problems: list[str] = []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ()) if part not in ("query", "path", "body", "header")]
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if error.get("type") == "missing":
+            message = "is required"
+        if error.get("type") == "json_invalid":
+            message = "is not valid JSON"
+        problems.append(f"{'.'.join(loc) or 'request'}: {message}")
+    return "; ".join(problems) or "invalid request"
+
+
+def correlation_id_of(request: Request) -> str:
+    """The request's ``X-Correlation-ID`` when it is a sensible token, else a fresh one."""
+    given = request.headers.get(CORRELATION_HEADER, "").strip()
+    return given if _CORRELATION_ID.fullmatch(given) else new_correlation_id()
+
+
+class EnvelopeRoute(APIRoute):
+    """Runs the endpoint in a correlation scope and turns every failure into the wrapper.
+
+    The router brings this with it, so the wrapper holds in any host app: FastAPI's default error shape never
+    reaches an ``/api`` client, whatever exception handlers the host has installed.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """The endpoint, wrapped."""
+        endpoint = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            cid = correlation_id_of(request)
+            with correlation_scope(cid):
+                try:
+                    response = await endpoint(request)
+                except ApiError as exc:
+                    response = error_response(exc.status, exc.code, exc.message, cid, exc.headers)
+                except RequestValidationError as exc:
+                    response = error_response(422, "invalid_parameter", validation_message(exc.errors()), cid)
+                except StarletteHTTPException as exc:
+                    code = _HTTP_CODES.get(exc.status_code, "http_error")
+                    response = error_response(exc.status_code, code, str(exc.detail), cid, dict(exc.headers or {}))
+                except Exception:
+                    log.exception("api_request_failed", path=request.url.path, correlation_id=cid)
+                    response = error_response(500, "internal_error", "internal error; see the server log", cid)
+            response.headers[CORRELATION_HEADER] = cid
+            return response
+
+        return handler
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+
+def _iso8601(value: object) -> object:
+    """Accept ISO 8601 text only (not the epoch numbers pydantic would also take); naive means UTC."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date-time")
+    return parse_iso8601(value)
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso8601)]
+_DATE_HELP = "ISO 8601, e.g. 2026-03-02T08:00:00Z or 2026-03-02 (a time without an offset is UTC)"
+
+StartDate = Annotated[IsoDateTime | None, Query(description=f"earliest entry time, inclusive; {_DATE_HELP}")]
+EndDate = Annotated[IsoDateTime | None, Query(description=f"latest entry time, inclusive; {_DATE_HELP}")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"page size, 1 to {MAX_PAGE_SIZE}")]
+Offset = Annotated[int, Query(ge=0, le=2_000_000_000, description="records to skip")]
+SymbolFilter = Annotated[str | None, Query(min_length=1, max_length=32, description="e.g. EURUSD")]
+Order = Annotated[SortOrder, Query(description="asc or desc")]
+
+
+def _check_range(start_date: datetime | None, end_date: datetime | None) -> None:
+    if start_date is not None and end_date is not None and start_date > end_date:
+        raise ApiError(422, "invalid_parameter", "start_date: is after end_date")
+
+
+# ---------------------------------------------------------------------------------------------- the router
+
+SidecarSource = PersistenceSidecar | Callable[[], PersistenceSidecar]
+_bearer = HTTPBearer(auto_error=False, description="needed when PERSISTENCE_API_TOKEN is set")
+
+
+def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
+    """The history API over ``sidecar`` (or a callable returning it), to ``include_router`` in any FastAPI app.
+
+    ``metrics=False`` leaves out ``GET /metrics``, for hosts that already serve their own. The token comes from
+    the sidecar's ``Settings.api_token`` at each request.
+    """
+
+    def get_sidecar() -> PersistenceSidecar:
+        return sidecar if isinstance(sidecar, PersistenceSidecar) else sidecar()
+
+    def authorize(
+        current: Annotated[PersistenceSidecar, Depends(get_sidecar)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        token = current.settings.api_token
+        if token is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            raise ApiError(
+                401,
+                "unauthorized",
+                "a valid 'Authorization: Bearer <token>' header is required",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    Current = Annotated[PersistenceSidecar, Depends(get_sidecar)]
+    router = APIRouter()
+    api = APIRouter(prefix=API_PREFIX, route_class=EnvelopeRoute, dependencies=[Depends(authorize)])
+    error_responses: dict[int | str, dict[str, Any]] = {
+        status: {"model": Envelope[None], "description": description}
+        for status, description in (
+            (401, "missing or wrong bearer token (when a token is configured)"),
+            (422, "invalid parameter"),
+            (500, "internal error"),
+        )
+    }
+
+    @api.get(
+        "/trades/history",
+        response_model=HistoryEnvelope[TradePage],
+        responses={**error_responses, 504: {"model": Envelope[None], "description": "query timeout"}},
+        summary="Trades with filters, pagination and sorting",
+    )
+    async def trade_history(
+        current: Current,
+        start_date: StartDate = None,
+        end_date: EndDate = None,
+        symbol: SymbolFilter = None,
+        session: Annotated[UpperSession | None, Query(description="trading session")] = None,
+        pattern_type: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+        sort_by: Annotated[TradeSortColumn, Query(description="column to sort by")] = "entry_time",
+        sort_order: Order = "desc",
+    ) -> Response:
+        """Trades whose entry time is in the range and that match every filter, one page, sorted."""
+        _check_range(start_date, end_date)
+        filters = TradeFilters(start_date, end_date, symbol, session, pattern_type)
+        page: TradePage | None = None
+        if current.breaker_state == "open":
+            log.info("history_read_from_memory", reason="breaker_open", correlation_id=current_correlation_id())
+        else:
+            with _database_read(memory_fallback=True):
+                result = await current.trades.query(
+                    start_date=start_date,
+                    end_date=end_date,
+                    symbol=symbol,
+                    session=session,
+                    pattern_type=pattern_type,
+                    limit=limit,
+                    offset=offset,
+                    sort_by=sort_by,
+                    sort_order=sort_order,
+                    with_total=True,
+                )
+                page = TradePage.model_construct(
+                    items=result.items, limit=limit, offset=offset, total=result.total or 0
+                )
+        source: Source = "database"
+        if page is None:
+            source = "memory"
+            items, total = filters.page(current.trade_history, limit, offset, sort_by, sort_order)
+            page = TradePage.model_construct(items=items, limit=limit, offset=offset, total=total)
+        return _ok(HistoryEnvelope[TradePage], page, source=source)
+
+    @api.get(
+        "/trades/{trade_id}",
+        response_model=HistoryEnvelope[Trade],
+        responses={
+            **error_responses,
+            404: {"model": Envelope[None], "description": "no such trade"},
+            503: {"model": Envelope[None], "description": "database unavailable and the trade is not in memory"},
+        },
+        summary="One trade by its trade_id",
+    )
+    async def trade_by_id(current: Current, trade_id: Annotated[str, Path(min_length=1, max_length=64)]) -> Response:
+        """The current version of one trade; from memory when the database cannot be used or lags behind."""
+        trade: Trade | None = None
+        source: Source = "database"
+        database_usable = current.breaker_state != "open"
+        if database_usable:
+            database_usable = False
+            with _database_read(memory_fallback=True):
+                trade = await current.trades.get_trade_by_id(trade_id)
+                database_usable = True
+        if trade is None:
+            trade = current.trade_history.get(trade_id)
+            source = "memory"
+        if trade is None:
+            if not database_usable:
+                raise ApiError(
+                    503, "database_unavailable", "the database cannot be read and the trade is not in memory"
+                )
+            raise ApiError(404, "not_found", f"no trade with trade_id {trade_id!r}")
+        return _ok(HistoryEnvelope[Trade], trade, source=source)
+
+    @api.get(
+        "/signals/history",
+        response_model=HistoryEnvelope[SignalPage],
+        responses={
+            **error_responses,
+            503: {"model": Envelope[None], "description": "database unavailable (signals have no in-memory copy)"},
+            504: {"model": Envelope[None], "description": "query timeout"},
+        },
+        summary="Signals with filters, pagination and sorting",
+    )
+    async def signal_history(
+        current: Current,
+        executed: Annotated[bool | None, Query(description="only signals that were (or were not) executed")] = None,
+        symbol: SymbolFilter = None,
+        start_date: Annotated[IsoDateTime | None, Query(description=f"earliest generation time; {_DATE_HELP}")] = None,
+        end_date: Annotated[IsoDateTime | None, Query(description=f"latest generation time; {_DATE_HELP}")] = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+        sort_by: Annotated[SignalSortColumn, Query(description="column to sort by")] = "generated_at",
+        sort_order: Order = "desc",
+    ) -> Response:
+        """Signals generated in the range that match every filter, one page, sorted."""
+        _check_range(start_date, end_date)
+        if current.breaker_state == "open":
+            raise ApiError(503, "database_unavailable", "the database is unavailable (circuit breaker open)")
+        with _database_read(memory_fallback=False):
+            result = await current.signals.query(
+                executed=executed,
+                symbol=symbol,
+                start_date=start_date,
+                end_date=end_date,
+                limit=limit,
+                offset=offset,
+                sort_by=sort_by,
+                sort_order=sort_order,
+                with_total=True,
+            )
+        page = SignalPage.model_construct(items=result.items, limit=limit, offset=offset, total=result.total or 0)
+        return _ok(HistoryEnvelope[SignalPage], page, source="database")
+
+    @api.get("/health", response_model=Envelope[Health], responses=error_responses, summary="The sidecar's state")
+    async def health(current: Current) -> Response:
+        """Enabled flag, breaker state, queue and journal depth, database reachability and schema revision."""
+        return _ok(Envelope[Health], health_of(current))
+
+    @api.put(
+        "/persistence",
+        response_model=Envelope[PersistenceState],
+        responses={**error_responses, 409: {"model": Envelope[None], "description": "the sidecar is closed"}},
+        summary="Switch persistence on or off at run time",
+    )
+    async def set_persistence(current: Current, toggle: PersistenceToggle) -> Response:
+        """Turn persistence on or off; turning it off flushes first (journaling what cannot be written)."""
+        try:
+            await current.set_enabled(toggle.enabled)
+        except SidecarClosedError as exc:
+            raise ApiError(409, "sidecar_closed", str(exc)) from None
+        state = PersistenceState(enabled=current.enabled, breaker=_breaker(current.breaker_state))
+        return _ok(Envelope[PersistenceState], state)
+
+    router.include_router(api)
+
+    if metrics:
+
+        @router.get(
+            "/metrics",
+            response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+            summary="Prometheus metrics",
+            include_in_schema=True,
+        )
+        async def prometheus_metrics(current: Current) -> Response:
+            """The sidecar's metrics in the Prometheus text format (never behind the token)."""
+            body, content_type = render(current.registry)
+            return Response(content=body, media_type=content_type)
+
+    return router
+
+
+def _ok(envelope: type[Envelope[Any]], data: Any, **extra: Any) -> Response:
+    cid = current_correlation_id() or new_correlation_id()
+    return _json(envelope.model_construct(data=data, error=None, correlation_id=cid, **extra))
+
+
+def _breaker(state: str) -> Literal["closed", "open", "half_open"]:
+    if state == "open":
+        return "open"
+    if state == "half_open":
+        return "half_open"
+    return "closed"
+
+
+def health_of(sidecar: PersistenceSidecar) -> Health:
+    """``sidecar.health()`` in the API's shape."""
+    raw = sidecar.health()
+    db = raw.get("db") or {}
+    return Health(
+        enabled=bool(raw["enabled"]),
+        started=bool(raw.get("started", True)),
+        closed=bool(raw.get("closed", False)),
+        breaker=_breaker(str(raw["breaker"])),
+        queue=int(raw["queue"]),
+        journal=int(raw["journal"]),
+        db=DatabaseHealth(reachable=db.get("reachable"), url=str(db.get("url", sidecar.settings.safe_database_url))),
+        schema_revision=raw.get("schema"),
+        history=int(raw.get("history", len(sidecar.trade_history))),
+        oldest_unpersisted_age_seconds=float(raw.get("oldest_unpersisted_age_seconds", 0.0)),
+        counts=RecordCounts(**raw["counts"]),
+    )
+
+
+class _MemoryFallback(Exception):
+    """The database could not be read; answer from memory."""
+
+
+@contextlib.contextmanager
+def _database_read(*, memory_fallback: bool) -> Any:
+    """Sort database read errors: bad parameters 422, a timeout 504, unavailability memory (or 503)."""
+    try:
+        yield
+    except InvalidQueryError as exc:
+        raise ApiError(422, "invalid_parameter", str(exc)) from None
+    except QueryTimeoutError as exc:
+        if memory_fallback:
+            log.warning("history_read_from_memory", reason="query_timeout", correlation_id=current_correlation_id())
+            return
+        raise ApiError(504, "query_timeout", str(exc)) from None
+    except Exception as exc:
+        if not database_unavailable(exc):
+            raise
+        if memory_fallback:
+            log.warning("history_read_from_memory", reason=type(exc).__name__, correlation_id=current_correlation_id())
+            return
+        raise ApiError(503, "database_unavailable", "the database is unavailable; try again later") from None
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether a read failed because of the database's state (not a bug here): unreachable, locked, timed out."""
+    if isinstance(error, DatabaseUnavailableError | OSError | TimeoutError):
+        return True
+    return isinstance(error, sa_exc.DBAPIError) and classify(error) == "transient"
+
+
+class TradeFilters:
+    """The history query's filters, sort and pagination, applied to the in-memory ``trade_history``.
+
+    Mirrors :meth:`~persistence.repositories.TradeRepository.query`: entry-time range inclusive, exact matches,
+    nulls last in both orders, ties broken by recording order.
+    """
+
+    def __init__(
+        self,
+        start_date: datetime | None,
+        end_date: datetime | None,
+        symbol: str | None,
+        session: str | None,
+        pattern_type: str | None,
+    ) -> None:
+        self.start_date = start_date
+        self.end_date = end_date
+        self.symbol = symbol
+        self.session = session.upper() if session is not None else None
+        self.pattern_type = pattern_type
+        if self.session is not None and self.session not in SESSIONS:
+            raise ApiError(422, "invalid_parameter", f"session: must be one of {', '.join(SESSIONS)}")
+
+    def matches(self, trade: Trade) -> bool:
+        """Whether ``trade`` passes every filter."""
+        return (
+            (self.start_date is None or trade.entry_time >= self.start_date)
+            and (self.end_date is None or trade.entry_time <= self.end_date)
+            and (self.symbol is None or trade.symbol == self.symbol)
+            and (self.session is None or trade.session == self.session)
+            and (self.pattern_type is None or trade.pattern_type == self.pattern_type)
+        )
+
+    def page(
+        self, history: Sequence[Trade], limit: int, offset: int, sort_by: str, sort_order: str
+    ) -> tuple[list[Trade], int]:
+        """One page of the matching trades, sorted, and how many match in all."""
+        if sort_by not in TRADE_SORT_COLUMNS:
+            raise ApiError(422, "invalid_parameter", f"sort_by: must be one of {', '.join(TRADE_SORT_COLUMNS)}")
+        descending = sort_order == "desc"
+        matching = [(position, trade) for position, trade in enumerate(history) if self.matches(trade)]
+        valued = [item for item in matching if getattr(item[1], sort_by) is not None]
+        nulls = [item for item in matching if getattr(item[1], sort_by) is None]
+        valued.sort(key=lambda item: (getattr(item[1], sort_by), item[0]), reverse=descending)
+        nulls.sort(key=lambda item: item[0], reverse=descending)
+        ordered = [trade for _, trade in (*valued, *nulls)]
+        return ordered[offset : offset + limit], len(ordered)
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+def create_app(settings: Settings | None = None, *, sidecar: PersistenceSidecar | None = None) -> FastAPI:
+    """An app serving the history API and ``/metrics``, whose lifespan starts and closes a sidecar.
+
+    With ``settings`` (or neither argument: ``Settings()`` from the environment) the app owns its sidecar: the
+    lifespan starts it and closes it. A ``sidecar`` passed in is started if needed but left open at shutdown:
+    whoever created it closes it. Errors outside the router's routes (an unknown ``/api`` path, a wrong method)
+    are answered in the wrapper too.
+    """
+    owned = sidecar is None
+    current = sidecar if sidecar is not None else PersistenceSidecar(settings if settings is not None else Settings())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await current.start()
+        try:
+            yield
+        finally:
+            if owned:
+                await current.close()
+
+    app = FastAPI(
+        title="persistence-sidecar history API",
+        version="1",
+        description="Trades and signals persisted by the sidecar, its health, its run-time flag and its metrics.",
+        lifespan=lifespan,
+    )
+    app.state.sidecar = current
+    app.include_router(create_router(current))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, StarletteHTTPException):
+            raise exc
+        if not request.url.path.startswith("/api"):
+            return await http_exception_handler(request, exc)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        cid = correlation_id_of(request)
+        return error_response(exc.status_code, code, str(exc.detail), cid, dict(exc.headers or {}))
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, RequestValidationError):
+            raise exc
+        if not request.url.path.startswith("/api"):
+            return await request_validation_exception_handler(request, exc)
+        return error_response(422, "invalid_parameter", validation_message(exc.errors()), correlation_id_of(request))
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    return app
