@@ -36,9 +36,11 @@ def to_scaled_int(value: object) -> int:
 
 def to_sqlite_datetime(value: datetime) -> str:
     """The SQLite storage of a timestamp: naive UTC in SQLAlchemy's fixed-width format (it sorts by time)."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.isoformat(sep=" ", timespec="microseconds")
+    if value.tzinfo is None:
+        return value.isoformat(sep=" ", timespec="microseconds")
+    if value.utcoffset():
+        value = value.astimezone(UTC)
+    return value.isoformat(sep=" ", timespec="microseconds")[:26]  # without the "+00:00" suffix
 
 
 _SCALED_LIMIT = 10**DECIMAL_PRECISION

@@ -176,8 +176,8 @@ class Record(BaseModel):
         so there is none to do): loading the history at start-up builds thousands of these.
         """
         names = cls.__dict__.get("_field_names") or _field_names(cls)
+        values = row if type(row) is dict and len(row) == len(names) else {name: row[name] for name in names}
         record = cls.__new__(cls)
-        values = {name: row[name] for name in names}
         object.__setattr__(record, "__dict__", values)
         object.__setattr__(record, "__pydantic_fields_set__", set(names))
         object.__setattr__(record, "__pydantic_extra__", None)

@@ -73,6 +73,8 @@ trades = Table(
     Index("idx_trades_symbol_time", "symbol", "entry_time"),
     Index("idx_trades_session", "session"),
     Index("idx_trades_pattern", "pattern_type"),
+    Index("idx_trades_updated_at", "updated_at"),
+    Index("idx_trades_entry_time", "entry_time"),
 )
 
 signals = Table(

@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from persistence import PersistenceSidecar
 from persistence.api import HistoryEnvelope, TradePage, create_app, create_router
 from persistence.config import Settings
+from persistence.migrations import head_revision
 from persistence.models import Trade
 from persistence.repositories import SIGNAL_SORT_COLUMNS, TRADE_SORT_COLUMNS
 from persistence.testing import FakeClock
@@ -461,7 +462,7 @@ async def test_health_reports_flag_breaker_backlog_database_and_schema(client: h
     assert body["error"] is None
     assert data["enabled"] is True and data["breaker"] == "closed"
     assert data["queue"] == 0 and data["journal"] == 0
-    assert data["db"]["reachable"] is True and data["schema_revision"] == "0001"
+    assert data["db"]["reachable"] is True and data["schema_revision"] == head_revision()
     assert data["counts"]["persisted"] == 12 + 3 + 2
 
 
