@@ -71,8 +71,8 @@ trades = Table(
     CheckConstraint(_one_of("session", SESSIONS, nullable=True), name="session"),
     CheckConstraint("position_size > 0", name="position_size_positive"),
     Index("idx_trades_symbol_time", "symbol", "entry_time"),
-    Index("idx_trades_session", "session"),
-    Index("idx_trades_pattern", "pattern_type"),
+    Index("idx_trades_session", "session", "entry_time"),
+    Index("idx_trades_pattern", "pattern_type", "entry_time"),
     Index("idx_trades_updated_at", "updated_at"),
     Index("idx_trades_entry_time", "entry_time"),
 )
