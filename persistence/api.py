@@ -17,7 +17,7 @@ import hmac
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
@@ -41,7 +41,12 @@ from persistence.faults import classify
 from persistence.iso8601 import parse_iso8601
 from persistence.metrics import render
 from persistence.models import SESSIONS, Signal, Trade, UpperSession
-from persistence.repositories import MAX_PAGE_SIZE, SIGNAL_SORT_COLUMNS, TRADE_SORT_COLUMNS
+from persistence.repositories import (
+    MAX_PAGE_SIZE,
+    TRADE_SORT_COLUMNS,
+    SignalSortColumn,
+    TradeSortColumn,
+)
 from persistence.sidecar import PersistenceSidecar
 
 __all__ = [
@@ -60,28 +65,8 @@ API_PREFIX = "/api/v1"
 CORRELATION_HEADER = "X-Correlation-ID"
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
-TradeSortColumn = Literal[
-    "entry_time",
-    "exit_time",
-    "created_at",
-    "updated_at",
-    "symbol",
-    "trade_id",
-    "entry_price",
-    "exit_price",
-    "position_size",
-    "pnl",
-    "pnl_percentage",
-    "confidence_score",
-    "risk_reward_ratio",
-]
-SignalSortColumn = Literal["generated_at", "created_at", "symbol", "signal_id", "confidence", "entry_price"]
 SortOrder = Literal["asc", "desc"]
 Source = Literal["database", "memory"]
-
-# The OpenAPI enums are spelled out above for the type checker; they must be exactly the repositories' whitelists.
-if get_args(TradeSortColumn) != TRADE_SORT_COLUMNS or get_args(SignalSortColumn) != SIGNAL_SORT_COLUMNS:
-    raise RuntimeError("persistence.api sort columns are out of step with persistence.repositories")
 
 DataT = TypeVar("DataT")
 

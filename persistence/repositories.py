@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, get_args
 
 from sqlalchemy import (
     Boolean,
@@ -58,7 +58,7 @@ from persistence.schema import dead_letters, parameter_history, performance_snap
 RecordT = TypeVar("RecordT", bound=Record)
 SortOrder = Literal["asc", "desc"]
 
-TRADE_SORT_COLUMNS: tuple[str, ...] = (
+TradeSortColumn = Literal[
     "entry_time",
     "exit_time",
     "created_at",
@@ -72,15 +72,12 @@ TRADE_SORT_COLUMNS: tuple[str, ...] = (
     "pnl_percentage",
     "confidence_score",
     "risk_reward_ratio",
-)
-SIGNAL_SORT_COLUMNS: tuple[str, ...] = (
-    "generated_at",
-    "created_at",
-    "symbol",
-    "signal_id",
-    "confidence",
-    "entry_price",
-)
+]
+"""The only columns trades can be sorted by (the API's schema is generated from this type)."""
+SignalSortColumn = Literal["generated_at", "created_at", "symbol", "signal_id", "confidence", "entry_price"]
+"""The only columns signals can be sorted by."""
+TRADE_SORT_COLUMNS: tuple[str, ...] = get_args(TradeSortColumn)
+SIGNAL_SORT_COLUMNS: tuple[str, ...] = get_args(SignalSortColumn)
 MAX_PAGE_SIZE = 1000
 
 
