@@ -381,6 +381,12 @@ class Writer:
             except asyncio.CancelledError:
                 self._breaker.record_cancelled(admission)
                 raise
+            except Exception as error:
+                # The only writer must outlive any fault it did not foresee (say, the journal's folder deleted under
+                # it): report it, and count it against the breaker so that a fault that persists backs off.
+                self._database_ok = False
+                self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"writer: {_short(error)}", True, 1))
+                self._publish_transition(self._breaker.record_failure(admission, self._clock()))
 
     async def _idle(self, timeout: float | None) -> None:
         if self._wake.is_set():

@@ -411,3 +411,33 @@ async def test_when_the_journal_cannot_take_the_backlog_every_dropped_record_is_
     kept = [r for r in recorded if r.status != "dropped"]
     assert {r.status for r in kept} == {"persisted"}
     assert sorted(await stored_trade_ids(sidecar)) == sorted(r.key for r in kept)
+
+
+# ------------------------------------------------------------------------------ the writer outlives the unforeseen
+
+
+async def test_the_writer_survives_an_error_nobody_foresaw_and_backs_off_through_the_breaker(
+    sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
+) -> None:
+    clock = FakeClock()
+    sidecar = build(sidecar_settings(sqlite_url, breaker_failure_threshold=1), sidecars, clock=clock)
+    events = Recorder(sidecar.events)
+    await sidecar.start()
+    writer = sidecar.writer
+    assert writer is not None
+    take_batch = writer._take_batch
+    failures = iter([RuntimeError("a bug in the writer"), None])
+
+    def faulty_take_batch() -> Any:  # a hand-written fault: the first batch blows up, later ones work
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return take_batch()
+
+    writer._take_batch = faulty_take_batch  # type: ignore[method-assign]
+    receipt = sidecar.record_trade(make_trade())
+    await eventually(lambda: sidecar.breaker_state == "open")
+    assert any(event.error == "writer: a bug in the writer" for event in events.of(WriteFailed))
+    clock.advance(30)
+    assert await asyncio.wait_for(receipt, 10) == "persisted"
+    assert writer._task is not None and not writer._task.done()
