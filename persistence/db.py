@@ -98,6 +98,9 @@ def _sqlite_engine(url: URL, settings: Settings) -> AsyncEngine:
         options["pool_size"] = 5
         options["max_overflow"] = 5
         options["pool_timeout"] = settings.query_timeout
+        # Every checkout ends its own transaction (writers commit; Connection.close() rolls an open read back), so
+        # the pool's own rollback on return is one more hop into aiosqlite's thread per transaction, for nothing.
+        options["pool_reset_on_return"] = None
     engine = create_async_engine(url, **options)
     _install_sqlite_hooks(engine, busy_ms=busy_ms, in_memory=path is None, timeout_ms=settings.query_timeout_ms)
     return engine

@@ -170,3 +170,24 @@ async def test_postgres_pool_settings_and_statement_timeout(postgres_url: str) -
             assert (await connection.execute(text("SHOW statement_timeout"))).scalar_one() == "300ms"
     finally:
         await database.dispose()
+
+
+async def test_a_read_connection_returned_to_the_pool_holds_no_transaction(sqlite_url: str) -> None:
+    """The pool does not roll back on return: closing a connection must end its read transaction itself."""
+    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=300))
+    path = sqlite_path(database.engine.url)
+    assert path is not None
+    try:
+        async with database.write() as connection:
+            await connection.execute(text("CREATE TABLE t (x)"))
+        async with database.read() as connection:
+            assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
+        # A read snapshot left open would block a checkpoint that truncates the WAL.
+        with sqlite3.connect(path, isolation_level=None) as other:
+            other.execute("INSERT INTO t VALUES (1)")
+            busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0
+        async with database.read() as connection:
+            assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar_one() == 1
+    finally:
+        await database.dispose()
