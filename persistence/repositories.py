@@ -194,10 +194,14 @@ def _sqlite_encoder(column_type: Any) -> Callable[[Any], Any]:
 
 
 async def _execute_batch(
-    connection: AsyncConnection, statement: Any, fast: _DriverBatch | None, rows: Sequence[Mapping[str, Any]]
+    database: Database,
+    connection: AsyncConnection,
+    statement: Any,
+    fast: _DriverBatch | None,
+    rows: Sequence[Mapping[str, Any]],
 ) -> None:
     if fast is not None:
-        await connection.exec_driver_sql(fast.sql, fast.encode(rows))
+        await database.executemany_on_driver(connection, fast.sql, fast.encode(rows))
     else:
         await connection.execute(statement, list(rows))
 
@@ -262,7 +266,7 @@ class TradeRepository:
     async def upsert(self, connection: AsyncConnection, batch: Sequence[Trade]) -> None:
         """Insert or update ``batch`` in one statement inside the caller's transaction."""
         if batch:
-            await _execute_batch(connection, self._upsert, self._fast, [trade.__dict__ for trade in batch])
+            await _execute_batch(self._db, connection, self._upsert, self._fast, [trade.__dict__ for trade in batch])
 
     async def save_trade(self, trade: Trade | Mapping[str, Any]) -> None:
         """Insert or update one trade in its own transaction (the writer batches instead)."""
@@ -376,7 +380,7 @@ class SignalRepository:
     async def upsert(self, connection: AsyncConnection, batch: Sequence[Signal]) -> None:
         """Insert or update ``batch`` in one statement inside the caller's transaction."""
         if batch:
-            await _execute_batch(connection, self._upsert, self._fast, [signal.__dict__ for signal in batch])
+            await _execute_batch(self._db, connection, self._upsert, self._fast, [signal.__dict__ for signal in batch])
 
     async def apply_executions(
         self, connection: AsyncConnection, batch: Sequence[SignalExecution]
@@ -477,7 +481,7 @@ class _AppendOnlyRepository(Generic[RecordT]):
     async def insert(self, connection: AsyncConnection, batch: Sequence[RecordT]) -> None:
         """Insert ``batch`` in one statement inside the caller's transaction; known ids are skipped."""
         if batch:
-            await _execute_batch(connection, self._insert, self._fast, [record.__dict__ for record in batch])
+            await _execute_batch(self._db, connection, self._insert, self._fast, [record.__dict__ for record in batch])
 
     async def _save(self, record: RecordT) -> None:
         async with self._db.write() as connection:

@@ -191,3 +191,31 @@ async def test_a_read_connection_returned_to_the_pool_holds_no_transaction(sqlit
             assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar_one() == 1
     finally:
         await database.dispose()
+
+
+async def test_a_runaway_batch_write_on_the_driver_fast_path_is_interrupted_at_the_query_timeout(
+    sqlite_url: str,
+) -> None:
+    from persistence.migrations import upgrade
+    from persistence.repositories import Repositories
+    from tests.factories import make_trade
+
+    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=300))
+    path = sqlite_path(database.engine.url)
+    assert path is not None
+    try:
+        await upgrade(database)
+        with sqlite3.connect(path) as connection:  # every insert now runs forever
+            connection.execute(
+                "CREATE TRIGGER endless BEFORE INSERT ON trades BEGIN SELECT count(*) FROM "
+                "(WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c); END"
+            )
+        started = time.monotonic()
+        with pytest.raises(QueryTimeoutError):
+            async with database.write() as connection:
+                await Repositories(database).trades.upsert(connection, [make_trade()])
+        assert time.monotonic() - started < 5
+        async with database.read() as connection:  # the connection is fine afterwards
+            assert (await connection.execute(text("SELECT count(*) FROM trades"))).scalar_one() == 0
+    finally:
+        await database.dispose()
