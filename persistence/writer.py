@@ -398,12 +398,16 @@ class Writer:
             finally:
                 waiter.cancel()
             return
-        sleeper = asyncio.ensure_future(self._sleep(max(timeout, 0.0)))
+        # The deadline is fixed now: the sleep only starts when its task first runs, and time may move before that.
+        sleeper = asyncio.ensure_future(self._sleep_until(self._clock() + max(timeout, 0.0)))
         try:
             await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
             sleeper.cancel()
+
+    async def _sleep_until(self, deadline: float) -> None:
+        await self._sleep(max(deadline - self._clock(), 0.0))
 
     def _sync_due_in(self) -> float | None:
         if not self._journal.unsynced and not self._unsynced:

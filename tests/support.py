@@ -1,4 +1,7 @@
-"""Real faults and small waiting helpers for the write-path tests."""
+"""Real faults and small waiting helpers for the write-path tests.
+
+``DatabaseLock`` and ``DiskLimit`` are re-exported from the public fault kit (:mod:`persistence.testing`), so the
+project's own tests exercise exactly what users run in their CI."""
 
 from __future__ import annotations
 
@@ -14,6 +17,19 @@ from sqlalchemy.engine import make_url
 
 from persistence.db import Database
 from persistence.events import Event, EventBus
+from persistence.testing import DatabaseLock, DiskLimit
+
+__all__ = [
+    "DatabaseLock",
+    "DiskLimit",
+    "Recorder",
+    "StatementCounter",
+    "add_poison_trigger_postgres",
+    "add_poison_trigger_sqlite",
+    "drop_poison_trigger_postgres",
+    "eventually",
+    "sqlite_file",
+]
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.01) -> None:
@@ -37,46 +53,6 @@ class Recorder:
         return [event for event in self.events if isinstance(event, kind)]
 
 
-class DatabaseLock:
-    """Another connection holding the database's write lock (SQLite ``BEGIN EXCLUSIVE``; PostgreSQL table locks)."""
-
-    TABLES = "trades, signals, performance_snapshots, parameter_history, dead_letters"
-
-    def __init__(self, database_url: str) -> None:
-        self._url = database_url
-        self._sqlite: sqlite3.Connection | None = None
-        self._pg: Any = None
-
-    async def acquire(self) -> None:
-        url = make_url(self._url)
-        if url.get_backend_name() == "sqlite":
-            self._sqlite = sqlite3.connect(url.database or "", isolation_level=None, timeout=10)
-            self._sqlite.execute("BEGIN EXCLUSIVE")
-        else:
-            self._pg = await asyncpg.connect(
-                host=url.host, port=url.port or 5432, user=url.username, password=url.password, database=url.database
-            )
-            await self._pg.execute("BEGIN")
-            await self._pg.execute(f"LOCK TABLE {self.TABLES} IN ACCESS EXCLUSIVE MODE")
-
-    async def release(self) -> None:
-        if self._sqlite is not None:
-            self._sqlite.rollback()
-            self._sqlite.close()
-            self._sqlite = None
-        if self._pg is not None:
-            await self._pg.execute("ROLLBACK")
-            await self._pg.close()
-            self._pg = None
-
-    async def __aenter__(self) -> DatabaseLock:
-        await self.acquire()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.release()
-
-
 class StatementCounter:
     """Counts statements a database's engine sends (to prove that none are sent)."""
 
@@ -86,31 +62,6 @@ class StatementCounter:
 
     def _seen(self, *_: object) -> None:
         self.count += 1
-
-
-class DiskLimit:
-    """A full disk for a SQLite database: ``PRAGMA max_page_count`` on every connection the engine hands out."""
-
-    def __init__(self, database: Database) -> None:
-        self.max_pages: int | None = None
-        event.listen(database.engine.sync_engine.pool, "checkout", self._apply)
-
-    def _apply(self, dbapi_connection: Any, *_: Any) -> None:
-        limit = self.max_pages if self.max_pages is not None else 1_073_741_823
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(f"PRAGMA max_page_count = {limit}")
-        finally:
-            cursor.close()
-
-    def fill(self, path: Path) -> None:
-        """Allow no more pages than the file has now."""
-        with sqlite3.connect(path) as connection:
-            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self.max_pages = connection.execute("PRAGMA page_count").fetchone()[0]
-
-    def free(self) -> None:
-        self.max_pages = None
 
 
 def sqlite_file(database_url: str) -> Path:
