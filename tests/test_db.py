@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,11 +13,38 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
 
-from persistence.db import SQLITE_MAX_BUSY_MS, create_database, sqlite_path
+from persistence.db import SQLITE_MAX_BUSY_MS, Database, create_database, sqlite_path
 from persistence.errors import QueryTimeoutError
 from tests.conftest import make_settings
 
 ENDLESS_SQLITE_QUERY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+
+
+@pytest.fixture
+async def scratch(sqlite_url: str) -> AsyncIterator[tuple[Database, Path]]:
+    """A SQLite database (300 ms query timeout) with one scratch table ``t`` holding one row."""
+    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=300))
+    path = sqlite_path(database.engine.url)
+    assert path is not None
+    try:
+        async with database.write() as connection:
+            await connection.execute(text("CREATE TABLE t (x)"))
+            await connection.execute(text("INSERT INTO t VALUES (1)"))
+        yield database, path
+    finally:
+        await database.dispose()
+
+
+@contextlib.contextmanager
+def another_connection_holding(path: Path, mode: str) -> Iterator[sqlite3.Connection]:
+    """Another connection holding ``BEGIN <mode>`` on the file for the block."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute(f"BEGIN {mode}")
+    try:
+        yield other
+    finally:
+        other.rollback()
+        other.close()
 
 
 async def test_sqlite_connections_get_wal_normal_sync_busy_timeout_and_foreign_keys(sqlite_url: str) -> None:
@@ -51,68 +80,35 @@ async def test_the_folder_of_a_sqlite_file_is_created(tmp_path: Path) -> None:
     assert (tmp_path / "deep" / "er" / "trading.db").exists()
 
 
-async def test_writers_take_the_write_lock_at_begin(sqlite_url: str) -> None:
+async def test_writers_take_the_write_lock_at_begin(scratch: tuple[Database, Path]) -> None:
     """A writer holds the RESERVED lock from BEGIN on, so a second writer is refused before it reads."""
-    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=200))
-    path = sqlite_path(database.engine.url)
-    assert path is not None
-    try:
-        async with database.write() as connection:
-            await connection.execute(text("CREATE TABLE t (x)"))
-        async with database.write() as connection:
-            await connection.execute(text("SELECT 1"))  # a read only, yet the lock is already taken
-            other = sqlite3.connect(path, timeout=0, isolation_level=None)
-            try:
-                with pytest.raises(sqlite3.OperationalError, match="locked"):
-                    other.execute("BEGIN IMMEDIATE")
-            finally:
-                other.close()
-    finally:
-        await database.dispose()
-
-
-async def test_readers_do_not_block_on_a_held_write_lock(sqlite_url: str) -> None:
-    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=200))
-    path = sqlite_path(database.engine.url)
-    assert path is not None
-    try:
-        async with database.write() as connection:
-            await connection.execute(text("CREATE TABLE t (x)"))
-            await connection.execute(text("INSERT INTO t VALUES (1)"))
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
+    database, path = scratch
+    async with database.write() as connection:
+        await connection.execute(text("SELECT 1"))  # a read only, yet the lock is already taken
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
         try:
-            async with database.read() as connection:
-                assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar_one() == 1
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
         finally:
-            other.rollback()
             other.close()
-    finally:
-        await database.dispose()
 
 
-async def test_a_writer_facing_an_exclusive_lock_fails_after_the_busy_timeout(sqlite_url: str) -> None:
-    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=300))
-    path = sqlite_path(database.engine.url)
-    assert path is not None
-    try:
+async def test_readers_do_not_block_on_a_held_write_lock(scratch: tuple[Database, Path]) -> None:
+    database, path = scratch
+    with another_connection_holding(path, "IMMEDIATE"):
+        async with database.read() as connection:
+            assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar_one() == 1
+
+
+async def test_a_writer_facing_an_exclusive_lock_fails_after_the_busy_timeout(scratch: tuple[Database, Path]) -> None:
+    database, path = scratch
+    started = time.monotonic()
+    with another_connection_holding(path, "EXCLUSIVE"), pytest.raises(OperationalError, match="locked"):
         async with database.write() as connection:
-            await connection.execute(text("CREATE TABLE t (x)"))
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN EXCLUSIVE")
-        started = time.monotonic()
-        try:
-            with pytest.raises(OperationalError, match="locked"):
-                async with database.write() as connection:
-                    await connection.execute(text("INSERT INTO t VALUES (2)"))
-        finally:
-            other.rollback()
-            other.close()
-        assert time.monotonic() - started < 5
-        async with database.write() as connection:  # and the engine still works afterwards
-            await connection.execute(text("INSERT INTO t VALUES (3)"))
-    finally:
-        await database.dispose()
+            await connection.execute(text("INSERT INTO t VALUES (2)"))
+    assert time.monotonic() - started < 5
+    async with database.write() as connection:  # and the engine still works afterwards
+        await connection.execute(text("INSERT INTO t VALUES (3)"))
 
 
 async def test_a_runaway_sqlite_statement_is_interrupted_at_the_query_timeout(sqlite_url: str) -> None:
@@ -172,25 +168,18 @@ async def test_postgres_pool_settings_and_statement_timeout(postgres_url: str) -
         await database.dispose()
 
 
-async def test_a_read_connection_returned_to_the_pool_holds_no_transaction(sqlite_url: str) -> None:
+async def test_a_read_connection_returned_to_the_pool_holds_no_transaction(scratch: tuple[Database, Path]) -> None:
     """The pool does not roll back on return: closing a connection must end its read transaction itself."""
-    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=300))
-    path = sqlite_path(database.engine.url)
-    assert path is not None
-    try:
-        async with database.write() as connection:
-            await connection.execute(text("CREATE TABLE t (x)"))
-        async with database.read() as connection:
-            assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
-        # A read snapshot left open would block a checkpoint that truncates the WAL.
-        with sqlite3.connect(path, isolation_level=None) as other:
-            other.execute("INSERT INTO t VALUES (1)")
-            busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        assert busy == 0
-        async with database.read() as connection:
-            assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar_one() == 1
-    finally:
-        await database.dispose()
+    database, path = scratch
+    async with database.read() as connection:
+        assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar_one() == 1
+    # A read snapshot left open would block a checkpoint that truncates the WAL.
+    with sqlite3.connect(path, isolation_level=None) as other:
+        other.execute("INSERT INTO t VALUES (2)")
+        busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0
+    async with database.read() as connection:
+        assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar_one() == 2
 
 
 async def test_a_runaway_batch_write_on_the_driver_fast_path_is_interrupted_at_the_query_timeout(
