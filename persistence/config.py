@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     journal_dir: Path = Field(Path("./data/journal"), validation_alias="PERSISTENCE_JOURNAL_DIR")
     journal_sync_seconds: float = Field(1.0, gt=0, le=60, validation_alias="PERSISTENCE_JOURNAL_SYNC_SECONDS")
     history_max: int = Field(10_000, ge=1, validation_alias="PERSISTENCE_HISTORY_MAX")
+    sqlite_cache_mib: int = Field(64, ge=1, le=4096, validation_alias="PERSISTENCE_SQLITE_CACHE_MIB")
     shutdown_timeout: float = Field(10.0, ge=0, validation_alias="PERSISTENCE_SHUTDOWN_TIMEOUT")
     api_host: str = Field("127.0.0.1", min_length=1, validation_alias="PERSISTENCE_API_HOST")
     api_port: int = Field(8089, ge=1, le=65535, validation_alias="PERSISTENCE_API_PORT")

@@ -14,35 +14,28 @@ Sorting is only ever by a column from a fixed set; anything else raises
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, Generic, Literal, TypeVar, get_args
 
 from sqlalchemy import (
-    Boolean,
     ColumnElement,
-    Integer,
     Select,
-    String,
     Table,
     false,
     func,
     or_,
     select,
     true,
-    type_coerce,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from persistence.columns import ExactNumeric, UTCDateTime, to_scaled_int, to_sqlite_datetime
 from persistence.db import Database
 from persistence.errors import InvalidQueryError
 from persistence.models import (
-    DECIMAL_SCALE,
     SESSIONS,
     ParameterChange,
     PerformanceSnapshot,
@@ -53,6 +46,7 @@ from persistence.models import (
     to_utc,
     utc_now,
 )
+from persistence.rowcodec import DriverBatch, RowReader
 from persistence.schema import dead_letters, parameter_history, performance_snapshots, signals, trades
 
 RecordT = TypeVar("RecordT", bound=Record)
@@ -103,101 +97,11 @@ class DeadLetter:
     created_at: datetime
 
 
-class _DriverBatch:
-    """One batch statement compiled once for SQLite, executed with rows already encoded to driver values.
-
-    SQLAlchemy's per-value bind processing dominates the cost of a large ``executemany``; the encoding here is the
-    same as the column types' own (:func:`~persistence.columns.to_scaled_int`,
-    :func:`~persistence.columns.to_sqlite_datetime`), done in one pass per row.
-    """
-
-    def __init__(self, statement: Any, table: Table, database: Database) -> None:
-        # Surrogate integer ids are left to the database; generated string ids are part of the record.
-        generated = isinstance(table.c.id.type, String)
-        names = [column.name for column in (table.c if generated else _columns(table))]
-        compiled = statement.compile(dialect=database.engine.dialect, column_keys=names)
-        self.sql = str(compiled)
-        encoders = {column.name: _sqlite_encoder(column.type) for column in table.c}
-        order = compiled.positiontup or []
-        self._plan = [(name, encoders[name]) for name in order]
-
-    def encode(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
-        plan = self._plan
-        return [tuple(encode(row[name]) for name, encode in plan) for row in rows]
-
-
-def _identity(value: Any) -> Any:
-    return value
-
-
-class _RawReader:
-    """Reads a table's rows on SQLite as stored (scaled integers, ISO strings) and decodes them in one pass.
-
-    The decoding is exactly that of the column types; skipping their per-value result processors makes loading
-    thousands of records (the history at start-up, a page of 1000) several times cheaper.
-    """
-
-    def __init__(self, columns: Sequence[Any]) -> None:
-        self.columns = [_raw(column) for column in columns]
-        self.names = tuple(column.name for column in columns)
-        self._decoders = tuple(_sqlite_decoder(column.type) for column in columns)
-        # Only the columns that need decoding are touched per row; the rest are taken as they come.
-        self._decoded = tuple(
-            (index, decoder) for index, decoder in enumerate(self._decoders) if decoder is not _identity
-        )
-
-    def decode(self, row: Sequence[Any]) -> dict[str, Any]:
-        values = list(row)
-        for index, decoder in self._decoded:
-            value = values[index]
-            if value is not None:
-                values[index] = decoder(value)
-        return dict(zip(self.names, values, strict=True))
-
-
-def _raw(column: Any) -> Any:
-    if isinstance(column.type, ExactNumeric | Boolean):
-        return type_coerce(column, Integer).label(column.name)
-    if isinstance(column.type, UTCDateTime):
-        return type_coerce(column, String).label(column.name)
-    return column
-
-
-def _decode_decimal(value: int) -> Decimal:
-    return Decimal(value).scaleb(-DECIMAL_SCALE)
-
-
-def _decode_datetime(value: str) -> datetime:
-    # Parsing an explicit offset is several times cheaper than datetime.replace(tzinfo=UTC).
-    return datetime.fromisoformat(value + "+00:00")
-
-
-def _sqlite_decoder(column_type: Any) -> Callable[[Any], Any]:
-    """Decoders of non-NULL stored values (the reader skips NULLs)."""
-    if isinstance(column_type, ExactNumeric):
-        return _decode_decimal
-    if isinstance(column_type, UTCDateTime):
-        return _decode_datetime
-    if isinstance(column_type, Boolean):
-        return bool
-    return _identity
-
-
-def _sqlite_encoder(column_type: Any) -> Callable[[Any], Any]:
-    if isinstance(column_type, ExactNumeric):
-        return lambda value: None if value is None else to_scaled_int(value)
-    if isinstance(column_type, UTCDateTime):
-        return lambda value: None if value is None else to_sqlite_datetime(value)
-    if isinstance(column_type, Boolean):
-        return lambda value: None if value is None else int(value)
-    return _identity
-
-
 async def _execute_batch(
     database: Database,
     connection: AsyncConnection,
     statement: Any,
-    fast: _DriverBatch | None,
+    fast: DriverBatch | None,
     rows: Sequence[Mapping[str, Any]],
 ) -> None:
     if fast is not None:
@@ -259,8 +163,8 @@ class TradeRepository:
             set_={name: statement.excluded[name] for name in updatable},
             where=trades.c.updated_at <= statement.excluded.updated_at,
         )
-        self._fast = _DriverBatch(self._upsert, trades, database) if database.is_sqlite else None
-        self._reader = _RawReader(_columns(trades)) if database.is_sqlite else None
+        self._fast = DriverBatch(self._upsert, trades, database.engine.dialect) if database.is_sqlite else None
+        self._reader = RowReader(_columns(trades), Trade) if database.is_sqlite else None
         self._select = select(*(self._reader.columns if self._reader else _columns(trades)))
 
     async def upsert(self, connection: AsyncConnection, batch: Sequence[Trade]) -> None:
@@ -288,11 +192,10 @@ class TradeRepository:
 
     async def get_latest_trades(self, limit: int) -> list[Trade]:
         """The ``limit`` most recently recorded trades (by ``updated_at``), oldest first, for history loading."""
-        newest = self._select.order_by(trades.c.updated_at.desc(), trades.c.id.desc()).limit(limit).subquery()
-        ordered = select(*[newest.c[c.name] for c in _columns(trades)]).order_by(
-            newest.c.updated_at, newest.c.created_at
-        )
-        return await self._fetch(ordered)
+        # Walking idx_trades_updated_at backwards and reversing here avoids sorting the whole window in SQL.
+        newest = await self._fetch(self._select.order_by(trades.c.updated_at.desc(), trades.c.id.desc()).limit(limit))
+        newest.reverse()
+        return newest
 
     async def get_trades_by_session(
         self, session: str, start_date: datetime | None = None, end_date: datetime | None = None
@@ -357,7 +260,7 @@ class TradeRepository:
             if reader is None:
                 return [Trade.from_row(row) for row in result.mappings()]
             rows = result.all()
-        return [Trade.from_row(reader.decode(row)) for row in rows]
+        return reader.records(rows)
 
 
 class SignalRepository:
@@ -373,8 +276,8 @@ class SignalRepository:
             # A replay of the unexecuted version never undoes a recorded execution.
             where=or_(signals.c.executed == false(), statement.excluded.executed == true()),
         )
-        self._fast = _DriverBatch(self._upsert, signals, database) if database.is_sqlite else None
-        self._reader = _RawReader(_columns(signals)) if database.is_sqlite else None
+        self._fast = DriverBatch(self._upsert, signals, database.engine.dialect) if database.is_sqlite else None
+        self._reader = RowReader(_columns(signals), Signal) if database.is_sqlite else None
         self._select = select(*(self._reader.columns if self._reader else _columns(signals)))
 
     async def upsert(self, connection: AsyncConnection, batch: Sequence[Signal]) -> None:
@@ -462,7 +365,7 @@ class SignalRepository:
             if reader is None:
                 return [Signal.from_row(row) for row in result.mappings()]
             rows = result.all()
-        return [Signal.from_row(reader.decode(row)) for row in rows]
+        return reader.records(rows)
 
 
 class _AppendOnlyRepository(Generic[RecordT]):
@@ -475,7 +378,7 @@ class _AppendOnlyRepository(Generic[RecordT]):
     def __init__(self, database: Database) -> None:
         self._db = database
         self._insert = _insert(database, self.table).on_conflict_do_nothing(index_elements=[self.table.c.id])
-        self._fast = _DriverBatch(self._insert, self.table, database) if database.is_sqlite else None
+        self._fast = DriverBatch(self._insert, self.table, database.engine.dialect) if database.is_sqlite else None
         self._select = select(*self.table.c)
 
     async def insert(self, connection: AsyncConnection, batch: Sequence[RecordT]) -> None:

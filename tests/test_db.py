@@ -47,17 +47,23 @@ def another_connection_holding(path: Path, mode: str) -> Iterator[sqlite3.Connec
         other.close()
 
 
-async def test_sqlite_connections_get_wal_normal_sync_busy_timeout_and_foreign_keys(sqlite_url: str) -> None:
-    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=400))
+async def test_sqlite_connections_get_wal_normal_sync_busy_timeout_foreign_keys_and_cache(sqlite_url: str) -> None:
+    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=400, sqlite_cache_mib=3))
     try:
         async with database.read() as connection:
             pragma = {
                 name: (await connection.execute(text(f"PRAGMA {name}"))).scalar_one()
-                for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
+                for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys", "cache_size")
             }
     finally:
         await database.dispose()
-    assert pragma == {"journal_mode": "wal", "synchronous": 1, "busy_timeout": 400, "foreign_keys": 1}
+    assert pragma == {
+        "journal_mode": "wal",
+        "synchronous": 1,
+        "busy_timeout": 400,
+        "foreign_keys": 1,
+        "cache_size": -3 * 1024,  # negative: KiB
+    }
 
 
 async def test_busy_timeout_is_capped(sqlite_url: str) -> None:

@@ -309,3 +309,57 @@ async def test_the_sqlite_batch_fast_path_stores_exactly_what_the_column_types_s
         rows = connection.execute("SELECT * FROM trades ORDER BY id").fetchall()
     assert rows[0][2:] == rows[1][2:]  # every stored value identical but id and trade_id
     assert isinstance(rows[0][rows[0].index(-1)], int)
+
+
+async def test_the_sqlite_row_reader_reads_exactly_what_the_column_types_read(sqlite_url: str) -> None:
+    from persistence.config import Settings
+    from persistence.db import create_database
+    from persistence.migrations import upgrade
+    from persistence.models import Signal, Trade
+    from persistence.schema import signals
+
+    database = create_database(Settings(_env_file=None, database_url=sqlite_url))
+    try:
+        await upgrade(database)
+        repos = Repositories(database)
+        stored_trades = [
+            make_trade(
+                pnl=Decimal("-0.00000001"),
+                exit_price=Decimal("98765.12345678"),
+                exit_time=BASE_TIME + timedelta(days=30),
+            ),
+            make_trade(pnl=None, session=None, stop_loss=None, confidence_score=Decimal("0")),
+            make_trade(pnl=Decimal("9999999999.99999999"), position_size=Decimal("0.00000001")),
+        ]
+        stored_signals = [make_signal(executed=True, execution_status="filled"), make_signal(session=None)]
+        async with database.write() as connection:
+            await repos.trades.upsert(connection, stored_trades)
+            await repos.signals.upsert(connection, stored_signals)
+        async with database.read() as connection:
+            rows = (await connection.execute(select(*[c for c in trades.c if c.name != "id"]))).mappings()
+            typed_trades = [Trade(**row) for row in rows]
+            rows = (await connection.execute(select(*[c for c in signals.c if c.name != "id"]))).mappings()
+            typed_signals = [Signal(**row) for row in rows]
+        fast_trades = (await repos.trades.query(sort_by="trade_id", sort_order="asc")).items
+        fast_signals = (await repos.signals.query(sort_by="signal_id", sort_order="asc")).items
+    finally:
+        await database.dispose()
+    typed_trades.sort(key=lambda trade: trade.trade_id)
+    typed_signals.sort(key=lambda signal: signal.signal_id)
+    assert fast_trades == typed_trades
+    assert fast_signals == typed_signals
+    # Equal is not enough for decimals: the digits (the exponent) must match too, and booleans must be booleans.
+    assert [trade.to_json() for trade in fast_trades] == [trade.to_json() for trade in typed_trades]
+    assert [type(signal.executed) for signal in fast_signals] == [bool, bool]
+
+
+def test_decoded_decimals_are_shared_and_the_cache_stays_bounded() -> None:
+    from persistence import rowcodec
+
+    first = rowcodec.decode_decimal(-123_456_789)
+    assert str(first) == "-1.23456789"
+    assert rowcodec.decode_decimal(-123_456_789) is first
+    for value in range(rowcodec._DECIMAL_CACHE_SIZE + 10):
+        rowcodec.decode_decimal(value)
+    assert len(rowcodec._decimals) <= rowcodec._DECIMAL_CACHE_SIZE
+    assert rowcodec.decode_decimal(-123_456_789) == first
