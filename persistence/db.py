@@ -39,6 +39,8 @@ _FIRED_KEY = "persistence_timeout_fired"
 _INTERRUPT_KEY = "persistence_interrupt_task"
 SQLITE_MAX_BUSY_MS = 1000
 """Upper bound of SQLite's busy wait per statement; retries above it handle longer locks."""
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+"""Log size at which a commit checkpoints by itself: a backstop, the writer checkpoints in the background first."""
 
 
 class Database:
@@ -66,6 +68,20 @@ class Database:
         """One write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success, rolled back on error."""
         async with self._writer.begin() as connection:
             yield connection
+
+    async def checkpoint(self) -> tuple[int, int, int]:
+        """One ``PASSIVE`` WAL checkpoint of a SQLite database on a pooled connection.
+
+        Returns SQLite's ``(busy, pages in the log, pages checkpointed)``. It never waits for a lock.
+        """
+        async with self.engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            driver: Any = raw.driver_connection
+            if driver is None:
+                raise DatabaseUnavailableError("the connection has no driver connection (it was invalidated)")
+            rows = await driver.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+        busy, pages, checkpointed = rows[0]
+        return int(busy), int(pages), int(checkpointed)
 
     async def dispose(self) -> None:
         """Close every pooled connection."""
@@ -193,6 +209,7 @@ def _install_sqlite_hooks(
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
             cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             # SQLite's default cache is 2 MiB: a query over a table larger than that rereads pages from the OS.
             cursor.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
         finally:

@@ -45,6 +45,7 @@ from tenacity import (
 )
 
 from persistence.breaker import Admission, CircuitBreaker, Transition
+from persistence.checkpoint import WalCheckpointer
 from persistence.config import Settings
 from persistence.context import correlation_id
 from persistence.db import Database, create_database, sqlite_path
@@ -197,6 +198,7 @@ class Writer:
         self._stopping = False
         self._database: Database | None = None
         self._repos: Repositories | None = None
+        self.checkpointer: WalCheckpointer | None = None
         self._ready = False
         self._database_ok = False
         self._database_file: tuple[int, int] | None = None
@@ -278,6 +280,8 @@ class Writer:
         """Initialise (migrate, load history, replay the journal) and start the task; ``False`` if degraded."""
         self._database = self._database_factory(self._settings)
         self._repos = Repositories(self._database)
+        if self._database.is_sqlite and sqlite_path(self._settings.url) is not None:
+            self.checkpointer = WalCheckpointer(self._database)
         self._report_corrupt_journal()
         if self._journal.pending:
             self._oldest_journaled_at = self._clock()
@@ -322,6 +326,8 @@ class Writer:
             self._ram.clear()
         with contextlib.suppress(Exception):
             self._journal.close()
+        if self.checkpointer is not None:
+            await self.checkpointer.close(max(reserve, 0.1))
         if self._database is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._database.dispose(), max(reserve, 0.1))
@@ -557,6 +563,8 @@ class Writer:
         else:
             self._database_ok = True
             self._publish_transition(self._breaker.record_success(admission, now))
+            if self.checkpointer is not None:
+                self.checkpointer.after_commit(now)
 
     def _settle(
         self, outcome: _Outcome, batch: list[_Pending | None], entries: list[JournalEntry], started: float, now: float

@@ -32,6 +32,13 @@ __all__ = [
 ]
 
 
+async def background_checkpoints_done() -> None:
+    """Wait for the writer's background WAL checkpoint, if one runs (it holds a pooled SQLite connection)."""
+    running = [task for task in asyncio.all_tasks() if task.get_name() == "persistence-wal-checkpoint"]
+    if running:
+        await asyncio.wait(running)
+
+
 async def eventually(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.01) -> None:
     """Wait (really) until ``predicate()`` holds; fail after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()

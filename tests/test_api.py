@@ -27,7 +27,7 @@ from persistence.repositories import SIGNAL_SORT_COLUMNS, TRADE_SORT_COLUMNS
 from persistence.testing import FakeClock
 from tests.api_support import ReadLock
 from tests.factories import BASE_TIME, make_signal, make_trade
-from tests.support import DatabaseLock, eventually, sqlite_file
+from tests.support import DatabaseLock, background_checkpoints_done, eventually, sqlite_file
 from tests.test_sidecar import build, stored_trade_ids
 
 SettingsFactory = Callable[..., Settings]
@@ -417,6 +417,7 @@ async def test_when_the_database_cannot_be_read_trade_reads_come_from_memory(
     assert current.database is not None
     async with client_for(create_app(sidecar=current)) as http:
         # Exclusive locking mode needs every other connection closed first; reads then open new ones and fail.
+        await background_checkpoints_done()
         await current.database.dispose()
         with ReadLock(sqlite_file(sqlite_url)):
             response = await http.get(HISTORY, params={"pattern_type": "reversal", "limit": 2})

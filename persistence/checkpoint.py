@@ -1,0 +1,73 @@
+"""WAL checkpoints in the background, for SQLite files, so that commits seldom pay for them.
+
+By default SQLite checkpoints inside the ``COMMIT`` that takes the write-ahead log past 1000 pages: that commit
+copies the log back into the database file and syncs it, a stall of several milliseconds every hundred or so
+small transactions, and every record queued behind it waits too. Here a commit checkpoints only past
+:data:`~persistence.db.WAL_AUTOCHECKPOINT_PAGES`; the writer starts a ``PASSIVE`` checkpoint on another pooled
+connection, in the background, at most every :data:`CHECKPOINT_INTERVAL` seconds after a commit. ``PASSIVE`` never
+waits for a lock and never blocks a reader or a writer. Under a steady stream of commits the log still restarts
+only through that backstop, but by then the background has copied almost every page, so the commit that runs it
+has little left to do. A failed background checkpoint is logged and costs nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from persistence.db import Database
+
+log = structlog.get_logger(__name__)
+
+CHECKPOINT_INTERVAL = 0.25
+"""Seconds between background checkpoints while commits keep coming."""
+
+
+class WalCheckpointer:
+    """Runs one background ``PASSIVE`` checkpoint at a time, started by :meth:`after_commit`."""
+
+    def __init__(self, database: Database, *, interval: float = CHECKPOINT_INTERVAL) -> None:
+        self._database = database
+        self._interval = interval
+        self._last: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.runs = 0
+        """Checkpoints that ran to the end (complete or not)."""
+        self.failures = 0
+        """Checkpoints that raised (logged)."""
+        self.last_result: tuple[int, int, int] | None = None
+        """``(busy, pages in the log, pages checkpointed)`` of the latest run, as SQLite reports them."""
+
+    def after_commit(self, now: float) -> None:
+        """A transaction committed at ``now`` (the writer's clock): start a checkpoint if one is due and none runs."""
+        if self._task is not None and not self._task.done():
+            return
+        if self._last is not None and now - self._last < self._interval:
+            return
+        self._last = now
+        self._task = asyncio.create_task(self._run(), name="persistence-wal-checkpoint")
+
+    async def _run(self) -> None:
+        try:
+            self.last_result = await self._database.checkpoint()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self.failures += 1
+            log.warning("wal_checkpoint_failed", error_class=type(error).__name__, error=str(error)[:200])
+        else:
+            self.runs += 1
+
+    async def close(self, timeout: float) -> None:
+        """Let a running checkpoint finish within ``timeout`` seconds, else cancel it."""
+        task = self._task
+        if task is None or task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
