@@ -35,12 +35,22 @@ def to_scaled_int(value: object) -> int:
 
 
 def to_sqlite_datetime(value: datetime) -> str:
-    """The SQLite storage of a timestamp: naive UTC in SQLAlchemy's fixed-width format (it sorts by time)."""
-    if value.tzinfo is None:
-        return value.isoformat(sep=" ", timespec="microseconds")
-    if value.utcoffset():
+    """The SQLite storage of a timestamp: naive UTC in SQLAlchemy's fixed-width format (it sorts by time).
+
+    ``YYYY-MM-DD HH:MM:SS.ffffff``, microseconds always present; a naive value is taken as UTC.
+    """
+    if value.tzinfo is not UTC and value.tzinfo is not None and value.utcoffset():
         value = value.astimezone(UTC)
-    return value.isoformat(sep=" ", timespec="microseconds")[:26]  # without the "+00:00" suffix
+    # %-formatting is three times cheaper than isoformat(sep=..., timespec=...) and gives the same text.
+    return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (  # noqa: UP031
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+    )
 
 
 _SCALED_LIMIT = 10**DECIMAL_PRECISION

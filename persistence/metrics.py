@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -137,8 +137,12 @@ class SidecarMetrics:
             case BatchCommitted():
                 for entity, count in event.by_entity.items():
                     self.writes.labels(entity=entity, outcome="success").inc(count)
+                children: dict[str, Any] = {}
                 for entity, latency in event.latencies:
-                    self.latency.labels(entity=entity).observe(latency)
+                    child = children.get(entity)
+                    if child is None:
+                        child = children[entity] = self.latency.labels(entity=entity)
+                    child.observe(latency)
                 self.batch_size.observe(event.records)
             case WriteFailed() if event.records:
                 for entity, count in event.by_entity.items():

@@ -26,7 +26,11 @@ _decimals: dict[int, Decimal] = {}
 
 
 class DriverBatch:
-    """One batch statement compiled once for SQLite, executed with rows already encoded to driver values."""
+    """One batch statement compiled once for SQLite, executed with rows already encoded to driver values.
+
+    The per-row encoder is generated once per statement, like :class:`RowReader`'s decoder: one tuple display in
+    the statement's parameter order, each value encoded in place.
+    """
 
     def __init__(self, statement: Any, table: Table, dialect: Any) -> None:
         # Surrogate integer ids are left to the database; generated string ids are part of the record.
@@ -34,14 +38,23 @@ class DriverBatch:
         names = [column.name for column in table.c if generated or column.name != "id"]
         compiled = statement.compile(dialect=dialect, column_keys=names)
         self.sql = str(compiled)
-        encoders = {column.name: _sqlite_encoder(column.type) for column in table.c}
-        order = compiled.positiontup or []
-        self._plan = [(name, encoders[name]) for name in order]
+        types = {column.name: column.type for column in table.c}
+        namespace: dict[str, Any] = {}
+        items: list[str] = []
+        for index, name in enumerate(compiled.positiontup or []):
+            encoder = _sqlite_encoder(types[name])
+            if encoder is None:
+                items.append(f"row[{name!r}]")
+            else:
+                namespace[f"_e{index}"] = encoder
+                items.append(f"None if (v{index} := row[{name!r}]) is None else _e{index}(v{index})")
+        source = "def encode(row):\n    return (" + ", ".join(items) + ",)\n"
+        exec(compile(source, f"<DriverBatch {table.name}>", "exec"), namespace)  # noqa: S102
+        self._encode_row: Callable[[Mapping[str, Any]], tuple[Any, ...]] = namespace["encode"]
 
     def encode(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
         """Driver parameter tuples, in the statement's order, for ``rows`` (column → value mappings)."""
-        plan = self._plan
-        return [tuple(encode(row[name]) for name, encode in plan) for row in rows]
+        return list(map(self._encode_row, rows))
 
 
 class RowReader(Generic[RecordT]):
@@ -120,15 +133,12 @@ def _sqlite_decoder(column_type: Any) -> Callable[[Any], Any] | None:
     return None
 
 
-def _identity(value: Any) -> Any:
-    return value
-
-
-def _sqlite_encoder(column_type: Any) -> Callable[[Any], Any]:
+def _sqlite_encoder(column_type: Any) -> Callable[[Any], Any] | None:
+    """The encoder of non-NULL values, or ``None`` when the driver takes the value as it is."""
     if isinstance(column_type, ExactNumeric):
-        return lambda value: None if value is None else to_scaled_int(value)
+        return to_scaled_int
     if isinstance(column_type, UTCDateTime):
-        return lambda value: None if value is None else to_sqlite_datetime(value)
+        return to_sqlite_datetime
     if isinstance(column_type, Boolean):
-        return lambda value: None if value is None else int(value)
-    return _identity
+        return int
+    return None

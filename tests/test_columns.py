@@ -1,0 +1,58 @@
+"""The SQLite storage encodings: fixed-width UTC text that sorts by time, and exact scaled integers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from persistence.columns import to_scaled_int, to_sqlite_datetime
+from persistence.models import DECIMAL_LIMIT, DECIMAL_SCALE
+from persistence.rowcodec import decode_datetime, decode_decimal
+
+zones = st.one_of(
+    st.just(UTC),
+    st.builds(lambda minutes: timezone(timedelta(minutes=minutes)), st.integers(-14 * 60, 14 * 60)),
+)
+aware = st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9999, 12, 30), timezones=zones)
+exact = st.decimals(
+    min_value=-DECIMAL_LIMIT + Decimal("1e-8"),
+    max_value=DECIMAL_LIMIT - Decimal("1e-8"),
+    places=DECIMAL_SCALE,
+    allow_nan=False,
+    allow_infinity=False,
+)
+
+
+@given(aware)
+def test_an_aware_timestamp_is_stored_as_its_utc_time_in_isoformat(value: datetime) -> None:
+    stored = to_sqlite_datetime(value)
+    assert stored == value.astimezone(UTC).isoformat(sep=" ", timespec="microseconds")[:26]
+    assert decode_datetime(stored) == value
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 1)))
+def test_a_naive_timestamp_is_taken_as_utc(value: datetime) -> None:
+    assert to_sqlite_datetime(value) == value.isoformat(sep=" ", timespec="microseconds")
+
+
+@given(aware, aware)
+def test_stored_timestamps_sort_as_the_times_do(first: datetime, second: datetime) -> None:
+    assert (to_sqlite_datetime(first) < to_sqlite_datetime(second)) == (first < second)
+
+
+@given(exact)
+def test_a_decimal_is_stored_as_an_exact_scaled_integer(value: Decimal) -> None:
+    stored = to_scaled_int(value)
+    assert isinstance(stored, int)
+    assert decode_decimal(stored) == value
+    assert str(decode_decimal(stored)) == str(value.quantize(Decimal("1e-8")))
+
+
+@pytest.mark.parametrize("value", [Decimal("0.000000001"), Decimal("1e10"), Decimal("NaN"), 1.0000000001])
+def test_a_value_that_does_not_fit_is_refused_not_rounded(value: object) -> None:
+    with pytest.raises(ValueError, match=r"digits|NaN"):
+        to_scaled_int(value)
