@@ -159,13 +159,28 @@ def test_record_trade_hot_path_p50_p99(
     finally:
         gc.enable()
     p99_no_gc = percentile(samples, 99)
+    samples.clear()
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(10_000, *thresholds[1:])  # a host that collects its youngest generation less often
+    try:
+        run(loop, measure())
+    finally:
+        gc.set_threshold(*thresholds)
+    p99_tuned, p999_tuned = percentile(samples, 99), percentile(samples, 99.9)
     benchmark.extra_info.update(p50_us=p50 * 1e6, p99_us=p99 * 1e6, p99_no_gc_us=p99_no_gc * 1e6)
     figures.append(
         {
             "figure": "record_trade on the event loop (validation included)",
             "target": "p99 ≤ 50 µs",
-            "measured": f"p50 {p50 * 1e6:.1f} µs, p99 {p99 * 1e6:.1f} µs ({len(with_gc)} calls)",
-            "baseline": f"same calls with the garbage collector off: p99 {p99_no_gc * 1e6:.1f} µs",
+            "measured": (
+                f"p50 {p50 * 1e6:.1f} µs, p99 {p99 * 1e6:.1f} µs, p99.9 {percentile(with_gc, 99.9) * 1e6:.0f} µs "
+                f"({len(with_gc)} calls)"
+            ),
+            "baseline": (
+                f"the garbage collector off: p99 {p99_no_gc * 1e6:.1f} µs; gc.set_threshold(10000): "
+                f"p99 {p99_tuned * 1e6:.1f} µs, p99.9 {p999_tuned * 1e6:.0f} µs"
+            ),
         }
     )
 
