@@ -72,7 +72,7 @@ def test_burst_of_1000_trades_p95_against_naive_and_ceiling(
             "target": "< 100 ms required, ≤ 25 ms target",
             "measured": ms(p95),
             "baseline": f"naive ORM commit per trade p95 {ms(naive)}; raw executemany of all 1000: {ms(ceiling)}",
-            "ratio": f"{naive / p95:.0f}× faster than naive",
+            "ratio": f"{naive / p95:.0f}× faster than naive; {p95 / ceiling:.1f}× the raw ceiling",
         }
     )
     assert p95 < 0.100
