@@ -5,9 +5,11 @@ copies the log back into the database file and syncs it, a stall of several mill
 small transactions, and every record queued behind it waits too. Here a commit checkpoints only past
 :data:`~persistence.db.WAL_AUTOCHECKPOINT_PAGES`; the writer starts a ``PASSIVE`` checkpoint on another pooled
 connection, in the background, at most every :data:`CHECKPOINT_INTERVAL` seconds after a commit. ``PASSIVE`` never
-waits for a lock and never blocks a reader or a writer. Under a steady stream of commits the log still restarts
-only through that backstop, but by then the background has copied almost every page, so the commit that runs it
-has little left to do. A failed background checkpoint is logged and costs nothing else.
+waits for a lock and never blocks a reader or a writer. The log restarts from its beginning at the first write after
+a checkpoint that copied all of it; under a steady stream of commits that may not happen before the backstop, but
+by then the background has copied almost every page, so the commit that runs it has little left to do. A failed
+background checkpoint is logged and costs nothing else; the writer waits for a running one before it closes or
+replaces its connections.
 """
 
 from __future__ import annotations

@@ -21,17 +21,17 @@ from sqlalchemy import BigInteger, DateTime, Numeric
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from persistence.models import DECIMAL_PRECISION, DECIMAL_SCALE, to_exact_decimal
+from persistence.models import DECIMAL_CONTEXT, DECIMAL_PRECISION, DECIMAL_QUANTUM, DECIMAL_SCALE, to_exact_decimal
 
 
 def to_scaled_int(value: object) -> int:
     """The SQLite storage of an exact decimal: an integer count of ``10**-8`` units. Never rounds."""
     if isinstance(value, Decimal):
-        scaled = value.scaleb(DECIMAL_SCALE)
+        scaled = value.scaleb(DECIMAL_SCALE, DECIMAL_CONTEXT)
         as_int = int(scaled)
         if as_int == scaled and -_SCALED_LIMIT < as_int < _SCALED_LIMIT:
             return as_int
-    return int(to_exact_decimal(value).scaleb(DECIMAL_SCALE))
+    return int(to_exact_decimal(value).scaleb(DECIMAL_SCALE, DECIMAL_CONTEXT))
 
 
 def to_sqlite_datetime(value: datetime) -> str:
@@ -78,9 +78,9 @@ class ExactNumeric(TypeDecorator[Decimal]):
         if value is None:
             return None
         if dialect.name == "sqlite":
-            return Decimal(int(value)).scaleb(-DECIMAL_SCALE)
+            return Decimal(int(value)).scaleb(-DECIMAL_SCALE, DECIMAL_CONTEXT)
         number = value if isinstance(value, Decimal) else Decimal(str(value))
-        return number.quantize(Decimal(1).scaleb(-DECIMAL_SCALE))
+        return number.quantize(DECIMAL_QUANTUM, context=DECIMAL_CONTEXT)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import event
@@ -32,6 +32,7 @@ from persistence.config import Settings
 from persistence.errors import DatabaseUnavailableError, QueryTimeoutError
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 _BEGIN_OPTION = "persistence_begin"
 _TIMER_KEY = "persistence_timeout_timer"
@@ -72,14 +73,13 @@ class Database:
     async def checkpoint(self) -> tuple[int, int, int]:
         """One ``PASSIVE`` WAL checkpoint of a SQLite database on a pooled connection.
 
-        Returns SQLite's ``(busy, pages in the log, pages checkpointed)``. It never waits for a lock.
+        Returns SQLite's ``(busy, pages in the log, pages checkpointed)``. It never waits for a lock, and like every
+        statement it is interrupted past ``DATABASE_QUERY_TIMEOUT``.
         """
+        statement = "PRAGMA wal_checkpoint(PASSIVE)"
         async with self.engine.connect() as connection:
-            raw = await connection.get_raw_connection()
-            driver: Any = raw.driver_connection
-            if driver is None:
-                raise DatabaseUnavailableError("the connection has no driver connection (it was invalidated)")
-            rows = await driver.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+            driver = await _driver_of(connection)
+            rows = await self._bounded(driver, statement, lambda: driver.execute_fetchall(statement))
         busy, pages, checkpointed = rows[0]
         return int(busy), int(pages), int(checkpointed)
 
@@ -94,10 +94,11 @@ class Database:
         batches. What SQLAlchemy would add is kept: the statement is bounded by ``DATABASE_QUERY_TIMEOUT`` (the same
         interrupt timer) and a driver error is raised as SQLAlchemy's exception type, so it is classified the same.
         """
-        raw = await connection.get_raw_connection()
-        driver: Any = raw.driver_connection
-        if driver is None:
-            raise DatabaseUnavailableError("the connection has no driver connection (it was invalidated)")
+        driver = await _driver_of(connection)
+        await self._bounded(driver, sql, lambda: driver.executemany(sql, rows))
+
+    async def _bounded(self, driver: Any, sql: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Await ``call`` (one statement on the aiosqlite ``driver``), interrupting it past the query timeout."""
         loop = asyncio.get_running_loop()
         fired = False
 
@@ -109,13 +110,21 @@ class Database:
         interrupts: list[asyncio.Task[None]] = []
         timer = loop.call_later(self.settings.query_timeout, interrupt)
         try:
-            await driver.executemany(sql, rows)
+            return await call()
         except sqlite3.Error as error:
             if fired and "interrupted" in str(error).lower():
                 raise QueryTimeoutError(self.settings.query_timeout_ms, sql) from error
             raise DBAPIError.instance(sql, None, error, sqlite3.Error) from error
         finally:
             timer.cancel()
+
+
+async def _driver_of(connection: AsyncConnection) -> Any:
+    raw = await connection.get_raw_connection()
+    driver = raw.driver_connection
+    if driver is None:
+        raise DatabaseUnavailableError("the connection has no driver connection (it was invalidated)")
+    return driver
 
 
 def create_database(settings: Settings) -> Database:

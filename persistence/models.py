@@ -15,7 +15,7 @@ import math
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Context, Decimal, DivisionByZero, InvalidOperation, Overflow
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import (
@@ -35,6 +35,17 @@ DECIMAL_PRECISION = 18
 DECIMAL_SCALE = 8
 """Digits after the point of every decimal column."""
 DECIMAL_QUANTUM = Decimal(1).scaleb(-DECIMAL_SCALE)
+DECIMAL_CONTEXT = Context(
+    prec=34,
+    rounding=ROUND_HALF_EVEN,
+    Emin=-999_999,
+    Emax=999_999,
+    capitals=1,
+    clamp=0,
+    flags=[],
+    traps=[InvalidOperation, DivisionByZero, Overflow],
+)
+"""The arithmetic context of every conversion here: the host's thread context (say, a low ``prec``) never applies."""
 DECIMAL_LIMIT = Decimal(10) ** (DECIMAL_PRECISION - DECIMAL_SCALE)
 """Decimal columns hold values strictly between ``-DECIMAL_LIMIT`` and ``DECIMAL_LIMIT``."""
 
@@ -79,9 +90,9 @@ def to_exact_decimal(value: object) -> Decimal:
         raise ValueError(f"must be a decimal number, not {type(value).__name__}")
     if not number.is_finite():
         raise ValueError("NaN and infinities are not allowed")
-    if abs(number) >= DECIMAL_LIMIT:
+    if number.copy_abs() >= DECIMAL_LIMIT:  # copy_abs is exact; abs() rounds to the thread's context
         raise ValueError(f"{number} does not fit: at most {DECIMAL_PRECISION - DECIMAL_SCALE} digits before the point")
-    quantized = number.quantize(DECIMAL_QUANTUM)
+    quantized = number.quantize(DECIMAL_QUANTUM, context=DECIMAL_CONTEXT)
     if quantized != number:
         raise ValueError(f"{number} has more than {DECIMAL_SCALE} digits after the point; it is never rounded")
     return quantized

@@ -17,11 +17,12 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Boolean, Integer, String, Table, type_coerce
 
 from persistence.columns import ExactNumeric, UTCDateTime, to_scaled_int, to_sqlite_datetime
-from persistence.models import DECIMAL_SCALE, Record
+from persistence.models import DECIMAL_CONTEXT, DECIMAL_SCALE, Record
 
 RecordT = TypeVar("RecordT", bound=Record)
 
-_DECIMAL_CACHE_SIZE = 1 << 16
+_DECIMAL_CACHE_SIZE = 4096
+"""Sizes, stops and ratios repeat across trades; prices mostly do not, so the cache is kept small (about 0.7 MiB)."""
 _decimals: dict[int, Decimal] = {}
 
 
@@ -112,7 +113,7 @@ def decode_decimal(value: int) -> Decimal:
     if number is None:
         if len(_decimals) >= _DECIMAL_CACHE_SIZE:
             _decimals.clear()
-        number = _decimals[value] = Decimal(value).scaleb(-DECIMAL_SCALE)
+        number = _decimals[value] = Decimal(value).scaleb(-DECIMAL_SCALE, DECIMAL_CONTEXT)
     return number
 
 

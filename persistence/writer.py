@@ -435,7 +435,10 @@ class Writer:
     async def _initialize(self) -> None:
         database, repos = self._require_database()
         if self._reset_pool:
-            # Pooled connections still point at a deleted or replaced file; open fresh ones.
+            # Pooled connections still point at a deleted or replaced file; open fresh ones. A background checkpoint
+            # holding one must end first, or its connection would go back to the discarded pool and stay open.
+            if self.checkpointer is not None:
+                await self.checkpointer.close(max(self._settings.query_timeout, 1.0))
             await database.dispose()
             self._reset_pool = False
         self._schema_revision = await upgrade(database, lock_wait_seconds=max(self._settings.query_timeout, 1.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -18,6 +19,7 @@ from persistence.checkpoint import CHECKPOINT_INTERVAL, WalCheckpointer
 from persistence.db import WAL_AUTOCHECKPOINT_PAGES, Database, create_database
 from persistence.migrations import upgrade
 from persistence.testing import FakeClock
+from persistence.writer import RetryPolicy
 from tests.conftest import make_settings
 from tests.factories import make_trade
 from tests.support import eventually
@@ -61,8 +63,11 @@ async def test_committed_pages_reach_the_database_file_in_the_background(
     def rows_in_database_file() -> int:
         alone = tmp_path / "alone.db"  # the database file without its log: what a checkpoint has copied
         shutil.copyfile(path, alone)
-        with contextlib.closing(sqlite3.connect(alone)) as connection:
-            return int(connection.execute("SELECT count(*) FROM trades").fetchone()[0])
+        try:
+            with contextlib.closing(sqlite3.connect(alone)) as connection:
+                return int(connection.execute("SELECT count(*) FROM trades").fetchone()[0])
+        except sqlite3.DatabaseError:  # copied while a checkpoint was writing it: try again
+            return -1
 
     async with PersistenceSidecar(sidecar_settings(sqlite_url), clock=clock, sleep=clock.sleep) as sidecar:
         await record_one_by_one(sidecar, clock, 300)
@@ -110,16 +115,65 @@ async def test_one_checkpoint_at_a_time_at_most_once_per_interval(sqlite_url: st
         await database.dispose()
 
 
-async def test_close_leaves_no_checkpoint_running(sqlite_url: str, sidecar_settings: Any) -> None:
+def slowed_checkpoints(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[str]:
+    """Make every background checkpoint take ``seconds`` longer; the list records how each ended."""
+    ends: list[str] = []
+    real = Database.checkpoint
+
+    async def slow(self: Database) -> tuple[int, int, int]:
+        try:
+            await asyncio.sleep(seconds)
+            result = await real(self)
+        except asyncio.CancelledError:
+            ends.append("cancelled")
+            raise
+        ends.append("finished")
+        return result
+
+    monkeypatch.setattr(Database, "checkpoint", slow)
+    return ends
+
+
+def open_files_under(folder: Path) -> list[str]:
+    """Files under ``folder`` this process still has open (deleted ones included)."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith(str(folder)):
+                found.append(target)
+    return found
+
+
+async def test_close_waits_for_a_running_checkpoint(
+    sqlite_url: str, sidecar_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ends = slowed_checkpoints(monkeypatch, 0.2)
     clock = FakeClock()
     async with PersistenceSidecar(sidecar_settings(sqlite_url), clock=clock, sleep=clock.sleep) as sidecar:
-        await record_one_by_one(sidecar, clock, 60)
-        sidecar.record_trade(make_trade())
+        await sidecar.record_trade(make_trade())  # the first commit starts a checkpoint
+        assert ends == []
+    assert ends == ["finished"]
     assert not [task for task in asyncio.all_tasks() if task.get_name() == "persistence-wal-checkpoint"]
 
 
-async def test_in_memory_and_server_databases_have_no_checkpointer(sidecar_settings: Any) -> None:
-    sidecar = PersistenceSidecar(sidecar_settings("sqlite+aiosqlite:///:memory:"), log_events=False)
-    async with sidecar:
+async def test_a_vanished_file_leaves_no_connection_open_behind_a_running_checkpoint(
+    sqlite_url: str, sidecar_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ends = slowed_checkpoints(monkeypatch, 0.2)
+    path = Path(sqlite_url.split(":///", 1)[1])
+    clock = FakeClock()
+    retry = RetryPolicy(attempts=2, initial_wait=0.0, max_wait=0.0)
+    async with PersistenceSidecar(sidecar_settings(sqlite_url), clock=clock, sleep=clock.sleep, retry=retry) as sidecar:
+        await sidecar.record_trade(make_trade())  # starts a checkpoint that holds a pooled connection for 0.2 s
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        assert await asyncio.wait_for(sidecar.record_trade(make_trade()), 10) == "persisted"
+        assert ends[0] == "finished"  # the pool was reset only after it
+    assert [name for name in open_files_under(path.parent) if "deleted" in name] == []
+
+
+async def test_an_in_memory_database_has_no_checkpointer(sidecar_settings: Any) -> None:
+    async with PersistenceSidecar(sidecar_settings("sqlite+aiosqlite:///:memory:"), log_events=False) as sidecar:
         await sidecar.record_trade(make_trade())
-        assert not [task for task in asyncio.all_tasks() if task.get_name() == "persistence-wal-checkpoint"]
+        assert sidecar.writer is not None and sidecar.writer.checkpointer is None

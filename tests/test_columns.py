@@ -16,8 +16,9 @@ from persistence.rowcodec import decode_datetime, decode_decimal
 zones = st.one_of(
     st.just(UTC),
     st.builds(lambda minutes: timezone(timedelta(minutes=minutes)), st.integers(-14 * 60, 14 * 60)),
+    st.timezones(),
 )
-aware = st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9999, 12, 30), timezones=zones)
+aware = st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=zones)
 exact = st.decimals(
     min_value=-DECIMAL_LIMIT + Decimal("1e-8"),
     max_value=DECIMAL_LIMIT - Decimal("1e-8"),
@@ -56,3 +57,30 @@ def test_a_decimal_is_stored_as_an_exact_scaled_integer(value: Decimal) -> None:
 def test_a_value_that_does_not_fit_is_refused_not_rounded(value: object) -> None:
     with pytest.raises(ValueError, match=r"digits|NaN"):
         to_scaled_int(value)
+
+
+async def test_the_host_decimal_context_never_rounds_a_stored_or_read_value(sqlite_url: str) -> None:
+    from decimal import localcontext
+
+    from persistence.config import Settings
+    from persistence.db import create_database
+    from persistence.migrations import upgrade
+    from persistence.repositories import Repositories
+    from tests.factories import make_trade
+
+    database = create_database(Settings(_env_file=None, database_url=sqlite_url))
+    try:
+        await upgrade(database)
+        repos = Repositories(database)
+        with localcontext() as context:
+            context.prec = 6  # a host that set a low precision for its own arithmetic
+            trade = make_trade(pnl=Decimal("9999999999.99999999"), position_size="12345678.12345678")
+            assert str(trade.pnl) == "9999999999.99999999"
+            assert to_scaled_int(Decimal("-12345678.12345678")) == -1_234_567_812_345_678
+            assert str(decode_decimal(1_234_567_812_345_679)) == "12345678.12345679"
+            await repos.trades.save_trade(trade)
+            stored = await repos.trades.get_trade_by_id(trade.trade_id)
+        assert stored is not None
+        assert (str(stored.pnl), str(stored.position_size)) == ("9999999999.99999999", "12345678.12345678")
+    finally:
+        await database.dispose()

@@ -215,6 +215,16 @@ async def test_latest_trades_for_history_are_oldest_first(repos: Repositories) -
     assert [t.trade_id for t in latest] == [t.trade_id for t in made[2:]]
 
 
+async def test_latest_trades_with_the_same_updated_at_come_in_insertion_order(repos: Repositories) -> None:
+    stamp = BASE_TIME + timedelta(days=1)
+    made = [make_trade(trade_id=f"TIE-{n}", updated_at=stamp, created_at=stamp) for n in (3, 1, 2, 0)]
+    for trade in made:
+        await repos.trades.save_trade(trade)
+    await repos.trades.save_trade(make_trade(trade_id="NEWER", updated_at=stamp + timedelta(seconds=1)))
+    latest = await repos.trades.get_latest_trades(3)
+    assert [t.trade_id for t in latest] == ["TIE-2", "TIE-0", "NEWER"]
+
+
 async def test_signals_save_update_and_query(database: Database, repos: Repositories) -> None:
     first, second = make_signal(), make_signal(symbol="BTCUSD", entry_price=Decimal("98765.12345678"))
     await repos.signals.save_signal(first)
