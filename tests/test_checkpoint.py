@@ -177,3 +177,15 @@ async def test_an_in_memory_database_has_no_checkpointer(sidecar_settings: Any) 
     async with PersistenceSidecar(sidecar_settings("sqlite+aiosqlite:///:memory:"), log_events=False) as sidecar:
         await sidecar.record_trade(make_trade())
         assert sidecar.writer is not None and sidecar.writer.checkpointer is None
+
+
+@pytest.mark.postgres
+async def test_postgresql_has_no_checkpointer(postgres_url: str, sidecar_settings: Any) -> None:
+    async with PersistenceSidecar(sidecar_settings(postgres_url), log_events=False) as sidecar:
+        await sidecar.record_trade(make_trade())
+        assert sidecar.writer is not None and sidecar.writer.checkpointer is None
+
+
+async def test_a_sqlite_file_has_one(sqlite_url: str, sidecar_settings: Any) -> None:
+    async with PersistenceSidecar(sidecar_settings(sqlite_url), log_events=False) as sidecar:
+        assert sidecar.writer is not None and sidecar.writer.checkpointer is not None
