@@ -8,8 +8,8 @@ connection, in the background, at most every :data:`CHECKPOINT_INTERVAL` seconds
 waits for a lock and never blocks a reader or a writer. The log restarts from its beginning at the first write after
 a checkpoint that copied all of it; under a steady stream of commits that may not happen before the backstop, but
 by then the background has copied almost every page, so the commit that runs it has little left to do. A failed
-background checkpoint is logged and costs nothing else; the writer waits for a running one before it closes or
-replaces its connections.
+background checkpoint costs nothing else: the first failure of a streak is logged, and so is the recovery. The
+writer waits for a running checkpoint before it closes or replaces its connections.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class WalCheckpointer:
         self.runs = 0
         """Checkpoints that ran to the end (complete or not)."""
         self.failures = 0
-        """Checkpoints that raised (logged)."""
+        """Checkpoints that raised (the first of each streak is logged)."""
+        self._streak = 0
         self.last_result: tuple[int, int, int] | None = None
         """``(busy, pages in the log, pages checkpointed)`` of the latest run, as SQLite reports them."""
 
@@ -58,9 +59,14 @@ class WalCheckpointer:
             raise
         except Exception as error:
             self.failures += 1
-            log.warning("wal_checkpoint_failed", error_class=type(error).__name__, error=str(error)[:200])
+            self._streak += 1
+            if self._streak == 1:  # once per streak: a full disk would otherwise log four times a second
+                log.warning("wal_checkpoint_failed", error_class=type(error).__name__, error=str(error)[:200])
         else:
             self.runs += 1
+            if self._streak:
+                log.info("wal_checkpoint_recovered", failed_before=self._streak)
+                self._streak = 0
 
     async def close(self, timeout: float) -> None:
         """Let a running checkpoint finish within ``timeout`` seconds, else cancel it."""

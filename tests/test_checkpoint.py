@@ -88,9 +88,33 @@ async def test_a_failing_checkpoint_is_logged_and_every_record_is_still_written(
             await record_one_by_one(sidecar, clock, 200)
             assert sidecar.health()["breaker"] == "closed"
     failures = [line for line in logs if line["event"] == "wal_checkpoint_failed"]
-    assert failures and failures[0]["error"] == "disk I/O error"
+    assert len(failures) == 1 and failures[0]["error"] == "disk I/O error"  # four failed; one streak, one line
     with sqlite3.connect(sqlite_url.split(":///", 1)[1]) as connection:
         assert connection.execute("SELECT count(*) FROM trades").fetchone()[0] == 200
+
+
+async def test_after_a_streak_of_failures_the_recovery_is_logged(
+    sqlite_url: str, sidecar_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Database.checkpoint
+    broken = {"on": True}
+
+    async def flaky(self: Database) -> tuple[int, int, int]:
+        if broken["on"]:
+            raise sqlite3.OperationalError("database or disk is full")
+        return await real(self)
+
+    monkeypatch.setattr(Database, "checkpoint", flaky)
+    clock = FakeClock()
+    with capture_logs() as logs:
+        async with PersistenceSidecar(sidecar_settings(sqlite_url), clock=clock, sleep=clock.sleep) as sidecar:
+            await record_one_by_one(sidecar, clock, 150)
+            broken["on"] = False
+            await record_one_by_one(sidecar, clock, 100)
+    events = [line["event"] for line in logs if line["event"].startswith("wal_checkpoint")]
+    assert events == ["wal_checkpoint_failed", "wal_checkpoint_recovered"]
+    [recovered] = [line for line in logs if line["event"] == "wal_checkpoint_recovered"]
+    assert recovered["failed_before"] >= 3
 
 
 async def test_one_checkpoint_at_a_time_at_most_once_per_interval(sqlite_url: str) -> None:
