@@ -32,6 +32,7 @@ from typing import Any, TextIO
 from sqlalchemy import text
 
 from persistence.api import create_app
+from persistence.committer import RetryPolicy
 from persistence.config import Settings
 from persistence.console import StatusConsole, configure_console_logging
 from persistence.db import create_database, sqlite_path
@@ -40,7 +41,6 @@ from persistence.journal import Journal
 from persistence.models import utc_now
 from persistence.server import ApiServer
 from persistence.sidecar import PersistenceSidecar
-from persistence.writer import RetryPolicy
 
 SYMBOLS: dict[str, Decimal] = {
     "EURUSD": Decimal("1.08420"),
@@ -454,7 +454,7 @@ def _status_line(
 ) -> str:
     (t0, n0), (t1, n1) = window[0], window[-1]
     rate = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
-    health = sidecar.health()
+    health = sidecar.health().to_dict()
     p95 = Latencies.p95(latencies.recent)
     return (
         f"{elapsed:5.0f}s  {rate:4.0f} rec/s  persisted {health['counts']['persisted']:<6}"
@@ -494,7 +494,7 @@ async def _result(
     chaos: Chaos | None,
     seconds: float,
 ) -> DemoResult:
-    health = sidecar.health()
+    health = sidecar.health().to_dict()
     result = DemoResult(
         run_id=orchestrator.run_id,
         seconds=seconds,

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from persistence.errors import PersistenceError
 
-__all__ = ["Journal", "JournalEntry", "JournalError"]
+__all__ = ["Journal", "JournalEntry", "JournalError", "encode_line"]
 
 _SEGMENT_NAME = re.compile(r"segment-(\d{8,})\.jsonl")
 _CHECKSUM = re.compile(rb"[0-9a-f]{8}")
@@ -116,6 +116,11 @@ def _serialize(record: object) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
 
+def encode_line(record: Mapping[str, Any]) -> bytes:
+    """One record in the journal's line format (checksum, compact JSON, newline), for files kept beside it."""
+    return _serialize(record)
+
+
 class Journal:
     """A directory of append-only segment files plus a checkpoint of what has been committed.
 
@@ -167,7 +172,11 @@ class Journal:
 
     @property
     def corrupt_lines(self) -> int:
-        """Lines skipped as corrupt or truncated since open (scan at open, then reads); each counted once."""
+        """Lines lost as corrupt, truncated or torn since open (scan at open, then reads); each counted once.
+
+        A torn last line (a crash mid-write) counts too: the record it held is lost, whether or not anyone was
+        told it was safe.
+        """
         return self._corrupt_total
 
     @property
@@ -177,8 +186,10 @@ class Journal:
 
     # ------------------------------------------------------------------ public operations
 
-    def append(self, records: Sequence[Mapping[str, Any]]) -> None:
-        """Append ``records`` at the end of the journal, in order, without fsync.
+    def append(self, records: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
+        """Append ``records`` at the end of the journal, in order, without fsync; return each one's position.
+
+        A position is ``(segment, end_offset)``, as in :class:`JournalEntry`, for :meth:`acknowledge_through`.
 
         All records are serialised before anything is written, so a record json cannot encode raises its
         ``TypeError``/``ValueError`` with nothing written. On an operating-system failure
@@ -187,9 +198,10 @@ class Journal:
         onto a record).
         """
         self._check_open()
-        blob = b"".join([_serialize(record) for record in records])
+        lines = [_serialize(record) for record in records]
+        blob = b"".join(lines)
         if not blob:
-            return
+            return []
         writer = self._prepare_writer(len(blob))
         start = self._write_size
         try:
@@ -212,6 +224,12 @@ class Journal:
         self._write_size = start + len(blob)
         self._pending += len(records)
         self._unsynced += len(records)
+        positions: list[tuple[int, int]] = []
+        end = start
+        for line in lines:
+            end += len(line)
+            positions.append((self._write_segment, end))
+        return positions
 
     def sync(self) -> None:
         """Make every appended record durable: fsync the segments written and, after a file was created, the
@@ -259,6 +277,10 @@ class Journal:
             {(entry.segment, entry.end_offset): index for index, entry in enumerate(entries, start=1)},
         )
         return entries
+
+    def acknowledge_through(self, position: tuple[int, int]) -> None:
+        """:meth:`acknowledge` by position, as returned by :meth:`append`."""
+        self.acknowledge(JournalEntry({}, position[0], position[1]))
 
     def acknowledge(self, entry: JournalEntry) -> None:
         """Record that every entry up to and including ``entry`` is committed to the database.
@@ -334,11 +356,17 @@ class Journal:
             for line, _segment in self._lines_from_checkpoint(scanning=True):
                 if line.torn:
                     torn_at = line.start
+                    self._note_corrupt((_segment, line.start))
                 elif line.record is not None:
                     self._pending += 1
         except FileNotFoundError as exc:
             raise JournalError("journal segment vanished while opening", self._dir) from exc
         newest = self._segments[-1] if self._segments else -1
+        if torn_at is not None:
+            # Cut the torn write off now, so that it is counted once, not at every open until the next append.
+            with contextlib.suppress(OSError):
+                os.truncate(self._segment_path(newest), torn_at)
+                torn_at = None
         if newest > self._checkpoint[0] or (
             # A power loss can leave the checkpoint's segment shorter than the (fsynced) checkpoint offset;
             # appending to it would put new records below the checkpoint, where they count as consumed.

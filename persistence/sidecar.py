@@ -1,9 +1,12 @@
 """``PersistenceSidecar``: the facade a trading orchestrator embeds in its event loop.
 
-It keeps the authoritative in-memory ``trade_history`` and hands every validated record to the one background
-:class:`~persistence.writer.Writer`. ``record_*`` are synchronous and O(1): they validate, update the history,
-append to the writer's queue and return a :class:`~persistence.receipts.Receipt`; they never await, never touch
-the database and never raise because of its state. With ``ENABLE_DATABASE_PERSISTENCE=false`` there is no engine,
+It keeps the authoritative in-memory ``trade_history`` and hands every validated record to the backlog
+(:class:`~persistence.backlog.Backlog`), which exists whenever persistence is enabled, from construction on: a
+record made before :meth:`~PersistenceSidecar.start` is kept, persisted by ``start()``, or journaled by a
+``close()`` without it. ``start()`` builds the :class:`~persistence.runtime.Runtime` (database, repositories,
+writer). ``record_*`` are synchronous and O(1): they validate, update the history, append to the backlog and
+return a :class:`~persistence.receipts.Receipt`; they never await, never touch the database and never raise
+because of its state. With ``ENABLE_DATABASE_PERSISTENCE=false`` there is no engine,
 no file, no journal and no thread; the history still works and receipts resolve as ``disabled``. The flag can be
 flipped at run time with :meth:`PersistenceSidecar.set_enabled` (turning it off flushes first).
 """
@@ -13,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
 from prometheus_client import CollectorRegistry
 
+from persistence.backlog import Backlog, ReceiptBook
+from persistence.committer import RetryPolicy
 from persistence.config import Settings
 from persistence.db import Database
 from persistence.errors import (
@@ -46,7 +51,11 @@ from persistence.repositories import (
     SignalRepository,
     TradeRepository,
 )
-from persistence.writer import Clock, RetryPolicy, Sleep, Writer
+from persistence.runtime import Counts, HealthReport, Runtime
+from persistence.writer import Writer
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class PersistenceSidecar:
@@ -81,12 +90,13 @@ class PersistenceSidecar:
         self.metrics = SidecarMetrics(self.registry, self)
         self.events.subscribe(self.metrics)
         self._enabled = self.settings.enabled
-        self._writer: Writer | None = None
+        self._book = ReceiptBook()
+        self._backlog: Backlog | None = self._new_backlog() if self._enabled else None
+        self._runtime: Runtime | None = None
         self._started = False
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
         self._toggle_lock = asyncio.Lock()
-        self._dead_writer_totals = [0, 0, 0, 0]  # persisted, journaled, dead-lettered, dropped of retired writers
         self._exporter: MetricsExporter | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -120,13 +130,13 @@ class PersistenceSidecar:
             except BaseException:
                 await self._stop_exporter()
                 raise
-        writer = self._writer
+        runtime = self._runtime
         self.events.publish(
             SidecarStarted(
-                database_ready=writer.ready if writer else False,
-                history_loaded=writer.history_loaded if writer else 0,
-                journal_pending=writer.journal_pending if writer else 0,
-                schema_revision=writer.schema_revision if writer else None,
+                database_ready=runtime.ready if runtime else False,
+                history_loaded=runtime.history_loaded if runtime else 0,
+                journal_pending=self._backlog.journal_pending if self._backlog else 0,
+                schema_revision=runtime.schema_revision if runtime else None,
                 duration=time.perf_counter() - started,
             )
         )
@@ -151,24 +161,28 @@ class PersistenceSidecar:
 
     async def _stop_writer_and_report(self, timeout: float) -> None:
         started = time.perf_counter()
-        journal_pending = 0
-        if self._writer is not None:
-            writer = self._writer
-            await writer.stop(timeout)
-            journal_pending = writer.journal_pending
-            self._retire(writer)
-            self._writer = None
-        persisted, journaled, dead, dropped = self._dead_writer_totals
+        journal_pending = await self._stop_persistence(timeout)
+        tally = self._book.tally
         self.events.publish(
             ShutdownComplete(
-                persisted=persisted,
-                journaled=journaled,
-                dead_lettered=dead,
-                dropped=dropped,
+                persisted=tally.persisted,
+                journaled=tally.journaled,
+                dead_lettered=tally.dead_lettered,
+                dropped=tally.dropped,
                 duration=time.perf_counter() - started,
                 journal_pending=journal_pending,
             )
         )
+
+    async def _stop_persistence(self, timeout: float) -> int:
+        """Stop the runtime (or, never started, journal what was recorded); returns what waits in the journal."""
+        runtime, self._runtime = self._runtime, None
+        backlog, self._backlog = self._backlog, None
+        if runtime is not None:
+            await runtime.stop(timeout)
+        elif backlog is not None:
+            await backlog.close()
+        return backlog.journal_pending if backlog is not None else 0
 
     async def _stop_exporter(self) -> None:
         exporter, self._exporter = self._exporter, None
@@ -183,25 +197,26 @@ class PersistenceSidecar:
                 stacklevel=1,
             )
 
+    def _new_backlog(self) -> Backlog:
+        return Backlog(
+            self.settings, bus=self.events, history=self._history, clock=self._clock, sleep=self._sleep, book=self._book
+        )
+
     async def _start_writer(self) -> None:
-        writer = Writer(
+        if self._backlog is None:
+            self._backlog = self._new_backlog()
+        runtime = Runtime(
             self.settings,
+            backlog=self._backlog,
+            book=self._book,
             bus=self.events,
             history=self._history,
             clock=self._clock,
             sleep=self._sleep,
             retry=self._retry,
         )
-        self._writer = writer
-        await writer.start()
-
-    def _retire(self, writer: Writer) -> None:
-        counters = writer.counters
-        totals = self._dead_writer_totals
-        totals[0] += counters.persisted
-        totals[1] += counters.journaled
-        totals[2] += counters.dead_lettered
-        totals[3] += counters.dropped
+        self._runtime = runtime
+        await runtime.start()
 
     # ------------------------------------------------------------------ the run-time flag
 
@@ -218,25 +233,24 @@ class PersistenceSidecar:
             if enabled == self._enabled:
                 return
             self._enabled = enabled
-            if not self._started:
-                return
             if enabled:
-                await self._start_writer()
-            elif self._writer is not None:
-                writer = self._writer
-                self._writer = None
-                await writer.flush(self.settings.shutdown_timeout)
-                await writer.stop(0.0)
-                self._retire(writer)
+                self._backlog = self._new_backlog()
+                if self._started:
+                    await self._start_writer()
+            else:
+                backlog = self._backlog
+                if backlog is not None and self._runtime is not None:
+                    await backlog.wait_for(self.settings.shutdown_timeout)
+                await self._stop_persistence(0.0)
             self.events.publish(PersistenceToggled(enabled=enabled))
 
     # ------------------------------------------------------------------ the hot path
 
     def _submit(self, record: Record) -> Receipt:
-        writer = self._writer
-        if writer is None:
+        backlog = self._backlog
+        if backlog is None:
             return disabled_receipt(record.entity, record.key)
-        return writer.submit(record)
+        return backlog.submit(record)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -245,11 +259,11 @@ class PersistenceSidecar:
     def record_trade(self, trade: Trade | Mapping[str, Any]) -> Receipt:
         """Add or update a trade in ``trade_history`` and queue it; raises ``InvalidRecordError`` on bad input."""
         self._check_open()
-        writer = self._writer
-        stored = self._history.record(Trade.parse(trade), unsafe=writer is not None)
-        if writer is None:
+        backlog = self._backlog
+        stored = self._history.record(Trade.parse(trade), unsafe=backlog is not None)
+        if backlog is None:
             return disabled_receipt("trade", stored.trade_id)
-        return writer.submit(stored)
+        return backlog.submit(stored)
 
     def record_signal(self, signal: Signal | Mapping[str, Any]) -> Receipt:
         """Queue a signal; raises ``InvalidRecordError`` on bad input."""
@@ -278,11 +292,11 @@ class PersistenceSidecar:
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Return once every record recorded so far is committed (or final); else raise ``FlushTimeoutError``."""
-        writer = self._writer
-        if writer is None:
+        backlog = self._backlog
+        if backlog is None:
             return
-        if not await writer.flush(timeout):
-            raise FlushTimeoutError(timeout, writer.outstanding())
+        if not await backlog.wait_for(timeout):
+            raise FlushTimeoutError(timeout, backlog.outstanding())
 
     # ------------------------------------------------------------------ state
 
@@ -294,76 +308,63 @@ class PersistenceSidecar:
     @property
     def breaker_state(self) -> str:
         """``closed``, ``open`` or ``half_open``."""
-        writer = self._writer
-        return "closed" if writer is None else str(writer.breaker.state)
+        runtime = self._runtime
+        return "closed" if runtime is None else str(runtime.writer.breaker.state)
 
     def queue_depth(self) -> int:
         """Records waiting in RAM."""
-        return self._writer.queue_depth if self._writer is not None else 0
+        return self._backlog.queue_depth if self._backlog is not None else 0
 
     def journal_depth(self) -> int:
         """Records waiting in the on-disk journal."""
-        return self._writer.journal_pending if self._writer is not None else 0
+        return self._backlog.journal_pending if self._backlog is not None else 0
 
     def oldest_unpersisted_age(self) -> float:
         """Seconds the oldest record not yet committed has been waiting: the live loss window."""
-        return self._writer.oldest_unpersisted_age() if self._writer is not None else 0.0
+        return self._backlog.oldest_age() if self._backlog is not None else 0.0
+
+    @property
+    def runtime(self) -> Runtime | None:
+        """Database, repositories, backlog and writer, while persistence is enabled and started."""
+        return self._runtime
 
     @property
     def writer(self) -> Writer | None:
         """The background writer while persistence is enabled and started."""
-        return self._writer
+        return self._runtime.writer if self._runtime is not None else None
+
+    @property
+    def backlog(self) -> Backlog | None:
+        """Records not yet committed (RAM and journal) while persistence is enabled."""
+        return self._backlog
 
     @property
     def database(self) -> Database | None:
         """The database handle while persistence is enabled and started."""
-        return self._writer.database if self._writer is not None else None
+        return self._runtime.database if self._runtime is not None else None
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> HealthReport:
         """Enabled flag, breaker, queue and journal depth, database reachability and schema revision."""
-        writer = self._writer
-        if writer is None:
-            return {
-                "enabled": self._enabled,
-                "started": self._started,
-                "closed": self._closed,
-                "breaker": "closed",
-                "queue": 0,
-                "journal": 0,
-                "db": {"reachable": None, "url": self.settings.safe_database_url},
-                "schema": None,
-                "history": len(self._history),
-                "oldest_unpersisted_age_seconds": 0.0,
-                "counts": self._counts(None),
-            }
-        return {
-            "enabled": self._enabled,
-            "started": self._started,
-            "closed": self._closed,
-            "breaker": self.breaker_state,
-            "queue": writer.queue_depth,
-            "journal": writer.journal_pending,
-            "db": {"reachable": writer.database_ok, "url": self.settings.safe_database_url},
-            "schema": writer.schema_revision,
-            "history": len(self._history),
-            "oldest_unpersisted_age_seconds": round(writer.oldest_unpersisted_age(), 6),
-            "counts": self._counts(writer),
-        }
-
-    def _counts(self, writer: Writer | None) -> dict[str, int]:
-        persisted, journaled, dead, dropped = self._dead_writer_totals
-        if writer is not None:
-            persisted += writer.counters.persisted
-            journaled += writer.counters.journaled
-            dead += writer.counters.dead_lettered
-            dropped += writer.counters.dropped
-        return {"persisted": persisted, "journaled": journaled, "dead_lettered": dead, "dropped": dropped}
+        runtime = self._runtime
+        return HealthReport(
+            enabled=self._enabled,
+            started=self._started,
+            closed=self._closed,
+            breaker=self.breaker_state,
+            queue=self.queue_depth(),
+            journal=self.journal_depth(),
+            db_reachable=runtime.writer.database_ok if runtime is not None else None,
+            db_url=self.settings.safe_database_url,
+            schema_revision=runtime.schema_revision if runtime is not None else None,
+            history=len(self._history),
+            oldest_unpersisted_age_seconds=round(self.oldest_unpersisted_age(), 6),
+            counts=Counts.of(self._book.tally),
+        )
 
     # ------------------------------------------------------------------ the read side
 
     def _repositories(self) -> Repositories:
-        writer = self._writer
-        repos = writer.repositories if writer is not None else None
+        repos = self._runtime.repositories if self._runtime is not None else None
         if repos is None:
             raise DatabaseUnavailableError("persistence is disabled or not started: there is no database to read")
         return repos

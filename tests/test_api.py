@@ -561,7 +561,7 @@ async def test_the_app_lifespan_starts_and_closes_its_own_sidecar(
     async with app.router.lifespan_context(app), client_for(app) as http:
         assert (await http.get("/api/v1/health")).json()["data"]["started"] is True
         assert await current.record_trade(make_trade()) == "persisted"
-    assert current.health()["closed"] is True
+    assert current.health().closed is True
     with sqlite3.connect(sqlite_file(sqlite_url)) as connection:
         assert connection.execute("SELECT COUNT(*) FROM trades").fetchone()[0] == 1
     await asyncio.sleep(0)

@@ -19,7 +19,7 @@ from persistence.checkpoint import CHECKPOINT_INTERVAL, WalCheckpointer
 from persistence.db import WAL_AUTOCHECKPOINT_PAGES, Database, create_database
 from persistence.migrations import upgrade
 from persistence.testing import FakeClock
-from persistence.writer import RetryPolicy
+from persistence.committer import RetryPolicy
 from tests.conftest import make_settings
 from tests.factories import make_trade
 from tests.support import eventually
@@ -86,7 +86,7 @@ async def test_a_failing_checkpoint_is_logged_and_every_record_is_still_written(
     with capture_logs() as logs:
         async with PersistenceSidecar(sidecar_settings(sqlite_url), clock=clock, sleep=clock.sleep) as sidecar:
             await record_one_by_one(sidecar, clock, 200)
-            assert sidecar.health()["breaker"] == "closed"
+            assert sidecar.health().breaker == "closed"
     failures = [line for line in logs if line["event"] == "wal_checkpoint_failed"]
     assert len(failures) == 1 and failures[0]["error"] == "disk I/O error"  # four failed; one streak, one line
     with sqlite3.connect(sqlite_url.split(":///", 1)[1]) as connection:
@@ -200,16 +200,16 @@ async def test_a_vanished_file_leaves_no_connection_open_behind_a_running_checkp
 async def test_an_in_memory_database_has_no_checkpointer(sidecar_settings: Any) -> None:
     async with PersistenceSidecar(sidecar_settings("sqlite+aiosqlite:///:memory:"), log_events=False) as sidecar:
         await sidecar.record_trade(make_trade())
-        assert sidecar.writer is not None and sidecar.writer.checkpointer is None
+        assert sidecar.runtime is not None and sidecar.runtime.checkpointer is None
 
 
 @pytest.mark.postgres
 async def test_postgresql_has_no_checkpointer(postgres_url: str, sidecar_settings: Any) -> None:
     async with PersistenceSidecar(sidecar_settings(postgres_url), log_events=False) as sidecar:
         await sidecar.record_trade(make_trade())
-        assert sidecar.writer is not None and sidecar.writer.checkpointer is None
+        assert sidecar.runtime is not None and sidecar.runtime.checkpointer is None
 
 
 async def test_a_sqlite_file_has_one(sqlite_url: str, sidecar_settings: Any) -> None:
     async with PersistenceSidecar(sidecar_settings(sqlite_url), log_events=False) as sidecar:
-        assert sidecar.writer is not None and sidecar.writer.checkpointer is not None
+        assert sidecar.runtime is not None and sidecar.runtime.checkpointer is not None

@@ -31,7 +31,7 @@ from persistence import PersistenceSidecar
 from persistence.events import BreakerChanged, WriteFailed
 from persistence.models import Signal, Trade
 from persistence.testing import DatabaseLock, FaultInjector, wait_for_breaker
-from persistence.writer import RetryPolicy
+from persistence.committer import RetryPolicy
 from tests.conftest import (
     POSTGRES_ENV,
     POSTGRES_SKIP_REASON,

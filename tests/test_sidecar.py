@@ -27,7 +27,7 @@ from persistence.config import Settings
 from persistence.context import correlation_scope
 from persistence.events import BatchCommitted, DatabaseUnavailable, ShutdownComplete
 from persistence.testing import FakeClock
-from persistence.writer import RetryPolicy
+from persistence.committer import RetryPolicy
 from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 from tests.support import DatabaseLock, Recorder, eventually
 
@@ -70,7 +70,7 @@ async def test_records_are_persisted_and_receipts_resolve(
     assert stored_signal is not None and stored_signal.executed and stored_signal.execution_status == "FILLED"
     assert len(await sidecar.snapshots.get_snapshots()) == 1
     assert len(await sidecar.parameters.get_changes()) == 1
-    assert sidecar.health()["counts"]["persisted"] == 5
+    assert sidecar.health().counts.persisted == 5
 
 
 async def test_record_methods_are_synchronous_and_accept_mappings(
@@ -273,7 +273,7 @@ async def test_flag_off_means_no_file_no_journal_no_thread_and_disabled_receipts
         assert len(sidecar.trade_history) == 5
         await sidecar.flush(1)
         assert _threads() - before == set(), "persistence switched off must not start a thread"
-        assert sidecar.health()["enabled"] is False
+        assert sidecar.health().enabled is False
         assert sidecar.database is None
     assert not database.exists() and not database.parent.exists()
     assert not (tmp_path / "journal").exists()

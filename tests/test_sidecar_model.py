@@ -27,7 +27,7 @@ from persistence import PersistenceSidecar
 from persistence.config import Settings
 from persistence.receipts import Receipt
 from persistence.testing import FakeClock
-from persistence.writer import RetryPolicy
+from persistence.committer import RetryPolicy
 from tests.factories import trade_data
 from tests.support import add_poison_trigger_sqlite
 
@@ -178,7 +178,7 @@ class SidecarMachine(RuleBasedStateMachine):
             self.settle(0.02)
             with contextlib.suppress(Exception):
                 self.run(self.sidecar.flush(timeout=5.0))
-            if self.sidecar.writer is not None and not self.sidecar.writer.outstanding():
+            if self.sidecar.backlog is not None and not self.sidecar.backlog.outstanding():
                 break
         self.check_database_matches_the_model()
 
@@ -199,19 +199,24 @@ class SidecarMachine(RuleBasedStateMachine):
         """Drop the process state without close(): like kill -9, RAM is gone; what reached the OS survives."""
         assert self.sidecar is not None
         sidecar = self.sidecar
-        writer = sidecar.writer
+        runtime, backlog = sidecar.runtime, sidecar.backlog
         for trade_id, versions in self.versions.items():
             if not any(receipt.status in ("persisted", "journaled") for _, receipt in versions):
                 self.crashed_keys.add(trade_id)  # may be lost: nothing was acknowledged
-        if writer is not None:
-            task = writer._task  # a crash has no clean way in
+        # A crash has no clean way in: stop the tasks, drop the connections, close the files.
+        tasks = [runtime.writer._task if runtime is not None else None, backlog._keeper if backlog else None]
+        for task in tasks:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     self.run(task)
-            if writer.database is not None:
-                self.run(writer.database.dispose())
-            writer._journal._close_files()  # the OS keeps written pages, as after kill -9
+        if runtime is not None:
+            self.run(runtime.database.dispose())
+        if backlog is not None:
+            if backlog._journal is not None:
+                backlog._journal._close_files()  # the OS keeps written pages, as after kill -9
+            if backlog._executor is not None:
+                backlog._executor.shutdown()
         sidecar._closed = True  # silences the never-closed warning
         self.open_sidecar()
         # Versions recorded before the crash that were never acknowledged are gone from the model's promises.
@@ -233,11 +238,11 @@ class SidecarMachine(RuleBasedStateMachine):
         # Records pile up while the writer is busy with a batch; once it has run, RAM holds no more than the
         # backlog limit (twice it when the journal cannot take the rest) plus a batch.
         for _ in range(50):
-            if self.sidecar.health()["queue"] <= 2 * MAX_PENDING + BATCH_SIZE:
+            if self.sidecar.health().queue <= 2 * MAX_PENDING + BATCH_SIZE:
                 break
             self.settle(0.02)
         health = self.sidecar.health()
-        assert health["queue"] <= 2 * MAX_PENDING + BATCH_SIZE, health
+        assert health.queue <= 2 * MAX_PENDING + BATCH_SIZE, health
         # History may exceed its window only by trades not yet safe (RAM backlog and unsynced journal).
         assert len(self.sidecar.trade_history) <= HISTORY_MAX + 2 * MAX_PENDING + 64
 

@@ -20,7 +20,15 @@ from structlog.testing import capture_logs
 
 from persistence import DeadLetteredError, PersistenceSidecar, RecordDroppedError
 from persistence.config import Settings
-from persistence.events import BatchCommitted, BreakerChanged, JournalSpilled, RecordDeadLettered, WriteFailed
+from persistence.events import (
+    BatchCommitted,
+    BreakerChanged,
+    EventBus,
+    JournalSpilled,
+    RecordDeadLettered,
+    RecordsDropped,
+    WriteFailed,
+)
 from persistence.journal import Journal
 from persistence.testing import FakeClock
 from tests.factories import make_signal, make_trade
@@ -175,7 +183,7 @@ async def test_close_during_an_outage_returns_in_time_journals_the_backlog_and_a
         assert {r.status for r in recorded} == {"journaled"}
     async with PersistenceSidecar(settings) as restarted:
         ids = await stored_trade_ids(restarted)
-        assert restarted.health()["journal"] == 0
+        assert restarted.health().journal == 0
     assert sorted(ids) == sorted(r.key for r in recorded)
 
 
@@ -265,17 +273,17 @@ async def test_a_full_disk_sends_records_to_the_journal_and_they_come_back_when_
     recorded = [sidecar.record_trade(make_trade(pattern_type="x" * 64)) for _ in range(400)]
     await eventually(lambda: sidecar.breaker_state == "open")
     assert any("full" in event.error for event in events.of(WriteFailed))
-    await eventually(lambda: sidecar.health()["queue"] <= 20)
+    await eventually(lambda: sidecar.health().queue <= 20)
     clock.advance(1.0)  # the journal sync interval
     await eventually(lambda: sum(r.status == "journaled" for r in recorded) >= 380)
-    assert sidecar.health()["journal"] >= 380
+    assert sidecar.health().journal >= 380
     assert events.of(JournalSpilled)
     disk.free()
     clock.advance(30)
     await sidecar.flush(timeout=20)
     ids = await stored_trade_ids(sidecar)
     assert len(ids) == len(set(ids)) == 401
-    assert sidecar.health()["journal"] == 0
+    assert sidecar.health().journal == 0
     assert {r.status for r in recorded} == {"persisted"}
     replayed = [event for event in events.of(BatchCommitted) if event.from_journal]
     assert sum(len(event.latencies) for event in replayed) >= 380  # the slow ones still count in p95/p99
@@ -317,7 +325,7 @@ async def test_a_signal_journaled_during_an_outage_is_written_before_its_later_e
         for _ in range(10):
             sidecar.record_trade(make_trade())
         await eventually(lambda: sidecar.breaker_state == "open")
-        await eventually(lambda: sidecar.health()["journal"] >= 5)
+        await eventually(lambda: sidecar.health().journal >= 5)
         update = sidecar.update_signal_execution(signal_record.signal_id, True, "FILLED")
     clock.advance(30)
     assert await asyncio.wait_for(update, 10) == "persisted"
@@ -329,7 +337,7 @@ async def test_a_signal_journaled_during_an_outage_is_written_before_its_later_e
 # ------------------------------------------------------------------------------ corrupt journal at start-up
 
 
-async def test_a_corrupt_journal_line_is_skipped_and_counted_at_start_up(
+async def test_a_corrupt_journal_line_and_a_torn_tail_are_each_counted_as_dropped_at_start_up(
     sqlite_url: str, sidecar_settings: SettingsFactory, tmp_path: Path
 ) -> None:
     settings = sidecar_settings(sqlite_url, shutdown_timeout=0.5)
@@ -342,10 +350,20 @@ async def test_a_corrupt_journal_line_is_skipped_and_counted_at_start_up(
     lines = segment.read_bytes().splitlines(keepends=True)
     lines[1] = lines[1][:20] + b"#corrupted#" + lines[1][31:]
     segment.write_bytes(b"".join(lines) + b'deadbeef {"truncated')
-    async with PersistenceSidecar(settings) as second:
+    bus = EventBus()
+    events = Recorder(bus)
+    second = PersistenceSidecar(settings, bus=bus)
+    async with second:
         ids = await stored_trade_ids(second)
-        assert second.writer is not None and second.writer.journal_corrupt_lines >= 1
+        assert second.backlog is not None and second.backlog.journal_corrupt_lines == 2
+        assert second.health().counts.dropped == 2
     assert sorted(ids) == sorted([keys[0], keys[2]])
+    drops = [event for event in events.of(RecordsDropped) if event.reason == "corrupt_journal"]
+    assert sum(event.count for event in drops) == 2
+    sample = second.registry.get_sample_value(
+        "persistence_dropped_records_total", {"entity": "unknown", "reason": "corrupt_journal"}
+    )
+    assert sample == 2
 
 
 # ------------------------------------------------------------------------------ (i) two sidecars, one PostgreSQL
@@ -395,10 +413,10 @@ async def test_when_the_journal_cannot_take_the_backlog_every_dropped_record_is_
         await eventually(lambda: sidecar.breaker_state == "open")
         with capture_logs() as logs:
             recorded = [first, *(sidecar.record_trade(make_trade()) for _ in range(50))]
-            await eventually(lambda: sidecar.health()["counts"]["dropped"] > 0)
+            await eventually(lambda: sidecar.health().counts.dropped > 0)
         dropped = [r for r in recorded if r.status == "dropped"]
-        assert len(dropped) == sidecar.health()["counts"]["dropped"] == 51 - sidecar.health()["queue"]
-        assert sidecar.health()["queue"] <= 20  # bounded at twice PERSISTENCE_MAX_PENDING
+        assert len(dropped) == sidecar.health().counts.dropped == 51 - sidecar.health().queue
+        assert sidecar.health().queue <= 20  # bounded at twice PERSISTENCE_MAX_PENDING
         with pytest.raises(RecordDroppedError):
             await dropped[0]
         assert sum(line["count"] for line in logs if line["event"] == "records_dropped") == len(dropped)
@@ -423,21 +441,21 @@ async def test_the_writer_survives_an_error_nobody_foresaw_and_backs_off_through
     sidecar = build(sidecar_settings(sqlite_url, breaker_failure_threshold=1), sidecars, clock=clock)
     events = Recorder(sidecar.events)
     await sidecar.start()
-    writer = sidecar.writer
-    assert writer is not None
-    take_batch = writer._take_batch
+    writer, backlog = sidecar.writer, sidecar.backlog
+    assert writer is not None and backlog is not None
+    take = backlog.take
     failures = iter([RuntimeError("a bug in the writer"), None])
 
-    def faulty_take_batch() -> Any:  # a hand-written fault: the first batch blows up, later ones work
+    async def faulty_take(size: int) -> Any:  # a hand-written fault: the first batch blows up, later ones work
         failure = next(failures, None)
         if failure is not None:
             raise failure
-        return take_batch()
+        return await take(size)
 
-    writer._take_batch = faulty_take_batch  # type: ignore[method-assign]
+    backlog.take = faulty_take  # type: ignore[method-assign]
     receipt = sidecar.record_trade(make_trade())
     await eventually(lambda: sidecar.breaker_state == "open")
     assert any(event.error == "writer: a bug in the writer" for event in events.of(WriteFailed))
     clock.advance(30)
     assert await asyncio.wait_for(receipt, 10) == "persisted"
-    assert writer._task is not None and not writer._task.done()
+    assert writer.running

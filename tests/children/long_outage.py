@@ -14,7 +14,7 @@ from decimal import Decimal
 
 from persistence import PersistenceSidecar, Settings
 from persistence.testing import FakeClock
-from persistence.writer import RetryPolicy
+from persistence.committer import RetryPolicy
 
 
 def rss_bytes() -> int:
@@ -36,8 +36,8 @@ async def main(db_path: str, journal_dir: str, total: int, max_pending: int) -> 
     retry = RetryPolicy(attempts=1, initial_wait=0.0, max_wait=0.0)
     sidecar = PersistenceSidecar(settings, clock=clock, sleep=clock.sleep, retry=retry, log_events=False)
     await sidecar.start()
-    writer = sidecar.writer
-    assert writer is not None
+    backlog = sidecar.backlog
+    assert backlog is not None
     lock = sqlite3.connect(db_path, isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
     now = datetime.now(UTC)
@@ -65,18 +65,18 @@ async def main(db_path: str, journal_dir: str, total: int, max_pending: int) -> 
     for start in range(1, total + 1, chunk):
         for i in range(start, min(start + chunk, total + 1)):
             sidecar.record_trade(trade(i))
-        peak_queue = max(peak_queue, writer.queue_depth)
+        peak_queue = max(peak_queue, backlog.queue_depth)
         clock.advance(0.5)  # the journal is synced every second of (fake) time: every other chunk
-        while writer.queue_depth > max_pending:
+        while backlog.queue_depth > max_pending:
             await asyncio.sleep(0.001)
         peak_rss = max(peak_rss, rss_bytes())
         peak_history = max(peak_history, len(sidecar.trade_history))
     clock.advance(1.0)
     for _ in range(200):
         await asyncio.sleep(0.005)
-        if not writer.journal_pending or writer.queue_depth <= max_pending:
+        if not backlog.journal_pending or backlog.queue_depth <= max_pending:
             break
-    journal_during_outage = writer.journal_pending
+    journal_during_outage = backlog.journal_pending
     lock.rollback()
     lock.close()
     clock.advance(settings.breaker_reset_seconds)
@@ -92,7 +92,7 @@ async def main(db_path: str, journal_dir: str, total: int, max_pending: int) -> 
                 "peak_history": peak_history,
                 "rows": rows[0],
                 "distinct": rows[1],
-                "journal_after": writer.journal_pending,
+                "journal_after": backlog.journal_pending,
             }
         )
     )

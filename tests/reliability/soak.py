@@ -40,7 +40,7 @@ from persistence.columns import to_scaled_int, to_sqlite_datetime
 from persistence.events import BatchCommitted, BreakerChanged, Event, JournalSpilled, RecordDeadLettered, WriteFailed
 from persistence.models import Signal, Trade
 from persistence.testing import DatabaseLock, FaultInjector
-from persistence.writer import RetryPolicy
+from persistence.committer import RetryPolicy
 
 TICK_SECONDS = 0.02
 POISON_PREFIX = "POISON-"
@@ -329,7 +329,7 @@ class Soak:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 10.0)
             sidecar = self.sidecar
-            state = sidecar.health() if sidecar is not None else {}
+            state = sidecar.health().to_dict() if sidecar is not None else {}
             print(
                 f"[soak] {time.monotonic() - started:6.1f} s records={self.figures.records} "
                 f"breaker={state.get('breaker')} queue={state.get('queue')} journal={state.get('journal')} "
@@ -373,7 +373,7 @@ class Soak:
         drain_started = time.monotonic()
         await sidecar.flush(timeout=120)
         drain_seconds = time.monotonic() - drain_started
-        counts = sidecar.health()["counts"]
+        counts = sidecar.health().to_dict()["counts"]
         await sidecar.close()
         self.oracle.close()
         verdict = compare(self.workdir / "trading.db", self.oracle.path)

@@ -21,7 +21,7 @@ from persistence import PersistenceSidecar
 from persistence.config import Settings
 from persistence.events import BreakerChanged
 from persistence.testing import FaultInjector, wait_for_breaker
-from persistence.writer import RetryPolicy
+from persistence.committer import RetryPolicy
 from tests.factories import make_trade
 from tests.support import Recorder
 
