@@ -16,10 +16,10 @@ from structlog.testing import capture_logs
 
 from persistence import PersistenceSidecar
 from persistence.checkpoint import CHECKPOINT_INTERVAL, WalCheckpointer
+from persistence.committer import RetryPolicy
 from persistence.db import WAL_AUTOCHECKPOINT_PAGES, Database, create_database
 from persistence.migrations import upgrade
 from persistence.testing import FakeClock
-from persistence.committer import RetryPolicy
 from tests.conftest import make_settings
 from tests.factories import make_trade
 from tests.support import eventually

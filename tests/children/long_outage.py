@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from persistence import PersistenceSidecar, Settings
-from persistence.testing import FakeClock
 from persistence.committer import RetryPolicy
+from persistence.testing import FakeClock
 
 
 def rss_bytes() -> int:

@@ -37,10 +37,10 @@ from typing import Any
 
 from persistence import PersistenceSidecar, Settings
 from persistence.columns import to_scaled_int, to_sqlite_datetime
+from persistence.committer import RetryPolicy
 from persistence.events import BatchCommitted, BreakerChanged, Event, JournalSpilled, RecordDeadLettered, WriteFailed
 from persistence.models import Signal, Trade
 from persistence.testing import DatabaseLock, FaultInjector
-from persistence.committer import RetryPolicy
 
 TICK_SECONDS = 0.02
 POISON_PREFIX = "POISON-"
