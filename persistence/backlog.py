@@ -178,6 +178,7 @@ class Backlog:
         self._io_lock = asyncio.Lock()
         self._last_seq = 0
         self._watermark = 0
+        self._inherited = 0  # records found in the journal at open, left by an earlier run or backlog
         self._progress = asyncio.Event()
         self._work = asyncio.Event()  # wakes the writer
         self._keeper_wake = asyncio.Event()
@@ -221,8 +222,8 @@ class Backlog:
         return len(self._ram) + self.on_disk_only
 
     def outstanding(self) -> int:
-        """Records submitted to this backlog that are not yet committed or final."""
-        return max(self._last_seq - self._watermark, 0)
+        """Records not yet committed or final: submitted to this backlog, or found in the journal at open."""
+        return max(self._last_seq - self._watermark, 0) + self._inherited
 
     def oldest_age(self) -> float:
         """Seconds since the oldest waiting record was recorded (or its journal was found); 0 when none waits."""
@@ -255,11 +256,12 @@ class Backlog:
         return receipt
 
     async def wait_for(self, timeout: float) -> bool:
-        """Wait until every record submitted so far is committed or final; ``False`` on timeout."""
+        """Wait until every record submitted so far, and every record found in the journal at open, is committed or
+        final; ``False`` on timeout."""
         target = self._last_seq
         try:
             async with asyncio.timeout(timeout):
-                while self._watermark < target:
+                while self._watermark < target or self._inherited:
                     self._progress.clear()
                     await self._progress.wait()
         except TimeoutError:
@@ -272,7 +274,7 @@ class Backlog:
         """Open (scan) the journal on the journal thread and start the keeper; publishes damage found."""
         if self._journal is None:
             self._journal = await self._io(Journal, self._settings.journal_dir)
-            self._journal_pending = self._journal.pending
+            self._journal_pending = self._inherited = self._journal.pending
             if self._journal_pending:
                 self._oldest_on_disk_at = self._clock()
                 self._work.set()
@@ -387,6 +389,8 @@ class Backlog:
                 self._journal_pending = self._journal.pending
         if last_seq > self._watermark:
             self._watermark = last_seq
+        if batch.from_journal:
+            self._inherited = max(self._inherited - handled, 0)  # the inherited records come first in the journal
         self._last_progress = self._clock()
         self._progress.set()
         if not self.on_disk_only:

@@ -287,7 +287,9 @@ class Journal:
 
         The checkpoint is advanced durably (temporary file, fsync, atomic rename) before anything else, then
         fully consumed segment files are deleted (a deletion that fails is retried on the next acknowledge;
-        such files are ignored when the journal is opened). Acknowledging an entry that is already
+        such files are ignored when the journal is opened). If the checkpoint cannot be written (a full disk), the
+        journal still moves on in memory and deletes what is consumed, then raises :class:`JournalError`: after a
+        restart those records are replayed once more. Acknowledging an entry that is already
         acknowledged does nothing; an entry that is not a position of this journal raises ``ValueError``.
         """
         self._check_open()
@@ -298,12 +300,15 @@ class Journal:
         new_checkpoint = target
         if entry.end_offset >= self._segment_size(entry.segment):
             new_checkpoint = (entry.segment + 1, 0)  # the whole segment is consumed
+        failure: OSError | None = None
         try:
             self._write_checkpoint(new_checkpoint)
         except FileNotFoundError as exc:
             raise self._vanished(exc) from exc
         except OSError as exc:
-            raise JournalError("cannot write journal checkpoint", self._dir / _CHECKPOINT) from exc
+            # A full disk, say. The records are committed all the same: move on in memory (a restart replays them
+            # again, which is idempotent) and free the consumed segments, which makes room.
+            failure = exc
         self._checkpoint = new_checkpoint
         self._pending = max(self._pending - count, 0)
         self._unsynced = min(self._unsynced, self._pending)  # the unsynced records are the newest ones
@@ -315,6 +320,8 @@ class Journal:
         if self._reuse is not None and self._reuse[0] < new_checkpoint[0]:
             self._reuse = None
         self._delete_consumed_segments()
+        if failure is not None:
+            raise JournalError("cannot write journal checkpoint", self._dir / _CHECKPOINT) from failure
 
     def close(self) -> None:
         """Sync and close the file handles. Idempotent; any later use raises :class:`JournalError`."""

@@ -82,7 +82,7 @@ async def test_an_outage_logs_one_event_name_per_happening_at_fitting_levels(
             await eventually(lambda: sidecar.breaker_state == "open")
             for _ in range(20):
                 sidecar.record_trade(make_trade())
-            await eventually(lambda: sidecar.journal_depth() > 0)
+            await eventually(lambda: sidecar.journal_depth() > 0 and sidecar.queue_depth() <= 5)
         clock.advance(30)
         await sidecar.flush(timeout=15)
         add_poison_trigger_sqlite(sqlite_file(sqlite_url), "POISON")
