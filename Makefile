@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench lint typecheck clean
+.PHONY: run test fuzz bench lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Property and model tests with random seeds and 20x the examples (make test runs them derandomized).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_breaker.py tests/test_journal.py tests/test_sidecar_model.py \
+		tests/test_models.py tests/test_columns.py
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only -q

@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 
@@ -20,6 +21,20 @@ from persistence.db import Database, create_database
 from persistence.migrations import upgrade
 from persistence.repositories import Repositories
 from persistence.schema import TABLES
+
+# Property and model tests: `make test` runs them derandomized (the same examples every run, no example database),
+# so CI is deterministic; `make fuzz` (HYPOTHESIS_PROFILE=fuzz) explores with random seeds and many more examples.
+# A failure found there becomes an explicit test.
+FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("fuzz", max_examples=2000, derandomize=False, print_blob=True)
+hypothesis_settings.load_profile("fuzz" if FUZZ else "ci")
+
+
+def examples(count: int) -> int:
+    """``max_examples`` for a test that sets its own: the count under `make test`, 20 times more under `make fuzz`."""
+    return count * 20 if FUZZ else count
+
 
 POSTGRES_ENV = "PERSISTENCE_TEST_POSTGRES_URL"
 POSTGRES_SKIP_REASON = f"{POSTGRES_ENV} is not set; PostgreSQL tests skipped"

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from persistence.breaker import Admission, BreakerState, CircuitBreaker, Transition
+from tests.conftest import examples
 
 T0 = 1000.0  # arbitrary monotonic start time, deliberately not zero
 
@@ -609,5 +610,5 @@ class BreakerVersusModel(RuleBasedStateMachine):
             assert live_probes == []
 
 
-BreakerVersusModel.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+BreakerVersusModel.TestCase.settings = settings(max_examples=examples(200), stateful_step_count=50, deadline=None)
 TestBreakerVersusModel = BreakerVersusModel.TestCase

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from persistence.journal import Journal, JournalEntry, JournalError
+from tests.conftest import examples
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -826,7 +827,7 @@ class JournalMachine(RuleBasedStateMachine):
 
 
 JournalMachine.TestCase.settings = settings(
-    max_examples=75,
+    max_examples=examples(75),
     stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

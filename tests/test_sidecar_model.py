@@ -28,6 +28,7 @@ from persistence.committer import RetryPolicy
 from persistence.config import Settings
 from persistence.receipts import Receipt
 from persistence.testing import FakeClock
+from tests.conftest import examples
 from tests.factories import trade_data
 from tests.support import add_poison_trigger_sqlite
 
@@ -265,7 +266,7 @@ class SidecarMachine(RuleBasedStateMachine):
 
 
 SidecarMachine.TestCase.settings = settings(
-    max_examples=10,
+    max_examples=examples(10),
     stateful_step_count=20,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
