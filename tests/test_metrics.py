@@ -291,11 +291,12 @@ async def test_a_real_outage_moves_failures_retries_transitions_depths_and_the_l
             sidecar.record_trade(make_trade())
         await eventually(lambda: sidecar.journal_depth() > 0)
         clock.advance(12.0)  # time passes in the outage; the journal's sync interval too
-        await eventually(lambda: first.status == "journaled")
+        await eventually(lambda: first.status == "journaled" and sidecar.journal_depth() == 101)
         during = await scrape(port)
-        assert during.value("persistence_journal_records") >= 80
+        # Everything has waited longer than the sync interval in an outage: all of it is journaled, and RAM keeps at
+        # most PERSISTENCE_MAX_PENDING of it as the fast path (a record may be in both).
+        assert during.value("persistence_journal_records") == 101
         assert 0 < during.value("persistence_queue_depth") <= 20
-        assert during.value("persistence_journal_records") + during.value("persistence_queue_depth") == 101
         assert during.value("persistence_oldest_unpersisted_age_seconds") >= 12.0
         assert during.value("persistence_writes_total", entity="trade", outcome="success") == 10
         clock.advance(5.0)
