@@ -275,12 +275,18 @@ class Backlog:
     async def open(self) -> None:
         """Open (scan) the journal on the journal thread and start the keeper; publishes damage found."""
         if self._journal is None:
-            self._journal = await self._io(Journal, self._settings.journal_dir)
-            self._journal_pending = self._inherited = self._journal.pending
-            if self._journal_pending:
-                self._oldest_on_disk_at = self._clock()
-                self._work.set()
-            self._report_damage()
+            try:
+                journal = await self._io(Journal, self._settings.journal_dir)
+            except (JournalError, OSError) as error:
+                # Start all the same: the keeper opens the journal when it first needs it, and reports until then.
+                self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal: {error}", True, 1))
+            else:
+                self._journal = journal
+                self._journal_pending = self._inherited = journal.pending
+                if journal.pending:
+                    self._oldest_on_disk_at = self._clock()
+                    self._work.set()
+                self._report_damage()
         if self._keeper is None:
             self._keeper = asyncio.create_task(
                 self._keep(), name="persistence-journal-keeper", context=contextvars.Context()

@@ -3,9 +3,10 @@
 *Transient* errors are the database's state, not the records': locked or busy, I/O errors, a full disk, a lost
 connection, a timeout, a missing schema. They are retried and then count as one breaker failure, and the records
 stay queued. *Data* errors are caused by a record: a constraint violation, a value out of range, a string too
-long, a trigger that refuses a row. The writer splits the batch until the bad records are isolated and
-dead-letters them; these never touch the breaker. Anything unrecognised is treated as transient, because keeping
-a record and retrying is always safe while dead-lettering a good one is not.
+long, a trigger that refuses a row, a character the database's encoding (or the driver's) cannot hold. The
+writer splits the batch until the bad records are isolated and dead-letters them; these never touch the breaker.
+Anything unrecognised is treated as transient, because keeping a record and retrying is always safe while
+dead-lettering a good one is not.
 """
 
 from __future__ import annotations
@@ -43,7 +44,20 @@ def classify(error: BaseException) -> FaultKind:
         return "transient"
     if isinstance(error, sa_exc.StatementError) and isinstance(error.orig, ValueError | TypeError | OverflowError):
         return "data"  # a bind processor refused a value
+    if _encoding_refused(error):
+        return "data"  # a character the driver cannot encode (an unpaired surrogate), whatever wraps it
     return "transient"
+
+
+def _encoding_refused(error: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, UnicodeError):
+            return True
+        seen.add(id(current))
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return False
 
 
 def needs_schema(error: BaseException) -> bool:
