@@ -50,6 +50,14 @@ class Counts:
 
 
 @dataclass(frozen=True, slots=True)
+class DatabaseState:
+    """Whether the last database operation succeeded (``None`` when there is no database), and its URL, masked."""
+
+    reachable: bool | None
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
 class HealthReport:
     """The sidecar's state: one shape for ``sidecar.health()`` and ``GET /api/v1/health``."""
 
@@ -59,18 +67,15 @@ class HealthReport:
     breaker: str
     queue: int
     journal: int
-    db_reachable: bool | None
-    db_url: str
+    db: DatabaseState
     schema_revision: str | None
     history: int
     oldest_unpersisted_age_seconds: float
     counts: Counts
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (``db`` as ``{"reachable", "url"}``)."""
-        values = asdict(self)
-        values["db"] = {"reachable": values.pop("db_reachable"), "url": values.pop("db_url")}
-        return values
+        """The same as nested plain dicts, ready for JSON."""
+        return asdict(self)
 
 
 class Runtime:

@@ -51,7 +51,7 @@ from persistence.repositories import (
     SignalRepository,
     TradeRepository,
 )
-from persistence.runtime import Counts, HealthReport, Runtime
+from persistence.runtime import Counts, DatabaseState, HealthReport, Runtime
 from persistence.writer import Writer
 
 Clock = Callable[[], float]
@@ -353,8 +353,9 @@ class PersistenceSidecar:
             breaker=self.breaker_state,
             queue=self.queue_depth(),
             journal=self.journal_depth(),
-            db_reachable=runtime.writer.database_ok if runtime is not None else None,
-            db_url=self.settings.safe_database_url,
+            db=DatabaseState(
+                runtime.writer.database_ok if runtime is not None else None, self.settings.safe_database_url
+            ),
             schema_revision=runtime.schema_revision if runtime is not None else None,
             history=len(self._history),
             oldest_unpersisted_age_seconds=round(self.oldest_unpersisted_age(), 6),

@@ -1,0 +1,126 @@
+"""The writer loop on its own: a real backlog, a fake target (no database) and a fake clock.
+
+The loop's job is admit → commit → settle → publish; these tests drive it with a target that fails when told to,
+and check what the breaker, the receipts and the events make of each outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from persistence.backlog import Backlog, Pending, ReceiptBook
+from persistence.breaker import CircuitBreaker
+from persistence.committer import DeadLetter, Outcome
+from persistence.config import Settings
+from persistence.events import BatchCommitted, BreakerChanged, EventBus, RecordDeadLettered, WriteFailed
+from persistence.history import TradeHistory
+from persistence.testing import FakeClock
+from persistence.writer import Writer
+from tests.conftest import make_settings
+from tests.factories import make_trade
+from tests.support import Recorder, eventually
+
+
+class FakeTarget:
+    """Commits whatever it is given, except: ``fail`` transient failures first, and keys in ``poison`` dead."""
+
+    def __init__(self) -> None:
+        self.ready = True
+        self.fail = 0
+        self.poison: set[str] = set()
+        self.batches: list[list[str]] = []
+
+    async def prepare(self) -> None:
+        self.ready = True
+
+    async def commit(self, records: Sequence[Pending]) -> Outcome:
+        self.batches.append([item.record.key for item in records])
+        if self.fail:
+            self.fail -= 1
+            return Outcome(failure=OSError("disk I/O error"), attempts=1)
+        outcome = Outcome()
+        for item in records:
+            if item.record.key in self.poison:
+                outcome.dead.append(DeadLetter(item, "IntegrityError", "refused"))
+            else:
+                outcome.committed.append(item)
+        return outcome
+
+    def committed(self, now: float, outcome: Outcome) -> None:
+        return None
+
+
+@dataclass
+class Loop:
+    writer: Writer
+    backlog: Backlog
+    target: FakeTarget
+    clock: FakeClock
+    events: Recorder
+
+
+@pytest.fixture
+async def loop(tmp_path: Path) -> AsyncIterator[Loop]:
+    settings: Settings = make_settings(journal_dir=tmp_path / "journal", breaker_failure_threshold=5)
+    clock, bus, book = FakeClock(), EventBus(), ReceiptBook()
+    events = Recorder(bus)
+    backlog = Backlog(settings, bus=bus, history=TradeHistory(100), clock=clock, sleep=clock.sleep, book=book)
+    target = FakeTarget()
+    writer = Writer(
+        backlog,
+        target,
+        breaker=CircuitBreaker(5, 30.0),
+        book=book,
+        bus=bus,
+        clock=clock,
+        sleep=clock.sleep,
+        batch_size=10,
+    )
+    await backlog.open()
+    writer.start()
+    yield Loop(writer, backlog, target, clock, events)
+    await writer.stop(1.0)
+    await backlog.close()
+
+
+async def test_records_are_committed_in_batches_oldest_first_and_receipts_resolve(loop: Loop) -> None:
+    receipts = [loop.backlog.submit(make_trade(trade_id=f"W-{i:02d}")) for i in range(25)]
+    assert await asyncio.wait_for(asyncio.gather(*receipts), 5) == ["persisted"] * 25
+    keys = [key for batch in loop.target.batches for key in batch]
+    assert keys == [f"W-{i:02d}" for i in range(25)]
+    assert all(len(batch) <= 10 for batch in loop.target.batches)
+    assert sum(event.records for event in loop.events.of(BatchCommitted)) == 25
+
+
+async def test_five_transient_failures_open_the_breaker_no_call_while_open_then_one_probe_closes_it(
+    loop: Loop,
+) -> None:
+    loop.target.fail = 5
+    receipt = loop.backlog.submit(make_trade())
+    await eventually(lambda: loop.writer.breaker.state == "open")
+    calls = len(loop.target.batches)
+    assert calls == 5 and len(loop.events.of(WriteFailed)) == 5
+    loop.backlog.submit(make_trade())  # new work while open: still no call
+    await asyncio.sleep(0.05)
+    assert len(loop.target.batches) == calls
+    loop.clock.advance(30.0)
+    assert await asyncio.wait_for(receipt, 5) == "persisted"
+    changes = [(event.from_state, event.to_state) for event in loop.events.of(BreakerChanged)]
+    assert changes == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
+async def test_a_dead_lettered_record_settles_its_receipt_and_neither_trips_nor_resets_the_breaker(
+    loop: Loop,
+) -> None:
+    loop.target.poison = {"BAD"}
+    good, bad = loop.backlog.submit(make_trade()), loop.backlog.submit(make_trade(trade_id="BAD"))
+    assert await asyncio.wait_for(good, 5) == "persisted"
+    await eventually(lambda: bad.status == "dead_lettered")
+    [dead] = loop.events.of(RecordDeadLettered)
+    assert dead.key == "BAD" and loop.writer.breaker.consecutive_failures == 0
+    assert loop.backlog.outstanding() == 0
