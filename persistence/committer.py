@@ -13,7 +13,6 @@ nothing of the breaker, the backlog or receipts: the writer turns its :class:`Ou
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,14 +31,13 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from persistence.backlog import KINDS, Pending
+from persistence.backlog import KINDS, Pending, Sleep
 from persistence.db import Database
 from persistence.faults import classify
-from persistence.journal import encode_line
+from persistence.journal import encode_line, write_durably
 from persistence.models import ParameterChange, PerformanceSnapshot, Signal, SignalExecution, Trade
 from persistence.repositories import Repositories
 
-Sleep = Callable[[float], Awaitable[None]]
 UNKNOWN_SIGNAL = "no signal with this signal_id was ever recorded"
 DEAD_LETTER_FILE = "dead-letters.jsonl"
 
@@ -254,14 +252,7 @@ class Committer:
             }
         )
         self._dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._dead_letter_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_durably(self._dead_letter_path, line, append=True)
 
 
 def short_error(error: BaseException | None, limit: int = 500) -> str:

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from persistence.errors import PersistenceError
 
-__all__ = ["Journal", "JournalEntry", "JournalError", "encode_line"]
+__all__ = ["Journal", "JournalEntry", "JournalError", "encode_line", "write_durably"]
 
 _SEGMENT_NAME = re.compile(r"segment-(\d{8,})\.jsonl")
 _CHECKSUM = re.compile(rb"[0-9a-f]{8}")
@@ -114,6 +114,19 @@ def _serialize(record: object) -> bytes:
         sort_keys=False,
     ).encode("utf-8")
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def write_durably(path: Path, data: bytes, *, append: bool, fsync: Callable[[int], None] = os.fsync) -> None:
+    """Write all of ``data`` to ``path`` (appended, or replacing its content) and fsync it before returning."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def encode_line(record: Mapping[str, Any]) -> bytes:
@@ -519,14 +532,7 @@ class Journal:
     def _write_checkpoint(self, position: _Position) -> None:
         data = json.dumps({"segment": position[0], "offset": position[1]}).encode("ascii")
         tmp = self._dir / _CHECKPOINT_TMP
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            self._fsync(fd)
-        finally:
-            os.close(fd)
+        write_durably(tmp, data, append=False, fsync=self._fsync)
         os.replace(tmp, self._dir / _CHECKPOINT)
         self._fsync_directory(self._dir)
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from tenacity import RetryCallState
 
-from persistence.backlog import Backlog, Pending, ReceiptBook, Tally
+from persistence.backlog import Backlog, Clock, Pending, ReceiptBook, Sleep, Tally
 from persistence.breaker import CircuitBreaker
 from persistence.checkpoint import WalCheckpointer
 from persistence.committer import Committer, Outcome, RetryPolicy, short_error
@@ -30,9 +30,6 @@ from persistence.history import TradeHistory
 from persistence.migrations import upgrade
 from persistence.repositories import Repositories
 from persistence.writer import Writer
-
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
 
 from prometheus_client import CollectorRegistry
 
-from persistence.backlog import Backlog, ReceiptBook
+from persistence.backlog import Backlog, Clock, ReceiptBook, Sleep
 from persistence.committer import RetryPolicy
 from persistence.config import Settings
 from persistence.db import Database
@@ -53,9 +53,6 @@ from persistence.repositories import (
 )
 from persistence.runtime import Counts, DatabaseState, HealthReport, Runtime
 from persistence.writer import Writer
-
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
 
 
 class PersistenceSidecar:

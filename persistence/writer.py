@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
-from persistence.backlog import Backlog, Batch, Pending, ReceiptBook
+from persistence.backlog import Backlog, Batch, Clock, Pending, ReceiptBook, Sleep
 from persistence.breaker import Admission, CircuitBreaker, Transition
 from persistence.committer import Outcome, short_error
 from persistence.events import (
@@ -36,9 +36,6 @@ from persistence.events import (
 )
 from persistence.faults import needs_schema
 from persistence.models import Entity
-
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
 
 
 class Target(Protocol):
