@@ -31,7 +31,8 @@ from persistence.journal import Journal, JournalError
 from persistence.logs import mask_secrets
 from persistence.migrations import current_revision, head_revision, upgrade
 from persistence.models import SESSIONS, Trade
-from persistence.repositories import MAX_PAGE_SIZE, TRADE_SORT_COLUMNS, Repositories
+from persistence.queries import MAX_PAGE_SIZE, TRADE_SORT_COLUMNS
+from persistence.repositories import Repositories
 from persistence.server import url_host
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
@@ -40,13 +41,8 @@ BACKUP_PAGES_PER_STEP = 256
 """Pages copied per step of SQLite's online backup; writers go on between steps."""
 
 
-def _secrets(settings: Settings) -> tuple[str, ...]:
-    token = settings.api_token.get_secret_value() if settings.api_token else ""
-    return (str(settings.url.password or ""), token)
-
-
 def _unreachable(settings: Settings, error: BaseException) -> int:
-    detail = mask_secrets(str(error).splitlines()[0] if str(error) else "", _secrets(settings))
+    detail = mask_secrets(str(error).splitlines()[0] if str(error) else "", settings.secrets)
     print(
         f"persistence-sidecar: the database is unreachable ({settings.safe_database_url}):"
         f" {type(error).__name__}: {detail}",
@@ -448,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(handler(args, settings))
     except PersistenceError as exc:
-        print(f"persistence-sidecar: {mask_secrets(str(exc), _secrets(settings))}", file=sys.stderr)
+        print(f"persistence-sidecar: {mask_secrets(str(exc), settings.secrets)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

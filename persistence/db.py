@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, ExceptionContext
 from sqlalchemy.exc import DBAPIError
@@ -30,8 +29,9 @@ from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 from persistence.config import Settings
 from persistence.errors import DatabaseUnavailableError, QueryTimeoutError
+from persistence.logger import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 
 _BEGIN_OPTION = "persistence_begin"

@@ -16,7 +16,7 @@ from typing import Any
 
 import uvicorn
 
-from persistence.errors import ApiPortUnavailableError
+from persistence.errors import ApiPortUnavailableError, PersistenceError
 
 __all__ = ["ApiPortUnavailableError", "ApiServer", "bind", "url_host"]
 
