@@ -188,7 +188,7 @@ def test_serve_answers_over_a_real_port_with_the_token_and_stops_on_sigterm(tmp_
         status, body = get(f"{base}/api/v1/trades/history?sort_by=pnl&sort_order=asc", "serve-token")
         assert status == 200
         answer = json.loads(body)
-        assert answer["source"] == "database" and answer["data"]["total"] == 3
+        assert answer["source"] == "database" and answer["page"]["total"] == 3
         assert get(f"{base}/api/v1/health")[0] == 401
         assert get(f"{base}/metrics")[0] == 200
         status_report = run_cli("status", cwd=tmp_path, **env)

@@ -138,7 +138,7 @@ def test_sigterm_stops_a_running_demo_gracefully_with_a_summary_and_nothing_lost
     try:
         wait_for_api(port, process)
         deadline = time.monotonic() + 10
-        while get_json(f"http://127.0.0.1:{port}/api/v1/trades/history?limit=1")["data"]["total"] < 5:
+        while get_json(f"http://127.0.0.1:{port}/api/v1/trades/history?limit=1")["page"]["total"] < 5:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         process.send_signal(signal.SIGTERM)

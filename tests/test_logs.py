@@ -514,4 +514,4 @@ def test_the_library_logger_honours_the_stdlib_level_and_formats_a_readable_mess
     ]
     assert [r.levelno for r in records] == [logging.INFO, logging.ERROR]
     assert records[1].exc_info is not None and records[1].exc_info[0] is RuntimeError
-    assert getattr(records[0], "persistence_fields") == {"reason": "breaker open"}
+    assert records[0].__dict__["persistence_fields"] == {"reason": "breaker open"}
