@@ -332,10 +332,10 @@ async def _serve(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from persistence.demo import DemoOptions, demo_settings, run_demo
+    from persistence.demo import DemoOptions, demo_overrides, demo_settings, run_demo
 
     options = DemoOptions(duration=args.duration, rate=args.rate, chaos=args.chaos, seed=args.seed)
-    return await run_demo(demo_settings(settings), options, sys.stdout)
+    return await run_demo(demo_settings(settings), options, sys.stdout, demo_overrides())
 
 
 def _positive(kind: type[float] | type[int]) -> Callable[[str], float]:
