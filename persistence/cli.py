@@ -125,15 +125,23 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(report, indent=2, default=str))
         return 0
     server = report.pop("server")
+    tables: dict[str, int] = report.pop("tables", {})
+    width = max(len(name) for name in [*report, *tables, "server"])
     for key, value in report.items():
-        print(f"{key:>16}: {value}")
+        print(f"{key:>{width}}: {value}")
+        if key == "schema_revision":
+            # The table counts, one row each like the rest, right under the revision they were counted at.
+            if not tables:
+                print(f"{'tables':>{width}}: none (the schema is not migrated yet)")
+            for name, count in tables.items():
+                print(f"{name:>{width}}: {count} rows")
     if not server["running"]:
         state = f"not running (nothing answers at {server_url})"
     elif "error" in server:
         state = f"running at {server_url}, health refused: {server['error']} (is PERSISTENCE_API_TOKEN set?)"
     else:
         state = f"running at {server_url}, breaker {server['breaker']}"
-    print(f"{'server':>16}: {state}")
+    print(f"{'server':>{width}}: {state}")
     return 0
 
 

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from persistence import PersistenceSidecar
-from persistence.api import HistoryEnvelope, create_app, create_router
+from persistence.api import HistoryEnvelope, create_app, create_router, health_of
 from persistence.config import Settings
 from persistence.migrations import head_revision
 from persistence.models import Trade
@@ -465,6 +465,24 @@ async def test_health_reports_flag_breaker_backlog_database_and_schema(client: h
     assert data["queue"] == 0 and data["journal"] == 0
     assert data["db"]["reachable"] is True and data["schema_revision"] == head_revision()
     assert data["counts"]["persisted"] == 12 + 3 + 2
+
+
+@pytest.mark.parametrize("key", ["schema", "schema_revision"])
+async def test_health_says_schema_revision_whichever_name_the_sidecar_uses(
+    sidecar: PersistenceSidecar, key: str
+) -> None:
+    raw = sidecar.health()
+    revision = raw.pop("schema_revision", raw.pop("schema", None))
+    assert revision == head_revision()
+
+    class Renamed:
+        settings = sidecar.settings
+        trade_history = sidecar.trade_history
+
+        def health(self) -> dict[str, Any]:
+            return {**raw, key: revision}
+
+    assert health_of(Renamed()).schema_revision == head_revision()  # type: ignore[arg-type]
 
 
 async def test_put_persistence_flips_the_flag_and_back(client: httpx.AsyncClient, sidecar: PersistenceSidecar) -> None:
