@@ -25,6 +25,7 @@ from fastapi.exception_handlers import http_exception_handler, request_validatio
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -629,11 +630,15 @@ def create_app(settings: Settings | None = None, *, sidecar: PersistenceSidecar 
             if owned:
                 await current.close()
 
-    app = FastAPI(
+    # FastAPIOffline is FastAPI with /docs and /redoc whose Swagger UI and ReDoc assets come from the installed
+    # fastapi-offline package (under /static-offline-docs), not a CDN: the page works on a machine with no internet.
+    app = FastAPIOffline(
         title="persistence-sidecar history API",
         version="1",
         description="Trades and signals persisted by the sidecar, its health, its run-time flag and its metrics.",
         lifespan=lifespan,
+        # No call to the public swagger.io validator either: nothing on the page leaves the machine.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.sidecar = current
     app.include_router(create_router(current))

@@ -729,3 +729,25 @@ async def test_the_memory_fallback_honours_the_id_filters(
         response = await http.get(HISTORY, params={"trade_id": "ORD/2026/0001"})
         assert response.json()["source"] == "memory" and ids(response) == ["ORD/2026/0001"]
         assert response.json()["page"] == {"limit": 100, "offset": 0, "total": 1}
+
+
+# ---------------------------------------------------------------------------------------------- offline docs
+
+
+async def test_the_docs_pages_reference_no_external_host_and_their_assets_answer(client: httpx.AsyncClient) -> None:
+    import re
+
+    for page in ("/docs", "/redoc"):
+        response = await client.get(page)
+        assert response.status_code == 200 and "text/html" in response.headers["content-type"]
+        html = response.text
+        assert not re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html, re.IGNORECASE), html
+        assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+        assert assets and all(asset.startswith("/") for asset in assets), assets
+        for asset in assets:
+            answer = await client.get(asset)
+            assert answer.status_code == 200 and len(answer.content) > 1000, asset
+        spec = re.search(r"""(?:url: |spec-url=)["']([^"']+)["']""", html)
+        assert spec is not None and (await client.get(spec.group(1))).json()["openapi"].startswith("3.")
+    swagger = (await client.get("/docs")).text
+    assert '"validatorUrl": null' in swagger
