@@ -1,15 +1,20 @@
 """The history API: a FastAPI router an orchestrator includes in its own app, and an app for ``serve`` and ``demo``.
 
 Every ``/api`` answer, errors included, is the wrapper ``{"data": …, "error": null | {"code", "message"},
-"correlation_id": "…"}``; history reads add ``"source": "database" | "memory"`` beside the data. The wrapper is put
-on by the router's own route class, so it holds wherever the router is included, whatever error handlers the host
-app has. Parameters are validated before any SQL is built: sorting only by a column from a fixed set, ``limit``
-1-1000, ISO 8601 dates; anything else is a 422 in the wrapper. An ``X-Correlation-ID`` header is honoured (else
-one is generated), echoed in the response header and body, and is the correlation id of whatever is recorded while
-the request runs. While the circuit breaker is open, or when the database cannot be read, trade reads answer from
-the authoritative in-memory ``trade_history`` (same filters, sort and pagination); signals have no in-memory copy
-and answer 503. When ``PERSISTENCE_API_TOKEN`` is set, ``/api/*`` needs ``Authorization: Bearer <token>``;
-``/metrics`` stays open. Decimals are JSON strings, timestamps ISO 8601 in UTC.
+"correlation_id": "…"}``. For history reads ``data`` is the list of records itself, with ``"page": {"limit",
+"offset", "total"}`` and ``"source": "database" | "memory"`` beside it. The wrapper is put on by the router's own
+route class, so it holds wherever the router is included, whatever error handlers the host app has. No input
+yields a 500: parameters are validated before any SQL is built (sorting only by a column from a fixed set,
+``limit`` 1-1000, ISO 8601 dates that exist in UTC, no NUL in a filter), a query parameter the endpoint does not
+take is refused, and anything else is a 422 in the wrapper. A trade is fetched by an id holding any characters
+(``/`` included, through a path converter; an id that cannot be stored is a 404). An ``X-Correlation-ID`` header is
+honoured (else one is generated), echoed in the response header and body, and is the correlation id of whatever is
+recorded while the request runs. While the circuit breaker is open, or when the database cannot be read, trade
+reads answer from the authoritative in-memory ``trade_history`` with the same :class:`~persistence.queries.TradeQuery`
+(same filters, sort and pagination); signals have no in-memory copy and answer 503. When ``PERSISTENCE_API_TOKEN``
+is set, ``/api/*`` needs ``Authorization: Bearer <token>``; ``/metrics`` stays open. Decimals are JSON strings,
+timestamps ISO 8601 in UTC. The app's ``/docs`` and ``/redoc`` load their assets from the installed
+``fastapi-offline`` package, never a CDN.
 """
 
 import contextlib
