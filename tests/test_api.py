@@ -751,3 +751,21 @@ async def test_the_docs_pages_reference_no_external_host_and_their_assets_answer
         assert spec is not None and (await client.get(spec.group(1))).json()["openapi"].startswith("3.")
     swagger = (await client.get("/docs")).text
     assert '"validatorUrl": null' in swagger
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "mentions"),
+    [
+        (HISTORY, {"limit": "9" * 40}, "limit"),
+        (HISTORY, {"offset": "9" * 40}, "offset"),
+        (HISTORY, {"offset": "1e400"}, "offset"),
+        (HISTORY, {"start_date": "99999-01-01T00:00:00Z"}, "start_date"),
+        (SIGNALS, {"offset": "9" * 40}, "offset"),
+        (SIGNALS, {"end_date": "0000-01-01"}, "end_date"),
+    ],
+)
+async def test_oversized_numbers_and_impossible_dates_are_a_422(
+    client: httpx.AsyncClient, path: str, params: dict[str, str], mentions: str
+) -> None:
+    body = assert_error(await client.get(path, params=params), 422, "invalid_parameter")
+    assert mentions in body["error"]["message"]
