@@ -7,9 +7,13 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test fuzz bench lint typecheck clean
 
 $(STAMP): pyproject.toml
+	@echo "==> creating the virtual environment in $(VENV) (first run only)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "==> upgrading pip"
+	$(PY) -m pip install --progress-bar on --upgrade pip
+	@echo "==> installing persistence-sidecar and its dependencies into $(VENV) (about a minute on a fresh machine)"
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
+	@echo "==> $(VENV) is ready"
 	touch $(STAMP)
 
 run: $(STAMP)

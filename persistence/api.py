@@ -1,30 +1,36 @@
 """The history API: a FastAPI router an orchestrator includes in its own app, and an app for ``serve`` and ``demo``.
 
 Every ``/api`` answer, errors included, is the wrapper ``{"data": …, "error": null | {"code", "message"},
-"correlation_id": "…"}``; history reads add ``"source": "database" | "memory"`` beside the data. The wrapper is put
-on by the router's own route class, so it holds wherever the router is included, whatever error handlers the host
-app has. Parameters are validated before any SQL is built: sorting only by a column from a fixed set, ``limit``
-1-1000, ISO 8601 dates; anything else is a 422 in the wrapper. An ``X-Correlation-ID`` header is honoured (else
-one is generated), echoed in the response header and body, and is the correlation id of whatever is recorded while
-the request runs. While the circuit breaker is open, or when the database cannot be read, trade reads answer from
-the authoritative in-memory ``trade_history`` (same filters, sort and pagination); signals have no in-memory copy
-and answer 503. When ``PERSISTENCE_API_TOKEN`` is set, ``/api/*`` needs ``Authorization: Bearer <token>``;
-``/metrics`` stays open. Decimals are JSON strings, timestamps ISO 8601 in UTC.
+"correlation_id": "…"}``. For history reads ``data`` is the list of records itself, with ``"page": {"limit",
+"offset", "total"}`` and ``"source": "database" | "memory"`` beside it. The wrapper is put on by the router's own
+route class, so it holds wherever the router is included, whatever error handlers the host app has. No input
+yields a 500: parameters are validated before any SQL is built (sorting only by a column from a fixed set,
+``limit`` 1-1000, ISO 8601 dates that exist in UTC, no NUL in a filter), a query parameter the endpoint does not
+take is refused, and anything else is a 422 in the wrapper. A trade is fetched by an id holding any characters
+(``/`` included, through a path converter; an id that cannot be stored is a 404). An ``X-Correlation-ID`` header is
+honoured (else one is generated), echoed in the response header and body, and is the correlation id of whatever is
+recorded while the request runs. While the circuit breaker is open, or when the database cannot be read, trade
+reads answer from the authoritative in-memory ``trade_history`` with the same :class:`~persistence.queries.TradeQuery`
+(same filters, sort and pagination); signals have no in-memory copy and answer 503. When ``PERSISTENCE_API_TOKEN``
+is set, ``/api/*`` needs ``Authorization: Bearer <token>``; ``/metrics`` stays open. Decimals are JSON strings,
+timestamps ISO 8601 in UTC. The app's ``/docs`` and ``/redoc`` load their assets from the installed
+``fastapi-offline`` package, never a CDN.
 """
 
 import contextlib
 import hmac
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-import structlog
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi.dependencies.models import Dependant
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,14 +45,10 @@ from persistence.errors import (
 )
 from persistence.faults import classify
 from persistence.iso8601 import parse_iso8601
+from persistence.logger import get_logger
 from persistence.metrics import render
-from persistence.models import SESSIONS, Signal, Trade, UpperSession
-from persistence.repositories import (
-    MAX_PAGE_SIZE,
-    TRADE_SORT_COLUMNS,
-    SignalSortColumn,
-    TradeSortColumn,
-)
+from persistence.models import Signal, Trade, UpperSession
+from persistence.queries import MAX_PAGE_SIZE, SignalQuery, SignalSortColumn, TradeQuery, TradeSortColumn
 from persistence.sidecar import PersistenceSidecar
 
 __all__ = [
@@ -55,11 +57,12 @@ __all__ = [
     "Envelope",
     "ErrorBody",
     "HistoryEnvelope",
+    "PageInfo",
     "create_app",
     "create_router",
 ]
 
-log = structlog.get_logger("persistence.api")
+log = get_logger("persistence.api")
 
 API_PREFIX = "/api/v1"
 CORRELATION_HEADER = "X-Correlation-ID"
@@ -89,30 +92,21 @@ class Envelope(BaseModel, Generic[DataT]):
     correlation_id: str
 
 
-class HistoryEnvelope(Envelope[DataT], Generic[DataT]):
-    """The wrapper of a history read, saying where the data came from."""
+class PageInfo(BaseModel):
+    """Where a page of a history read lies: its size and start as asked, and how many records match in all."""
 
+    limit: int
+    offset: int
+    total: int = Field(description="how many records match the filters, over every page")
+
+
+class HistoryEnvelope(Envelope[DataT], Generic[DataT]):
+    """The wrapper of a history read: ``data`` is the list (or one record), paging and the source beside it."""
+
+    page: PageInfo | None = Field(None, description="paging of a list; absent for a single record")
     source: Source | None = Field(
         None, description="`database` normally; `memory` when the database could not be used (breaker open, …)"
     )
-
-
-class TradePage(BaseModel):
-    """One page of trades."""
-
-    items: list[Trade]
-    limit: int
-    offset: int
-    total: int = Field(description="how many trades match the filters, over every page")
-
-
-class SignalPage(BaseModel):
-    """One page of signals."""
-
-    items: list[Signal]
-    limit: int
-    offset: int
-    total: int = Field(description="how many signals match the filters, over every page")
 
 
 class DatabaseHealth(BaseModel):
@@ -237,11 +231,13 @@ class EnvelopeRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         """The endpoint, wrapped."""
         endpoint = super().get_route_handler()
+        allowed = sorted(_query_parameter_names(self.dependant))
 
         async def handler(request: Request) -> Response:
             cid = correlation_id_of(request)
             with correlation_scope(cid):
                 try:
+                    _refuse_unknown_parameters(request, allowed)
                     response = await endpoint(request)
                 except ApiError as exc:
                     response = error_response(exc.status, exc.code, exc.message, cid, exc.headers)
@@ -259,6 +255,23 @@ class EnvelopeRoute(APIRoute):
         return handler
 
 
+def _query_parameter_names(dependant: Dependant) -> set[str]:
+    """The query parameters an endpoint takes, its dependencies' included."""
+    names = {param.alias for param in dependant.query_params}
+    for dependency in dependant.dependencies:
+        names |= _query_parameter_names(dependency)
+    return names
+
+
+def _refuse_unknown_parameters(request: Request, allowed: Sequence[str]) -> None:
+    """A misspelt filter (``?symbl=EURUSD``) must not silently return every record: refuse what is not known."""
+    unknown = sorted(set(request.query_params) - set(allowed))
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        known = ", ".join(allowed) if allowed else "none"
+        raise ApiError(422, "invalid_parameter", f"unknown query parameter {names}; allowed: {known}")
+
+
 # ---------------------------------------------------------------------------------------------- parameters
 
 
@@ -268,7 +281,10 @@ def _iso8601(value: object) -> object:
         return value
     if not isinstance(value, str):
         raise ValueError("must be an ISO 8601 date-time")
-    return parse_iso8601(value)
+    try:
+        return parse_iso8601(value)
+    except OverflowError:  # 9999-12-31T23:59:59-05:00 is past the last representable UTC instant
+        raise ValueError(f"{value!r} is outside the dates that can be stored (years 1-9999 in UTC)") from None
 
 
 IsoDateTime = Annotated[datetime, BeforeValidator(_iso8601)]
@@ -279,12 +295,36 @@ EndDate = Annotated[IsoDateTime | None, Query(description=f"latest entry time, i
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"page size, 1 to {MAX_PAGE_SIZE}")]
 Offset = Annotated[int, Query(ge=0, le=2_000_000_000, description="records to skip")]
 SymbolFilter = Annotated[str | None, Query(min_length=1, max_length=32, description="e.g. EURUSD")]
+TradeIdFilter = Annotated[
+    str | None,
+    Query(
+        min_length=1, max_length=64, description="one trade by its id (any characters; reaches an id like `history`)"
+    ),
+]
+SignalIdFilter = Annotated[str | None, Query(min_length=1, max_length=64, description="by the signal's id")]
 Order = Annotated[SortOrder, Query(description="asc or desc")]
 
 
-def _check_range(start_date: datetime | None, end_date: datetime | None) -> None:
-    if start_date is not None and end_date is not None and start_date > end_date:
-        raise ApiError(422, "invalid_parameter", "start_date: is after end_date")
+@contextlib.contextmanager
+def _invalid_query() -> Iterator[None]:
+    """A query the query object refuses (a date range out of order, NUL in a filter, …) is a 422."""
+    try:
+        yield
+    except InvalidQueryError as exc:
+        raise ApiError(422, "invalid_parameter", str(exc)) from None
+
+
+_ID_MAX_LENGTH = 64
+"""The longest ``trade_id`` that can be stored."""
+
+
+def _storable_id(value: str) -> bool:
+    """Whether an id could be in the table at all (a NUL, a surrogate or an overlong id never is)."""
+    return (
+        0 < len(value) <= _ID_MAX_LENGTH
+        and "\x00" not in value
+        and not any("\ud800" <= char <= "\udfff" for char in value)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the router
@@ -333,7 +373,7 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
 
     @api.get(
         "/trades/history",
-        response_model=HistoryEnvelope[TradePage],
+        response_model=HistoryEnvelope[list[Trade]],
         responses={**error_responses, 504: {"model": Envelope[None], "description": "query timeout"}},
         summary="Trades with filters, pagination and sorting",
     )
@@ -344,43 +384,49 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
         symbol: SymbolFilter = None,
         session: Annotated[UpperSession | None, Query(description="trading session")] = None,
         pattern_type: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+        trade_id: TradeIdFilter = None,
+        signal_id: SignalIdFilter = None,
         limit: Limit = 100,
         offset: Offset = 0,
         sort_by: Annotated[TradeSortColumn, Query(description="column to sort by")] = "entry_time",
         sort_order: Order = "desc",
     ) -> Response:
-        """Trades whose entry time is in the range and that match every filter, one page, sorted."""
-        _check_range(start_date, end_date)
-        filters = TradeFilters(start_date, end_date, symbol, session, pattern_type)
-        page: TradePage | None = None
+        """Trades whose entry time is in the range and that match every filter, one page, sorted.
+
+        ``data`` is the list of trades; ``page`` beside it says ``limit``, ``offset`` and the ``total`` matching.
+        """
+        with _invalid_query():
+            query = TradeQuery(
+                start_date=start_date,
+                end_date=end_date,
+                symbol=symbol,
+                session=session,
+                pattern_type=pattern_type,
+                trade_id=trade_id,
+                signal_id=signal_id,
+                limit=limit,
+                offset=offset,
+                sort_by=sort_by,
+                sort_order=sort_order,
+            )
+        found: tuple[list[Trade], int] | None = None
         if current.breaker_state == "open":
             log.info("history_read_from_memory", reason="breaker_open", correlation_id=current_correlation_id())
         else:
             with _database_read(memory_fallback=True):
-                result = await current.trades.query(
-                    start_date=start_date,
-                    end_date=end_date,
-                    symbol=symbol,
-                    session=session,
-                    pattern_type=pattern_type,
-                    limit=limit,
-                    offset=offset,
-                    sort_by=sort_by,
-                    sort_order=sort_order,
-                    with_total=True,
-                )
-                page = TradePage.model_construct(
-                    items=result.items, limit=limit, offset=offset, total=result.total or 0
-                )
+                result = await current.trades.query(query, with_total=True)
+                found = (result.items, result.total or 0)
         source: Source = "database"
-        if page is None:
+        if found is None:
             source = "memory"
-            items, total = filters.page(current.trade_history, limit, offset, sort_by, sort_order)
-            page = TradePage.model_construct(items=items, limit=limit, offset=offset, total=total)
-        return _ok(HistoryEnvelope[TradePage], page, source=source)
+            found = query.page(current.trade_history)
+        items, total = found
+        return _ok(
+            HistoryEnvelope[list[Trade]], items, page=PageInfo(limit=limit, offset=offset, total=total), source=source
+        )
 
     @api.get(
-        "/trades/{trade_id}",
+        "/trades/{trade_id:path}",
         response_model=HistoryEnvelope[Trade],
         responses={
             **error_responses,
@@ -389,8 +435,19 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
         },
         summary="One trade by its trade_id",
     )
-    async def trade_by_id(current: Current, trade_id: Annotated[str, Path(min_length=1, max_length=64)]) -> Response:
+    async def trade_by_id(
+        current: Current,
+        trade_id: Annotated[
+            str,
+            Path(
+                description="the trade's id, whatever characters it holds: a `/` may be sent as is or as `%2F`."
+                " An id of `history` is reached with `GET /trades/history?trade_id=history`."
+            ),
+        ],
+    ) -> Response:
         """The current version of one trade; from memory when the database cannot be used or lags behind."""
+        if not _storable_id(trade_id):
+            raise ApiError(404, "not_found", "no trade with that trade_id (it cannot be stored)")
         trade: Trade | None = None
         source: Source = "database"
         database_usable = current.breaker_state != "open"
@@ -412,7 +469,7 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
 
     @api.get(
         "/signals/history",
-        response_model=HistoryEnvelope[SignalPage],
+        response_model=HistoryEnvelope[list[Signal]],
         responses={
             **error_responses,
             503: {"model": Envelope[None], "description": "database unavailable (signals have no in-memory copy)"},
@@ -424,6 +481,7 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
         current: Current,
         executed: Annotated[bool | None, Query(description="only signals that were (or were not) executed")] = None,
         symbol: SymbolFilter = None,
+        signal_id: SignalIdFilter = None,
         start_date: Annotated[IsoDateTime | None, Query(description=f"earliest generation time; {_DATE_HELP}")] = None,
         end_date: Annotated[IsoDateTime | None, Query(description=f"latest generation time; {_DATE_HELP}")] = None,
         limit: Limit = 100,
@@ -431,24 +489,28 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
         sort_by: Annotated[SignalSortColumn, Query(description="column to sort by")] = "generated_at",
         sort_order: Order = "desc",
     ) -> Response:
-        """Signals generated in the range that match every filter, one page, sorted."""
-        _check_range(start_date, end_date)
-        if current.breaker_state == "open":
-            raise ApiError(503, "database_unavailable", "the database is unavailable (circuit breaker open)")
-        with _database_read(memory_fallback=False):
-            result = await current.signals.query(
+        """Signals generated in the range that match every filter, one page, sorted.
+
+        ``data`` is the list of signals; ``page`` beside it says ``limit``, ``offset`` and the ``total`` matching.
+        """
+        with _invalid_query():
+            query = SignalQuery(
                 executed=executed,
                 symbol=symbol,
+                signal_id=signal_id,
                 start_date=start_date,
                 end_date=end_date,
                 limit=limit,
                 offset=offset,
                 sort_by=sort_by,
                 sort_order=sort_order,
-                with_total=True,
             )
-        page = SignalPage.model_construct(items=result.items, limit=limit, offset=offset, total=result.total or 0)
-        return _ok(HistoryEnvelope[SignalPage], page, source="database")
+        if current.breaker_state == "open":
+            raise ApiError(503, "database_unavailable", "the database is unavailable (circuit breaker open)")
+        with _database_read(memory_fallback=False):
+            result = await current.signals.query(query, with_total=True)
+        page = PageInfo(limit=limit, offset=offset, total=result.total or 0)
+        return _ok(HistoryEnvelope[list[Signal]], result.items, page=page, source="database")
 
     @api.get("/health", response_model=Envelope[Health], responses=error_responses, summary="The sidecar's state")
     async def health(current: Current) -> Response:
@@ -521,12 +583,8 @@ def health_of(sidecar: PersistenceSidecar) -> Health:
     )
 
 
-class _MemoryFallback(Exception):
-    """The database could not be read; answer from memory."""
-
-
 @contextlib.contextmanager
-def _database_read(*, memory_fallback: bool) -> Any:
+def _database_read(*, memory_fallback: bool) -> Iterator[None]:
     """Sort database read errors: bad parameters 422, a timeout 504, unavailability memory (or 503)."""
     try:
         yield
@@ -553,55 +611,6 @@ def database_unavailable(error: BaseException) -> bool:
     return isinstance(error, sa_exc.DBAPIError) and classify(error) == "transient"
 
 
-class TradeFilters:
-    """The history query's filters, sort and pagination, applied to the in-memory ``trade_history``.
-
-    Mirrors :meth:`~persistence.repositories.TradeRepository.query`: entry-time range inclusive, exact matches,
-    nulls last in both orders, ties broken by recording order.
-    """
-
-    def __init__(
-        self,
-        start_date: datetime | None,
-        end_date: datetime | None,
-        symbol: str | None,
-        session: str | None,
-        pattern_type: str | None,
-    ) -> None:
-        self.start_date = start_date
-        self.end_date = end_date
-        self.symbol = symbol
-        self.session = session.upper() if session is not None else None
-        self.pattern_type = pattern_type
-        if self.session is not None and self.session not in SESSIONS:
-            raise ApiError(422, "invalid_parameter", f"session: must be one of {', '.join(SESSIONS)}")
-
-    def matches(self, trade: Trade) -> bool:
-        """Whether ``trade`` passes every filter."""
-        return (
-            (self.start_date is None or trade.entry_time >= self.start_date)
-            and (self.end_date is None or trade.entry_time <= self.end_date)
-            and (self.symbol is None or trade.symbol == self.symbol)
-            and (self.session is None or trade.session == self.session)
-            and (self.pattern_type is None or trade.pattern_type == self.pattern_type)
-        )
-
-    def page(
-        self, history: Sequence[Trade], limit: int, offset: int, sort_by: str, sort_order: str
-    ) -> tuple[list[Trade], int]:
-        """One page of the matching trades, sorted, and how many match in all."""
-        if sort_by not in TRADE_SORT_COLUMNS:
-            raise ApiError(422, "invalid_parameter", f"sort_by: must be one of {', '.join(TRADE_SORT_COLUMNS)}")
-        descending = sort_order == "desc"
-        matching = [(position, trade) for position, trade in enumerate(history) if self.matches(trade)]
-        valued = [item for item in matching if getattr(item[1], sort_by) is not None]
-        nulls = [item for item in matching if getattr(item[1], sort_by) is None]
-        valued.sort(key=lambda item: (getattr(item[1], sort_by), item[0]), reverse=descending)
-        nulls.sort(key=lambda item: item[0], reverse=descending)
-        ordered = [trade for _, trade in (*valued, *nulls)]
-        return ordered[offset : offset + limit], len(ordered)
-
-
 # ---------------------------------------------------------------------------------------------- the app
 
 
@@ -625,11 +634,15 @@ def create_app(settings: Settings | None = None, *, sidecar: PersistenceSidecar 
             if owned:
                 await current.close()
 
-    app = FastAPI(
+    # FastAPIOffline is FastAPI with /docs and /redoc whose Swagger UI and ReDoc assets come from the installed
+    # fastapi-offline package (under /static-offline-docs), not a CDN: the page works on a machine with no internet.
+    app = FastAPIOffline(
         title="persistence-sidecar history API",
         version="1",
         description="Trades and signals persisted by the sidecar, its health, its run-time flag and its metrics.",
         lifespan=lifespan,
+        # No call to the public swagger.io validator either: nothing on the page leaves the machine.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.sidecar = current
     app.include_router(create_router(current))

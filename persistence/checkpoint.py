@@ -17,11 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import structlog
-
 from persistence.db import Database
+from persistence.logger import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 CHECKPOINT_INTERVAL = 0.25
 """Seconds between background checkpoints while commits keep coming."""

@@ -31,7 +31,8 @@ from persistence.journal import Journal, JournalError
 from persistence.logs import mask_secrets
 from persistence.migrations import current_revision, head_revision, upgrade
 from persistence.models import SESSIONS, Trade
-from persistence.repositories import MAX_PAGE_SIZE, TRADE_SORT_COLUMNS, Repositories
+from persistence.queries import MAX_PAGE_SIZE, TRADE_SORT_COLUMNS
+from persistence.repositories import Repositories
 from persistence.server import url_host
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
@@ -40,13 +41,8 @@ BACKUP_PAGES_PER_STEP = 256
 """Pages copied per step of SQLite's online backup; writers go on between steps."""
 
 
-def _secrets(settings: Settings) -> tuple[str, ...]:
-    token = settings.api_token.get_secret_value() if settings.api_token else ""
-    return (str(settings.url.password or ""), token)
-
-
 def _unreachable(settings: Settings, error: BaseException) -> int:
-    detail = mask_secrets(str(error).splitlines()[0] if str(error) else "", _secrets(settings))
+    detail = mask_secrets(str(error).splitlines()[0] if str(error) else "", settings.secrets)
     print(
         f"persistence-sidecar: the database is unreachable ({settings.safe_database_url}):"
         f" {type(error).__name__}: {detail}",
@@ -129,15 +125,23 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(report, indent=2, default=str))
         return 0
     server = report.pop("server")
+    tables: dict[str, int] = report.pop("tables", {})
+    width = max(len(name) for name in [*report, *tables, "server"])
     for key, value in report.items():
-        print(f"{key:>16}: {value}")
+        print(f"{key:>{width}}: {value}")
+        if key == "schema_revision":
+            # The table counts, one row each like the rest, right under the revision they were counted at.
+            if not tables:
+                print(f"{'tables':>{width}}: none (the schema is not migrated yet)")
+            for name, count in tables.items():
+                print(f"{name:>{width}}: {count} rows")
     if not server["running"]:
         state = f"not running (nothing answers at {server_url})"
     elif "error" in server:
         state = f"running at {server_url}, health refused: {server['error']} (is PERSISTENCE_API_TOKEN set?)"
     else:
         state = f"running at {server_url}, breaker {server['breaker']}"
-    print(f"{'server':>16}: {state}")
+    print(f"{'server':>{width}}: {state}")
     return 0
 
 
@@ -336,10 +340,10 @@ async def _serve(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from persistence.demo import DemoOptions, demo_settings, run_demo
+    from persistence.demo import DemoOptions, demo_overrides, demo_settings, run_demo
 
     options = DemoOptions(duration=args.duration, rate=args.rate, chaos=args.chaos, seed=args.seed)
-    return await run_demo(demo_settings(settings), options, sys.stdout)
+    return await run_demo(demo_settings(settings), options, sys.stdout, demo_overrides())
 
 
 def _positive(kind: type[float] | type[int]) -> Callable[[str], float]:
@@ -448,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(handler(args, settings))
     except PersistenceError as exc:
-        print(f"persistence-sidecar: {mask_secrets(str(exc), _secrets(settings))}", file=sys.stderr)
+        print(f"persistence-sidecar: {mask_secrets(str(exc), settings.secrets)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -128,6 +128,16 @@ class Settings(BaseSettings):
         return self.url.render_as_string(hide_password=True)
 
     @property
+    def secrets(self) -> tuple[str, ...]:
+        """What must never reach a log line or an error message: the database password and the API token.
+
+        The one list every mask uses (the sidecar's event logger, the CLI's process logging, its error lines).
+        """
+        token = self.api_token.get_secret_value() if self.api_token is not None else ""
+        password = self.url.password or ""
+        return tuple(secret for secret in (str(password), token) if secret)
+
+    @property
     def query_timeout(self) -> float:
         """``DATABASE_QUERY_TIMEOUT`` in seconds."""
         return self.query_timeout_ms / 1000.0

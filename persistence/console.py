@@ -1,10 +1,11 @@
 """The terminal side of the command line: a status line refreshed in place, and log lines that do not tear it.
 
 On a terminal the status line is redrawn with a carriage return; anything else printed (a log line, a notice) first
-clears it and then redraws it below, so the screen stays readable. When the output is not a terminal the status is
-printed as ordinary lines, at most every ``interval`` seconds. :func:`configure_console_logging` sends the
-process's log lines through the console (for ``demo`` and ``serve`` only: a library never configures its host's
-logging).
+clears it and then redraws it below, so the screen stays readable. When the output is not a terminal (a pipe, a log
+file, a container) the status goes out as a ``demo_status`` log event with its figures as fields, at most every
+``interval`` seconds, so the output is log lines only and never a mix of log lines and plain text.
+:func:`configure_console_logging` sends the process's log lines through the console (for ``demo`` and ``serve``
+only: a library never configures its host's logging).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from typing import TextIO, cast
+from typing import Any, TextIO, cast
 
 from persistence.config import Settings
+from persistence.logger import get_logger
 from persistence.logs import configure_logging
 
 _CLEAR_LINE = "\r\x1b[K"
@@ -23,15 +25,16 @@ _CLEAR_LINE = "\r\x1b[K"
 class StatusConsole:
     """Writes notices line by line and one status line kept at the bottom of a terminal."""
 
-    def __init__(self, out: TextIO | None = None, *, interval: float = 3.0) -> None:
+    def __init__(self, out: TextIO | None = None, *, interval: float = 3.0, logger: Any | None = None) -> None:
         self.out = out if out is not None else sys.stdout
         self.tty = self.out.isatty()
         self.interval = interval
+        self._log = logger if logger is not None else get_logger("persistence.demo")
         self._status = ""
         self._last_plain = 0.0
 
-    def status(self, text: str) -> None:
-        """Show ``text`` as the current status: in place on a terminal, else as a line every ``interval`` s."""
+    def status(self, text: str, **fields: Any) -> None:
+        """Show ``text`` as the current status in place on a terminal; elsewhere log ``fields`` every ``interval`` s."""
         if self.tty:
             # A line longer than the terminal wraps, and a carriage return then only rewinds its last row.
             text = text[: max(shutil.get_terminal_size().columns - 1, 20)]
@@ -42,8 +45,7 @@ class StatusConsole:
         now = time.monotonic()
         if now - self._last_plain >= self.interval:
             self._last_plain = now
-            self.out.write(text + "\n")
-            self.out.flush()
+            self._log.info("demo_status", **fields)
 
     def line(self, text: str, stream: TextIO | None = None) -> None:
         """Print ``text`` as a line of its own (to ``stream``, default the console's), keeping the status line."""

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, ExceptionContext
 from sqlalchemy.exc import DBAPIError
@@ -30,18 +29,45 @@ from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 from persistence.config import Settings
 from persistence.errors import DatabaseUnavailableError, QueryTimeoutError
+from persistence.logger import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 
 _BEGIN_OPTION = "persistence_begin"
 _TIMER_KEY = "persistence_timeout_timer"
-_FIRED_KEY = "persistence_timeout_fired"
-_INTERRUPT_KEY = "persistence_interrupt_task"
 SQLITE_MAX_BUSY_MS = 1000
 """Upper bound of SQLite's busy wait per statement; retries above it handle longer locks."""
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 """Log size at which a commit checkpoints by itself: a backstop, the writer checkpoints in the background first."""
+
+
+class InterruptTimer:
+    """Interrupts one SQLite statement that overruns ``DATABASE_QUERY_TIMEOUT``: the one timer every statement uses.
+
+    Armed on the event loop when the statement starts; when it fires it calls aiosqlite's ``interrupt()``, which
+    calls ``sqlite3.Connection.interrupt()`` directly (safe from another thread) instead of queueing behind the
+    running statement. :meth:`timed_out` tells an "interrupted" error caused by this timer from any other.
+    """
+
+    def __init__(self, driver: Any, seconds: float) -> None:
+        self._driver = driver
+        self._loop = asyncio.get_running_loop()
+        self.fired = False
+        self._interrupt: asyncio.Task[None] | None = None  # kept so the task is not collected mid-flight
+        self._handle = self._loop.call_later(seconds, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        self._interrupt = self._loop.create_task(self._driver.interrupt())
+
+    def cancel(self) -> None:
+        """Disarm: the statement finished (or failed) in time."""
+        self._handle.cancel()
+
+    def timed_out(self, error: BaseException) -> bool:
+        """Whether ``error`` is the statement being interrupted by this timer."""
+        return self.fired and "interrupted" in str(error).lower()
 
 
 class Database:
@@ -99,20 +125,11 @@ class Database:
 
     async def _bounded(self, driver: Any, sql: str, call: Callable[[], Awaitable[T]]) -> T:
         """Await ``call`` (one statement on the aiosqlite ``driver``), interrupting it past the query timeout."""
-        loop = asyncio.get_running_loop()
-        fired = False
-
-        def interrupt() -> None:
-            nonlocal fired
-            fired = True
-            interrupts.append(loop.create_task(driver.interrupt()))
-
-        interrupts: list[asyncio.Task[None]] = []
-        timer = loop.call_later(self.settings.query_timeout, interrupt)
+        timer = InterruptTimer(driver, self.settings.query_timeout)
         try:
             return await call()
         except sqlite3.Error as error:
-            if fired and "interrupted" in str(error).lower():
+            if timer.timed_out(error):
                 raise QueryTimeoutError(self.settings.query_timeout_ms, sql) from error
             raise DBAPIError.instance(sql, None, error, sqlite3.Error) from error
         finally:
@@ -232,19 +249,8 @@ def _install_sqlite_hooks(
     @event.listens_for(sync_engine, "before_cursor_execute")
     def _arm_timer(conn: Connection, _cursor: Any, _stmt: str, _params: Any, context: Any, _many: bool) -> None:
         driver = _driver_connection(conn)
-        if driver is None:
-            return
-        loop = asyncio.get_running_loop()
-        info = conn.info
-        info[_FIRED_KEY] = False
-
-        def _interrupt() -> None:
-            info[_FIRED_KEY] = True
-            # sqlite3.Connection.interrupt() is safe to call from another thread; aiosqlite's interrupt()
-            # calls it directly instead of queueing behind the running statement.
-            info[_INTERRUPT_KEY] = loop.create_task(driver.interrupt())
-
-        info[_TIMER_KEY] = loop.call_later(timeout_ms / 1000.0, _interrupt)
+        if driver is not None:
+            conn.info[_TIMER_KEY] = InterruptTimer(driver, timeout_ms / 1000.0)
 
     @event.listens_for(sync_engine, "after_cursor_execute")
     def _disarm_timer(conn: Connection, *_args: Any) -> None:
@@ -257,10 +263,11 @@ def _install_sqlite_hooks(
         conn = context.connection
         if conn is None:
             return None
-        timer = conn.info.pop(_TIMER_KEY, None)
-        if timer is not None:
-            timer.cancel()
-        if conn.info.pop(_FIRED_KEY, False) and "interrupted" in str(context.original_exception).lower():
+        timer: InterruptTimer | None = conn.info.pop(_TIMER_KEY, None)
+        if timer is None:
+            return None
+        timer.cancel()
+        if timer.timed_out(context.original_exception):
             return QueryTimeoutError(timeout_ms, context.statement)
         return None
 

@@ -4,10 +4,12 @@ Prices random-walk on a few symbols; the orchestrator emits signals, acts on abo
 trade (and marking the signal executed), and closes each trade a few seconds later, recording it again with its
 exit price and P&L. The sidecar persists all of it while the history API and ``/metrics`` are served from the same
 event loop. A status line shows the rate, what is persisted, the backlog in RAM and in the journal, the breaker and
-the p95 record-to-commit latency. With ``--chaos`` the database is taken away every so often (a second connection
-holds ``BEGIN EXCLUSIVE``), so the breaker can be seen to open, half-open, close and backfill. Ctrl-C or SIGTERM
-stops the simulation, waits for the backlog to reach the database, closes the sidecar and prints a summary whose
-trade count is checked against the database.
+the p95 record-to-commit latency (off a terminal: a ``demo_status`` log event). With ``--chaos`` the database is
+taken away every so often (:class:`persistence.testing.DatabaseLock`: another connection holds the write lock), so
+the breaker can be seen to open, half-open, close and backfill; at INFO each outage is one ``database_outage``
+warning and one ``database_recovered`` line (``PERSISTENCE_LOG_LEVEL=DEBUG`` shows every sidecar event). The demo's
+shorter timings are printed at its start. Ctrl-C or SIGTERM stops the simulation, waits for the backlog to reach
+the database, closes the sidecar and prints a summary whose trade count is checked against the database.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import os
 import random
 import secrets
 import signal
-import sqlite3
 import sys
 import time
 from array import array
@@ -26,7 +27,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, TextIO
 
 from sqlalchemy import text
@@ -38,9 +38,13 @@ from persistence.console import StatusConsole, configure_console_logging
 from persistence.db import create_database, sqlite_path
 from persistence.events import BatchCommitted, BreakerChanged, Event
 from persistence.journal import Journal
+from persistence.logger import get_logger
+from persistence.logs import EventLogger
 from persistence.models import utc_now
+from persistence.outages import OutageSummary
 from persistence.server import ApiServer
 from persistence.sidecar import PersistenceSidecar
+from persistence.testing import DatabaseLock
 
 SYMBOLS: dict[str, Decimal] = {
     "EURUSD": Decimal("1.08420"),
@@ -76,11 +80,28 @@ class DemoOptions:
     seed: int | None = None
 
 
+log = get_logger("persistence.demo")
+
+
+def demo_overrides(environ: dict[str, str] | None = None) -> dict[str, tuple[str, Any]]:
+    """The demo's own defaults that apply: ``{setting: (variable, value)}`` for each variable the environment lacks."""
+    env = {key.upper() for key in (environ if environ is not None else os.environ)}
+    return {name: (variable, value) for name, (variable, value) in DEMO_OVERRIDES.items() if variable not in env}
+
+
 def demo_settings(settings: Settings, environ: dict[str, str] | None = None) -> Settings:
     """``settings`` with the demo's shorter timings, except where the environment sets them explicitly."""
-    env = {key.upper() for key in (environ if environ is not None else os.environ)}
-    update = {name: value for name, (variable, value) in DEMO_OVERRIDES.items() if variable not in env}
+    update = {name: value for name, (_, value) in demo_overrides(environ).items()}
     return settings.model_copy(update=update)
+
+
+def describe_overrides(overrides: dict[str, tuple[str, Any]]) -> str:
+    """One line naming the demo's changed defaults, for the start of the demo and the README."""
+    changed = [f"{variable}={value:g}" for variable, value in sorted(overrides.values())]
+    retry = f"write retries {DEMO_RETRY.attempts} attempts within {DEMO_RETRY.max_seconds:g} s"
+    if not changed:
+        return f"{retry} (every other setting from the environment)"
+    return f"{', '.join(changed)}, {retry} (set a variable to override)"
 
 
 @dataclass(slots=True)
@@ -272,12 +293,10 @@ class Latencies:
 
 
 class Chaos:
-    """Takes a SQLite database away now and then: another connection holds ``BEGIN EXCLUSIVE``."""
+    """Takes the database away now and then: :class:`~persistence.testing.DatabaseLock` holds its write lock."""
 
-    def __init__(self, path: Path, console: StatusConsole) -> None:
-        self._path = path
-        self._console = console
-        self._connection: sqlite3.Connection | None = None
+    def __init__(self, database_url: str) -> None:
+        self._lock = DatabaseLock(database_url)
         self.outages = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -285,34 +304,20 @@ class Chaos:
         try:
             delay = CHAOS_FIRST_AFTER
             while not await _wait(stop, delay):
-                await self._lock()
+                await self._lock.acquire()
+                self.outages += 1
+                log.debug("chaos_lock_taken", hold_seconds=CHAOS_HOLD)
                 await _wait(stop, CHAOS_HOLD)
                 await self.release()
                 delay = CHAOS_CALM
         finally:
             await self.release()
 
-    async def _lock(self) -> None:
-        def lock() -> sqlite3.Connection:
-            connection = sqlite3.connect(self._path, isolation_level=None, timeout=10.0, check_same_thread=False)
-            connection.execute("BEGIN EXCLUSIVE")
-            return connection
-
-        self._connection = await asyncio.to_thread(lock)
-        self.outages += 1
-        self._console.line(f"chaos: the database is locked by another connection for {CHAOS_HOLD:g} s")
-
     async def release(self) -> None:
         """Give the database back (idempotent)."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            await asyncio.to_thread(_rollback_and_close, connection)
-            self._console.line("chaos: the database is back")
-
-
-def _rollback_and_close(connection: sqlite3.Connection) -> None:
-    connection.rollback()
-    connection.close()
+        if self._lock.held:
+            await self._lock.release()
+            log.debug("chaos_lock_released")
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> bool:
@@ -346,15 +351,27 @@ class DemoResult:
         return self.trades_recorded - self.trades_in_database
 
 
-async def run_demo(settings: Settings, options: DemoOptions, out: TextIO | None = None) -> int:
-    """Run the demo until ``options.duration`` passes or a signal arrives; returns the exit status."""
+async def run_demo(
+    settings: Settings,
+    options: DemoOptions,
+    out: TextIO | None = None,
+    overrides: dict[str, tuple[str, Any]] | None = None,
+) -> int:
+    """Run the demo until ``options.duration`` passes or a signal arrives; returns the exit status.
+
+    ``overrides`` are the demo defaults applied to ``settings`` (see :func:`demo_overrides`), printed at the start.
+    """
+    overrides = overrides if overrides is not None else {}
     console = StatusConsole(out)
     configure_console_logging(settings, console)
     run_id = secrets.token_hex(3)
     rng = random.Random(options.seed)  # noqa: S311 - a simulation, not cryptography
     path = sqlite_path(settings.url) if settings.is_sqlite else None
     latencies = Latencies()
-    sidecar = PersistenceSidecar(settings, retry=DEMO_RETRY)
+    sidecar = PersistenceSidecar(settings, retry=DEMO_RETRY, log_events=False)
+    event_logger = EventLogger(secrets=settings.secrets)
+    # At INFO an outage is two lines (database_outage, database_recovered); DEBUG shows every sidecar event.
+    sidecar.events.subscribe(event_logger if settings.log_level == "DEBUG" else OutageSummary(event_logger, log))
     sidecar.events.subscribe(latencies)
     server = ApiServer(create_app(sidecar=sidecar), settings.api_host, settings.api_port)
 
@@ -363,11 +380,10 @@ async def run_demo(settings: Settings, options: DemoOptions, out: TextIO | None 
     console.line(f"  journal   {settings.journal_dir.resolve()}")
     console.line(f"  API       {server.base_url}/api/v1/trades/history   (health: {server.base_url}/api/v1/health)")
     console.line(f"  metrics   {server.base_url}/metrics")
-    chaos_note = ", chaos on" if options.chaos and path is not None else ""
+    chaos_note = f", chaos on (the database locked {CHAOS_HOLD:g} s in every {CHAOS_CALM:g} s)" if options.chaos else ""
     length = f"{options.duration:g} s" if options.duration is not None else "until Ctrl-C"
     console.line(f"  running   {options.rate:g} records/s, {length}{chaos_note}")
-    if options.chaos and path is None:
-        console.line("  (--chaos needs SQLite; running without it)")
+    console.line(f"  defaults  {describe_overrides(overrides)}")
 
     stop = asyncio.Event()
     hurry = asyncio.Event()
@@ -386,7 +402,7 @@ async def run_demo(settings: Settings, options: DemoOptions, out: TextIO | None 
 
     started = time.monotonic()
     orchestrator = Orchestrator(sidecar, rng, run_id)
-    chaos = Chaos(path, console) if options.chaos and path is not None else None
+    chaos = Chaos(settings.database_url) if options.chaos else None
     chaos_task: asyncio.Task[None] | None = None
     try:
         await sidecar.start()
@@ -441,26 +457,38 @@ async def _simulate(
             window.append((now, orchestrator.tally.records))
             while len(window) > 2 and now - window[0][0] > 5.0:
                 window.popleft()
-            console.status(_status_line(sidecar, latencies, window, elapsed))
+            line, fields = _status(sidecar, latencies, window, elapsed)
+            console.status(line, **fields)
             next_status = now + 0.5
         await _wait(stop, tick)
 
 
-def _status_line(
+def _status(
     sidecar: PersistenceSidecar,
     latencies: Latencies,
     window: deque[tuple[float, int]],
     elapsed: float,
-) -> str:
+) -> tuple[str, dict[str, Any]]:
+    """The status line for a terminal, and the same figures as log fields."""
     (t0, n0), (t1, n1) = window[0], window[-1]
     rate = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
     health = sidecar.health().to_dict()
     p95 = Latencies.p95(latencies.recent)
-    return (
-        f"{elapsed:5.0f}s  {rate:4.0f} rec/s  persisted {health['counts']['persisted']:<6}"
-        f"  queue {health['queue']:<5}  journal {health['journal']:<5}  breaker {health['breaker']:<9}"
+    fields: dict[str, Any] = {
+        "elapsed_s": round(elapsed),
+        "rate_per_s": round(rate),
+        "persisted": health["counts"]["persisted"],
+        "queue": health["queue"],
+        "journal": health["journal"],
+        "breaker": health["breaker"],
+        "p95_ms": round(p95 * 1000, 1) if p95 is not None else None,
+    }
+    line = (
+        f"{elapsed:5.0f}s  {rate:4.0f} rec/s  persisted {fields['persisted']:<6}"
+        f"  queue {fields['queue']:<5}  journal {fields['journal']:<5}  breaker {fields['breaker']:<9}"
         f"  p95 {_duration(p95)}"
     )
+    return line, fields
 
 
 def _duration(seconds: float | None) -> str:
@@ -570,4 +598,5 @@ def _print_summary(console: StatusConsole, result: DemoResult) -> None:
 
 def main(settings: Settings, options: DemoOptions) -> int:
     """Run the demo in a new event loop (the CLI's entry point)."""
-    return asyncio.run(run_demo(demo_settings(settings), options, sys.stdout))
+    overrides = demo_overrides()
+    return asyncio.run(run_demo(demo_settings(settings), options, sys.stdout, overrides))

@@ -7,6 +7,7 @@ input are also ``ValueError`` and timeouts are also ``TimeoutError``, so generic
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -105,3 +106,24 @@ class RecordDroppedError(PersistenceError):
         self.key = key
         self.reason = reason
         super().__init__(f"{entity} {key!r} was dropped: {reason}")
+
+
+class JournalError(PersistenceError):
+    """The journal could not read or write its files, or was used after it was closed.
+
+    ``path`` is the file or directory concerned. When the failure came from the operating system the
+    original :class:`OSError` is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(f"{message}: {path}")
+        self.path = path
+
+
+class ApiPortUnavailableError(PersistenceError):
+    """The API's host and port could not be bound (``host``, ``port``, the ``OSError`` as ``__cause__``)."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host = host
+        self.port = port
+        super().__init__(f"cannot listen on {host}:{port}: {reason} (set PERSISTENCE_API_PORT / PERSISTENCE_API_HOST)")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import threading
 from wsgiref.simple_server import WSGIServer
 
-import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-log = structlog.get_logger("persistence.exporter")
+from persistence.logger import get_logger
+
+log = get_logger("persistence.exporter")
 
 DEFAULT_HOST = "127.0.0.1"
 

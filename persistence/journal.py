@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from persistence.errors import PersistenceError
+from persistence.errors import JournalError
 
 __all__ = ["Journal", "JournalEntry", "JournalError", "encode_line", "write_durably"]
 
@@ -37,18 +37,6 @@ _CHECKPOINT_TMP = "checkpoint.json.tmp"
 
 # A position in the journal: (segment number, byte offset in that segment). Tuples compare in journal order.
 _Position = tuple[int, int]
-
-
-class JournalError(PersistenceError):
-    """The journal could not read or write its files, or was used after :meth:`Journal.close`.
-
-    ``path`` is the file or directory concerned. When the failure came from the operating system the
-    original :class:`OSError` is the ``__cause__``.
-    """
-
-    def __init__(self, message: str, path: Path) -> None:
-        super().__init__(f"{message}: {path}")
-        self.path = path
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,10 @@ database password or the API token never reaches a log line.
 
 :func:`configure_logging` is for the edge (the CLI, the demo, a host that wants our format): JSON lines in
 production, a console renderer on a TTY, and the standard library's loggers (SQLAlchemy, Alembic, uvicorn) rendered
-through the same processors. Importing this package never configures logging; an embedding application keeps its
-own set-up, and the sidecar's structlog lines simply flow into it.
+through the same processors. Importing this package never configures logging: the library logs through the
+standard-library logger ``persistence`` (see :mod:`persistence.logger`), so an embedding application's own logging
+configuration decides what is shown and where, and with none nothing below WARNING appears and nothing goes to
+stdout.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from persistence.events import (
     WriteFailed,
     WriteRetried,
 )
+from persistence.logger import get_logger
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<password>[^@\s]+)@")
 _BREAKER_EVENTS = {"open": "circuit_opened", "half_open": "circuit_half_open", "closed": "circuit_closed"}
@@ -56,18 +59,26 @@ def mask_secrets(text: str, secrets: tuple[str, ...] = ()) -> str:
     return masked
 
 
-def settings_secrets(settings: Settings) -> tuple[str, ...]:
-    """The secret strings of ``settings`` that must never be logged: the database password and the API token."""
-    token = settings.api_token.get_secret_value() if settings.api_token is not None else ""
-    password = settings.url.password or ""
-    return tuple(secret for secret in (str(password), token) if secret)
+_LIBRARY_LOGGER = logging.getLogger("persistence")
+
+
+def _never() -> bool:
+    return False
+
+
+def _debug_dropped() -> bool:
+    """Whether a DEBUG line of the library's logger would be dropped: structlog unconfigured, stdlib level above."""
+    return not structlog.is_configured() and not _LIBRARY_LOGGER.isEnabledFor(logging.DEBUG)
 
 
 class EventLogger:
     """Turns sidecar events into structlog lines."""
 
     def __init__(self, logger: Any | None = None, secrets: tuple[str, ...] = ()) -> None:
-        self._log = logger if logger is not None else structlog.get_logger("persistence")
+        self._log = logger if logger is not None else get_logger("persistence")
+        # With the library's own logger, a DEBUG line the host's logging would drop is not even built: a committed
+        # batch is a DEBUG line, and at a steady 1000 records/s there is one every millisecond or so.
+        self._quiet_debug: Callable[[], bool] = _never if logger is not None else _debug_dropped
         self._secrets = secrets
 
     def _error(self, text: str) -> str:
@@ -76,6 +87,8 @@ class EventLogger:
     def __call__(self, event: Event) -> None:
         log = self._log
         match event:
+            case BatchCommitted() | JournalSynced() if self._quiet_debug():
+                return
             case BatchCommitted():
                 latencies = [latency for _, latency in event.latencies]
                 log.debug(
@@ -244,7 +257,7 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> lo
     """
     out = stream if stream is not None else sys.stderr
     level = logging.getLevelNamesMapping()[settings.log_level]
-    secrets = settings_secrets(settings)
+    secrets = settings.secrets
     console = wants_console(settings.log_format, out)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,

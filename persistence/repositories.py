@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar, get_args
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -46,33 +46,22 @@ from persistence.models import (
     to_utc,
     utc_now,
 )
+
+# The sort whitelists and the query objects live in persistence.queries; their names stay importable from here.
+from persistence.queries import (  # noqa: F401
+    MAX_PAGE_SIZE,
+    SIGNAL_SORT_COLUMNS,
+    TRADE_SORT_COLUMNS,
+    SignalQuery,
+    SignalSortColumn,
+    SortOrder,
+    TradeQuery,
+    TradeSortColumn,
+)
 from persistence.rowcodec import DriverBatch, RowReader
 from persistence.schema import dead_letters, parameter_history, performance_snapshots, signals, trades
 
 RecordT = TypeVar("RecordT", bound=Record)
-SortOrder = Literal["asc", "desc"]
-
-TradeSortColumn = Literal[
-    "entry_time",
-    "exit_time",
-    "created_at",
-    "updated_at",
-    "symbol",
-    "trade_id",
-    "entry_price",
-    "exit_price",
-    "position_size",
-    "pnl",
-    "pnl_percentage",
-    "confidence_score",
-    "risk_reward_ratio",
-]
-"""The only columns trades can be sorted by (the API's schema is generated from this type)."""
-SignalSortColumn = Literal["generated_at", "created_at", "symbol", "signal_id", "confidence", "entry_price"]
-"""The only columns signals can be sorted by."""
-TRADE_SORT_COLUMNS: tuple[str, ...] = get_args(TradeSortColumn)
-SIGNAL_SORT_COLUMNS: tuple[str, ...] = get_args(SignalSortColumn)
-MAX_PAGE_SIZE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,34 +209,18 @@ class TradeRepository:
         return await self._fetch(self._select.where(*conditions).order_by(trades.c.entry_time, trades.c.id))
 
     async def query(
-        self,
-        *,
-        start_date: datetime | None = None,
-        end_date: datetime | None = None,
-        symbol: str | None = None,
-        session: str | None = None,
-        pattern_type: str | None = None,
-        limit: int = 100,
-        offset: int = 0,
-        sort_by: str = "entry_time",
-        sort_order: SortOrder = "desc",
-        with_total: bool = False,
+        self, query: TradeQuery | None = None, /, *, with_total: bool = False, **filters: Any
     ) -> Page[Trade]:
-        """Trades matching every given filter (entry-time range inclusive), one page, sorted by a whitelisted column."""
-        _check_page(limit, offset)
-        order = _order(trades, TRADE_SORT_COLUMNS, sort_by, sort_order)
-        conditions = _date_range(trades.c.entry_time, start_date, end_date)
-        if symbol is not None:
-            conditions.append(trades.c.symbol == symbol)
-        if session is not None:
-            if session.upper() not in SESSIONS:
-                raise InvalidQueryError("session", f"must be one of {', '.join(SESSIONS)}")
-            conditions.append(trades.c.session == session.upper())
-        if pattern_type is not None:
-            conditions.append(trades.c.pattern_type == pattern_type)
-        items = await self._fetch(self._select.where(*conditions).order_by(*order).limit(limit).offset(offset))
+        """Trades matching a :class:`~persistence.queries.TradeQuery` (or its fields given as keywords), one page.
+
+        ``with_total`` also counts every matching trade over all pages.
+        """
+        query = query if query is not None else TradeQuery(**filters)
+        conditions = query.conditions()
+        statement = self._select.where(*conditions).order_by(*query.order_by()).limit(query.limit)
+        items = await self._fetch(statement.offset(query.offset))
         total = await _count(self._db, trades, conditions) if with_total else None
-        return Page(items=items, limit=limit, offset=offset, total=total)
+        return Page(items=items, limit=query.limit, offset=query.offset, total=total)
 
     async def count(self) -> int:
         """How many trades the table holds."""
@@ -334,29 +307,18 @@ class SignalRepository:
         return await self._fetch(self._select.where(signals.c.executed == executed).order_by(*order).limit(limit))
 
     async def query(
-        self,
-        *,
-        executed: bool | None = None,
-        symbol: str | None = None,
-        start_date: datetime | None = None,
-        end_date: datetime | None = None,
-        limit: int = 100,
-        offset: int = 0,
-        sort_by: str = "generated_at",
-        sort_order: SortOrder = "desc",
-        with_total: bool = False,
+        self, query: SignalQuery | None = None, /, *, with_total: bool = False, **filters: Any
     ) -> Page[Signal]:
-        """Signals matching every given filter (generation-time range inclusive), one page."""
-        _check_page(limit, offset)
-        order = _order(signals, SIGNAL_SORT_COLUMNS, sort_by, sort_order)
-        conditions = _date_range(signals.c.generated_at, start_date, end_date)
-        if executed is not None:
-            conditions.append(signals.c.executed == executed)
-        if symbol is not None:
-            conditions.append(signals.c.symbol == symbol)
-        items = await self._fetch(self._select.where(*conditions).order_by(*order).limit(limit).offset(offset))
+        """Signals matching a :class:`~persistence.queries.SignalQuery` (or its fields given as keywords), one page.
+
+        ``with_total`` also counts every matching signal over all pages.
+        """
+        query = query if query is not None else SignalQuery(**filters)
+        conditions = query.conditions()
+        statement = self._select.where(*conditions).order_by(*query.order_by()).limit(query.limit)
+        items = await self._fetch(statement.offset(query.offset))
         total = await _count(self._db, signals, conditions) if with_total else None
-        return Page(items=items, limit=limit, offset=offset, total=total)
+        return Page(items=items, limit=query.limit, offset=query.offset, total=total)
 
     async def _fetch(self, statement: Select[Any]) -> list[Signal]:
         reader = self._reader

@@ -16,16 +16,9 @@ from typing import Any
 
 import uvicorn
 
-from persistence.errors import PersistenceError
+from persistence.errors import ApiPortUnavailableError, PersistenceError
 
-
-class ApiPortUnavailableError(PersistenceError):
-    """The API's host and port could not be bound (``host``, ``port``, the ``OSError`` as ``__cause__``)."""
-
-    def __init__(self, host: str, port: int, reason: str) -> None:
-        self.host = host
-        self.port = port
-        super().__init__(f"cannot listen on {host}:{port}: {reason} (set PERSISTENCE_API_PORT / PERSISTENCE_API_HOST)")
+__all__ = ["ApiPortUnavailableError", "ApiServer", "bind", "url_host"]
 
 
 class _QuietServer(uvicorn.Server):

@@ -432,8 +432,8 @@ class DatabaseLock:
         """Give the lock back (idempotent)."""
         sqlite_connection, self._sqlite = self._sqlite, None
         if sqlite_connection is not None:
-            sqlite_connection.rollback()
-            sqlite_connection.close()
+            # Off the loop, like the acquisition: the demo's chaos mode uses this lock while trading goes on.
+            await asyncio.to_thread(_rollback_and_close, sqlite_connection)
         pg_connection, self._pg = self._pg, None
         if pg_connection is not None:
             try:
@@ -447,6 +447,11 @@ class DatabaseLock:
 
     async def __aexit__(self, *_: object) -> None:
         await self.release()
+
+
+def _rollback_and_close(connection: sqlite3.Connection) -> None:
+    connection.rollback()
+    connection.close()
 
 
 def _exclusive_sqlite(path: str) -> sqlite3.Connection:

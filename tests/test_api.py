@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from persistence import PersistenceSidecar
-from persistence.api import HistoryEnvelope, TradePage, create_app, create_router
+from persistence.api import HistoryEnvelope, create_app, create_router, health_of
 from persistence.config import Settings
 from persistence.migrations import head_revision
 from persistence.models import Trade
@@ -68,7 +68,7 @@ def client_for(app: FastAPI) -> httpx.AsyncClient:
 
 def ids(response: httpx.Response) -> list[str]:
     body = response.json()
-    return [item.get("trade_id") or item.get("signal_id") for item in body["data"]["items"]]
+    return [item.get("trade_id") or item.get("signal_id") for item in body["data"]]
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -126,7 +126,7 @@ async def test_trade_history_without_filters_is_newest_first_with_total_and_sour
     body = response.json()
     assert body["error"] is None and body["source"] == "database"
     assert ids(response) == expected(lambda row, i: True)
-    assert (body["data"]["limit"], body["data"]["offset"], body["data"]["total"]) == (100, 0, 12)
+    assert (body["page"]["limit"], body["page"]["offset"], body["page"]["total"]) == (100, 0, 12)
 
 
 @pytest.mark.parametrize(
@@ -167,19 +167,19 @@ async def test_every_trade_filter_selects_exactly_the_matching_trades(
     response = await client.get(HISTORY, params=params)
     assert response.status_code == 200, response.text
     assert ids(response) == expected(predicate)
-    assert response.json()["data"]["total"] == len(expected(predicate))
+    assert response.json()["page"]["total"] == len(expected(predicate))
 
 
 async def test_pagination_walks_every_trade_once_with_limit_and_offset(client: httpx.AsyncClient) -> None:
     seen: list[str] = []
     for offset in range(0, 12, 5):
         response = await client.get(HISTORY, params={"limit": 5, "offset": offset, "sort_by": "trade_id"})
-        page = response.json()["data"]
-        assert page["limit"] == 5 and page["offset"] == offset and page["total"] == 12
+        page = response.json()["page"]
+        assert page == {"limit": 5, "offset": offset, "total": 12}
         seen += ids(response)
     assert seen == sorted((f"API-{i:02d}" for i in range(12)), reverse=True)
     past_the_end = await client.get(HISTORY, params={"offset": 12})
-    assert ids(past_the_end) == [] and past_the_end.json()["data"]["total"] == 12
+    assert ids(past_the_end) == [] and past_the_end.json()["page"]["total"] == 12
     biggest = await client.get(HISTORY, params={"limit": 1000})
     assert len(ids(biggest)) == 12
 
@@ -187,7 +187,7 @@ async def test_pagination_walks_every_trade_once_with_limit_and_offset(client: h
 @pytest.mark.parametrize("order", ["asc", "desc"])
 async def test_sorting_by_pnl_is_numeric_with_negatives_and_nulls_last(client: httpx.AsyncClient, order: str) -> None:
     response = await client.get(HISTORY, params={"sort_by": "pnl", "sort_order": order})
-    pnls = [item["pnl"] for item in response.json()["data"]["items"]]
+    pnls = [item["pnl"] for item in response.json()["data"]]
     assert pnls[-1] is None
     values = [Decimal(p) for p in pnls[:-1]]
     assert values == sorted(values, reverse=order == "desc")
@@ -386,11 +386,11 @@ async def test_while_the_breaker_is_open_trade_reads_come_from_memory_and_signal
             )
             # UNSAVED (-5000) is first, only in memory; offset 1 skips it.
             assert ids(response) == [trade_id for _, trade_id in eurusd[:3]]
-            assert body["data"]["total"] == 1 + sum(1 for r in SEED if r["symbol"] == "EURUSD")
+            assert body["page"]["total"] == 1 + sum(1 for r in SEED if r["symbol"] == "EURUSD")
             assert {"event": "history_read_from_memory", "correlation_id": "during-outage"}.items() <= logs[0].items()
 
             first = await http.get(HISTORY, params={"symbol": "EURUSD", "sort_by": "pnl", "sort_order": "asc"})
-            assert ids(first)[0] == "UNSAVED" and first.json()["data"]["items"][-1]["pnl"] is None
+            assert ids(first)[0] == "UNSAVED" and first.json()["data"][-1]["pnl"] is None
             dated = await http.get(HISTORY, params={"start_date": "2026-03-02T17:00:00Z", "session": "NY"})
             assert ids(dated) == ["API-10", "API-09"] and dated.json()["source"] == "memory"
 
@@ -450,8 +450,8 @@ async def test_signal_history_filters_sorts_and_pages(client: httpx.AsyncClient)
     by_confidence = await client.get(SIGNALS, params={"sort_by": "confidence", "sort_order": "asc"})
     assert ids(by_confidence) == ["SIG-1", "SIG-2", "SIG-0"]
     page = await client.get(SIGNALS, params={"limit": 1, "offset": 1})
-    assert ids(page) == ["SIG-1"] and page.json()["data"]["total"] == 3 and page.json()["source"] == "database"
-    assert page.json()["data"]["items"][0]["confidence"] == "0.55000000"
+    assert ids(page) == ["SIG-1"] and page.json()["page"]["total"] == 3 and page.json()["source"] == "database"
+    assert page.json()["data"][0]["confidence"] == "0.55000000"
 
 
 # ---------------------------------------------------------------------------------------------- health, flag, metrics
@@ -465,6 +465,24 @@ async def test_health_reports_flag_breaker_backlog_database_and_schema(client: h
     assert data["queue"] == 0 and data["journal"] == 0
     assert data["db"]["reachable"] is True and data["schema_revision"] == head_revision()
     assert data["counts"]["persisted"] == 12 + 3 + 2
+
+
+@pytest.mark.parametrize("key", ["schema", "schema_revision"])
+async def test_health_says_schema_revision_whichever_name_the_sidecar_uses(
+    sidecar: PersistenceSidecar, key: str
+) -> None:
+    raw = sidecar.health()
+    revision = raw.pop("schema_revision", raw.pop("schema", None))
+    assert revision == head_revision()
+
+    class Renamed:
+        settings = sidecar.settings
+        trade_history = sidecar.trade_history
+
+        def health(self) -> dict[str, Any]:
+            return {**raw, key: revision}
+
+    assert health_of(Renamed()).schema_revision == head_revision()  # type: ignore[arg-type]
 
 
 async def test_put_persistence_flips_the_flag_and_back(client: httpx.AsyncClient, sidecar: PersistenceSidecar) -> None:
@@ -523,6 +541,8 @@ async def test_openapi_lists_the_endpoints_parameters_and_response_models(client
         "symbol",
         "session",
         "pattern_type",
+        "trade_id",
+        "signal_id",
         "limit",
         "offset",
         "sort_by",
@@ -532,12 +552,23 @@ async def test_openapi_lists_the_endpoints_parameters_and_response_models(client
     assert params["sort_by"]["schema"]["enum"] == list(TRADE_SORT_COLUMNS)
     assert params["sort_order"]["schema"]["enum"] == ["asc", "desc"]
     signal_params = {p["name"] for p in paths["/api/v1/signals/history"]["get"]["parameters"]}
-    assert {"executed", "symbol", "start_date", "end_date", "limit", "offset", "sort_by", "sort_order"} == signal_params
+    assert {
+        "executed",
+        "symbol",
+        "signal_id",
+        "start_date",
+        "end_date",
+        "limit",
+        "offset",
+        "sort_by",
+        "sort_order",
+    } == signal_params
 
     schemas = document["components"]["schemas"]
     ok = history["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
     envelope = schemas[ok]["properties"]
-    assert {"data", "error", "correlation_id", "source"} <= set(envelope)
+    assert {"data", "error", "correlation_id", "page", "source"} <= set(envelope)
+    assert envelope["data"]["anyOf"][0]["type"] == "array"
     assert set(history["responses"]) >= {"200", "401", "422", "504"}
     trade_schema = next(
         schema for name, schema in schemas.items() if name.startswith("Trade") and "pnl" in schema.get("properties", {})
@@ -549,8 +580,9 @@ async def test_openapi_lists_the_endpoints_parameters_and_response_models(client
 
 async def test_a_real_answer_validates_against_the_documented_model(client: httpx.AsyncClient) -> None:
     body = (await client.get(HISTORY, params={"limit": 3})).json()
-    parsed = HistoryEnvelope[TradePage].model_validate(body)
-    assert parsed.data is not None and len(parsed.data.items) == 3 and parsed.source == "database"
+    parsed = HistoryEnvelope[list[Trade]].model_validate(body)
+    assert parsed.data is not None and len(parsed.data) == 3 and parsed.source == "database"
+    assert parsed.page is not None and (parsed.page.limit, parsed.page.offset, parsed.page.total) == (3, 0, 12)
 
 
 async def test_the_app_lifespan_starts_and_closes_its_own_sidecar(
@@ -565,3 +597,175 @@ async def test_the_app_lifespan_starts_and_closes_its_own_sidecar(
     with sqlite3.connect(sqlite_file(sqlite_url)) as connection:
         assert connection.execute("SELECT COUNT(*) FROM trades").fetchone()[0] == 1
     await asyncio.sleep(0)
+
+
+# ---------------------------------------------------------------------------------------------- the contract
+
+
+async def test_history_data_is_the_list_itself_with_page_and_source_beside_it(client: httpx.AsyncClient) -> None:
+    for path, total in ((HISTORY, 12), (SIGNALS, 3)):
+        response = await client.get(path, params={"limit": 2, "offset": 1})
+        body = response.json()
+        assert set(body) == {"data", "error", "correlation_id", "page", "source"}, body
+        assert isinstance(body["data"], list) and len(body["data"]) == 2
+        assert body["page"] == {"limit": 2, "offset": 1, "total": total}
+        assert body["source"] == "database" and body["error"] is None
+
+
+CALENDAR_EDGES = ("9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00")
+
+
+@pytest.mark.parametrize("edge", CALENDAR_EDGES)
+@pytest.mark.parametrize("parameter", ["start_date", "end_date"])
+@pytest.mark.parametrize("path", [HISTORY, SIGNALS])
+async def test_a_date_past_the_calendars_edge_is_a_422_naming_it(
+    client: httpx.AsyncClient, path: str, parameter: str, edge: str
+) -> None:
+    body = assert_error(await client.get(path, params={parameter: edge}), 422, "invalid_parameter")
+    assert parameter in body["error"]["message"]
+
+
+async def test_the_last_and_first_representable_instants_are_accepted(client: httpx.AsyncClient) -> None:
+    params = {"start_date": "0001-01-01T00:00:00Z", "end_date": "9999-12-31T23:59:59Z"}
+    assert ids(await client.get(HISTORY, params=params)) == expected(lambda row, i: True)
+    assert len((await client.get(SIGNALS, params=params)).json()["data"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("path", "parameter"),
+    [
+        (HISTORY, "symbol"),
+        (HISTORY, "pattern_type"),
+        (HISTORY, "trade_id"),
+        (HISTORY, "signal_id"),
+        (SIGNALS, "symbol"),
+        (SIGNALS, "signal_id"),
+    ],
+)
+async def test_nul_in_a_filter_is_a_422_naming_it_on_every_backend(
+    client: httpx.AsyncClient, path: str, parameter: str
+) -> None:
+    body = assert_error(await client.get(path, params={parameter: "EUR\x00USD"}), 422, "invalid_parameter")
+    assert parameter in body["error"]["message"]
+
+
+@pytest.mark.parametrize("raw_path", ["/api/v1/trades/%00", "/api/v1/trades/API-01%00", "/api/v1/trades/" + "x" * 65])
+async def test_a_path_id_that_cannot_exist_is_a_404(client: httpx.AsyncClient, raw_path: str) -> None:
+    assert_error(await client.get(raw_path), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "misspelt", "allowed"),
+    [
+        (HISTORY, {"symbl": "EURUSD"}, "symbl", "symbol"),
+        (HISTORY, {"symbol": "EURUSD", "sort": "pnl"}, "sort", "sort_by"),
+        (SIGNALS, {"execute": "true"}, "execute", "executed"),
+        ("/api/v1/health", {"verbose": "1"}, "verbose", "none"),
+        ("/api/v1/trades/API-01", {"fields": "pnl"}, "fields", "none"),
+    ],
+)
+async def test_an_unknown_query_parameter_is_a_422_naming_it_and_the_allowed_ones(
+    client: httpx.AsyncClient, path: str, params: dict[str, str], misspelt: str, allowed: str
+) -> None:
+    body = assert_error(await client.get(path, params=params), 422, "invalid_parameter")
+    message = body["error"]["message"]
+    assert repr(misspelt) in message and allowed in message.split("allowed:")[1]
+
+
+STRANGE_IDS = ("ORD/2026/0001", "history", "ORD/", "a b%20c?d#e&f=g", "ünï/cødé", "v1.2\\x", "x" * 64)
+
+
+@pytest.fixture
+async def strange_sidecar(sidecar: PersistenceSidecar) -> PersistenceSidecar:
+    for n, trade_id in enumerate(STRANGE_IDS):
+        sidecar.record_trade(
+            make_trade(trade_id=trade_id, signal_id=f"SIG/{n}", entry_time=BASE_TIME - timedelta(days=1 + n))
+        )
+    await sidecar.flush(10)
+    return sidecar
+
+
+@pytest.mark.parametrize("trade_id", STRANGE_IDS)
+async def test_every_stored_trade_is_fetched_by_its_id_whatever_its_characters(
+    strange_sidecar: PersistenceSidecar, trade_id: str
+) -> None:
+    from urllib.parse import quote
+
+    async with client_for(create_app(sidecar=strange_sidecar)) as http:
+        filtered = await http.get(HISTORY, params={"trade_id": trade_id})
+        assert ids(filtered) == [trade_id] and filtered.json()["page"]["total"] == 1
+        if trade_id == "history":  # /trades/history is the history route: the trade_id filter reaches this one
+            return
+        encoded = await http.get("/api/v1/trades/" + quote(trade_id, safe=""))
+        assert encoded.status_code == 200, encoded.text
+        assert encoded.json()["data"]["trade_id"] == trade_id
+        literal = await http.get("/api/v1/trades/" + quote(trade_id, safe="/"))
+        assert literal.status_code == 200 and literal.json()["data"]["trade_id"] == trade_id
+
+
+async def test_history_filters_by_signal_id_and_an_id_of_history_is_reachable(
+    strange_sidecar: PersistenceSidecar,
+) -> None:
+    async with client_for(create_app(sidecar=strange_sidecar)) as http:
+        by_signal = await http.get(HISTORY, params={"signal_id": "SIG/1"})
+        assert ids(by_signal) == ["history"]
+        assert ids(await http.get(HISTORY, params={"trade_id": "history"})) == ["history"]
+        assert ids(await http.get(HISTORY, params={"trade_id": "no-such-trade"})) == []
+        assert ids(await http.get(SIGNALS, params={"signal_id": "SIG-1"})) == ["SIG-1"]
+
+
+async def test_the_memory_fallback_honours_the_id_filters(
+    clean_database_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
+) -> None:
+    current = build(sidecar_settings(clean_database_url, breaker_failure_threshold=1), sidecars, clock=FakeClock())
+    await current.start()
+    current.record_trade(make_trade(trade_id="ORD/2026/0001", signal_id="SIG/saved"))
+    await current.flush(10)
+    async with client_for(create_app(sidecar=current)) as http, DatabaseLock(clean_database_url):
+        current.record_trade(make_trade(trade_id="history", signal_id="SIG/memory"))
+        await eventually(lambda: current.breaker_state == "open")
+        response = await http.get(HISTORY, params={"signal_id": "SIG/memory"})
+        assert response.json()["source"] == "memory" and ids(response) == ["history"]
+        response = await http.get(HISTORY, params={"trade_id": "ORD/2026/0001"})
+        assert response.json()["source"] == "memory" and ids(response) == ["ORD/2026/0001"]
+        assert response.json()["page"] == {"limit": 100, "offset": 0, "total": 1}
+
+
+# ---------------------------------------------------------------------------------------------- offline docs
+
+
+async def test_the_docs_pages_reference_no_external_host_and_their_assets_answer(client: httpx.AsyncClient) -> None:
+    import re
+
+    for page in ("/docs", "/redoc"):
+        response = await client.get(page)
+        assert response.status_code == 200 and "text/html" in response.headers["content-type"]
+        html = response.text
+        assert not re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html, re.IGNORECASE), html
+        assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+        assert assets and all(asset.startswith("/") for asset in assets), assets
+        for asset in assets:
+            answer = await client.get(asset)
+            assert answer.status_code == 200 and len(answer.content) > 1000, asset
+        spec = re.search(r"""(?:url: |spec-url=)["']([^"']+)["']""", html)
+        assert spec is not None and (await client.get(spec.group(1))).json()["openapi"].startswith("3.")
+    swagger = (await client.get("/docs")).text
+    assert '"validatorUrl": null' in swagger
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "mentions"),
+    [
+        (HISTORY, {"limit": "9" * 40}, "limit"),
+        (HISTORY, {"offset": "9" * 40}, "offset"),
+        (HISTORY, {"offset": "1e400"}, "offset"),
+        (HISTORY, {"start_date": "99999-01-01T00:00:00Z"}, "start_date"),
+        (SIGNALS, {"offset": "9" * 40}, "offset"),
+        (SIGNALS, {"end_date": "0000-01-01"}, "end_date"),
+    ],
+)
+async def test_oversized_numbers_and_impossible_dates_are_a_422(
+    client: httpx.AsyncClient, path: str, params: dict[str, str], mentions: str
+) -> None:
+    body = assert_error(await client.get(path, params=params), 422, "invalid_parameter")
+    assert mentions in body["error"]["message"]

@@ -61,6 +61,24 @@ def test_status_reports_revision_and_counts(tmp_path: Path) -> None:
     assert report["path"].endswith("trading_system.db") and report["size_bytes"] > 0
 
 
+def test_status_prints_table_counts_as_rows_of_the_table(tmp_path: Path) -> None:
+    assert run_cli("migrate", cwd=tmp_path).returncode == 0
+    settings = make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'data' / 'trading_system.db'}")
+
+    async def record() -> None:
+        async with PersistenceSidecar(settings.model_copy(update={"journal_dir": tmp_path / "j"})) as sidecar:
+            for n in range(3):
+                sidecar.record_trade(make_trade(trade_id=f"STATUS-{n}"))
+            await sidecar.flush(10)
+
+    asyncio.run(record())
+    result = run_cli("status", cwd=tmp_path, PERSISTENCE_API_PORT=str(free_port()))
+    assert result.returncode == 0, result.stderr
+    rows = dict(line.strip().split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert rows["trades"] == "3 rows" and rows["signals"] == "0 rows" and rows["dead_letters"] == "0 rows"
+    assert "{" not in result.stdout, "no Python dict in the text output"
+
+
 def test_a_configuration_error_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     result = run_cli("migrate", cwd=tmp_path, ENABLE_DATABASE_PERSISTENCE="maybe")
     assert result.returncode == 2
@@ -188,7 +206,7 @@ def test_serve_answers_over_a_real_port_with_the_token_and_stops_on_sigterm(tmp_
         status, body = get(f"{base}/api/v1/trades/history?sort_by=pnl&sort_order=asc", "serve-token")
         assert status == 200
         answer = json.loads(body)
-        assert answer["source"] == "database" and answer["data"]["total"] == 3
+        assert answer["source"] == "database" and answer["page"]["total"] == 3
         assert get(f"{base}/api/v1/health")[0] == 401
         assert get(f"{base}/metrics")[0] == 200
         status_report = run_cli("status", cwd=tmp_path, **env)

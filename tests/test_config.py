@@ -193,3 +193,13 @@ def test_keyword_arguments_override_the_environment(monkeypatch: pytest.MonkeyPa
 def test_dotenv_file_in_the_working_directory_is_read(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("PERSISTENCE_HISTORY_MAX=42\n")
     assert Settings().history_max == 42
+
+
+def test_secrets_are_the_database_password_and_the_api_token_and_nothing_empty() -> None:
+    from tests.conftest import make_settings
+
+    full = make_settings(
+        database_url="postgresql+asyncpg://trader:pa55w0rd@db.example:5432/trading", api_token="tok-123"
+    )
+    assert set(full.secrets) == {"pa55w0rd", "tok-123"}
+    assert make_settings(database_url="sqlite+aiosqlite:///x.db").secrets == ()

@@ -229,6 +229,71 @@ def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _promtool_expression(tmp_path: Path, expr: str, series: dict[str, str], expected: list[tuple[str, float]]) -> str:
+    """Run ``promtool test rules`` on one dashboard expression over synthetic 15 s scrapes; returns its output.
+
+    ``expected`` pairs an evaluation time with the single sample value the expression must give then.
+    """
+    assert PROMTOOL is not None
+    concrete = expr.replace("$__rate_interval", "1m").replace("$__interval", "15s").replace("$instance", ".*")
+    lines = ["rule_files: []", "evaluation_interval: 15s", "tests:", "  - interval: 15s", "    input_series:"]
+    for name, values in series.items():
+        lines += [f"      - series: '{name}'", f"        values: '{values}'"]
+    lines.append("    promql_expr_test:")
+    for eval_time, value in expected:
+        lines += [
+            f"      - expr: '{concrete}'",
+            f"        eval_time: {eval_time}",
+            "        exp_samples:",
+            "          - labels: '{instance=\"sidecar:8089\"}'"
+            if "by (instance)" in concrete
+            else "          - labels: '{}'",
+            f"            value: {value}",
+        ]
+    test_file = tmp_path / "dashboard_test.yml"
+    test_file.write_text("\n".join(lines) + "\n")
+    result = subprocess.run([PROMTOOL, "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr + test_file.read_text()
+    return result.stdout
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason=PROMTOOL_SKIP)
+def test_the_breaker_panel_shows_an_outage_shorter_than_the_scrape_interval_as_open(tmp_path: Path) -> None:
+    # Every scrape saw the breaker closed: it opened, half-opened and closed again between two scrapes at 2m30s.
+    state = 'persistence_circuit_breaker_state{{state="{}",instance="sidecar:8089",job="p"}}'
+    moved = (
+        'persistence_circuit_breaker_transitions_total{{from_state="{}",to_state="{}",instance="sidecar:8089",job="p"}}'
+    )
+    series = {
+        state.format("open"): "0x30",
+        state.format("half_open"): "0x30",
+        moved.format("closed", "open"): "0x9 1x20",
+        moved.format("open", "half_open"): "0x9 1x20",
+        moved.format("half_open", "closed"): "0x9 1x20",
+    }
+    expr = dashboard_queries()["Circuit breaker state A"]
+    # open (2) around the outage, closed (0) once it has left the window.
+    _promtool_expression(tmp_path, expr, series, [("3m", 2), ("6m", 0)])
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason=PROMTOOL_SKIP)
+def test_the_breaker_panel_shows_open_while_scrapes_see_it_open(tmp_path: Path) -> None:
+    state = 'persistence_circuit_breaker_state{{state="{}",instance="sidecar:8089",job="p"}}'
+    series = {state.format("open"): "0x9 1x3 0x17", state.format("half_open"): "0x12 1 0x16"}
+    expr = dashboard_queries()["Circuit breaker state A"]
+    _promtool_expression(tmp_path, expr, series, [("3m", 2), ("7m", 0)])
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason=PROMTOOL_SKIP)
+def test_the_batch_size_p50_of_single_record_batches_reads_one(tmp_path: Path) -> None:
+    bucket = 'persistence_batch_size_bucket{{le="{}",instance="sidecar:8089",job="p"}}'
+    series = {bucket.format(le): "0+10x30" for le in ("1", "2", "5", "10", "+Inf")}
+    for refid in ("A", "B"):
+        expr = dashboard_queries()[f"Batch size p50 / p95 {refid}"]
+        assert expr.startswith("ceil(histogram_quantile(")
+        _promtool_expression(tmp_path, expr, series, [("5m", 1)])
+
+
 # ---------------------------------------------------------------------------------------------- provisioning
 
 

@@ -440,3 +440,78 @@ def test_importing_the_package_configures_no_logging() -> None:
         [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0 and result.stdout.strip() == "clean", result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- a guest in the host
+
+
+def run_host(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]:
+    """Run ``tests/children/logging_host.py`` on a fresh SQLite file; returns its output."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'host.db'}"
+    return subprocess.run(
+        [sys.executable, "-m", "tests.children.logging_host", url, str(tmp_path / "journal"), mode],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_a_host_that_configured_no_logging_gets_nothing_on_stdout_and_nothing_below_warning(tmp_path: Path) -> None:
+    result = run_host(tmp_path, "none")
+    assert result.returncode == 0, result.stderr
+    expected = ["HOST starting", *(f"HOST recorded HOST-{i:03d}" for i in range(20)), "HOST done"]
+    assert result.stdout.splitlines() == expected
+    # Python's last-resort handler shows WARNING and above on stderr; a healthy run has none of them, and no
+    # INFO or DEBUG line (sidecar_started, batch_committed, shutdown_complete) may appear at all.
+    assert result.stderr == ""
+
+
+def test_a_host_that_configured_logging_at_debug_gets_the_batch_events_through_its_own_handler(
+    tmp_path: Path,
+) -> None:
+    result = run_host(tmp_path, "debug")
+    assert result.returncode == 0, result.stderr
+    seen = [line.split(" ", 4) for line in result.stdout.splitlines() if line.startswith("SEEN ")]
+    events = {(level, name, event) for _, level, name, event, _ in seen}
+    assert ("DEBUG", "persistence", "batch_committed") in events
+    assert ("INFO", "persistence", "sidecar_started") in events
+    assert ("INFO", "persistence", "shutdown_complete") in events
+    committed = next(fields for _, _, _, event, fields in seen if event == "batch_committed")
+    assert "'records'" in committed and "'duration_ms'" in committed and "'correlation_ids'" in committed
+    # Even with the host's logging on, nothing goes to stdout but what the host prints itself.
+    assert all(line.startswith(("HOST ", "SEEN ")) for line in result.stdout.splitlines())
+
+
+def test_the_library_logger_honours_the_stdlib_level_and_formats_a_readable_message(
+    restore_logging: None,
+) -> None:
+    from persistence.logger import get_logger
+
+    structlog.reset_defaults()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("persistence")
+    old_level = logger.level
+    logger.addHandler(handler)
+    try:
+        logger.setLevel(logging.INFO)
+        log = get_logger("persistence.api")
+        log.debug("batch_committed", records=3)
+        log.info("history_read_from_memory", reason="breaker open")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.exception("api_request_failed", path="/api/v1/trades/x")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert [r.getMessage() for r in records] == [
+        'history_read_from_memory reason="breaker open"',
+        "api_request_failed path=/api/v1/trades/x",
+    ]
+    assert [r.levelno for r in records] == [logging.INFO, logging.ERROR]
+    assert records[1].exc_info is not None and records[1].exc_info[0] is RuntimeError
+    assert records[0].__dict__["persistence_fields"] == {"reason": "breaker open"}
