@@ -15,12 +15,12 @@ data unless forced.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -49,7 +49,7 @@ __all__ = [
     "upgrade",
 ]
 
-log = structlog.get_logger("persistence.migrations")
+log = logging.getLogger("persistence.migrations")
 T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent
@@ -272,7 +272,7 @@ async def _backup_if_holding_data(database: Database, backup_dir: Path, current:
     if not await asyncio.to_thread(holds_data, path, names):
         return
     destination = await asyncio.to_thread(backup_before_migration, path, backup_dir, revision=current, keep=keep)
-    log.info("backup_before_migrate", database=str(path), backup=str(destination), revision=current)
+    log.info("backup_before_migrate: %s backed up to %s (schema revision %s)", path, destination, current)
 
 
 async def _locked(
