@@ -82,7 +82,8 @@ def check_backup(backup: Path, database: Path, extra_version_locations: Sequence
         except sqlite3.OperationalError:
             row = None
     except sqlite3.DatabaseError as exc:
-        raise RestoreError(backup, database, f"the backup is not a usable SQLite database ({exc})") from exc
+        what = "corrupt" if "malformed" in str(exc) else "not a usable SQLite database"
+        raise RestoreError(backup, database, f"the backup is {what} ({exc})") from exc
     finally:
         connection.close()
     if row is None:
