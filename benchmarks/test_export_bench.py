@@ -123,7 +123,8 @@ def test_export_of_trades_to_parquet_against_the_raw_sqlite3_pyarrow_ceiling(
             "figure": f"export of {TRADES:,} trades to Parquet (SQLite)",
             "target": "≥ 50 % of the ceiling's speed",
             "measured": f"{exported:.2f} s ({TRADES / exported:,.0f} rows/s)",
-            "baseline": f"pyarrow writing the rows read by raw sqlite3: {ceiling:.2f} s ({TRADES / ceiling:,.0f} rows/s)",
+            "baseline": f"pyarrow writing the rows read by raw sqlite3: {ceiling:.2f} s"
+            f" ({TRADES / ceiling:,.0f} rows/s)",
             "ratio": f"{share:.0%} of the ceiling's speed",
         }
     )

@@ -355,3 +355,24 @@ def test_exporting_300000_trades_grows_rss_by_far_less_than_150_mib(tmp_path: Pa
     # The SPEC's bound is 150 MiB for 1,000,000 trades; streaming keeps the growth flat, whatever the count.
     assert growth_mib <= 150, growth_mib
     assert pq.ParquetFile(tmp_path / "big.parquet").metadata.num_rows == count
+
+
+def test_the_readme_export_example_runs(tmp_path: Path) -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Export", 1)[1].split("\n## ", 1)[0]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    url = f"sqlite+aiosqlite:///{tmp_path / 'readme.db'}"
+
+    async def prepare() -> None:
+        database = create_database(make_settings(database_url=url))
+        await upgrade(database)
+        await record_everything(database, varied_trades(100))
+        await database.dispose()
+
+    asyncio.run(prepare())
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": url}
+    done = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    first, summary, rows = done.stdout.splitlines()
+    assert first == "25 decimal128(18, 8)" and rows == "25"
+    assert summary.startswith("exported 25 trades to eurusd.parquet (parquet, ")
