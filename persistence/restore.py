@@ -114,6 +114,28 @@ def restore_sqlite(
     backup, database = Path(backup).resolve(), Path(database).resolve()
     if backup == database:
         raise RestoreError(backup, database, "the backup is the database itself")
+    untouched = {path for path in _companions(backup) if not path.exists()}
+    try:
+        return _restore(backup, database, force=force, extra_version_locations=extra_version_locations)
+    finally:
+        _tidy(untouched)
+
+
+def _companions(path: Path) -> tuple[Path, Path]:
+    return path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
+def _tidy(created: set[Path]) -> None:
+    """Remove the empty ``-wal``/``-shm`` files that reading the backup created beside it."""
+    wal = next((path for path in created if path.name.endswith("-wal")), None)
+    if wal is not None and wal.exists() and wal.stat().st_size > 0:
+        return
+    for path in created:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _restore(backup: Path, database: Path, *, force: bool, extra_version_locations: Sequence[Path]) -> RestoreResult:
     revision = check_backup(backup, database, extra_version_locations)
     kept = pre_restore_path(database)
     if database.exists() and kept.exists() and not force:

@@ -77,6 +77,7 @@ async def test_restore_brings_back_every_trade_value_for_value_and_keeps_the_rep
     assert result.database == database_path.resolve() and result.revision == "0002"
     assert result.pre_restore == pre_restore_path(database_path.resolve())
     assert "kept as" in result.summary() and "integrity ok" in result.summary()
+    assert sorted(path.name for path in backup_path.parent.glob("nightly.db*")) == ["nightly.db"]
 
     restored = await _all_trades(database_path)
     assert restored == as_rows(trades)  # type: ignore[arg-type]
