@@ -13,12 +13,15 @@ import asyncio
 import os
 import sqlite3
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from sqlalchemy import insert
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
@@ -88,13 +91,23 @@ async def sidecar_export(database_path: Path, output: Path) -> int:
         await database.dispose()
 
 
-def test_export_of_trades_to_parquet_against_the_raw_sqlite3_pyarrow_ceiling(
-    benchmark: Any, loop: asyncio.AbstractEventLoop, tmp_path: Path, figures: list[dict[str, Any]]
-) -> None:
-    database = tmp_path / "export.db"
-    settings = sqlite_settings(database)
-    run(loop, migrated(settings))
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database holding N trades, shared by the figures below."""
+    database = tmp_path_factory.mktemp("export") / "export.db"
+    loop = asyncio.new_event_loop()
+    try:
+        run(loop, migrated(sqlite_settings(database)))
+    finally:
+        loop.close()
     fill(database, TRADES)
+    return database
+
+
+def test_export_of_trades_to_parquet_against_the_raw_sqlite3_pyarrow_ceiling(
+    benchmark: Any, loop: asyncio.AbstractEventLoop, tmp_path: Path, figures: list[dict[str, Any]], filled: Path
+) -> None:
+    database = filled
     exports: list[float] = []
     ceilings: list[float] = []
     counter = iter(range(1000))
@@ -129,3 +142,60 @@ def test_export_of_trades_to_parquet_against_the_raw_sqlite3_pyarrow_ceiling(
         }
     )
     assert share >= 0.5
+
+
+MEMORY_CHILD = """
+import asyncio, sys
+from datetime import datetime
+from persistence.config import Settings
+from persistence.db import create_database
+from persistence.export import export
+
+def kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+async def main():
+    database = create_database(Settings(_env_file=None, database_url=sys.argv[1]))
+    await export(database, "trades", sys.argv[2] + ".warm", "parquet", end_date=datetime(2000, 1, 1))
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # the peak (VmHWM) starts again from the current RSS
+    before = kib("VmRSS:")
+    result = await export(database, "trades", sys.argv[2], "parquet")
+    print(result.rows, before, kib("VmHWM:"))
+    await database.dispose()
+
+asyncio.run(main())
+"""
+
+
+def test_export_memory_growth_in_a_child_process(
+    benchmark: Any, tmp_path: Path, figures: list[dict[str, Any]], filled: Path
+) -> None:
+    growths: list[float] = []
+
+    def one_round() -> None:
+        done = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, f"sqlite+aiosqlite:///{filled}", str(tmp_path / "memory.parquet")],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows, before, peak = (int(value) for value in done.stdout.split())
+        assert rows == TRADES
+        growths.append((peak - before) / 1024)
+
+    benchmark.pedantic(one_round, rounds=1, iterations=1)
+    growth = max(growths)
+    benchmark.extra_info.update(rss_growth_mib=growth)
+    figures.append(
+        {
+            "figure": f"export of {TRADES:,} trades: RSS growth (child process, peak minus before)",
+            "target": "≤ 150 MiB",
+            "measured": f"{growth:.1f} MiB",
+        }
+    )
+    assert growth <= 150

@@ -14,6 +14,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from persistence.backups import automatic_backups, backup_dir_for
 from persistence.config import Settings
 from persistence.db import create_database, sqlite_path
@@ -27,6 +29,11 @@ from persistence.restore import restore_sqlite
 from persistence.transfer import DEFAULT_CHUNK_ROWS, CopyMismatchError, copy_database
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _fail(message: str, status: int = 1) -> int:
@@ -97,7 +104,11 @@ async def export_command(args: argparse.Namespace, settings: Settings) -> int:
     filters = _export_filters(args)
     database = create_database(settings)
     try:
-        if await current_revision(database) is None:
+        try:
+            revision = await current_revision(database)
+        except (OSError, SQLAlchemyError) as exc:
+            return _fail(f"the database is unreachable ({settings.safe_database_url}): {_one_line(exc)}")
+        if revision is None:
             return _fail("the database has no schema yet; run `persistence-sidecar migrate`")
         bar = ProgressBar(f"export {args.entity}")
         try:
@@ -150,6 +161,8 @@ async def copy_command(args: argparse.Namespace, settings: Settings) -> int:
         for line in exc.report.lines():
             print(line)
         return _fail(f"the copy differs from the source in {', '.join(exc.tables)}")
+    except (OSError, SQLAlchemyError) as exc:
+        return _fail(f"the copy stopped: {_one_line(exc)}; run it again to resume")
     finally:
         for bar in bars.values():
             bar.close()

@@ -70,6 +70,8 @@ async def test_upgrade_refuses_a_database_stamped_by_a_newer_release_and_writes_
         await _stamp(database, NEWER)
         before = await _state(database)
         backups = tmp_path / "backups"
+        with pytest.raises(SchemaNewerError):
+            await upgrade(database)  # how the sidecar calls it at start-up
         with pytest.raises(SchemaNewerError) as raised:
             await upgrade(database, backup_dir=backups)
         assert raised.value.database_revision == NEWER

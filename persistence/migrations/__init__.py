@@ -123,9 +123,10 @@ async def upgrade(
     """
     config = alembic_config(extra_version_locations)
     script = ScriptDirectory.from_config(config)
-    current = await _checked_revision(database, script)
-    if backup_dir is not None and _pending(script, current, revision):
-        await _backup_if_holding_data(database, backup_dir, current, keep_backups)
+    if backup_dir is not None:
+        current = await _checked_revision(database, script)
+        if _pending(script, current, revision):
+            await _backup_if_holding_data(database, backup_dir, current, keep_backups)
 
     def run(sync_connection: Connection) -> str | None:
         check_known_revision(script, _revision_of(sync_connection))
