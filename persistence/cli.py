@@ -1,7 +1,8 @@
 """The ``persistence-sidecar`` command line (also ``python -m persistence``).
 
 ``demo`` runs a simulated orchestrator with the sidecar embedded and the API served; ``serve`` serves the history
-API and ``/metrics`` over a database; ``migrate``, ``status``, ``backup`` and ``history`` look after and into it.
+API and ``/metrics`` over a database; ``migrate``, ``status``, ``backup`` and ``history`` look after and into it;
+``export``, ``copy`` and ``restore`` (with ``migrate``'s handler) live in :mod:`persistence.cli_portability`.
 Each subcommand builds :class:`~persistence.config.Settings` from the environment at the edge and passes it down.
 A configuration error is reported in one line naming the variable, with exit status 2; an unreachable database is
 one line and exit status 1, never a traceback.
@@ -23,13 +24,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from persistence.cli_portability import add_commands, add_migrate_options
 from persistence.config import Settings
 from persistence.db import create_database, sqlite_path
 from persistence.errors import ConfigurationError, InvalidQueryError, PersistenceError
 from persistence.iso8601 import parse_iso8601
 from persistence.journal import Journal, JournalError
 from persistence.logs import mask_secrets
-from persistence.migrations import current_revision, head_revision, upgrade
+from persistence.migrations import current_revision, head_revision
 from persistence.models import SESSIONS, Trade
 from persistence.queries import MAX_PAGE_SIZE, TRADE_SORT_COLUMNS
 from persistence.repositories import Repositories
@@ -52,16 +54,6 @@ def _unreachable(settings: Settings, error: BaseException) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- migrate, status
-
-
-async def _migrate(_args: argparse.Namespace, settings: Settings) -> int:
-    database = create_database(settings)
-    try:
-        revision = await upgrade(database)
-    finally:
-        await database.dispose()
-    print(f"schema at revision {revision} ({settings.safe_database_url})")
-    return 0
 
 
 def journal_depth(directory: Path) -> int | None:
@@ -400,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser(
         "migrate", help="apply the schema migrations (safe to run twice)", description="Apply the schema migrations."
     )
-    migrate.set_defaults(handler=_migrate)
+    add_migrate_options(migrate)  # --to, --force; the handler lives in cli_portability
 
     status = commands.add_parser(
         "status",
@@ -437,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--sort-order", choices=("asc", "desc"), default="desc", help="default: desc")
     history.add_argument("--json", action="store_true", help="print JSON instead of a table")
     history.set_defaults(handler=_history)
+
+    add_commands(commands)  # export, copy, restore (persistence.cli_portability)
     return parser
 
 

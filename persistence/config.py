@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", validation_alias="PERSISTENCE_LOG_LEVEL"
     )
+    backup_dir: Path = Field(Path("./data/backups"), validation_alias="PERSISTENCE_BACKUP_DIR")
+    backup_before_migrate: bool = Field(True, validation_alias="PERSISTENCE_BACKUP_BEFORE_MIGRATE")
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -81,7 +83,7 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise ConfigurationError(_problems(exc)) from None
 
-    @field_validator("enabled", mode="before")
+    @field_validator("enabled", "backup_before_migrate", mode="before")
     @classmethod
     def _strict_flag(cls, value: object) -> bool:
         return parse_flag(value)

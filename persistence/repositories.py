@@ -14,7 +14,8 @@ Sorting is only ever by a column from a fixed set; anything else raises
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -33,8 +34,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from persistence import export as history_export
 from persistence.db import Database
 from persistence.errors import InvalidQueryError
+from persistence.export import ExportResult
 from persistence.models import (
     SESSIONS,
     ParameterChange,
@@ -235,6 +238,16 @@ class TradeRepository:
             rows = result.all()
         return reader.records(rows)
 
+    # ------------------------------------------------------------------ export (persistence.export)
+
+    def iter_batches(self, **filters: Any) -> AsyncGenerator[Any, None]:
+        """Stream the matching trades as pyarrow ``RecordBatch``\\ es (needs ``persistence-sidecar[analysis]``)."""
+        return history_export.iter_batches(self._db, "trades", **filters)
+
+    async def export(self, path: str | os.PathLike[str], format: str | None = None, **filters: Any) -> ExportResult:
+        """Write the matching trades to ``path`` as Parquet, CSV or JSONL, atomically."""
+        return await history_export.export(self._db, "trades", path, format, **filters)
+
 
 class SignalRepository:
     """Signals: batched upserts, execution updates, and reads."""
@@ -329,6 +342,16 @@ class SignalRepository:
             rows = result.all()
         return reader.records(rows)
 
+    # ------------------------------------------------------------------ export (persistence.export)
+
+    def iter_batches(self, **filters: Any) -> AsyncGenerator[Any, None]:
+        """Stream the matching signals as pyarrow ``RecordBatch``\\ es (needs ``persistence-sidecar[analysis]``)."""
+        return history_export.iter_batches(self._db, "signals", **filters)
+
+    async def export(self, path: str | os.PathLike[str], format: str | None = None, **filters: Any) -> ExportResult:
+        """Write the matching signals to ``path`` as Parquet, CSV or JSONL, atomically."""
+        return await history_export.export(self._db, "signals", path, format, **filters)
+
 
 class _AppendOnlyRepository(Generic[RecordT]):
     """Immutable events keyed by a generated ``id``: an insert that ignores a replay of the same id."""
@@ -336,6 +359,7 @@ class _AppendOnlyRepository(Generic[RecordT]):
     table: Table
     record_type: type[RecordT]
     time_column: str
+    export_entity: str
 
     def __init__(self, database: Database) -> None:
         self._db = database
@@ -365,6 +389,16 @@ class _AppendOnlyRepository(Generic[RecordT]):
             result = await connection.execute(statement)
             return [self.record_type.from_row(row) for row in result.mappings()]
 
+    # ------------------------------------------------------------------ export (persistence.export)
+
+    def iter_batches(self, **filters: Any) -> AsyncGenerator[Any, None]:
+        """Stream the matching records as pyarrow ``RecordBatch``\\ es (needs ``persistence-sidecar[analysis]``)."""
+        return history_export.iter_batches(self._db, self.export_entity, **filters)
+
+    async def export(self, path: str | os.PathLike[str], format: str | None = None, **filters: Any) -> ExportResult:
+        """Write the matching records to ``path`` as Parquet, CSV or JSONL, atomically."""
+        return await history_export.export(self._db, self.export_entity, path, format, **filters)
+
 
 class PerformanceSnapshotRepository(_AppendOnlyRepository[PerformanceSnapshot]):
     """Performance snapshots."""
@@ -372,6 +406,7 @@ class PerformanceSnapshotRepository(_AppendOnlyRepository[PerformanceSnapshot]):
     table = performance_snapshots
     record_type = PerformanceSnapshot
     time_column = "snapshot_time"
+    export_entity = "snapshots"
 
     async def save_snapshot(self, snapshot: PerformanceSnapshot | Mapping[str, Any]) -> None:
         """Insert one snapshot in its own transaction."""
@@ -394,6 +429,7 @@ class ParameterHistoryRepository(_AppendOnlyRepository[ParameterChange]):
     table = parameter_history
     record_type = ParameterChange
     time_column = "change_time"
+    export_entity = "parameters"
 
     async def save_change(self, change: ParameterChange | Mapping[str, Any]) -> None:
         """Insert one parameter change in its own transaction."""

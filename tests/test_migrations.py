@@ -1,4 +1,5 @@
-"""Migrations: the packaged schema, idempotence, concurrent migrators, host logging, and a data-keeping upgrade."""
+"""Migrations: the packaged schema, idempotence, concurrent migrators, host logging, a data-keeping upgrade, and
+downgrades (refused when they would drop data, unless forced)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from persistence.db import create_database
-from persistence.migrations import current_revision, head_revision, upgrade
+from persistence.db import Database, create_database
+from persistence.migrations import DowngradeDataLossError, current_revision, head_revision, migrate_to, upgrade
 from persistence.repositories import Repositories
 from persistence.schema import metadata
 from tests.conftest import create_postgres_database, drop_postgres_database, make_settings
@@ -191,3 +192,93 @@ async def test_a_second_migration_keeps_the_data_of_a_populated_database(fresh_u
         assert await repos.trades.count() == 50
     finally:
         await database.dispose()
+
+
+# ---------------------------------------------------------------------------------------------- downgrades
+
+
+async def _at_dummy_revision(url: str, extra: Path) -> Database:
+    extra.mkdir(exist_ok=True)
+    (extra / "9001_dummy.py").write_text(dedent(DUMMY_MIGRATION.format(head=head_revision())))
+    database = create_database(make_settings(database_url=url))
+    await upgrade(database, extra_version_locations=[extra])
+    await Repositories(database).trades.save_trade(make_trade(trade_id="T-KEPT", pnl="-3.14159265"))
+    return database
+
+
+async def _columns(database: Database) -> set[str]:
+    async with database.read() as connection:
+        return await connection.run_sync(lambda sync: {c["name"] for c in inspect(sync).get_columns("trades")})
+
+
+async def test_a_downgrade_that_would_drop_a_column_holding_data_is_refused_unless_forced(
+    fresh_url: str, tmp_path: Path
+) -> None:
+    extra = tmp_path / "extra_versions"
+    database = await _at_dummy_revision(fresh_url, extra)
+    try:
+        async with database.write() as connection:
+            await connection.execute(text("UPDATE trades SET broker_note = 'called the desk'"))
+        with pytest.raises(DowngradeDataLossError) as refused:
+            await migrate_to(database, "0002", extra_version_locations=[extra])
+        assert refused.value.losses == ["trades.broker_note"]
+        assert "trades.broker_note" in str(refused.value) and "--force" in str(refused.value)
+        assert await current_revision(database) == "9001" and "broker_note" in await _columns(database)
+
+        plan = await migrate_to(database, "0002", force=True, extra_version_locations=[extra])
+        assert (plan.current, plan.target, plan.direction) == ("9001", "0002", "downgrade")
+        assert await current_revision(database) == "0002" and "broker_note" not in await _columns(database)
+        kept = await Repositories(database).trades.get_trade_by_id("T-KEPT")
+        assert kept is not None and str(kept.pnl) == "-3.14159265"
+    finally:
+        await database.dispose()
+
+
+async def test_a_downgrade_dropping_only_empty_columns_and_indexes_needs_no_force(
+    fresh_url: str, tmp_path: Path
+) -> None:
+    extra = tmp_path / "extra_versions"
+    database = await _at_dummy_revision(fresh_url, extra)
+    try:
+        assert (await migrate_to(database, "0001", extra_version_locations=[extra])).direction == "downgrade"
+        assert await current_revision(database) == "0001"
+        assert await Repositories(database).trades.count() == 1
+        assert (await migrate_to(database, "head", extra_version_locations=[extra])).direction == "upgrade"
+        assert await current_revision(database) == "9001"
+        assert (await migrate_to(database, "9001", extra_version_locations=[extra])).direction == "none"
+    finally:
+        await database.dispose()
+
+
+def test_migrate_to_base_on_a_database_with_data_is_refused_without_force(tmp_path: Path) -> None:
+    path = tmp_path / "bot.db"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "DATABASE_URL": f"sqlite+aiosqlite:///{path}",
+        "PERSISTENCE_BACKUP_DIR": str(tmp_path / "backups"),
+    }
+    command = [sys.executable, "-m", "persistence", "migrate"]
+    assert subprocess.run(command, cwd=tmp_path, env=env, capture_output=True).returncode == 0
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "INSERT INTO parameter_history (id, change_time, parameter_mode, changed_by, created_at)"
+            " VALUES ('p1', '2026-01-01 00:00:00.000000', 'safe', 'manual', '2026-01-01 00:00:00.000000')"
+        )
+    refused = subprocess.run([*command, "--to", "base"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert refused.returncode == 1
+    assert "would drop parameter_history, which hold data; pass --force" in refused.stderr
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT count(*) FROM parameter_history").fetchone() == (1,)
+    one = subprocess.run([*command, "--to", "0001"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    assert "schema downgraded from revision 0002 to 0001" in one.stdout and "backed up the database to" in one.stdout
+    forced = subprocess.run(
+        [*command, "--to", "base", "--force"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert "schema downgraded from revision 0001 to base" in forced.stdout
+    with sqlite3.connect(path) as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "parameter_history" not in tables and "trades" not in tables
+    assert len(list((tmp_path / "backups").glob("bot-*.db"))) == 2

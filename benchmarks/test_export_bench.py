@@ -1,0 +1,201 @@
+"""Export: N trades (1,000,000 by default) to Parquet, against the ceiling measured in the same run.
+
+The ceiling is pyarrow writing the same rows read by raw ``sqlite3``: one cursor over the same SELECT, the same chunk
+size, the cheapest exact conversion there is (the stored integers reinterpreted as ``decimal128(18, 8)``, the stored
+UTC text parsed by pyarrow) and the same Parquet writer settings. The export goes through the sidecar's
+``export()``: the async engine, its driver connection, a worker thread, an atomic rename. Target: ≥ 50 % of the
+ceiling's speed. ``BENCH_EXPORT_TRADES`` sets N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import insert
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from benchmarks.harness import migrated, run, sqlite_settings, trade_mapping
+from persistence.db import create_database
+from persistence.export import DEFAULT_CHUNK_ROWS, EXPORTABLES, arrow_schema, export
+from persistence.models import Trade
+from persistence.rowcodec import DriverBatch
+from persistence.schema import trades
+
+TRADES = int(os.environ.get("BENCH_EXPORT_TRADES", "1000000"))
+ROUNDS = min(int(os.environ.get("BENCH_ROUNDS", "5")), 3)
+FILL_CHUNK = 20_000
+
+
+def fill(path: Path, count: int) -> None:
+    """Insert ``count`` trades with the sidecar's own encoder, a chunk at a time (memory stays flat)."""
+    batch = DriverBatch(insert(trades), trades, sqlite_dialect.dialect(paramstyle="qmark"))
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        for start in range(0, count, FILL_CHUNK):
+            records = [Trade.parse(trade_mapping(i, "X")) for i in range(start, min(start + FILL_CHUNK, count))]
+            connection.execute("BEGIN IMMEDIATE")
+            connection.executemany(batch.sql, batch.encode([record.__dict__ for record in records]))
+            connection.execute("COMMIT")
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        connection.close()
+
+
+def ceiling_export(database: Path, output: Path) -> int:
+    """pyarrow writing the rows read by raw sqlite3: the fastest exact export of this table there is."""
+    spec = EXPORTABLES["trades"]
+    schema = arrow_schema(spec)
+    decimal, unscaled, naive = pa.decimal128(18, 8), pa.decimal128(19, 0), pa.timestamp("us")
+    converters = []
+    for field in schema:
+        if pa.types.is_decimal(field.type):
+            converters.append(lambda v: pa.array(v, pa.int64()).cast(unscaled).view(decimal))
+        elif pa.types.is_timestamp(field.type):
+            converters.append(lambda v, t=field.type: pa.array(v, pa.string()).cast(naive).cast(t))
+        else:
+            converters.append(lambda v, t=field.type: pa.array(v, t))
+    names = ", ".join(f'"{field.name}"' for field in schema)
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    rows_written = 0
+    try:
+        cursor = connection.execute(f'SELECT {names} FROM trades ORDER BY "id"')
+        with pq.ParquetWriter(output, schema, compression="zstd") as writer:
+            while rows := cursor.fetchmany(DEFAULT_CHUNK_ROWS):
+                columns = list(zip(*rows, strict=True))
+                arrays = [convert(column) for convert, column in zip(converters, columns, strict=True)]
+                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+                rows_written += len(rows)
+    finally:
+        connection.close()
+    return rows_written
+
+
+async def sidecar_export(database_path: Path, output: Path) -> int:
+    database = create_database(sqlite_settings(database_path))
+    try:
+        result = await export(database, "trades", output, "parquet")
+        return result.rows
+    finally:
+        await database.dispose()
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database holding N trades, shared by the figures below."""
+    database = tmp_path_factory.mktemp("export") / "export.db"
+    loop = asyncio.new_event_loop()
+    try:
+        run(loop, migrated(sqlite_settings(database)))
+    finally:
+        loop.close()
+    fill(database, TRADES)
+    return database
+
+
+def test_export_of_trades_to_parquet_against_the_raw_sqlite3_pyarrow_ceiling(
+    benchmark: Any, loop: asyncio.AbstractEventLoop, tmp_path: Path, figures: list[dict[str, Any]], filled: Path
+) -> None:
+    database = filled
+    exports: list[float] = []
+    ceilings: list[float] = []
+    counter = iter(range(1000))
+
+    def one_round() -> None:
+        n = next(counter)
+        # Alternate which goes first so neither always gets the warmer page cache.
+        order = ("sidecar", "ceiling") if n % 2 == 0 else ("ceiling", "sidecar")
+        for which in order:
+            output = tmp_path / f"{which}-{n}.parquet"
+            started = time.perf_counter()
+            if which == "sidecar":
+                assert run(loop, sidecar_export(database, output)) == TRADES
+                exports.append(time.perf_counter() - started)
+            else:
+                assert ceiling_export(database, output) == TRADES
+                ceilings.append(time.perf_counter() - started)
+            output.unlink()
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    exported, ceiling = statistics.median(exports), statistics.median(ceilings)
+    share = ceiling / exported
+    benchmark.extra_info.update(export_s=exported, ceiling_s=ceiling, share_of_ceiling=share)
+    figures.append(
+        {
+            "figure": f"export of {TRADES:,} trades to Parquet (SQLite)",
+            "target": "≥ 50 % of the ceiling's speed",
+            "measured": f"{exported:.2f} s ({TRADES / exported:,.0f} rows/s)",
+            "baseline": f"pyarrow writing the rows read by raw sqlite3: {ceiling:.2f} s"
+            f" ({TRADES / ceiling:,.0f} rows/s)",
+            "ratio": f"{share:.0%} of the ceiling's speed",
+        }
+    )
+    assert share >= 0.5
+
+
+MEMORY_CHILD = """
+import asyncio, sys
+from datetime import datetime
+from persistence.config import Settings
+from persistence.db import create_database
+from persistence.export import export
+
+def kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+async def main():
+    database = create_database(Settings(_env_file=None, database_url=sys.argv[1]))
+    await export(database, "trades", sys.argv[2] + ".warm", "parquet", end_date=datetime(2000, 1, 1))
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # the peak (VmHWM) starts again from the current RSS
+    before = kib("VmRSS:")
+    result = await export(database, "trades", sys.argv[2], "parquet")
+    print(result.rows, before, kib("VmHWM:"))
+    await database.dispose()
+
+asyncio.run(main())
+"""
+
+
+def test_export_memory_growth_in_a_child_process(
+    benchmark: Any, tmp_path: Path, figures: list[dict[str, Any]], filled: Path
+) -> None:
+    growths: list[float] = []
+
+    def one_round() -> None:
+        done = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, f"sqlite+aiosqlite:///{filled}", str(tmp_path / "memory.parquet")],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows, before, peak = (int(value) for value in done.stdout.split())
+        assert rows == TRADES
+        growths.append((peak - before) / 1024)
+
+    benchmark.pedantic(one_round, rounds=1, iterations=1)
+    growth = max(growths)
+    benchmark.extra_info.update(rss_growth_mib=growth)
+    figures.append(
+        {
+            "figure": f"export of {TRADES:,} trades: RSS growth (child process, peak minus before)",
+            "target": "≤ 150 MiB",
+            "measured": f"{growth:.1f} MiB",
+        }
+    )
+    assert growth <= 150

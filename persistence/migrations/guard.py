@@ -1,0 +1,46 @@
+"""The schema guard: a database whose revision this release does not know is never written.
+
+A database migrated by a newer release carries a revision that is not among the packaged migrations. Writing to it
+would write rows in a shape this release does not understand, so :func:`check_known_revision` refuses with
+:class:`SchemaNewerError` naming both revisions, before anything is written; the caller decides what to do (the
+sidecar runs memory-only with its journal, ``migrate`` exits non-zero).
+"""
+
+from __future__ import annotations
+
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+
+from persistence.errors import MigrationError
+
+
+class SchemaNewerError(MigrationError):
+    """The database's schema revision is unknown to this release: most likely a newer release migrated it.
+
+    ``database_revision`` is the database's revision, ``release_revision`` the newest one this release knows.
+    Nothing was written.
+    """
+
+    def __init__(self, database_revision: str, release_revision: str) -> None:
+        self.database_revision = database_revision
+        self.release_revision = release_revision
+        super().__init__(
+            f"the database is at schema revision {database_revision!r}, which this release does not know (its newest"
+            f" is {release_revision!r}): a newer release migrated it; upgrade persistence-sidecar to write to it",
+            database_revision=database_revision,
+            release_revision=release_revision,
+        )
+
+
+def is_known(script: ScriptDirectory, revision: str) -> bool:
+    """Whether ``revision`` is one of the migrations in ``script``."""
+    try:
+        return script.get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def check_known_revision(script: ScriptDirectory, database_revision: str | None) -> None:
+    """Raise :class:`SchemaNewerError` when ``database_revision`` is set and unknown to ``script``."""
+    if database_revision is not None and not is_known(script, database_revision):
+        raise SchemaNewerError(database_revision, script.get_current_head() or "base")

@@ -1,0 +1,293 @@
+"""Copy between databases: SQLite ↔ PostgreSQL value by value, idempotent, resumable after SIGKILL, tampering caught."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from persistence.db import Database, create_database
+from persistence.errors import MigrationError
+from persistence.migrations import upgrade
+from persistence.repositories import Repositories
+from persistence.schema import TABLES
+from persistence.transfer import CopyMismatchError, copy_database, table_checksum
+from tests.conftest import create_postgres_database, drop_postgres_database, make_settings
+from tests.portability_data import record_everything, varied_trades
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRADE_COUNT = 20_100
+BUMP = "UPDATE trades SET entry_price = entry_price"  # + 1 on SQLite's stored integer: one unit of 10**-8
+
+
+@pytest.fixture
+def postgres_target() -> Iterator[str]:
+    url = create_postgres_database("persistence_copy")
+    yield url
+    drop_postgres_database(url)
+
+
+def _sqlite(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def _db(url: str) -> Database:
+    return create_database(make_settings(database_url=url))
+
+
+async def _source(path: Path, count: int = TRADE_COUNT) -> None:
+    database = _db(_sqlite(path))
+    try:
+        await upgrade(database)
+        await record_everything(database, varied_trades(count))
+    finally:
+        await database.dispose()
+
+
+async def _everything(url: str) -> dict[str, Any]:
+    """Every record of every table, read back through the repositories (decoded values)."""
+    database = _db(url)
+    try:
+        repos = Repositories(database)
+        trades = await repos.trades.get_latest_trades(1_000_000)
+        signals = (await repos.signals.query(limit=1000)).items
+        letters = await repos.dead_letters.list(limit=1000)
+        return {
+            "trades": {trade.trade_id: dict(trade.__dict__) for trade in trades},
+            "signals": {signal.signal_id: dict(signal.__dict__) for signal in signals},
+            "snapshots": {s.id: dict(s.__dict__) for s in await repos.snapshots.get_snapshots(limit=1000)},
+            "parameters": {p.id: dict(p.__dict__) for p in await repos.parameters.get_changes(limit=1000)},
+            "dead_letters": [(d.entity, d.natural_key, d.payload, d.error, d.created_at) for d in letters],
+        }
+    finally:
+        await database.dispose()
+
+
+async def _copy(source_url: str, target_url: str, **options: Any) -> Any:
+    source, target = _db(source_url), _db(target_url)
+    try:
+        return await copy_database(source, target, **options)
+    finally:
+        await source.dispose()
+        await target.dispose()
+
+
+@pytest.mark.postgres
+async def test_sqlite_to_postgresql_and_back_keeps_every_value_and_a_second_run_adds_nothing(
+    tmp_path: Path, postgres_target: str
+) -> None:
+    await _source(tmp_path / "bot.db")
+    original = await _everything(_sqlite(tmp_path / "bot.db"))
+    assert len(original["trades"]) == TRADE_COUNT
+
+    seen: list[tuple[str, int, int]] = []
+    report = await _copy(_sqlite(tmp_path / "bot.db"), postgres_target, progress=lambda *p: seen.append(p))
+    assert report.mismatched == [] and [entry.table for entry in report.tables] == [t.name for t in TABLES]
+    assert {entry.table: entry.added for entry in report.tables}["trades"] == TRADE_COUNT
+    assert ("trades", TRADE_COUNT, TRADE_COUNT) in seen
+    assert await _everything(postgres_target) == original
+
+    again = await _copy(_sqlite(tmp_path / "bot.db"), postgres_target)
+    assert [entry.added for entry in again.tables] == [0] * len(TABLES)
+
+    back = _sqlite(tmp_path / "back.db")
+    report_back = await _copy(postgres_target, back)
+    assert report_back.mismatched == [] and await _everything(back) == original
+
+    # Rows the sidecar writes into the target afterwards get fresh ids (the sequences were moved on).
+    target = _db(postgres_target)
+    try:
+        await Repositories(target).trades.save_trade(varied_trades(1, prefix="NEW")[0])
+        await Repositories(target).dead_letters.add(varied_trades(1, prefix="DL")[0], "later")
+    finally:
+        await target.dispose()
+
+
+async def test_sqlite_to_sqlite_copy_matches_and_the_cli_reports_each_table(tmp_path: Path) -> None:
+    await _source(tmp_path / "bot.db", 2_000)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": _sqlite(tmp_path / "bot.db")}
+    command = [sys.executable, "-m", "persistence", "copy", "--to", _sqlite(tmp_path / "copy.db")]
+    process = await asyncio.create_subprocess_exec(
+        *command, cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[0] == "trades: 2,000 rows, 2,000 added, counts and checksums match"
+    assert lines[-1].endswith("every table's count and checksum match") and err.decode() == ""
+    assert await _everything(_sqlite(tmp_path / "copy.db")) == await _everything(_sqlite(tmp_path / "bot.db"))
+
+
+async def _pg_connect(url: str) -> asyncpg.Connection:
+    parsed = make_url(url)
+    return await asyncpg.connect(host=parsed.host, port=parsed.port, user=parsed.username, database=parsed.database)
+
+
+def _tamper(url: str) -> None:
+    if url.startswith("sqlite"):
+        with sqlite3.connect(make_url(url).database or "") as connection:
+            connection.execute("UPDATE trades SET pnl = pnl + 1 WHERE trade_id = 'X-0000007'")
+        return
+
+    async def update() -> None:
+        parsed = make_url(url)
+        connection = await asyncpg.connect(
+            host=parsed.host, port=parsed.port, user=parsed.username, database=parsed.database
+        )
+        try:
+            await connection.execute("UPDATE trades SET pnl = pnl + 1 WHERE trade_id = 'X-0000007'")
+        finally:
+            await connection.close()
+
+    asyncio.run(update())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def target_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield _sqlite(tmp_path / "target.db")
+        return
+    yield request.getfixturevalue("postgres_target")
+
+
+def test_a_row_tampered_in_the_target_fails_the_copy_naming_the_table(tmp_path: Path, target_url: str) -> None:
+    asyncio.run(_source(tmp_path / "bot.db", 1_000))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": _sqlite(tmp_path / "bot.db")}
+    command = [sys.executable, "-m", "persistence", "copy", "--to", target_url]
+    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    _tamper(target_url)
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert second.returncode == 1
+    assert "the copy differs from the source in trades" in second.stderr
+    assert "trades: 1,000 rows, 0 added, DIFFERS: same row count, different checksum" in second.stdout
+    assert "signals: 40 rows, 0 added, counts and checksums match" in second.stdout
+
+
+async def test_the_checksum_sees_a_one_unit_change_in_the_last_decimal_place(tmp_path: Path) -> None:
+    await _source(tmp_path / "bot.db", 50)
+    database = _db(_sqlite(tmp_path / "bot.db"))
+    try:
+        trades = next(t for t in TABLES if t.name == "trades")
+        before = await table_checksum(database, trades)
+        async with database.write() as connection:
+            await connection.execute(
+                text("UPDATE trades SET entry_price = entry_price + 1 WHERE trade_id = 'X-0000003'")
+            )
+        changed = await table_checksum(database, trades)
+        async with database.write() as connection:
+            await connection.execute(
+                text("UPDATE trades SET entry_price = entry_price - 1 WHERE trade_id = 'X-0000003'")
+            )
+        assert changed != before and await table_checksum(database, trades) == before
+    finally:
+        await database.dispose()
+
+
+async def test_copy_refuses_a_source_that_is_not_at_this_releases_head(tmp_path: Path) -> None:
+    source = _db(_sqlite(tmp_path / "old.db"))
+    try:
+        await upgrade(source, "0001")
+    finally:
+        await source.dispose()
+    with pytest.raises(MigrationError, match="run `persistence-sidecar migrate` on the source"):
+        await _copy(_sqlite(tmp_path / "old.db"), _sqlite(tmp_path / "new.db"))
+    assert not (tmp_path / "new.db").exists()
+
+
+async def _blocking_row(url: str, source: Path, trade_id: str) -> asyncpg.Connection:
+    """Insert, in a transaction left open, the very row the copy will reach: its insert waits on ours."""
+    with sqlite3.connect(source) as connection:
+        connection.row_factory = sqlite3.Row
+        row = dict(connection.execute("SELECT * FROM trades WHERE trade_id = ?", (trade_id,)).fetchone())
+    blocker = await _pg_connect(url)
+    await blocker.execute("BEGIN")
+    await blocker.execute(
+        "INSERT INTO trades (id, trade_id, symbol, direction, entry_time, entry_price, position_size, created_at,"
+        " updated_at) VALUES ($1, $2, 'EURUSD', 'BUY', now(), 1, 1, now(), now())",
+        row["id"],
+        row["trade_id"],
+    )
+    return blocker
+
+
+async def _count(url: str) -> int:
+    database = _db(url)
+    try:
+        return await Repositories(database).trades.count()
+    finally:
+        await database.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_copy_killed_half_way_resumes_and_ends_identical_without_duplicates(
+    tmp_path: Path, postgres_target: str
+) -> None:
+    source_path = tmp_path / "bot.db"
+    await _source(source_path)
+    target = _db(postgres_target)
+    try:
+        await upgrade(target)
+    finally:
+        await target.dispose()
+    blocker = await _blocking_row(postgres_target, source_path, "X-0010000")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": _sqlite(source_path)}
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "persistence", "copy", "--to", postgres_target, "--chunk-size", "500",
+        cwd=tmp_path, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        # Chunks of 500 commit until the one holding X-0010000 (the 10,001st row) waits on the open transaction.
+        deadline = time.monotonic() + 120
+        while await _count(postgres_target) < 10_000:
+            assert child.returncode is None and time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert await _count(postgres_target) == 10_000
+        child.send_signal(signal.SIGKILL)
+        assert await child.wait() == -signal.SIGKILL
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        await blocker.execute("ROLLBACK")
+        await blocker.close()
+    assert await _count(postgres_target) == 10_000
+
+    report = await _copy(_sqlite(source_path), postgres_target, chunk_rows=500)
+    assert report.mismatched == []
+    assert {entry.table: entry.added for entry in report.tables}["trades"] == TRADE_COUNT - 10_000
+    assert await _count(postgres_target) == TRADE_COUNT
+    assert await _everything(postgres_target) == await _everything(_sqlite(source_path))
+
+
+async def test_a_row_missing_from_the_target_is_copied_again_and_an_extra_one_is_reported(tmp_path: Path) -> None:
+    await _source(tmp_path / "bot.db", 100)
+    source, copy = _sqlite(tmp_path / "bot.db"), _sqlite(tmp_path / "copy.db")
+    await _copy(source, copy)
+    with sqlite3.connect(tmp_path / "copy.db") as connection:
+        connection.execute("DELETE FROM dead_letters")
+    repaired = await _copy(source, copy)
+    assert {entry.table: entry.added for entry in repaired.tables}["dead_letters"] == 1
+    with sqlite3.connect(tmp_path / "copy.db") as connection:
+        connection.execute(
+            "INSERT INTO trades (trade_id, symbol, direction, entry_time, entry_price, position_size, created_at,"
+            " updated_at) SELECT 'EXTRA', symbol, direction, entry_time, entry_price, position_size, created_at,"
+            " updated_at FROM trades LIMIT 1"
+        )
+    with pytest.raises(CopyMismatchError) as differs:
+        await _copy(source, copy)
+    assert differs.value.tables == ["trades"]
+    (line,) = [line for line in differs.value.report.lines() if line.startswith("trades")]
+    assert line == "trades: 100 rows, 0 added, DIFFERS: 100 rows in the source, 101 in the target"
