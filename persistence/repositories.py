@@ -164,8 +164,8 @@ class TradeRepository:
             where=trades.c.updated_at <= statement.excluded.updated_at,
         )
         self._fast = DriverBatch(self._upsert, trades, database.engine.dialect) if database.is_sqlite else None
-        self._reader = RowReader(_columns(trades), Trade) if database.is_sqlite else None
-        self._select = select(*(self._reader.columns if self._reader else _columns(trades)))
+        self._reader = RowReader(_columns(trades), Trade, sqlite=database.is_sqlite)
+        self._select = select(*self._reader.columns)
 
     async def upsert(self, connection: AsyncConnection, batch: Sequence[Trade]) -> None:
         """Insert or update ``batch`` in one statement inside the caller's transaction."""
@@ -254,13 +254,9 @@ class TradeRepository:
         return await _count(self._db, trades, [])
 
     async def _fetch(self, statement: Select[Any]) -> list[Trade]:
-        reader = self._reader
         async with self._db.read() as connection:
-            result = await connection.execute(statement)
-            if reader is None:
-                return [Trade.from_row(row) for row in result.mappings()]
-            rows = result.all()
-        return reader.records(rows)
+            rows = (await connection.execute(statement)).all()
+        return self._reader.records(rows)
 
 
 class SignalRepository:
@@ -277,8 +273,8 @@ class SignalRepository:
             where=or_(signals.c.executed == false(), statement.excluded.executed == true()),
         )
         self._fast = DriverBatch(self._upsert, signals, database.engine.dialect) if database.is_sqlite else None
-        self._reader = RowReader(_columns(signals), Signal) if database.is_sqlite else None
-        self._select = select(*(self._reader.columns if self._reader else _columns(signals)))
+        self._reader = RowReader(_columns(signals), Signal, sqlite=database.is_sqlite)
+        self._select = select(*self._reader.columns)
 
     async def upsert(self, connection: AsyncConnection, batch: Sequence[Signal]) -> None:
         """Insert or update ``batch`` in one statement inside the caller's transaction."""
@@ -359,13 +355,9 @@ class SignalRepository:
         return Page(items=items, limit=limit, offset=offset, total=total)
 
     async def _fetch(self, statement: Select[Any]) -> list[Signal]:
-        reader = self._reader
         async with self._db.read() as connection:
-            result = await connection.execute(statement)
-            if reader is None:
-                return [Signal.from_row(row) for row in result.mappings()]
-            rows = result.all()
-        return reader.records(rows)
+            rows = (await connection.execute(statement)).all()
+        return self._reader.records(rows)
 
 
 class _AppendOnlyRepository(Generic[RecordT]):
@@ -379,7 +371,8 @@ class _AppendOnlyRepository(Generic[RecordT]):
         self._db = database
         self._insert = _insert(database, self.table).on_conflict_do_nothing(index_elements=[self.table.c.id])
         self._fast = DriverBatch(self._insert, self.table, database.engine.dialect) if database.is_sqlite else None
-        self._select = select(*self.table.c)
+        self._reader = RowReader(list(self.table.c), self.record_type, sqlite=database.is_sqlite)
+        self._select = select(*self._reader.columns)
 
     async def insert(self, connection: AsyncConnection, batch: Sequence[RecordT]) -> None:
         """Insert ``batch`` in one statement inside the caller's transaction; known ids are skipped."""
@@ -400,8 +393,8 @@ class _AppendOnlyRepository(Generic[RecordT]):
             conditions.append(self.table.c.session == session.upper())
         statement = self._select.where(*conditions).order_by(column.desc(), self.table.c.id).limit(limit)
         async with self._db.read() as connection:
-            result = await connection.execute(statement)
-            return [self.record_type.from_row(row) for row in result.mappings()]
+            rows = (await connection.execute(statement)).all()
+        return self._reader.records(rows)
 
 
 class PerformanceSnapshotRepository(_AppendOnlyRepository[PerformanceSnapshot]):

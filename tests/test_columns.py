@@ -9,9 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from persistence.columns import to_scaled_int, to_sqlite_datetime
+from persistence.columns import decode_datetime, decode_decimal, to_scaled_int, to_sqlite_datetime
 from persistence.models import DECIMAL_LIMIT, DECIMAL_SCALE
-from persistence.rowcodec import decode_datetime, decode_decimal
 
 zones = st.one_of(
     st.just(UTC),

@@ -364,12 +364,12 @@ async def test_the_sqlite_row_reader_reads_exactly_what_the_column_types_read(sq
 
 
 def test_decoded_decimals_are_shared_and_the_cache_stays_bounded() -> None:
-    from persistence import rowcodec
+    from persistence import columns
 
-    first = rowcodec.decode_decimal(-123_456_789)
+    first = columns.decode_decimal(-123_456_789)
     assert str(first) == "-1.23456789"
-    assert rowcodec.decode_decimal(-123_456_789) is first
-    for value in range(rowcodec._DECIMAL_CACHE_SIZE + 10):
-        rowcodec.decode_decimal(value)
-    assert len(rowcodec._decimals) <= rowcodec._DECIMAL_CACHE_SIZE
-    assert rowcodec.decode_decimal(-123_456_789) == first
+    assert columns.decode_decimal(-123_456_789) is first
+    for value in range(columns._DECIMAL_CACHE_SIZE + 10):
+        columns.decode_decimal(value)
+    assert len(columns._decimals) <= columns._DECIMAL_CACHE_SIZE
+    assert columns.decode_decimal(-123_456_789) == first
