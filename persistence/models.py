@@ -119,8 +119,14 @@ def _now_if_missing(value: object) -> object:
 
 Stamp = Annotated[datetime, BeforeValidator(_now_if_missing), AfterValidator(to_utc)]
 """A record-keeping timestamp: ``None`` or absent means now."""
-Clean = AfterValidator(check_text)
-"""Every text field: no NUL, no unpaired surrogate."""
+
+
+def _clean(value: object) -> object:
+    return check_text(value) if isinstance(value, str) else value
+
+
+Clean = BeforeValidator(_clean)
+"""Every text field: no NUL, no unpaired surrogate (checked before pydantic, whose own message says less)."""
 Identifier = Annotated[str, Field(min_length=1, max_length=64), Clean, AfterValidator(_no_surrounding_space)]
 Symbol = Annotated[str, Field(min_length=1, max_length=32), Clean, AfterValidator(_no_surrounding_space)]
 Label = Annotated[str, Field(min_length=1, max_length=64), Clean]
