@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import sqlite3
 import time
@@ -202,10 +203,23 @@ async def user_burst(settings: Settings, count: int, prefix: str) -> tuple[list[
 
 
 async def user_steady(
-    settings: Settings, count: int, rate: float, prefix: str, probe: LoopStallProbe | None = None
+    settings: Settings,
+    count: int,
+    rate: float,
+    prefix: str,
+    probe: LoopStallProbe | None = None,
+    *,
+    freeze: bool = False,
 ) -> list[float]:
-    """``count`` trades at ``rate`` per second, each receipt awaited by its own task: the user's latencies."""
+    """``count`` trades at ``rate`` per second, each receipt awaited by its own task: the user's latencies.
+
+    ``freeze``: the host calls ``gc.freeze()`` once the sidecar has started (and ``gc.unfreeze()`` at the end), so
+    full collections no longer walk the start-up heap.
+    """
     async with PersistenceSidecar(settings) as sidecar:
+        if freeze:
+            gc.collect()
+            gc.freeze()
         if probe is not None:
             probe.start()
         clock = time.perf_counter
@@ -227,6 +241,8 @@ async def user_steady(
         await asyncio.gather(*tasks)
         if probe is not None:
             await probe.stop()
+        if freeze:
+            gc.unfreeze()
         return latencies
 
 

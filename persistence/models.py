@@ -140,6 +140,8 @@ LowerChangedBy = Annotated[ChangedBy, BeforeValidator(_lower)]
 Count = Annotated[int, Field(ge=0, le=2**62)]
 
 RecordT = TypeVar("RecordT", bound="Record")
+_new_object = object.__new__
+_set_attribute = object.__setattr__
 
 
 class Record(BaseModel):
@@ -156,13 +158,13 @@ class Record(BaseModel):
 
         Raises :class:`InvalidRecordError` naming each bad field and the reason.
         """
-        if isinstance(data, cls):
-            return data
-        if type(data) is dict:
+        if type(data) is dict:  # the common case first: pydantic's isinstance() goes through Python code
             fast = _FAST_PARSERS.get(cls)
             values = fast(data) if fast is not None else None
             if values is not None:
                 return cls._build(values, set(data))
+        elif isinstance(data, cls):
+            return data
         if not isinstance(data, Mapping):
             raise InvalidRecordError(cls.entity, [("", f"expected a {cls.__name__} or a mapping")])
         # The slow path: pydantic, for the uncommon forms the compiled parser leaves alone and for every refusal.
@@ -178,12 +180,11 @@ class Record(BaseModel):
         The one place records are made without validation: from the compiled parser's output and from database rows
         (:class:`persistence.rowcodec.RowReader`), whose column types already produced the right values.
         """
-        record = cls.__new__(cls)
-        _set = object.__setattr__
-        _set(record, "__dict__", values)
-        _set(record, "__pydantic_fields_set__", fields_set)
-        _set(record, "__pydantic_extra__", None)
-        _set(record, "__pydantic_private__", None)
+        record = _new_object(cls)
+        _set_attribute(record, "__dict__", values)
+        _set_attribute(record, "__pydantic_fields_set__", fields_set)
+        _set_attribute(record, "__pydantic_extra__", None)
+        _set_attribute(record, "__pydantic_private__", None)
         return record
 
     @property
