@@ -1,12 +1,18 @@
-"""Fixtures for the benchmarks: an event loop driven from sync code, and a figure table written at the end."""
+"""Fixtures for the benchmarks: an event loop driven from sync code; the figures written at the end.
+
+``benchmarks/last_run.md`` is the table of the run; ``benchmarks/last_run.json`` has every figure machine-readable
+(each figure's ``values``, plus the machine and the time of the run).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import sqlite3
 import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,4 +64,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         )
     out = Path(__file__).parent / "last_run.md"
     out.write_text("\n".join(lines) + "\n")
+    machine = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "postgres_url_set": bool(os.environ.get("PERSISTENCE_TEST_POSTGRES_URL")),
+        "rounds": int(os.environ.get("BENCH_ROUNDS", "5")),
+    }
+    document = {
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine,
+        "figures": FIGURES,
+    }
+    (Path(__file__).parent / "last_run.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     print("\n" + "\n".join(lines))

@@ -1,26 +1,35 @@
-"""Shared machinery for the benchmarks: workloads, baselines and percentiles.
+"""Shared machinery for the benchmarks: workloads, ceilings, probes and percentiles.
 
 pytest-benchmark has no async support and no percentiles beyond its own timing, so each benchmark drives an event
-loop from a synchronous function and computes per-record latencies itself: a record's latency runs from its
-``record_trade`` call to the commit of its batch (taken from the writer's ``BatchCommitted`` events). The
-baselines run on the same schema and the same records in the same process: raw ``sqlite3.executemany`` in one
-transaction (the ceiling) and one ORM ``add`` + ``await commit()`` per trade (the naive way).
+loop from a synchronous function and computes per-record latencies itself. The headline latency is the user's: from
+each record's own ``record_trade`` call to its receipt resolving, awaited by the host, with the sidecar's default
+settings and logging (:func:`user_burst`). The internal figure beside it runs from the call to the commit of its
+batch (the writer's ``BatchCommitted`` events, :func:`sidecar_burst`).
+
+The ceilings run on the same records in the same process: raw ``sqlite3.executemany`` of the rows encoded as the
+schema stores them (the same-schema ceiling), of the same values as plain text into a table of text columns with the
+same indexes (the text ceiling: what the encoding itself costs), and asyncpg ``copy_records_to_table`` and
+``executemany`` into PostgreSQL's ``trades``. The naive way is one ORM ``add`` + ``await commit()`` per trade.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import math
 import sqlite3
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 from sqlalchemy import insert
 from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import registry as orm_registry
 
@@ -165,3 +174,195 @@ def raw_executemany(path: Path, count: int, prefix: str) -> float:
         return time.perf_counter() - started
     finally:
         connection.close()
+
+
+async def user_burst(settings: Settings, count: int, prefix: str) -> tuple[list[float], float]:
+    """The user's measurement of a burst: ``count`` trades recorded at once, each receipt awaited by the host.
+
+    A record's latency runs from its own ``record_trade`` call to its receipt resolving, as a host awaiting it sees
+    it (the task awaiting the receipt resumes). Default settings and logging: the sidecar is built as a host builds
+    it. Returns the latencies and the wall time until the last receipt resolved.
+    """
+    async with PersistenceSidecar(settings) as sidecar:
+        mappings = [trade_mapping(i, prefix) for i in range(count)]
+        clock = time.perf_counter
+        latencies = [math.nan] * count
+
+        async def settle(index: int, started: float, receipt: Awaitable[object]) -> None:
+            await receipt
+            latencies[index] = clock() - started
+
+        waiters = []
+        first = clock()
+        for index, mapping in enumerate(mappings):
+            started = clock()
+            receipt = sidecar.record_trade(mapping)
+            waiters.append(settle(index, started, receipt))
+        await asyncio.gather(*waiters)
+        return latencies, clock() - first
+
+
+async def user_steady(
+    settings: Settings,
+    count: int,
+    rate: float,
+    prefix: str,
+    probe: LoopStallProbe | None = None,
+    *,
+    freeze: bool = False,
+) -> list[float]:
+    """``count`` trades at ``rate`` per second, each receipt awaited by its own task: the user's latencies.
+
+    ``freeze``: the host calls ``gc.freeze()`` once the sidecar has started (and ``gc.unfreeze()`` at the end), so
+    full collections no longer walk the start-up heap.
+    """
+    async with PersistenceSidecar(settings) as sidecar:
+        if freeze:
+            gc.collect()
+            gc.freeze()
+        if probe is not None:
+            probe.start()
+        clock = time.perf_counter
+        latencies: list[float] = []
+        tasks: list[asyncio.Task[None]] = []
+
+        async def settle(started: float, receipt: Awaitable[object]) -> None:
+            await receipt
+            latencies.append(clock() - started)
+
+        begin = clock()
+        for i in range(count):
+            delay = begin + i / rate - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            started = clock()
+            receipt = sidecar.record_trade(trade_mapping(i, prefix))
+            tasks.append(asyncio.ensure_future(settle(started, receipt)))
+        await asyncio.gather(*tasks)
+        if probe is not None:
+            await probe.stop()
+        if freeze:
+            gc.unfreeze()
+        return latencies
+
+
+class LoopStallProbe:
+    """A task sleeping 1 ms in a loop and recording how late it wakes: the host loop's stalls."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self.overshoots: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        clock = time.perf_counter
+        while True:
+            before = clock()
+            await asyncio.sleep(self.interval)
+            self.overshoots.append(clock() - before - self.interval)
+
+    async def stop(self) -> float:
+        """Stop probing; returns the largest stall seen (seconds)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        return self.largest
+
+    @property
+    def largest(self) -> float:
+        return max(self.overshoots, default=0.0)
+
+
+TEXT_TABLE = "trades_text"
+
+
+def create_text_table(path: Path) -> None:
+    """A table with the trades table's columns as TEXT and the same unique key and indexes."""
+    columns = [column.name for column in trades.c if column.name != "id"]
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        body = ", ".join(f"{name} TEXT" + (" NOT NULL UNIQUE" if name == "trade_id" else "") for name in columns)
+        connection.execute(f"CREATE TABLE IF NOT EXISTS {TEXT_TABLE} (id INTEGER PRIMARY KEY, {body})")
+        for index in trades.indexes:
+            names = ", ".join(column.name for column in index.columns)
+            connection.execute(f"CREATE INDEX IF NOT EXISTS {index.name}_text ON {TEXT_TABLE} ({names})")
+    finally:
+        connection.close()
+
+
+def raw_text_executemany(path: Path, count: int, prefix: str) -> float:
+    """The text ceiling: the same values as plain text (converted before the timing), one executemany."""
+    create_text_table(path)
+    columns = [column.name for column in trades.c if column.name != "id"]
+    rows = []
+    for i in range(count):
+        mapping = trade_mapping(i, prefix)
+        rows.append(tuple(None if mapping.get(name) is None else str(mapping[name]) for name in columns))
+    sql = f"INSERT INTO {TEXT_TABLE} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        started = time.perf_counter()
+        connection.execute("BEGIN IMMEDIATE")
+        connection.executemany(sql, rows)
+        connection.execute("COMMIT")
+        return time.perf_counter() - started
+    finally:
+        connection.close()
+
+
+async def pg_connect(database_url: str) -> asyncpg.Connection:
+    url = make_url(database_url)
+    return await asyncpg.connect(
+        host=url.host or "127.0.0.1",
+        port=url.port or 5432,
+        user=url.username,
+        password=url.password,
+        database=url.database,
+    )
+
+
+def pg_rows(count: int, prefix: str) -> tuple[list[str], list[tuple[object, ...]]]:
+    """The rows of ``count`` validated trades, as asyncpg takes them (Decimal, aware datetime, str)."""
+    columns = [column.name for column in trades.c if column.name != "id"]
+    rows = []
+    for i in range(count):
+        values = Trade.parse(trade_mapping(i, prefix)).__dict__
+        rows.append(tuple(values[name] for name in columns))
+    return columns, rows
+
+
+async def pg_ceilings(database_url: str, count: int, prefix: str) -> tuple[float, float]:
+    """PostgreSQL ceilings for ``count`` rows into ``trades``: (COPY seconds, executemany seconds), each one
+    transaction, the table emptied before each."""
+    columns, rows = pg_rows(count, prefix)
+    insert_sql = (
+        f"INSERT INTO trades ({', '.join(columns)}) VALUES ({', '.join(f'${n + 1}' for n in range(len(columns)))})"
+    )
+    connection = await pg_connect(database_url)
+    try:
+        await connection.execute("TRUNCATE trades")
+        started = time.perf_counter()
+        async with connection.transaction():
+            await connection.copy_records_to_table("trades", records=rows, columns=columns)
+        copy = time.perf_counter() - started
+        await connection.execute("TRUNCATE trades")
+        started = time.perf_counter()
+        async with connection.transaction():
+            await connection.executemany(insert_sql, rows)
+        many = time.perf_counter() - started
+        await connection.execute("TRUNCATE trades")
+        return copy, many
+    finally:
+        await connection.close()
+
+
+async def timed(call: Callable[[], Awaitable[object]]) -> float:
+    started = time.perf_counter()
+    await call()
+    return time.perf_counter() - started

@@ -17,14 +17,20 @@ from sqlalchemy import event
 
 from benchmarks.harness import (
     LatencyProbe,
+    LoopStallProbe,
     migrated,
     naive_burst,
     percentile,
+    pg_ceilings,
+    pg_connect,
     raw_executemany,
+    raw_text_executemany,
     run,
     sidecar_burst,
     sqlite_settings,
     trade_mapping,
+    user_burst,
+    user_steady,
 )
 from persistence import PersistenceSidecar, Settings
 from persistence.db import create_database
@@ -43,13 +49,19 @@ def ms(seconds: float) -> str:
 def test_burst_of_1000_trades_p95_against_naive_and_ceiling(
     benchmark: Any, loop: asyncio.AbstractEventLoop, tmp_path: Path, figures: list[dict[str, Any]]
 ) -> None:
+    user_p95s: list[float] = []
     p95s: list[float] = []
     naive_p95s: list[float] = []
     ceilings: list[float] = []
+    text_ceilings: list[float] = []
     counter = iter(range(10_000))
 
     def one_round() -> None:
         n = next(counter)
+        settings = sqlite_settings(tmp_path / f"user-{n}.db")
+        run(loop, migrated(settings))
+        latencies, _ = run(loop, user_burst(settings, 1000, f"U{n}"))
+        user_p95s.append(percentile(latencies, 95))
         settings = sqlite_settings(tmp_path / f"burst-{n}.db")
         run(loop, migrated(settings))
         latencies, _ = run(loop, sidecar_burst(settings, 1000, f"S{n}"))
@@ -62,27 +74,50 @@ def test_burst_of_1000_trades_p95_against_naive_and_ceiling(
         raw_settings = sqlite_settings(tmp_path / f"raw-{n}.db")
         run(loop, migrated(raw_settings))
         ceilings.append(raw_executemany(tmp_path / f"raw-{n}.db", 1000, f"R{n}"))
+        text_ceilings.append(raw_text_executemany(tmp_path / f"text-{n}.db", 1000, f"X{n}"))
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
-    p95, naive, ceiling = statistics.median(p95s), statistics.median(naive_p95s), statistics.median(ceilings)
-    benchmark.extra_info.update(p95_ms=p95 * 1000, naive_p95_ms=naive * 1000, raw_ms=ceiling * 1000)
+    user, p95, naive = statistics.median(user_p95s), statistics.median(p95s), statistics.median(naive_p95s)
+    ceiling, text_ceiling = statistics.median(ceilings), statistics.median(text_ceilings)
+    benchmark.extra_info.update(user_p95_ms=user * 1000, p95_ms=p95 * 1000, raw_ms=ceiling * 1000)
     figures.append(
         {
-            "figure": "burst of 1000 trades: p95 record→commit (SQLite)",
-            "target": "< 100 ms required, ≤ 25 ms target",
-            "measured": ms(p95),
-            "baseline": f"naive ORM commit per trade p95 {ms(naive)}; raw executemany of all 1000: {ms(ceiling)}",
-            "ratio": f"{naive / p95:.0f}× faster than naive; {p95 / ceiling:.1f}× the raw ceiling",
+            "figure": "burst of 1000 trades: p95 record call → receipt, as a user measures (SQLite)",
+            "target": "< 100 ms required; ≤ 1.5× the same-schema ceiling and < 50 ms",
+            "measured": f"{ms(user)} (record → commit, internal: {ms(p95)})",
+            "baseline": (
+                f"same-schema ceiling (raw executemany of all 1000): {ms(ceiling)}; text ceiling: {ms(text_ceiling)}; "
+                f"naive ORM commit per trade p95 {ms(naive)}"
+            ),
+            "ratio": (
+                f"{user / ceiling:.1f}× the same-schema ceiling, {user / text_ceiling:.1f}× the text ceiling; "
+                f"{naive / user:.0f}× faster than naive"
+            ),
+            "values": {
+                "user_p95_ms": user * 1000,
+                "internal_p95_ms": p95 * 1000,
+                "same_schema_ceiling_ms": ceiling * 1000,
+                "text_ceiling_ms": text_ceiling * 1000,
+                "naive_p95_ms": naive * 1000,
+                "ratio_to_same_schema_ceiling": user / ceiling,
+                "ratio_to_text_ceiling": user / text_ceiling,
+                "user_p95_ms_per_round": [value * 1000 for value in user_p95s],
+                "same_schema_ceiling_ms_per_round": [value * 1000 for value in ceilings],
+            },
         }
     )
-    assert p95 < 0.100
+    assert user < 0.100
 
 
 def test_steady_1000_trades_per_second_p95(
     benchmark: Any, loop: asyncio.AbstractEventLoop, tmp_path: Path, figures: list[dict[str, Any]]
 ) -> None:
+    user_p95s: list[float] = []
     p95s: list[float] = []
     frozen_p95s: list[float] = []
+    stalls: list[float] = []
+    frozen_user_p95s: list[float] = []
+    frozen_stalls: list[float] = []
     counter = iter(range(10_000))
 
     async def steady(settings: Settings, prefix: str, rate: int, seconds: float, freeze: bool = False) -> list[float]:
@@ -103,6 +138,18 @@ def test_steady_1000_trades_per_second_p95(
 
     def one_round() -> None:
         n = next(counter)
+        settings = sqlite_settings(tmp_path / f"steady-user-{n}.db")
+        run(loop, migrated(settings))
+        probe = LoopStallProbe()
+        latencies = run(loop, user_steady(settings, 3000, 1000, f"V{n}", probe))
+        user_p95s.append(percentile(latencies, 95))
+        stalls.append(probe.largest)
+        settings = sqlite_settings(tmp_path / f"steady-user-frozen-{n}.db")
+        run(loop, migrated(settings))
+        probe = LoopStallProbe()
+        latencies = run(loop, user_steady(settings, 3000, 1000, f"W{n}", probe, freeze=True))
+        frozen_user_p95s.append(percentile(latencies, 95))
+        frozen_stalls.append(probe.largest)
         settings = sqlite_settings(tmp_path / f"steady-{n}.db")
         run(loop, migrated(settings))
         latencies = run(loop, steady(settings, f"T{n}", 1000, 3.0))
@@ -116,14 +163,41 @@ def test_steady_1000_trades_per_second_p95(
         frozen_p95s.append(percentile(latencies, 95))
 
     benchmark.pedantic(one_round, rounds=max(ROUNDS // 2, 3), iterations=1)
-    p95, frozen = statistics.median(p95s), statistics.median(frozen_p95s)
-    benchmark.extra_info.update(p95_ms=p95 * 1000, frozen_p95_ms=frozen * 1000)
+    user, p95, frozen = statistics.median(user_p95s), statistics.median(p95s), statistics.median(frozen_p95s)
+    stall, frozen_stall = statistics.median(stalls), statistics.median(frozen_stalls)
+    frozen_user = statistics.median(frozen_user_p95s)
+    benchmark.extra_info.update(user_p95_ms=user * 1000, p95_ms=p95 * 1000, frozen_p95_ms=frozen * 1000)
     figures.append(
         {
-            "figure": "steady 1000 trades/s for 3 s: p95 record→commit (SQLite)",
+            "figure": "steady 1000 trades/s for 3 s: p95 record call → receipt (SQLite)",
             "target": "≤ 5 ms",
-            "measured": ms(p95),
-            "baseline": f"same, the host's heap frozen after start-up (gc.freeze()): p95 {ms(frozen)}",
+            "measured": f"{ms(user)} (record → commit, internal: {ms(p95)})",
+            "baseline": (
+                f"the host's heap frozen after start-up (gc.freeze()): {ms(frozen_user)} (internal {ms(frozen)})"
+            ),
+            "values": {
+                "user_p95_ms": user * 1000,
+                "internal_p95_ms": p95 * 1000,
+                "frozen_user_p95_ms": frozen_user * 1000,
+                "frozen_internal_p95_ms": frozen * 1000,
+            },
+        }
+    )
+    figures.append(
+        {
+            "figure": "largest loop stall during a steady 1000 trades/s (1 ms sleeper's overshoot)",
+            "target": "≤ 5 ms",
+            "measured": ms(stall),
+            "baseline": (
+                f"per round: {', '.join(ms(value) for value in stalls)}; the host's heap frozen after start-up: "
+                f"{ms(frozen_stall)} ({', '.join(ms(value) for value in frozen_stalls)})"
+            ),
+            "values": {
+                "largest_stall_ms": stall * 1000,
+                "per_round_ms": [value * 1000 for value in stalls],
+                "frozen_largest_stall_ms": frozen_stall * 1000,
+                "frozen_per_round_ms": [value * 1000 for value in frozen_stalls],
+            },
         }
     )
 
@@ -172,7 +246,7 @@ def test_record_trade_hot_path_p50_p99(
     figures.append(
         {
             "figure": "record_trade on the event loop (validation included)",
-            "target": "p99 ≤ 50 µs",
+            "target": "p50 ≤ 10 µs, p99 ≤ 30 µs (default GC)",
             "measured": (
                 f"p50 {p50 * 1e6:.1f} µs, p99 {p99 * 1e6:.1f} µs, p99.9 {percentile(with_gc, 99.9) * 1e6:.0f} µs "
                 f"({len(with_gc)} calls)"
@@ -181,6 +255,58 @@ def test_record_trade_hot_path_p50_p99(
                 f"the garbage collector off: p99 {p99_no_gc * 1e6:.1f} µs; gc.set_threshold(10000): "
                 f"p99 {p99_tuned * 1e6:.1f} µs, p99.9 {p999_tuned * 1e6:.0f} µs"
             ),
+            "values": {
+                "p50_us": p50 * 1e6,
+                "p99_us": p99 * 1e6,
+                "p999_us": percentile(with_gc, 99.9) * 1e6,
+                "p99_gc_off_us": p99_no_gc * 1e6,
+                "p99_gc_threshold_10000_us": p99_tuned * 1e6,
+            },
+        }
+    )
+
+
+def test_validation_side_by_side(benchmark: Any, figures: list[dict[str, Any]]) -> None:
+    """Trade.parse (the compiled fast path) beside the pydantic model alone and msgspec, on the same mappings."""
+    mappings = [trade_mapping(i, "VAL") for i in range(2000)]
+    journal_form = [Trade.parse(mapping).to_json() for mapping in mappings]
+    cases: dict[str, Any] = {
+        "parse": lambda: [Trade.parse(mapping) for mapping in mappings],
+        "pydantic": lambda: [Trade.model_validate(mapping) for mapping in mappings],
+        "parse_json_form": lambda: [Trade.parse(data) for data in journal_form],
+        "pydantic_json_form": lambda: [Trade.model_validate(data) for data in journal_form],
+    }
+    try:  # not a dependency of the project: measured when installed (pip install msgspec)
+        import msgspec
+
+        from benchmarks.validators import MsgspecTrade
+
+        cases["msgspec"] = lambda: [msgspec.convert(mapping, MsgspecTrade) for mapping in mappings]
+    except ImportError:
+        pass
+    timings: dict[str, list[float]] = {name: [] for name in cases}
+
+    def one_round() -> None:
+        for name, case in cases.items():  # interleaved, so the machine's drift touches every case alike
+            started = time.perf_counter()
+            case()
+            timings[name].append((time.perf_counter() - started) / len(mappings))
+
+    benchmark.pedantic(one_round, rounds=max(ROUNDS * 2, 7), iterations=1)
+    us = {name: statistics.median(values) * 1e6 for name, values in timings.items()}
+    figures.append(
+        {
+            "figure": "validation of one trade mapping, side by side (median µs per trade)",
+            "target": "—",
+            "measured": f"Trade.parse {us['parse']:.2f} µs; journal (JSON) form {us['parse_json_form']:.2f} µs",
+            "baseline": (
+                f"the pydantic model alone (the previous path): {us['pydantic']:.2f} µs, JSON form "
+                f"{us['pydantic_json_form']:.2f} µs; msgspec.convert to a Struct with types and lengths only (no "
+                f"8-place check, no quantize, no UTC, no NUL check): "
+                + (f"{us['msgspec']:.2f} µs" if "msgspec" in us else "not installed")
+            ),
+            "ratio": f"{us['pydantic'] / us['parse']:.1f}× faster than the pydantic model",
+            "values": {f"{name}_us": value for name, value in us.items()},
         }
     )
 
@@ -191,11 +317,12 @@ def test_sustained_throughput_against_raw_executemany(
     count = 50_000
     rates: list[float] = []
     ceilings: list[float] = []
+    text_ceilings: list[float] = []
     counter = iter(range(10_000))
 
     async def sustained(settings: Settings, prefix: str) -> float:
         mappings = [trade_mapping(i, prefix) for i in range(count)]
-        async with PersistenceSidecar(settings, log_events=False) as sidecar:
+        async with PersistenceSidecar(settings) as sidecar:
             started = time.perf_counter()
             for offset in range(0, count, 500):
                 for mapping in mappings[offset : offset + 500]:
@@ -212,17 +339,35 @@ def test_sustained_throughput_against_raw_executemany(
         raw = sqlite_settings(tmp_path / f"ceiling-{n}.db")
         run(loop, migrated(raw))
         ceilings.append(count / raw_executemany(tmp_path / f"ceiling-{n}.db", count, f"C{n}"))
+        text_ceilings.append(count / raw_text_executemany(tmp_path / f"text-{n}.db", count, f"X{n}"))
 
-    benchmark.pedantic(one_round, rounds=max(ROUNDS // 2, 2), iterations=1)
-    rate, ceiling = statistics.median(rates), statistics.median(ceilings)
+    benchmark.pedantic(one_round, rounds=max(ROUNDS // 2, 3), iterations=1)
+    rate, ceiling, text_ceiling = (
+        statistics.median(rates),
+        statistics.median(ceilings),
+        statistics.median(text_ceilings),
+    )
     benchmark.extra_info.update(records_per_s=rate, ceiling_per_s=ceiling)
     figures.append(
         {
             "figure": "sustained throughput, 50,000 trades recorded and committed (SQLite)",
-            "target": "≥ 50 % of raw executemany",
+            "target": "≥ 60 % of the same-schema ceiling and ≥ 30 % of the text ceiling",
             "measured": f"{rate:,.0f} trades/s",
-            "baseline": f"raw sqlite3.executemany, one transaction (incl. encoding): {ceiling:,.0f} trades/s",
-            "ratio": f"{rate / ceiling:.0%} of the ceiling",
+            "baseline": (
+                f"same-schema ceiling (raw sqlite3.executemany incl. encoding): {ceiling:,.0f} trades/s; "
+                f"text ceiling: {text_ceiling:,.0f} trades/s"
+            ),
+            "ratio": f"{rate / ceiling:.0%} of the same-schema ceiling, {rate / text_ceiling:.0%} of the text ceiling",
+            "values": {
+                "trades_per_s": rate,
+                "same_schema_ceiling_per_s": ceiling,
+                "text_ceiling_per_s": text_ceiling,
+                "share_of_same_schema_ceiling": rate / ceiling,
+                "share_of_text_ceiling": rate / text_ceiling,
+                "per_round": [
+                    {"rate": r, "ceiling": c, "text": t} for r, c, t in zip(rates, ceilings, text_ceilings, strict=True)
+                ],
+            },
         }
     )
 
@@ -252,13 +397,47 @@ def test_start_up_with_10000_trades_loads_history(
         assert len(sidecar.trade_history) == 10_000
         await sidecar.close()
 
-    benchmark.pedantic(lambda: run(loop, start_once()), rounds=ROUNDS, iterations=1)
+    raw_reads: list[float] = []
+    checks: list[float] = []
+
+    def raw_read() -> None:
+        # The ceiling: the same rows read by raw sqlite3 (the history query, nothing decoded) plus Alembic's check.
+        started = time.perf_counter()
+        run(loop, migrated(settings))
+        checks.append(time.perf_counter() - started)
+        connection = sqlite3.connect(settings.url.database or "")
+        try:
+            started = time.perf_counter()
+            rows = connection.execute(
+                "SELECT * FROM trades ORDER BY updated_at DESC, id DESC LIMIT ?", (settings.history_max,)
+            ).fetchall()
+            raw_reads.append(time.perf_counter() - started)
+            assert len(rows) == 10_000
+        finally:
+            connection.close()
+
+    def one_round() -> None:
+        run(loop, start_once())
+        raw_read()
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     median = statistics.median(durations)
+    ceiling = statistics.median(raw_reads) + statistics.median(checks)
     figures.append(
         {
             "figure": "start-up with 10,000 trades in the DB (migrations check + history load)",
-            "target": "≤ 0.2 s (requirement 2 s)",
+            "target": "≤ 1.5× a raw sqlite3 read of the same rows plus Alembic's check (requirement 2 s)",
             "measured": ms(median),
+            "baseline": (
+                f"raw read {ms(statistics.median(raw_reads))} + Alembic's check {ms(statistics.median(checks))}"
+            ),
+            "ratio": f"{median / ceiling:.1f}× the raw read plus the check",
+            "values": {
+                "start_up_ms": median * 1000,
+                "raw_read_ms": statistics.median(raw_reads) * 1000,
+                "alembic_check_ms": statistics.median(checks) * 1000,
+                "ratio": median / ceiling,
+            },
         }
     )
 
@@ -345,13 +524,14 @@ def test_filtered_history_queries_over_100000_trades(
     figures.append(
         {
             "figure": "filtered history queries over 100,000 trades: p95 (SQLite)",
-            "target": "≤ 20 ms (requirement 500 ms)",
+            "target": "≤ 1.2× the raw query (requirement 500 ms)",
             "measured": f"{ms(p95)} (p50 {ms(percentile(samples, 50))})",
             "baseline": (
                 f"the same SQL through raw sqlite3, rows not decoded: p95 {ms(raw_p95)}; slowest shape "
                 f"{queries[slowest]}: median {ms(slowest_median)}, raw {ms(slowest_raw)}"
             ),
             "ratio": f"p95 {p95 / raw_p95:.1f}× the raw query",
+            "values": {"p95_ms": p95 * 1000, "raw_p95_ms": raw_p95 * 1000, "ratio": p95 / raw_p95},
         }
     )
 
@@ -384,6 +564,7 @@ def test_memory_per_10000_trades_in_trade_history(benchmark: Any, figures: list[
             "figure": "memory per 10,000 trades in trade_history (records + index)",
             "target": "—",
             "measured": f"{size / 1024 / 1024:.1f} MiB ({size / 10_000:,.0f} bytes per trade)",
+            "values": {"bytes_per_trade": size / 10_000},
         }
     )
 
@@ -394,32 +575,263 @@ def test_postgres_burst_and_throughput(
 ) -> None:
     from tests.conftest import create_postgres_database, drop_postgres_database
 
+    user_p95s: list[float] = []
     p95s: list[float] = []
     rates: list[float] = []
     naive_p95s: list[float] = []
+    copies: list[float] = []
+    manys: list[float] = []
+    copy_rates: list[float] = []
+    many_rates: list[float] = []
+    counter = iter(range(10_000))
 
     def one_round() -> None:
+        n = next(counter)
         url = create_postgres_database("persistence_bench")
         try:
-            settings = Settings(_env_file=None, database_url=url, journal_dir=tmp_path / "pg-journal")
+            settings = Settings(_env_file=None, database_url=url, journal_dir=tmp_path / f"pg-journal-{n}")
             run(loop, migrated(settings))
-            latencies, _ = run(loop, sidecar_burst(settings, 1000, "PGB"))
+            latencies, _ = run(loop, user_burst(settings, 1000, f"PGU{n}"))
+            user_p95s.append(percentile(latencies, 95))
+            latencies, _ = run(loop, sidecar_burst(settings, 1000, f"PGB{n}"))
             p95s.append(percentile(latencies, 95))
-            naive_latencies, _ = run(loop, naive_burst(settings, 1000, "PGN"))
+            naive_latencies, _ = run(loop, naive_burst(settings, 1000, f"PGN{n}"))
             naive_p95s.append(percentile(naive_latencies, 95))
-            _, elapsed = run(loop, sidecar_burst(settings, 20_000, "PGT"))
+            _, elapsed = run(loop, sidecar_burst(settings, 20_000, f"PGT{n}"))
             rates.append(20_000 / elapsed)
+            copy, many = run(loop, pg_ceilings(url, 1000, f"PGC{n}"))  # empties trades before each ceiling
+            copies.append(copy)
+            manys.append(many)
+            copy, many = run(loop, pg_ceilings(url, 20_000, f"PGR{n}"))
+            copy_rates.append(20_000 / copy)
+            many_rates.append(20_000 / many)
+        finally:
+            drop_postgres_database(url)
+
+    benchmark.pedantic(one_round, rounds=max(ROUNDS // 2, 3), iterations=1)
+    user, p95, naive = statistics.median(user_p95s), statistics.median(p95s), statistics.median(naive_p95s)
+    copy, many = statistics.median(copies), statistics.median(manys)
+    rate, copy_rate, many_rate = statistics.median(rates), statistics.median(copy_rates), statistics.median(many_rates)
+    figures.append(
+        {
+            "figure": "PostgreSQL: burst of 1000 trades, p95 record call → receipt",
+            "target": "< 100 ms required; ≤ 3× asyncpg COPY of the same 1000 rows and < 50 ms",
+            "measured": f"{ms(user)} (record → commit, internal: {ms(p95)})",
+            "baseline": (
+                f"asyncpg copy_records_to_table of the same 1000 rows: {ms(copy)}; asyncpg executemany: {ms(many)}; "
+                f"naive ORM commit per trade p95 {ms(naive)}"
+            ),
+            "ratio": f"{user / copy:.1f}× the COPY ceiling; {naive / user:.0f}× faster than naive",
+            "values": {
+                "user_p95_ms": user * 1000,
+                "internal_p95_ms": p95 * 1000,
+                "copy_ceiling_ms": copy * 1000,
+                "executemany_ceiling_ms": many * 1000,
+                "naive_p95_ms": naive * 1000,
+                "ratio_to_copy_ceiling": user / copy,
+                "user_p95_ms_per_round": [value * 1000 for value in user_p95s],
+                "copy_ceiling_ms_per_round": [value * 1000 for value in copies],
+            },
+        }
+    )
+    figures.append(
+        {
+            "figure": "PostgreSQL: sustained throughput, 20,000 trades",
+            "target": "≥ 50 % of asyncpg COPY of the same rows into the same table",
+            "measured": f"{rate:,.0f} trades/s",
+            "baseline": f"asyncpg COPY: {copy_rate:,.0f} rows/s; asyncpg executemany: {many_rate:,.0f} rows/s",
+            "ratio": f"{rate / copy_rate:.0%} of the COPY ceiling",
+            "values": {
+                "trades_per_s": rate,
+                "copy_ceiling_per_s": copy_rate,
+                "executemany_ceiling_per_s": many_rate,
+                "share_of_copy_ceiling": rate / copy_rate,
+            },
+        }
+    )
+    assert user < 0.100
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="PERSISTENCE_TEST_POSTGRES_URL is not set")
+def test_postgres_three_processes_on_one_database(
+    benchmark: Any, loop: asyncio.AbstractEventLoop, tmp_path: Path, figures: list[dict[str, Any]]
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import create_postgres_database, drop_postgres_database
+
+    count = 20_000
+    aggregates: list[float] = []
+    singles: list[float] = []
+    counter = iter(range(10_000))
+
+    def workers(url: str, prefixes: list[str], n: int) -> list[dict[str, float]]:
+        processes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.pg_worker",
+                    url,
+                    prefix,
+                    str(count),
+                    str(tmp_path / f"j-{n}-{prefix}"),
+                ],
+                stdout=subprocess.PIPE,
+                cwd=Path(__file__).parent.parent,
+            )
+            for prefix in prefixes
+        ]
+        results = []
+        for process in processes:
+            out, _ = process.communicate(timeout=900)
+            assert process.returncode == 0
+            results.append(json.loads(out.decode().strip().splitlines()[-1]))
+        return results
+
+    async def landed(url: str) -> tuple[int, int]:
+        connection = await pg_connect(url)
+        try:
+            row = await connection.fetchrow("SELECT count(*), count(DISTINCT trade_id) FROM trades")
+            return int(row[0]), int(row[1])
+        finally:
+            await connection.close()
+
+    def one_round() -> None:
+        n = next(counter)
+        url = create_postgres_database("persistence_bench3")
+        try:
+            run(loop, migrated(Settings(_env_file=None, database_url=url, journal_dir=tmp_path / f"m-{n}")))
+            [single] = workers(url, [f"P{n}-solo"], n)
+            singles.append(single["rate"])
+            results = workers(url, [f"P{n}-a", f"P{n}-b", f"P{n}-c"], n)
+            span = max(result["finished"] for result in results) - min(result["started"] for result in results)
+            aggregates.append(3 * count / span)
+            assert run(loop, landed(url)) == (4 * count, 4 * count)  # every record landed, once
         finally:
             drop_postgres_database(url)
 
     benchmark.pedantic(one_round, rounds=max(ROUNDS // 2, 2), iterations=1)
-    p95, naive, rate = statistics.median(p95s), statistics.median(naive_p95s), statistics.median(rates)
+    aggregate, single = statistics.median(aggregates), statistics.median(singles)
     figures.append(
         {
-            "figure": "PostgreSQL: burst of 1000 p95, and 20,000-trade throughput",
-            "target": "p95 < 100 ms",
-            "measured": f"p95 {ms(p95)}; {rate:,.0f} trades/s",
-            "baseline": f"naive ORM commit per trade p95 {ms(naive)}",
-            "ratio": f"{naive / p95:.0f}× faster than naive",
+            "figure": "PostgreSQL: three sidecar processes on one database, 20,000 trades each",
+            "target": "every record lands exactly once; aggregate rate reported beside one process's",
+            "measured": f"aggregate {aggregate:,.0f} trades/s; every record landed once",
+            "baseline": f"one process alone: {single:,.0f} trades/s",
+            "ratio": f"{aggregate / single:.1f}× one process (2 cores shared by the three and the server)",
+            "values": {"aggregate_per_s": aggregate, "one_process_per_s": single, "landed_once": True},
+        }
+    )
+
+
+def test_loop_stall_during_an_outage(
+    benchmark: Any, loop: asyncio.AbstractEventLoop, tmp_path: Path, figures: list[dict[str, Any]]
+) -> None:
+    from persistence.testing import DatabaseLock
+
+    stalls: list[float] = []
+    counter = iter(range(10_000))
+
+    async def outage(settings: Settings, prefix: str) -> float:
+        probe = LoopStallProbe()
+        async with PersistenceSidecar(settings) as sidecar:
+            probe.start()
+            lock = DatabaseLock(settings.database_url)
+            start = time.perf_counter()
+            for i in range(3000):  # 1000/s for 3 s; the database is locked from 1 s to 2 s
+                if i == 1000:
+                    await lock.acquire()
+                elif i == 2000:
+                    await lock.release()
+                delay = start + i / 1000 - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sidecar.record_trade(trade_mapping(i, prefix))
+            await sidecar.flush(timeout=120)
+            return await probe.stop()
+
+    def one_round() -> None:
+        n = next(counter)
+        settings = sqlite_settings(tmp_path / f"outage-{n}.db", query_timeout_ms=250, breaker_reset_seconds=0.5)
+        run(loop, migrated(settings))
+        stalls.append(run(loop, outage(settings, f"O{n}")))
+
+    benchmark.pedantic(one_round, rounds=max(ROUNDS // 2, 3), iterations=1)
+    stall = statistics.median(stalls)
+    figures.append(
+        {
+            "figure": "largest loop stall during an outage (another connection's BEGIN EXCLUSIVE for 1 s at 1000/s)",
+            "target": "≤ 5 ms",
+            "measured": ms(stall),
+            "baseline": f"per round: {', '.join(ms(value) for value in stalls)}",
+            "values": {"largest_stall_ms": stall * 1000, "per_round_ms": [value * 1000 for value in stalls]},
+        }
+    )
+
+
+def test_loop_stall_during_a_journal_replay_of_100000_records(
+    benchmark: Any, loop: asyncio.AbstractEventLoop, tmp_path: Path, figures: list[dict[str, Any]]
+) -> None:
+    from persistence.testing import DatabaseLock
+
+    count = 100_000
+    stalls: list[float] = []
+    durations: list[float] = []
+    counter = iter(range(10_000))
+
+    async def journal_then_replay(settings: Settings, prefix: str) -> tuple[float, float]:
+        # Recorded while the database is locked, with a small RAM backlog: the records go to the journal.
+        lock = DatabaseLock(settings.database_url)
+        async with PersistenceSidecar(settings, log_events=False) as sidecar:
+            await lock.acquire()
+            for offset in range(0, count, 1000):
+                for i in range(offset, offset + 1000):
+                    sidecar.record_trade(trade_mapping(i, prefix))
+                await asyncio.sleep(0)
+            await sidecar.close(timeout=1.0)
+        await lock.release()
+        # A new sidecar on the healthy database replays the journal; the probe runs through start() and the flush.
+        probe = LoopStallProbe()
+        probe.start()
+        started = time.perf_counter()
+        sidecar = PersistenceSidecar(settings)
+        await sidecar.start()
+        await sidecar.flush(timeout=600)
+        elapsed = time.perf_counter() - started
+        stall = await probe.stop()
+        landed = await sidecar.trades.count()
+        await sidecar.close()
+        assert landed == count
+        return stall, elapsed
+
+    def one_round() -> None:
+        n = next(counter)
+        settings = sqlite_settings(
+            tmp_path / f"replay-{n}.db", max_pending=1000, query_timeout_ms=250, shutdown_timeout=1.0
+        )
+        run(loop, migrated(settings))
+        stall, elapsed = run(loop, journal_then_replay(settings, f"J{n}"))
+        stalls.append(stall)
+        durations.append(elapsed)
+
+    benchmark.pedantic(one_round, rounds=max(ROUNDS // 2, 2), iterations=1)
+    stall = statistics.median(stalls)
+    figures.append(
+        {
+            "figure": "largest loop stall during start-up and a journal replay of 100,000 records",
+            "target": "≤ 5 ms",
+            "measured": ms(stall),
+            "baseline": (
+                f"per round: {', '.join(ms(value) for value in stalls)}; replay took "
+                f"{statistics.median(durations):.1f} s ({count / statistics.median(durations):,.0f} records/s)"
+            ),
+            "values": {
+                "largest_stall_ms": stall * 1000,
+                "per_round_ms": [value * 1000 for value in stalls],
+                "replay_seconds": statistics.median(durations),
+            },
         }
     )

@@ -11,11 +11,10 @@ as UTC and every timestamp comes out timezone-aware in UTC. Invalid input raises
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Context, Decimal, DivisionByZero, InvalidOperation, Overflow
+from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import (
@@ -28,26 +27,41 @@ from pydantic import (
     model_validator,
 )
 
+from persistence import validation as rules
 from persistence.errors import InvalidRecordError
-
-DECIMAL_PRECISION = 18
-"""Significant digits of every decimal column."""
-DECIMAL_SCALE = 8
-"""Digits after the point of every decimal column."""
-DECIMAL_QUANTUM = Decimal(1).scaleb(-DECIMAL_SCALE)
-DECIMAL_CONTEXT = Context(
-    prec=34,
-    rounding=ROUND_HALF_EVEN,
-    Emin=-999_999,
-    Emax=999_999,
-    capitals=1,
-    clamp=0,
-    flags=[],
-    traps=[InvalidOperation, DivisionByZero, Overflow],
+from persistence.validation import (
+    DECIMAL_CONTEXT,
+    DECIMAL_LIMIT,
+    DECIMAL_PRECISION,
+    DECIMAL_QUANTUM,
+    DECIMAL_SCALE,
+    FastParser,
+    check_text,
+    to_exact_decimal,
+    to_utc,
 )
-"""The arithmetic context of every conversion here: the host's thread context (say, a low ``prec``) never applies."""
-DECIMAL_LIMIT = Decimal(10) ** (DECIMAL_PRECISION - DECIMAL_SCALE)
-"""Decimal columns hold values strictly between ``-DECIMAL_LIMIT`` and ``DECIMAL_LIMIT``."""
+
+__all__ = [
+    "CHANGED_BY",
+    "DECIMAL_CONTEXT",
+    "DECIMAL_LIMIT",
+    "DECIMAL_PRECISION",
+    "DECIMAL_QUANTUM",
+    "DECIMAL_SCALE",
+    "DIRECTIONS",
+    "ENTITIES",
+    "SESSIONS",
+    "Entity",
+    "ParameterChange",
+    "PerformanceSnapshot",
+    "Record",
+    "Signal",
+    "SignalExecution",
+    "Trade",
+    "to_exact_decimal",
+    "to_utc",
+    "utc_now",
+]
 
 Entity = Literal["trade", "signal", "snapshot", "parameter_change"]
 ENTITIES: tuple[Entity, ...] = ("trade", "signal", "snapshot", "parameter_change")
@@ -63,46 +77,6 @@ CHANGED_BY: tuple[str, ...] = ("system_auto", "learning_agent", "manual", "emerg
 def utc_now() -> datetime:
     """The current time, timezone-aware in UTC."""
     return datetime.now(UTC)
-
-
-def to_exact_decimal(value: object) -> Decimal:
-    """Convert ``value`` to a Decimal that fits a decimal column exactly, or raise ``ValueError``.
-
-    Floats go through their shortest ``repr`` (``0.1`` becomes ``Decimal("0.1")``). The result is quantized to
-    :data:`DECIMAL_SCALE` places, which never changes its value: a value with more places is refused.
-    """
-    if isinstance(value, Decimal):
-        number = value
-    elif isinstance(value, bool):
-        raise ValueError("must be a number, not a boolean")
-    elif isinstance(value, int):
-        number = Decimal(value)
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError("NaN and infinities are not allowed")
-        number = Decimal(repr(value))
-    elif isinstance(value, str):
-        try:
-            number = Decimal(value.strip())
-        except InvalidOperation:
-            raise ValueError(f"{value!r} is not a decimal number") from None
-    else:
-        raise ValueError(f"must be a decimal number, not {type(value).__name__}")
-    if not number.is_finite():
-        raise ValueError("NaN and infinities are not allowed")
-    if number.copy_abs() >= DECIMAL_LIMIT:  # copy_abs is exact; abs() rounds to the thread's context
-        raise ValueError(f"{number} does not fit: at most {DECIMAL_PRECISION - DECIMAL_SCALE} digits before the point")
-    quantized = number.quantize(DECIMAL_QUANTUM, context=DECIMAL_CONTEXT)
-    if quantized != number:
-        raise ValueError(f"{number} has more than {DECIMAL_SCALE} digits after the point; it is never rounded")
-    return quantized
-
-
-def to_utc(value: datetime) -> datetime:
-    """Make a datetime timezone-aware in UTC; a naive one is taken as UTC."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
 
 
 def _positive(value: Decimal) -> Decimal:
@@ -145,15 +119,29 @@ def _now_if_missing(value: object) -> object:
 
 Stamp = Annotated[datetime, BeforeValidator(_now_if_missing), AfterValidator(to_utc)]
 """A record-keeping timestamp: ``None`` or absent means now."""
-Identifier = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_surrounding_space)]
-Symbol = Annotated[str, Field(min_length=1, max_length=32), AfterValidator(_no_surrounding_space)]
-Label = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+def _clean(value: object) -> object:
+    return check_text(value) if isinstance(value, str) else value
+
+
+Clean = BeforeValidator(_clean)
+"""Every text field: no NUL, no unpaired surrogate (checked before pydantic, whose own message says less)."""
+Identifier = Annotated[str, Field(min_length=1, max_length=64), Clean, AfterValidator(_no_surrounding_space)]
+Symbol = Annotated[str, Field(min_length=1, max_length=32), Clean, AfterValidator(_no_surrounding_space)]
+Label = Annotated[str, Field(min_length=1, max_length=64), Clean]
+GeneratedId = Annotated[str, Field(min_length=1, max_length=36), Clean]
+Timeframe = Annotated[str, Field(min_length=1, max_length=16), Clean]
+ExecutionStatus = Annotated[str, Field(min_length=1, max_length=32), Clean]
+Reason = Annotated[str, Field(max_length=2000), Clean]
 UpperDirection = Annotated[Direction, BeforeValidator(_upper)]
 UpperSession = Annotated[TradingSession, BeforeValidator(_upper)]
 LowerChangedBy = Annotated[ChangedBy, BeforeValidator(_lower)]
 Count = Annotated[int, Field(ge=0, le=2**62)]
 
 RecordT = TypeVar("RecordT", bound="Record")
+_new_object = object.__new__
+_set_attribute = object.__setattr__
 
 
 class Record(BaseModel):
@@ -170,29 +158,33 @@ class Record(BaseModel):
 
         Raises :class:`InvalidRecordError` naming each bad field and the reason.
         """
-        if isinstance(data, cls):
+        if type(data) is dict:  # the common case first: pydantic's isinstance() goes through Python code
+            fast = _FAST_PARSERS.get(cls)
+            values = fast(data) if fast is not None else None
+            if values is not None:
+                return cls._build(values, set(data))
+        elif isinstance(data, cls):
             return data
         if not isinstance(data, Mapping):
             raise InvalidRecordError(cls.entity, [("", f"expected a {cls.__name__} or a mapping")])
+        # The slow path: pydantic, for the uncommon forms the compiled parser leaves alone and for every refusal.
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             raise InvalidRecordError(cls.entity, _field_errors(exc)) from None
 
     @classmethod
-    def from_row(cls, row: Mapping[Any, Any]) -> Self:
-        """Build a record from a database row, trusting the types the column types already produced.
+    def _build(cls, values: dict[str, Any], fields_set: set[str]) -> Self:
+        """A record from field values that are already valid, as pydantic's ``model_construct`` makes one.
 
-        This is pydantic's ``model_construct`` without its per-field default handling (every field is a column,
-        so there is none to do): loading the history at start-up builds thousands of these.
+        The one place records are made without validation: from the compiled parser's output and from database rows
+        (:class:`persistence.rowcodec.RowReader`), whose column types already produced the right values.
         """
-        names = cls.__dict__.get("_field_names") or _field_names(cls)
-        values = row if type(row) is dict and len(row) == len(names) else {name: row[name] for name in names}
-        record = cls.__new__(cls)
-        object.__setattr__(record, "__dict__", values)
-        object.__setattr__(record, "__pydantic_fields_set__", set(names))
-        object.__setattr__(record, "__pydantic_extra__", None)
-        object.__setattr__(record, "__pydantic_private__", None)
+        record = _new_object(cls)
+        _set_attribute(record, "__dict__", values)
+        _set_attribute(record, "__pydantic_fields_set__", fields_set)
+        _set_attribute(record, "__pydantic_extra__", None)
+        _set_attribute(record, "__pydantic_private__", None)
         return record
 
     @property
@@ -251,7 +243,7 @@ class Signal(Record):
 
     signal_id: Identifier
     symbol: Symbol
-    timeframe: Annotated[str, Field(min_length=1, max_length=16)]
+    timeframe: Timeframe
     signal_type: UpperDirection
     confidence: NonNegativeDecimal
     entry_price: Price
@@ -261,7 +253,7 @@ class Signal(Record):
     session: UpperSession | None = None
     pattern_type: Label | None = None
     executed: bool = False
-    execution_status: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+    execution_status: ExecutionStatus | None = None
     created_at: Stamp = Field(default_factory=utc_now)
 
 
@@ -273,7 +265,7 @@ class SignalExecution(Record):
 
     signal_id: Identifier
     executed: bool
-    execution_status: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+    execution_status: ExecutionStatus | None = None
 
 
 class PerformanceSnapshot(Record):
@@ -282,7 +274,7 @@ class PerformanceSnapshot(Record):
     entity: ClassVar[Entity] = "snapshot"
     key_field: ClassVar[str] = "id"
 
-    id: Annotated[str, Field(min_length=1, max_length=36)] = Field(default_factory=lambda: str(uuid.uuid4()))
+    id: GeneratedId = Field(default_factory=lambda: str(uuid.uuid4()))
     snapshot_time: UtcDatetime
     total_trades: Count
     winning_trades: Count
@@ -309,21 +301,15 @@ class ParameterChange(Record):
     entity: ClassVar[Entity] = "parameter_change"
     key_field: ClassVar[str] = "id"
 
-    id: Annotated[str, Field(min_length=1, max_length=36)] = Field(default_factory=lambda: str(uuid.uuid4()))
+    id: GeneratedId = Field(default_factory=lambda: str(uuid.uuid4()))
     change_time: UtcDatetime
     parameter_mode: Label
     changed_by: LowerChangedBy
     session: UpperSession | None = None
     confidence_threshold: NonNegativeDecimal | None = None
     min_risk_reward: NonNegativeDecimal | None = None
-    reason: Annotated[str, Field(max_length=2000)] | None = None
+    reason: Reason | None = None
     created_at: Stamp = Field(default_factory=utc_now)
-
-
-def _field_names(cls: type[Record]) -> tuple[str, ...]:
-    names = tuple(cls.model_fields)
-    type.__setattr__(cls, "_field_names", names)
-    return names
 
 
 def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:
@@ -336,3 +322,94 @@ def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:
             message = "unknown field"
         problems.append((field, message))
     return problems
+
+
+_FAST_PARSERS: dict[type[Record], FastParser] = {
+    Trade: rules.compile_parser(
+        "Trade",
+        [
+            rules.text("trade_id", required=True, strip=True),
+            rules.text("symbol", required=True, max_length=32, strip=True),
+            rules.choice("direction", DIRECTIONS, required=True),
+            rules.time("entry_time", required=True),
+            rules.decimal("entry_price", required=True, sign="positive"),
+            rules.decimal("position_size", required=True, sign="positive"),
+            rules.text("signal_id", strip=True),
+            rules.text("account_id", strip=True),
+            rules.time("exit_time"),
+            rules.decimal("exit_price", sign="positive"),
+            rules.decimal("stop_loss", sign="positive"),
+            rules.decimal("take_profit", sign="positive"),
+            rules.decimal("pnl"),
+            rules.decimal("pnl_percentage"),
+            rules.choice("session", SESSIONS),
+            rules.text("pattern_type"),
+            rules.decimal("confidence_score", sign="non_negative"),
+            rules.decimal("risk_reward_ratio", sign="non_negative"),
+            rules.stamp("created_at"),
+            rules.stamp("updated_at"),
+        ],
+        checks=["f_exit_time is None or f_exit_time >= f_entry_time"],
+    ),
+    Signal: rules.compile_parser(
+        "Signal",
+        [
+            rules.text("signal_id", required=True, strip=True),
+            rules.text("symbol", required=True, max_length=32, strip=True),
+            rules.text("timeframe", required=True, max_length=16),
+            rules.choice("signal_type", DIRECTIONS, required=True),
+            rules.decimal("confidence", required=True, sign="non_negative"),
+            rules.decimal("entry_price", required=True, sign="positive"),
+            rules.time("generated_at", required=True),
+            rules.decimal("stop_loss", sign="positive"),
+            rules.decimal("take_profit", sign="positive"),
+            rules.choice("session", SESSIONS),
+            rules.text("pattern_type"),
+            rules.flag("executed"),
+            rules.text("execution_status", max_length=32),
+            rules.stamp("created_at"),
+        ],
+    ),
+    SignalExecution: rules.compile_parser(
+        "SignalExecution",
+        [
+            rules.text("signal_id", required=True, strip=True),
+            rules.flag("executed", required=True),
+            rules.text("execution_status", max_length=32),
+        ],
+    ),
+    PerformanceSnapshot: rules.compile_parser(
+        "PerformanceSnapshot",
+        [
+            rules.generated_id("id"),
+            rules.time("snapshot_time", required=True),
+            rules.count("total_trades"),
+            rules.count("winning_trades"),
+            rules.count("losing_trades"),
+            rules.decimal("win_rate", sign="non_negative"),
+            rules.decimal("total_pnl"),
+            rules.decimal("sharpe_ratio"),
+            rules.decimal("max_drawdown"),
+            rules.decimal("average_rr", sign="non_negative"),
+            rules.choice("session", SESSIONS),
+            rules.text("parameter_mode"),
+            rules.stamp("created_at"),
+        ],
+        checks=["f_winning_trades + f_losing_trades <= f_total_trades"],
+    ),
+    ParameterChange: rules.compile_parser(
+        "ParameterChange",
+        [
+            rules.generated_id("id"),
+            rules.time("change_time", required=True),
+            rules.text("parameter_mode", required=True),
+            rules.choice("changed_by", CHANGED_BY, required=True, case="lower"),
+            rules.choice("session", SESSIONS),
+            rules.decimal("confidence_threshold", sign="non_negative"),
+            rules.decimal("min_risk_reward", sign="non_negative"),
+            rules.text("reason", min_length=0, max_length=2000),
+            rules.stamp("created_at"),
+        ],
+    ),
+}
+"""The compiled fast path of :meth:`Record.parse`, one per record type; a test holds each to its pydantic model."""

@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import (
     ColumnElement,
     Select,
+    String,
     Table,
     false,
     func,
@@ -49,6 +50,7 @@ from persistence.models import (
     to_utc,
     utc_now,
 )
+from persistence.pgcopy import COPY_MIN_ROWS, CopyUpsert, newest_per_key
 
 # The sort whitelists and the query objects live in persistence.queries; their names stay importable from here.
 from persistence.queries import (  # noqa: F401
@@ -95,11 +97,36 @@ async def _execute_batch(
     statement: Any,
     fast: DriverBatch | None,
     rows: Sequence[Mapping[str, Any]],
+    copy: CopyUpsert | None = None,
 ) -> None:
     if fast is not None:
         await database.executemany_on_driver(connection, fast.sql, fast.encode(rows))
+    elif copy is not None and len(rows) >= COPY_MIN_ROWS:
+        await copy.write(connection, rows)
     else:
         await connection.execute(statement, list(rows))
+
+
+def _copy_upsert(database: Database, table: Table, key: str, conflict: str) -> CopyUpsert | None:
+    """PostgreSQL's COPY path for ``table`` (``None`` elsewhere); ``conflict`` follows ``ON CONFLICT ({key})``."""
+    if database.dialect_name != "postgresql":
+        return None
+    names = [column.name for column in table.c if column.name != "id" or isinstance(column.type, String)]
+    return CopyUpsert(table, names, f"ON CONFLICT ({key}) {conflict}", database.settings.query_timeout_ms)
+
+
+def _update_all_but(table: Table, *kept: str) -> str:
+    return "DO UPDATE SET " + ", ".join(
+        f"{column.name} = EXCLUDED.{column.name}" for column in _columns(table) if column.name not in kept
+    )
+
+
+def _newer_trade(new: Mapping[str, Any], kept: Mapping[str, Any]) -> bool:
+    return bool(kept["updated_at"] <= new["updated_at"])
+
+
+def _signal_replaces(new: Mapping[str, Any], kept: Mapping[str, Any]) -> bool:
+    return bool(not kept["executed"] or new["executed"])
 
 
 def _insert(database: Database, table: Table) -> Any:
@@ -156,13 +183,22 @@ class TradeRepository:
             where=trades.c.updated_at <= statement.excluded.updated_at,
         )
         self._fast = DriverBatch(self._upsert, trades, database.engine.dialect) if database.is_sqlite else None
-        self._reader = RowReader(_columns(trades), Trade) if database.is_sqlite else None
-        self._select = select(*(self._reader.columns if self._reader else _columns(trades)))
+        self._copy = _copy_upsert(
+            database,
+            trades,
+            "trade_id",
+            f"{_update_all_but(trades, 'trade_id', 'created_at')} WHERE trades.updated_at <= EXCLUDED.updated_at",
+        )
+        self._reader = RowReader(_columns(trades), Trade, sqlite=database.is_sqlite)
+        self._select = select(*self._reader.columns)
 
     async def upsert(self, connection: AsyncConnection, batch: Sequence[Trade]) -> None:
         """Insert or update ``batch`` in one statement inside the caller's transaction."""
         if batch:
-            await _execute_batch(self._db, connection, self._upsert, self._fast, [trade.__dict__ for trade in batch])
+            rows: Sequence[Mapping[str, Any]] = [trade.__dict__ for trade in batch]
+            if self._copy is not None:
+                rows = newest_per_key(rows, "trade_id", _newer_trade)
+            await _execute_batch(self._db, connection, self._upsert, self._fast, rows, self._copy)
 
     async def save_trade(self, trade: Trade | Mapping[str, Any]) -> None:
         """Insert or update one trade in its own transaction (the writer batches instead)."""
@@ -230,13 +266,9 @@ class TradeRepository:
         return await _count(self._db, trades, [])
 
     async def _fetch(self, statement: Select[Any]) -> list[Trade]:
-        reader = self._reader
         async with self._db.read() as connection:
-            result = await connection.execute(statement)
-            if reader is None:
-                return [Trade.from_row(row) for row in result.mappings()]
-            rows = result.all()
-        return reader.records(rows)
+            rows = (await connection.execute(statement)).all()
+        return self._reader.records(rows)
 
     # ------------------------------------------------------------------ export (persistence.export)
 
@@ -263,13 +295,23 @@ class SignalRepository:
             where=or_(signals.c.executed == false(), statement.excluded.executed == true()),
         )
         self._fast = DriverBatch(self._upsert, signals, database.engine.dialect) if database.is_sqlite else None
-        self._reader = RowReader(_columns(signals), Signal) if database.is_sqlite else None
-        self._select = select(*(self._reader.columns if self._reader else _columns(signals)))
+        self._copy = _copy_upsert(
+            database,
+            signals,
+            "signal_id",
+            f"{_update_all_but(signals, 'signal_id', 'created_at')}"
+            " WHERE signals.executed = false OR EXCLUDED.executed = true",
+        )
+        self._reader = RowReader(_columns(signals), Signal, sqlite=database.is_sqlite)
+        self._select = select(*self._reader.columns)
 
     async def upsert(self, connection: AsyncConnection, batch: Sequence[Signal]) -> None:
         """Insert or update ``batch`` in one statement inside the caller's transaction."""
         if batch:
-            await _execute_batch(self._db, connection, self._upsert, self._fast, [signal.__dict__ for signal in batch])
+            rows: Sequence[Mapping[str, Any]] = [signal.__dict__ for signal in batch]
+            if self._copy is not None:
+                rows = newest_per_key(rows, "signal_id", _signal_replaces)
+            await _execute_batch(self._db, connection, self._upsert, self._fast, rows, self._copy)
 
     async def apply_executions(
         self, connection: AsyncConnection, batch: Sequence[SignalExecution]
@@ -334,13 +376,9 @@ class SignalRepository:
         return Page(items=items, limit=query.limit, offset=query.offset, total=total)
 
     async def _fetch(self, statement: Select[Any]) -> list[Signal]:
-        reader = self._reader
         async with self._db.read() as connection:
-            result = await connection.execute(statement)
-            if reader is None:
-                return [Signal.from_row(row) for row in result.mappings()]
-            rows = result.all()
-        return reader.records(rows)
+            rows = (await connection.execute(statement)).all()
+        return self._reader.records(rows)
 
     # ------------------------------------------------------------------ export (persistence.export)
 
@@ -365,12 +403,17 @@ class _AppendOnlyRepository(Generic[RecordT]):
         self._db = database
         self._insert = _insert(database, self.table).on_conflict_do_nothing(index_elements=[self.table.c.id])
         self._fast = DriverBatch(self._insert, self.table, database.engine.dialect) if database.is_sqlite else None
-        self._select = select(*self.table.c)
+        self._copy = _copy_upsert(database, self.table, "id", "DO NOTHING")
+        self._reader = RowReader(list(self.table.c), self.record_type, sqlite=database.is_sqlite)
+        self._select = select(*self._reader.columns)
 
     async def insert(self, connection: AsyncConnection, batch: Sequence[RecordT]) -> None:
         """Insert ``batch`` in one statement inside the caller's transaction; known ids are skipped."""
         if batch:
-            await _execute_batch(self._db, connection, self._insert, self._fast, [record.__dict__ for record in batch])
+            rows: Sequence[Mapping[str, Any]] = [record.__dict__ for record in batch]
+            if self._copy is not None:
+                rows = newest_per_key(rows, "id", lambda _new, _kept: False)  # the first of a repeated id stays
+            await _execute_batch(self._db, connection, self._insert, self._fast, rows, self._copy)
 
     async def _save(self, record: RecordT) -> None:
         async with self._db.write() as connection:
@@ -386,8 +429,8 @@ class _AppendOnlyRepository(Generic[RecordT]):
             conditions.append(self.table.c.session == session.upper())
         statement = self._select.where(*conditions).order_by(column.desc(), self.table.c.id).limit(limit)
         async with self._db.read() as connection:
-            result = await connection.execute(statement)
-            return [self.record_type.from_row(row) for row in result.mappings()]
+            rows = (await connection.execute(statement)).all()
+        return self._reader.records(rows)
 
     # ------------------------------------------------------------------ export (persistence.export)
 

@@ -1,29 +1,34 @@
-"""SQLite fast paths: batches encoded straight to driver values, rows decoded straight to records.
+"""Batches encoded straight to driver values, and rows decoded straight to records.
 
 SQLAlchemy's per-value bind and result processing dominates the cost of a large ``executemany`` and of reading
-thousands of rows (the history at start-up, a page of 1000). The encoding and decoding here are exactly those of the
-column types (:class:`~persistence.columns.ExactNumeric` is a scaled integer, :class:`~persistence.columns.UTCDateTime`
-an ISO string in UTC), done in one pass per row; tests compare the stored bytes and the records read back with the
-column types' own.
+thousands of rows (the history at start-up, a page of 1000). On SQLite the encoding and decoding here are exactly
+those of the column types (:class:`~persistence.columns.ExactNumeric` is a scaled integer,
+:class:`~persistence.columns.UTCDateTime` an ISO string in UTC, with their codecs in :mod:`persistence.columns`),
+done in one pass per row; tests compare the stored bytes and the records read back with the column types' own. On
+PostgreSQL the driver's values are already the records' (asyncpg gives ``Decimal`` and aware datetimes), so
+:class:`RowReader` only builds the records; it is the one row decoder of every repository.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Boolean, Integer, String, Table, type_coerce
 
-from persistence.columns import ExactNumeric, UTCDateTime, to_scaled_int, to_sqlite_datetime
-from persistence.models import DECIMAL_CONTEXT, DECIMAL_SCALE, Record
+from persistence.columns import (
+    ExactNumeric,
+    UTCDateTime,
+    decode_datetime,
+    decode_decimal,
+    to_scaled_int,
+    to_sqlite_datetime,
+)
+from persistence.models import Record
+from persistence.validation import DECIMAL_CONTEXT, DECIMAL_PRECISION, DECIMAL_SCALE
 
 RecordT = TypeVar("RecordT", bound=Record)
-
-_DECIMAL_CACHE_SIZE = 4096
-"""Sizes, stops and ratios repeat across trades; prices mostly do not, so the cache is kept small (about 0.7 MiB)."""
-_decimals: dict[int, Decimal] = {}
 
 
 class DriverBatch:
@@ -42,10 +47,20 @@ class DriverBatch:
         types = {column.name: column.type for column in table.c}
         namespace: dict[str, Any] = {}
         items: list[str] = []
+        namespace.update(_D=Decimal, _C=DECIMAL_CONTEXT, _L=10**DECIMAL_PRECISION)
         for index, name in enumerate(compiled.positiontup or []):
             encoder = _sqlite_encoder(types[name])
             if encoder is None:
                 items.append(f"row[{name!r}]")
+            elif encoder is to_scaled_int:
+                # A validated record's decimal has the column's eight places: scaling it is exact, checked by the
+                # comparison; anything else (a record built without validation) takes to_scaled_int's full path.
+                namespace[f"_e{index}"] = encoder
+                items.append(
+                    f"None if (v{index} := row[{name!r}]) is None else (i{index} if type(v{index}) is _D and "
+                    f"(i{index} := int(s{index} := v{index}.scaleb({DECIMAL_SCALE}, _C))) == s{index} and "
+                    f"-_L < i{index} < _L else _e{index}(v{index}))"
+                )
             else:
                 namespace[f"_e{index}"] = encoder
                 items.append(f"None if (v{index} := row[{name!r}]) is None else _e{index}(v{index})")
@@ -59,38 +74,29 @@ class DriverBatch:
 
 
 class RowReader(Generic[RecordT]):
-    """Selects a table's columns as stored (scaled integers, ISO strings) and turns each row into a record.
+    """Selects a table's columns and turns each row into a record: the one row decoder of the repositories.
 
-    The per-row function is generated once per table, the way :mod:`dataclasses` builds ``__init__``: one dict
-    display with each column decoded in place, with no loop and no per-value call for columns that need no decoding.
+    On SQLite the columns are selected as stored (scaled integers, ISO strings) and decoded here; elsewhere the
+    column types' own processing applies and the values are taken as they come. The per-row function is generated
+    once per table, the way :mod:`dataclasses` builds ``__init__``: one dict display with each column decoded in
+    place, with no loop and no per-value call for columns that need no decoding.
     """
 
-    def __init__(self, columns: Sequence[Any], record_type: type[RecordT]) -> None:
-        self.columns = [_raw(column) for column in columns]
+    def __init__(self, columns: Sequence[Any], record_type: type[RecordT], *, sqlite: bool) -> None:
+        self.columns = [_raw(column) for column in columns] if sqlite else list(columns)
         names = [column.name for column in columns]
         if set(names) != set(record_type.model_fields):
             raise TypeError(f"{record_type.__name__} fields and the selected columns differ")
-        namespace: dict[str, Any] = {"_new": record_type.__new__, "_cls": record_type, "_set": object.__setattr__}
+        namespace: dict[str, Any] = {"_build": record_type._build}
         items: list[str] = []
         for index, column in enumerate(columns):
-            decoder = _sqlite_decoder(column.type)
+            decoder = _sqlite_decoder(column.type) if sqlite else None
             if decoder is None:
                 items.append(f"{column.name!r}: row[{index}]")
             else:
                 namespace[f"_d{index}"] = decoder
                 items.append(f"{column.name!r}: None if (v{index} := row[{index}]) is None else _d{index}(v{index})")
-        # What Record.from_row does, inlined: the record's fields set directly, as pydantic's model_construct does.
-        source = "\n".join(
-            [
-                "def decode(row):",
-                "    record = _new(_cls)",
-                "    _set(record, '__dict__', {" + ", ".join(items) + "})",
-                f"    _set(record, '__pydantic_fields_set__', {set(names)!r})",
-                "    _set(record, '__pydantic_extra__', None)",
-                "    _set(record, '__pydantic_private__', None)",
-                "    return record",
-            ]
-        )
+        source = f"def decode(row):\n    return _build({{{', '.join(items)}}}, {set(names)!r})\n"
         exec(compile(source, f"<RowReader {record_type.__name__}>", "exec"), namespace)  # noqa: S102
         self.decode: Callable[[Sequence[Any]], RecordT] = namespace["decode"]
 
@@ -105,22 +111,6 @@ def _raw(column: Any) -> Any:
     if isinstance(column.type, UTCDateTime):
         return type_coerce(column, String).label(column.name)
     return column
-
-
-def decode_decimal(value: int) -> Decimal:
-    """A stored scaled integer as its Decimal; equal stored values share one (immutable) Decimal."""
-    number = _decimals.get(value)
-    if number is None:
-        if len(_decimals) >= _DECIMAL_CACHE_SIZE:
-            _decimals.clear()
-        number = _decimals[value] = Decimal(value).scaleb(-DECIMAL_SCALE, DECIMAL_CONTEXT)
-    return number
-
-
-def decode_datetime(value: str) -> datetime:
-    """A stored UTC timestamp as an aware datetime."""
-    # Parsing an explicit offset is several times cheaper than datetime.replace(tzinfo=UTC).
-    return datetime.fromisoformat(value + "+00:00")
 
 
 def _sqlite_decoder(column_type: Any) -> Callable[[Any], Any] | None:

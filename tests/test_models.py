@@ -4,22 +4,26 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from persistence.errors import InvalidRecordError
 from persistence.models import (
+    _FAST_PARSERS,
     DECIMAL_LIMIT,
     ParameterChange,
     PerformanceSnapshot,
+    Record,
     Signal,
+    SignalExecution,
     Trade,
     to_exact_decimal,
 )
-from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
+from tests.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 
 
 def invalid(data: dict[str, Any]) -> InvalidRecordError:
@@ -199,3 +203,187 @@ def test_a_float_is_either_exact_through_its_repr_or_refused(value: float) -> No
         assert "never rounded" in str(error) or "does not fit" in str(error)
     else:
         assert converted == Decimal(repr(value))
+
+
+# --------------------------------------------------------------------------- the compiled fast path
+
+
+def _reference(model: type[Record], data: dict[str, Any]) -> Record | None:
+    """What the pydantic model alone makes of ``data`` (``None`` when it refuses)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        return None
+
+
+texts = st.one_of(
+    st.sampled_from(["EURUSD", "T-1", "buy", "Sell", " LONDON", "tokyo ", "", "a" * 33, "a" * 65, "M5", "x\x00y"]),
+    st.text(max_size=70),
+    st.just("\ud800"),
+)
+numbers = st.one_of(
+    st.decimals(allow_nan=True, allow_infinity=True),
+    st.decimals(places=8, min_value=-(10**11), max_value=10**11),
+    st.sampled_from([Decimal("1.123456789"), Decimal("1.50000000000"), Decimal("-0"), Decimal("1E+10"), Decimal("0")]),
+    st.integers(min_value=-(10**12), max_value=10**12),
+    st.floats(),
+    st.sampled_from(["1.5", " 2.25 ", "1_000", "nan", "one", "1e3", 0.1 + 0.2]),
+    st.booleans(),
+)
+times = st.one_of(
+    st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.none() | st.timezones()),
+    st.sampled_from(
+        [
+            "2026-03-02T08:00:00Z",
+            "2026-03-02T08:00:00.5+09:00",
+            "2026-03-02T08:00:00",
+            "2026-03-02 08:00:00",
+            "2026-03-02",
+            "9999-12-31T23:59:59-05:00",
+            "0001-01-01T00:00:00+05:00",
+            "2026-02-30T08:00:00Z",
+            "1772438400",
+        ]
+    ),
+    st.datetimes(timezones=st.just(timezone(timedelta(hours=-5)))),
+)
+anything = st.one_of(st.none(), texts, numbers, times, st.integers(-3, 5), st.booleans())
+
+
+def _mapping(model: type[Record]) -> st.SearchStrategy[dict[str, Any]]:
+    fields = {
+        name: st.one_of(
+            anything,
+            numbers if "price" in name or "pnl" in name or "rate" in name or "size" in name else texts,
+            times if "time" in name or name.endswith("_at") else texts,
+        )
+        for name in model.model_fields
+    }
+    return st.fixed_dictionaries({}, optional={**fields, "unexpected": st.just(1)})
+
+
+@pytest.mark.parametrize("model", [Trade, Signal, SignalExecution, PerformanceSnapshot, ParameterChange])
+@settings(derandomize=True, max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_the_compiled_fast_path_accepts_only_what_the_model_accepts_and_makes_the_same_record(
+    model: type[Record], data: st.DataObject
+) -> None:
+    valid = _valid_mapping(model)
+    mapping = {**valid, **data.draw(_mapping(model))}
+    for stamp in ("created_at", "updated_at"):  # "now" differs between two calls; pin it when absent
+        if stamp in model.model_fields and mapping.get(stamp) is None:
+            mapping[stamp] = BASE_TIME
+    if model in (PerformanceSnapshot, ParameterChange) and "id" not in mapping:
+        mapping["id"] = "fixed-id"
+    fast = _FAST_PARSERS[model](dict(mapping))
+    reference = _reference(model, dict(mapping))
+    if fast is None:
+        return  # the slow path decides, and it is the reference itself
+    assert reference is not None, f"fast path accepted what the model refuses: {mapping!r}"
+    assert fast == reference.__dict__
+    assert model.parse(mapping).to_json() == reference.to_json()  # digits and offsets too, not only equality
+
+
+def _valid_mapping(model: type[Record]) -> dict[str, Any]:
+    factories = {
+        Trade: lambda: make_trade().to_json(),
+        Signal: lambda: make_signal().to_json(),
+        SignalExecution: lambda: {"signal_id": "S-1", "executed": True, "execution_status": "filled"},
+        PerformanceSnapshot: lambda: make_snapshot().to_json(),
+        ParameterChange: lambda: make_parameter_change().to_json(),
+    }
+    return dict(factories[model]())
+
+
+def test_the_fast_path_takes_the_common_forms_and_leaves_the_rest_to_the_model() -> None:
+    fast = _FAST_PARSERS[Trade]
+    assert fast(trade_data()) is not None
+    assert fast(make_trade().to_json()) is not None  # the journal's form
+    assert fast(trade_data(entry_price=0.1, pnl=-3, position_size="2.5")) is not None
+    normalised = fast(trade_data(direction=" sell ", session="tokyo"))
+    assert normalised is not None and (normalised["direction"], normalised["session"]) == ("SELL", "TOKYO")
+    # Forms the fast path leaves to the model, which accepts them:
+    assert fast(trade_data(entry_time="1772438400")) is None
+    assert Trade.parse(trade_data(entry_time="1772438400")).entry_time == datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+
+
+TEXT_FIELDS = [
+    (Trade, make_trade, "trade_id"),
+    (Trade, make_trade, "symbol"),
+    (Trade, make_trade, "signal_id"),
+    (Trade, make_trade, "account_id"),
+    (Trade, make_trade, "pattern_type"),
+    (Signal, make_signal, "signal_id"),
+    (Signal, make_signal, "symbol"),
+    (Signal, make_signal, "timeframe"),
+    (Signal, make_signal, "pattern_type"),
+    (Signal, make_signal, "execution_status"),
+    (PerformanceSnapshot, make_snapshot, "id"),
+    (PerformanceSnapshot, make_snapshot, "parameter_mode"),
+    (ParameterChange, make_parameter_change, "id"),
+    (ParameterChange, make_parameter_change, "parameter_mode"),
+    (ParameterChange, make_parameter_change, "reason"),
+]
+
+
+@pytest.mark.parametrize(("model", "factory", "field"), TEXT_FIELDS)
+@pytest.mark.parametrize(("bad", "reason"), [("A\x00B", "NUL"), ("A\ud800B", "unpaired surrogates")])
+def test_nul_and_unpaired_surrogates_are_refused_in_every_text_field(
+    model: type[Record], factory: Any, field: str, bad: str, reason: str
+) -> None:
+    data = factory().to_json()
+    data[field] = bad
+    with pytest.raises(InvalidRecordError) as caught:
+        model.parse(data)
+    assert caught.value.field == field
+    assert reason in caught.value.reason
+
+
+def test_every_text_field_of_every_record_is_in_the_nul_test() -> None:
+    covered = {(model, field) for model, _, field in TEXT_FIELDS}
+    for model in (Trade, Signal, PerformanceSnapshot, ParameterChange):
+        for name, info in model.model_fields.items():
+            if str in _plain_types(info.annotation):  # the enumerations (Literal) are not free text
+                assert (model, name) in covered, f"{model.__name__}.{name}"
+
+
+def _plain_types(annotation: Any) -> set[Any]:
+    args = getattr(annotation, "__args__", None)
+    origin = getattr(annotation, "__origin__", None)
+    if args and origin is not None and origin is not Literal:
+        return {t for arg in args for t in _plain_types(arg)}
+    return {getattr(annotation, "__origin__", annotation)}
+
+
+def test_an_unpaired_surrogate_in_a_non_ascii_text_is_found_and_paired_text_is_kept() -> None:
+    assert make_trade(pattern_type="tête-à-tête ✓").pattern_type == "tête-à-tête ✓"
+    assert make_parameter_change(reason="emoji \U0001f680 ok").reason == "emoji \U0001f680 ok"
+
+
+@pytest.mark.parametrize(
+    "edge",
+    [
+        "9999-12-31T23:59:59-05:00",
+        "0001-01-01T00:00:00+05:00",
+        datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-5))),
+        datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5))),
+    ],
+)
+@pytest.mark.parametrize("field", ["entry_time", "exit_time", "created_at", "updated_at"])
+def test_a_time_outside_the_calendar_once_in_utc_is_refused_naming_the_field(field: str, edge: Any) -> None:
+    data = trade_data(entry_time=datetime(1, 1, 2, tzinfo=UTC)) if field == "exit_time" else trade_data()
+    error = invalid({**data, field: edge})
+    assert error.field == field
+    assert "outside the calendar" in error.reason
+
+
+def test_a_time_outside_the_calendar_is_refused_for_every_record_type() -> None:
+    edge = "9999-12-31T23:59:59-05:00"
+    for model, data, field in [
+        (Signal, make_signal().to_json(), "generated_at"),
+        (PerformanceSnapshot, make_snapshot().to_json(), "snapshot_time"),
+        (ParameterChange, make_parameter_change().to_json(), "change_time"),
+    ]:
+        with pytest.raises(InvalidRecordError) as caught:
+            model.parse({**data, field: edge})
+        assert caught.value.field == field

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 from sqlalchemy import insert, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from persistence.db import Database
 from persistence.errors import InvalidQueryError
@@ -364,12 +364,127 @@ async def test_the_sqlite_row_reader_reads_exactly_what_the_column_types_read(sq
 
 
 def test_decoded_decimals_are_shared_and_the_cache_stays_bounded() -> None:
-    from persistence import rowcodec
+    from persistence import columns
 
-    first = rowcodec.decode_decimal(-123_456_789)
+    first = columns.decode_decimal(-123_456_789)
     assert str(first) == "-1.23456789"
-    assert rowcodec.decode_decimal(-123_456_789) is first
-    for value in range(rowcodec._DECIMAL_CACHE_SIZE + 10):
-        rowcodec.decode_decimal(value)
-    assert len(rowcodec._decimals) <= rowcodec._DECIMAL_CACHE_SIZE
-    assert rowcodec.decode_decimal(-123_456_789) == first
+    assert columns.decode_decimal(-123_456_789) is first
+    for value in range(columns._DECIMAL_CACHE_SIZE + 10):
+        columns.decode_decimal(value)
+    assert len(columns._decimals) <= columns._DECIMAL_CACHE_SIZE
+    assert columns.decode_decimal(-123_456_789) == first
+
+
+# --------------------------------------------------------------------------- batch writes (COPY on PostgreSQL)
+
+BATCH = 40  # above COPY_MIN_ROWS, so PostgreSQL takes the COPY path
+
+
+async def test_a_large_batch_upsert_lands_every_row_exactly(repos: Repositories) -> None:
+    from persistence.pgcopy import COPY_MIN_ROWS
+
+    assert BATCH >= COPY_MIN_ROWS
+    from sqlalchemy import event
+
+    batch = [make_trade(pnl=EXACT_VALUES[i % len(EXACT_VALUES)], exit_time=None) for i in range(BATCH)]
+    sent: list[str] = []
+
+    def capture(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        sent.append(statement)
+
+    event.listen(repos.database.engine.sync_engine, "before_cursor_execute", capture)
+    async with repos.database.write() as connection:
+        await repos.trades.upsert(connection, batch)
+    event.remove(repos.database.engine.sync_engine, "before_cursor_execute", capture)
+    if repos.database.dialect_name == "postgresql":  # the rows went by COPY: SQLAlchemy only saw the stage made
+        assert [statement.split()[:2] for statement in sent] == [["CREATE", "TEMPORARY"]]
+    for trade in batch:
+        assert await repos.trades.get_trade_by_id(trade.trade_id) == trade
+    assert await repos.trades.count() == BATCH
+
+
+async def test_a_large_batch_never_lets_an_older_version_overwrite_a_newer_one(repos: Repositories) -> None:
+    originals = [make_trade(updated_at=BASE_TIME + timedelta(hours=1)) for _ in range(BATCH)]
+    async with repos.database.write() as connection:
+        await repos.trades.upsert(connection, originals)
+    older = [t.model_copy(update={"pnl": Decimal("-1"), "updated_at": BASE_TIME}) for t in originals[::2]]
+    newer = [
+        t.model_copy(update={"pnl": Decimal("2"), "updated_at": BASE_TIME + timedelta(hours=2)})
+        for t in originals[1::2]
+    ]
+    async with repos.database.write() as connection:
+        await repos.trades.upsert(connection, [*older, *newer])
+    for trade in originals[::2]:
+        assert await repos.trades.get_trade_by_id(trade.trade_id) == trade
+    for trade in newer:
+        assert await repos.trades.get_trade_by_id(trade.trade_id) == trade
+    assert await repos.trades.count() == BATCH
+
+
+async def test_versions_of_one_trade_in_one_batch_end_as_if_applied_in_order(repos: Repositories) -> None:
+    base = make_trade(created_at=BASE_TIME, updated_at=BASE_TIME)
+    later = base.model_copy(
+        update={
+            "pnl": Decimal("5"),
+            "created_at": BASE_TIME + timedelta(1),
+            "updated_at": BASE_TIME + timedelta(hours=3),
+        }
+    )
+    stale = base.model_copy(update={"pnl": Decimal("-5"), "updated_at": BASE_TIME + timedelta(hours=1)})
+    filler = [make_trade() for _ in range(BATCH)]
+    async with repos.database.write() as connection:
+        await repos.trades.upsert(connection, [base, *filler, later, stale])
+    stored = await repos.trades.get_trade_by_id(base.trade_id)
+    assert stored is not None
+    assert stored.pnl == Decimal("5")  # the newest version wins, whatever its place in the batch
+    assert stored.created_at == BASE_TIME  # the first version's, as an update never sets created_at
+
+
+async def test_a_large_signal_batch_never_undoes_an_execution(repos: Repositories) -> None:
+    executed = [make_signal(executed=True, execution_status="filled") for _ in range(BATCH)]
+    async with repos.database.write() as connection:
+        await repos.signals.upsert(connection, executed)
+    replay = [signal.model_copy(update={"executed": False, "execution_status": None}) for signal in executed]
+    async with repos.database.write() as connection:
+        await repos.signals.upsert(connection, replay)
+    for signal in executed:
+        stored = await repos.signals.get_signal_by_id(signal.signal_id)
+        assert stored is not None and stored.executed is True and stored.execution_status == "filled"
+
+
+async def test_two_large_batches_in_one_transaction_and_a_replay_of_append_only_records(repos: Repositories) -> None:
+    first = [make_snapshot() for _ in range(BATCH)]
+    second = [make_parameter_change() for _ in range(BATCH)]
+    async with repos.database.write() as connection:
+        await repos.snapshots.insert(connection, first)
+        await repos.snapshots.insert(connection, first[:20])  # a replay in the same transaction: skipped
+        await repos.parameters.insert(connection, second)
+        await repos.trades.upsert(connection, [make_trade() for _ in range(BATCH)])
+        await repos.trades.upsert(connection, [make_trade() for _ in range(BATCH)])
+    counts = await repos.table_counts()
+    assert (counts["performance_snapshots"], counts["parameter_history"], counts["trades"]) == (BATCH, BATCH, 2 * BATCH)
+
+
+async def test_a_large_batch_rolls_back_with_its_transaction(repos: Repositories) -> None:
+    class Abort(Exception):
+        pass
+
+    with pytest.raises(Abort):
+        async with repos.database.write() as connection:
+            await repos.trades.upsert(connection, [make_trade() for _ in range(BATCH)])
+            raise Abort
+    assert await repos.trades.count() == 0
+
+
+async def test_a_row_the_database_refuses_in_a_large_batch_is_a_data_error(repos: Repositories) -> None:
+    from persistence.faults import classify
+    from persistence.models import Trade
+
+    good = [make_trade() for _ in range(BATCH)]
+    # Built without validation, as no caller of the public API can: the table's CHECK refuses it.
+    bad = Trade.model_construct(**{**good[0].__dict__, "trade_id": "refused", "position_size": Decimal("-1")})
+    with pytest.raises(DBAPIError) as caught:
+        async with repos.database.write() as connection:
+            await repos.trades.upsert(connection, [*good[1:], bad])
+    assert classify(caught.value) == "data"
+    assert await repos.trades.count() == 0
