@@ -565,22 +565,8 @@ def _breaker(state: str) -> Literal["closed", "open", "half_open"]:
 
 
 def health_of(sidecar: PersistenceSidecar) -> Health:
-    """``sidecar.health()`` in the API's shape."""
-    raw = sidecar.health().to_dict()
-    db = raw.get("db") or {}
-    return Health(
-        enabled=bool(raw["enabled"]),
-        started=bool(raw.get("started", True)),
-        closed=bool(raw.get("closed", False)),
-        breaker=_breaker(str(raw["breaker"])),
-        queue=int(raw["queue"]),
-        journal=int(raw["journal"]),
-        db=DatabaseHealth(reachable=db.get("reachable"), url=str(db.get("url", sidecar.settings.safe_database_url))),
-        schema_revision=raw.get("schema_revision"),
-        history=int(raw.get("history", len(sidecar.trade_history))),
-        oldest_unpersisted_age_seconds=float(raw.get("oldest_unpersisted_age_seconds", 0.0)),
-        counts=RecordCounts(**raw["counts"]),
-    )
+    """``sidecar.health()`` (a :class:`~persistence.runtime.HealthReport`) in the API's response model: one shape."""
+    return Health.model_validate(sidecar.health().to_dict())
 
 
 @contextlib.contextmanager

@@ -299,9 +299,10 @@ class Backlog:
         self._closed = True
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            # Let a round under way finish (a cancelled append would leave lines on disk that RAM does not know
+            # of, and close() would write them again); the keeper stops at its next look.
+            self._keeper_wake.set()
+            await keeper
         try:
             async with self._io_lock:
                 if self._ram and self._journal is None:

@@ -117,6 +117,40 @@ def written_table(statement: str) -> str | None:
 
 
 _DRIVER_HOOKS = "_persistence_testing_hooks"
+_COPY_HOOKS: dict[int, list[_StatementHook]] = {}
+"""PostgreSQL: the hooks of each asyncpg connection (by id) whose binary ``COPY`` the kit sees while installed."""
+
+
+def _copy_door() -> None:
+    """Route ``asyncpg.Connection.copy_records_to_table`` through the installed hooks (once, while any is installed).
+
+    The sidecar sends large PostgreSQL batches by binary COPY, which no SQLAlchemy event sees; asyncpg's connections
+    take no per-instance attributes, so the door is on the class, and passes every connection no hook watches.
+    """
+    if getattr(asyncpg.Connection.copy_records_to_table, "_persistence_testing", False):
+        return
+    original = asyncpg.Connection.copy_records_to_table
+
+    async def copy_records_to_table(self: Any, table_name: str, *args: Any, records: Any, **kwargs: Any) -> Any:
+        for hook in tuple(_COPY_HOOKS.get(id(self), ())):
+            # The stage table stands for the table it is moved into: a fault follows the records.
+            statement = f"INSERT INTO {table_name.removeprefix('stage_')}"
+            rows = list(records)
+            records = rows
+            delay = hook._check(statement, rows, True)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        return await original(self, table_name, *args, records=records, **kwargs)
+
+    copy_records_to_table._persistence_testing = True  # type: ignore[attr-defined]
+    copy_records_to_table.__wrapped__ = original  # type: ignore[attr-defined]
+    asyncpg.Connection.copy_records_to_table = copy_records_to_table
+
+
+def _close_copy_door() -> None:
+    patched = asyncpg.Connection.copy_records_to_table
+    if not _COPY_HOOKS and getattr(patched, "_persistence_testing", False):
+        asyncpg.Connection.copy_records_to_table = patched.__wrapped__
 
 
 class _StatementHook:
@@ -142,8 +176,9 @@ class _StatementHook:
             return
         engine = self.database.engine.sync_engine
         event.listen(engine, "before_cursor_execute", self._before, insert=True)
-        if self.database.is_sqlite:
-            event.listen(engine.pool, "checkout", self._hook_driver)
+        event.listen(engine.pool, "checkout", self._hook_driver)
+        if not self.database.is_sqlite:
+            _copy_door()
         self._installed = True
 
     def remove(self) -> None:
@@ -152,9 +187,15 @@ class _StatementHook:
             return
         engine = self.database.engine.sync_engine
         event.remove(engine, "before_cursor_execute", self._before)
-        if self.database.is_sqlite:
-            event.remove(engine.pool, "checkout", self._hook_driver)
+        event.remove(engine.pool, "checkout", self._hook_driver)
         for driver in self._drivers:
+            if not self.database.is_sqlite:
+                copy_hooks = _COPY_HOOKS.get(id(driver), [])
+                if self in copy_hooks:
+                    copy_hooks.remove(self)
+                if not copy_hooks:
+                    _COPY_HOOKS.pop(id(driver), None)
+                continue
             hooks: list[_StatementHook] = vars(driver).get(_DRIVER_HOOKS, [])
             if self in hooks:
                 hooks.remove(self)
@@ -162,6 +203,7 @@ class _StatementHook:
                 vars(driver).pop(_DRIVER_HOOKS, None)
                 vars(driver).pop("executemany", None)  # back to the class's own method
         self._drivers.clear()
+        _close_copy_door()
         self._installed = False
 
     def __enter__(self) -> Self:
@@ -183,6 +225,12 @@ class _StatementHook:
 
     def _hook_driver(self, dbapi_connection: Any, *_: Any) -> None:
         driver = getattr(dbapi_connection, "driver_connection", None)
+        if driver is not None and not self.database.is_sqlite:
+            copy_hooks = _COPY_HOOKS.setdefault(id(driver), [])
+            if self not in copy_hooks:
+                copy_hooks.append(self)
+                self._drivers.append(driver)
+            return
         if driver is None or not hasattr(driver, "__dict__"):
             return
         state = vars(driver)

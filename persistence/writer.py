@@ -230,7 +230,16 @@ class Writer:
             else:
                 break
         backlog, tally = self._backlog, self._book.tally
-        await backlog.settle(batch, prefix)
+        # The batch is committed: take it out of the backlog and settle its receipts even if the writer is being
+        # cancelled (a stop that timed out), and only then let the cancellation through.
+        settling = asyncio.ensure_future(backlog.settle(batch, prefix))
+        cancelled = False
+        while not settling.done():
+            try:
+                await asyncio.shield(settling)
+            except asyncio.CancelledError:
+                cancelled = True
+        settling.result()
         for item in outcome.committed:
             receipt = backlog.resolve(item)
             if receipt is not None:
@@ -290,6 +299,8 @@ class Writer:
             )
             if needs_schema(outcome.failure):
                 self.database_ok = False
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _publish_transition(self, transition: Transition | None) -> None:
         if transition is not None:

@@ -40,6 +40,7 @@ _VALIDATORS: dict[str, str] = {
     "_upper": "any case",
     "_lower": "any case",
     "_now_if_missing": "",
+    "_clean": "no NUL, no unpaired surrogate",
 }
 _RECORD_CALLS = {"trade": "trade", "signal": "signal", "snapshot": "snapshot", "parameter_change": "parameter_change"}
 _TYPES = {str: "str", int: "int", bool: "bool", Decimal: "Decimal", datetime: "datetime"}

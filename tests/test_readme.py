@@ -72,8 +72,8 @@ def test_the_embedding_example_persists_every_record_and_prints_only_the_hosts_o
     lines = result.stdout.splitlines()
     assert lines[0] == "persisted" and lines[1] == "1 closed" and lines[-1] == "T-0001 1.08610000 18.50000000"
     assert len(lines) == 4, "the library printed something on the host's stdout"
-    assert "'persisted': 6" in lines[2]  # signal, trade, execution, closed trade, snapshot, change
-    assert "'dropped': 0" in lines[2]
+    assert "persisted=6" in lines[2]  # signal, trade, execution, closed trade, snapshot, change
+    assert "dropped=0" in lines[2]
 
 
 def test_the_fault_kit_example_says_it_needs_pytest_asyncio() -> None:

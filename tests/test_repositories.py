@@ -336,6 +336,7 @@ async def test_the_sqlite_row_reader_reads_exactly_what_the_column_types_read(sq
             make_trade(
                 pnl=Decimal("-0.00000001"),
                 exit_price=Decimal("98765.12345678"),
+                entry_time=BASE_TIME,  # the factory's default moves on with every trade any test made
                 exit_time=BASE_TIME + timedelta(days=30),
             ),
             make_trade(pnl=None, session=None, stop_loss=None, confidence_score=Decimal("0")),
