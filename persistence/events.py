@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import structlog
-
+from persistence.logger import get_logger
 from persistence.models import Entity
 
-log = structlog.get_logger("persistence.events")
+log = get_logger("persistence.events")
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,9 +79,7 @@ class PersistenceSidecar:
         self._retry = retry
         self.events = bus if bus is not None else EventBus()
         if log_events:
-            token = self.settings.api_token.get_secret_value() if self.settings.api_token else ""
-            password = self.settings.url.password or ""
-            self.events.subscribe(EventLogger(secrets=(str(password), token)))
+            self.events.subscribe(EventLogger(secrets=self.settings.secrets))
         self._history = TradeHistory(self.settings.history_max)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = SidecarMetrics(self.registry, self)
