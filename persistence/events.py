@@ -43,6 +43,15 @@ class DatabaseUnavailable(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class SchemaNewerThanRelease(Event):
+    """The database was migrated by a newer release: it is never written; the sidecar runs memory-only with the
+    journal, and the newer release writes the backlog later."""
+
+    database_revision: str
+    release_revision: str
+
+
+@dataclass(frozen=True, slots=True)
 class DatabaseRecovered(Event):
     """The database became usable again after being unavailable."""
 

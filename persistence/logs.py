@@ -39,6 +39,7 @@ from persistence.events import (
     PersistenceToggled,
     RecordDeadLettered,
     RecordsDropped,
+    SchemaNewerThanRelease,
     ShutdownComplete,
     SidecarStarted,
     WriteFailed,
@@ -160,6 +161,13 @@ class EventLogger:
                     count=event.count,
                     reason=event.reason,
                     error=self._error(event.error),
+                )
+            case SchemaNewerThanRelease():
+                log.critical(
+                    "schema_newer_than_release",
+                    database_revision=event.database_revision,
+                    release_revision=event.release_revision,
+                    mode="memory_only",
                 )
             case DatabaseUnavailable():
                 method = log.critical if event.at_startup else log.error

@@ -18,16 +18,18 @@ from typing import Any
 from tenacity import RetryCallState
 
 from persistence.backlog import Backlog, Clock, Pending, ReceiptBook, Sleep, Tally
+from persistence.backups import backup_dir_for
 from persistence.breaker import CircuitBreaker
 from persistence.checkpoint import WalCheckpointer
 from persistence.committer import Committer, Outcome, RetryPolicy, short_error
 from persistence.config import Settings
 from persistence.db import Database, create_database, sqlite_path
+from persistence.dblock import DatabaseInUseLock
 from persistence.errors import DatabaseUnavailableError
-from persistence.events import DatabaseRecovered, DatabaseUnavailable, EventBus, WriteRetried
+from persistence.events import DatabaseRecovered, DatabaseUnavailable, EventBus, SchemaNewerThanRelease, WriteRetried
 from persistence.faults import needs_schema
 from persistence.history import TradeHistory
-from persistence.migrations import upgrade
+from persistence.migrations import SchemaNewerError, upgrade
 from persistence.repositories import Repositories
 from persistence.writer import Writer
 
@@ -125,6 +127,9 @@ class Runtime:
         self._reset_pool = False
         self.schema_revision: str | None = None
         self.history_loaded = 0
+        path = sqlite_path(settings.url) if self.database.is_sqlite else None
+        self._in_use = DatabaseInUseLock(path) if path is not None else None
+        self._reported_newer: SchemaNewerError | None = None
 
     # ------------------------------------------------------------------ the writer's target
 
@@ -143,7 +148,20 @@ class Runtime:
                 await self.checkpointer.close(max(self._settings.query_timeout, 1.0))
             await database.dispose()
             self._reset_pool = False
-        self.schema_revision = await upgrade(database, lock_wait_seconds=max(self._settings.query_timeout, 1.0))
+        if self._in_use is not None and not self._in_use.held:
+            # While it has the file open, the sidecar holds the database's in-use lock: a restore refuses to run.
+            await asyncio.to_thread(self._in_use.acquire)
+        try:
+            self.schema_revision = await upgrade(
+                database,
+                lock_wait_seconds=max(self._settings.query_timeout, 1.0),
+                backup_dir=backup_dir_for(self._settings),
+            )
+        except SchemaNewerError as error:
+            if self._reported_newer is None:  # once: the writer asks again at every breaker probe
+                self._bus.publish(SchemaNewerThanRelease(error.database_revision, error.release_revision))
+            self._reported_newer = error
+            raise
         trades = await repos.trades.get_latest_trades(self._settings.history_max)
         self.history_loaded = self._history.load(trades)
         self._remember_database_file()
@@ -191,6 +209,8 @@ class Runtime:
             await self.checkpointer.close(max(reserve, 0.1))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.database.dispose(), max(reserve, 0.1))
+        if self._in_use is not None:
+            self._in_use.release()
 
     # ------------------------------------------------------------------ the SQLite file
 

@@ -127,6 +127,7 @@ def sidecar_settings(tmp_path: Path) -> Any:
         values: dict[str, Any] = {
             "database_url": database_url,
             "journal_dir": tmp_path / "journal",
+            "backup_dir": tmp_path / "backups",
             "query_timeout_ms": 300,
             "shutdown_timeout": 5.0,
         }
