@@ -219,7 +219,7 @@ class Writer:
     # ------------------------------------------------------------------ settle and publish
 
     async def _settle(self, batch: Batch, outcome: Outcome, started: float, now: float) -> None:
-        """Take the handled prefix out of the backlog, resolve receipts, publish events."""
+        """Resolve receipts, publish events, take the handled prefix out of the backlog."""
         handled_ids = {id(item) for item in outcome.committed}
         handled_ids.update(id(dead.item) for dead in outcome.dead)
         handled_ids.update(id(item) for item, _ in outcome.lost)
@@ -230,16 +230,6 @@ class Writer:
             else:
                 break
         backlog, tally = self._backlog, self._book.tally
-        # The batch is committed: take it out of the backlog and settle its receipts even if the writer is being
-        # cancelled (a stop that timed out), and only then let the cancellation through.
-        settling = asyncio.ensure_future(backlog.settle(batch, prefix))
-        cancelled = False
-        while not settling.done():
-            try:
-                await asyncio.shield(settling)
-            except asyncio.CancelledError:
-                cancelled = True
-        settling.result()
         for item in outcome.committed:
             receipt = backlog.resolve(item)
             if receipt is not None:
@@ -299,8 +289,10 @@ class Writer:
             )
             if needs_schema(outcome.failure):
                 self.database_ok = False
-        if cancelled:
-            raise asyncio.CancelledError
+        # Last, the only await: receipts and events above already say what the database holds, whatever happens to
+        # this task now. A stop that cancels it here leaves committed records in the backlog; they are journaled at
+        # close and replayed later, which is idempotent.
+        await backlog.settle(batch, prefix)
 
     def _publish_transition(self, transition: Transition | None) -> None:
         if transition is not None:
