@@ -33,7 +33,7 @@ from persistence.journal import Journal, JournalError
 from persistence.logs import mask_secrets
 from persistence.migrations import current_revision, head_revision
 from persistence.models import SESSIONS, Trade
-from persistence.queries import MAX_PAGE_SIZE, TRADE_SORT_COLUMNS
+from persistence.queries import MAX_PAGE_SIZE, TRADE_SORT_COLUMNS, TradeQuery
 from persistence.repositories import Repositories
 from persistence.server import url_host
 
@@ -206,6 +206,10 @@ def _iso8601(value: str) -> datetime:
         return parse_iso8601(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    except OverflowError:  # 9999-12-31T23:59:59-05:00 is past the last representable UTC instant
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is outside the dates that can be stored (years 1-9999 in UTC)"
+        ) from None
 
 
 def _page_size(value: str) -> int:
@@ -276,25 +280,29 @@ async def _history(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 1
         try:
-            page = await Repositories(database).trades.query(
+            query = TradeQuery(
                 start_date=args.start_date,
                 end_date=args.end_date,
                 symbol=args.symbol,
                 session=args.session,
                 pattern_type=args.pattern_type,
+                trade_id=args.trade_id,
+                signal_id=args.signal_id,
                 limit=args.limit,
                 offset=args.offset,
                 sort_by=args.sort_by,
                 sort_order=args.sort_order,
-                with_total=True,
             )
+            page = await Repositories(database).trades.query(query, with_total=True)
         except InvalidQueryError as exc:
             print(f"persistence-sidecar: {exc}", file=sys.stderr)
             return 2
     finally:
         await database.dispose()
     if args.json:
-        print(json.dumps({"items": [t.to_json() for t in page.items], "total": page.total}, indent=2))
+        # The API's shape: the list as data, paging beside it.
+        paging = {"limit": page.limit, "offset": page.offset, "total": page.total}
+        print(json.dumps({"data": [t.to_json() for t in page.items], "page": paging}, indent=2))
         return 0
     if not page.items:
         print("no trades match")
@@ -421,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--symbol", help="e.g. EURUSD")
     history.add_argument("--session", type=str.upper, choices=SESSIONS, help="trading session")
     history.add_argument("--pattern-type", help="e.g. breakout")
+    history.add_argument("--trade-id", help="one trade by its id (any characters)")
+    history.add_argument("--signal-id", help="the trades of one signal")
     history.add_argument("--start-date", type=_iso8601, help="earliest entry time, ISO 8601 (inclusive)")
     history.add_argument("--end-date", type=_iso8601, help="latest entry time, ISO 8601 (inclusive)")
     history.add_argument("--limit", type=_page_size, default=20, help=f"rows, 1 to {MAX_PAGE_SIZE} (default: 20)")

@@ -336,6 +336,15 @@ def test_history_prints_a_table_with_the_apis_filters_and_sorting(tmp_path: Path
     assert run_cli("history", "--symbol", "XAUUSD", cwd=tmp_path).stdout.strip() == "no trades match"
 
 
+def test_history_filters_by_trade_id_and_prints_json_in_the_apis_shape(tmp_path: Path) -> None:
+    seed_trades(tmp_path / "data" / "trading_system.db", 12)
+    result = run_cli("history", "--trade-id", "SEED-00003", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert [trade["trade_id"] for trade in answer["data"]] == ["SEED-00003"]
+    assert answer["page"] == {"limit": 20, "offset": 0, "total": 1}
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -345,6 +354,8 @@ def test_history_prints_a_table_with_the_apis_filters_and_sorting(tmp_path: Path
         ("--limit", "1001"),
         ("--start-date", "yesterday"),
         ("--session", "MOON"),
+        ("--start-date", "9999-12-31T23:59:59-05:00"),
+        ("--end-date", "0001-01-01T00:00:00+05:00"),
     ],
 )
 def test_history_refuses_bad_arguments_with_exit_2(tmp_path: Path, args: tuple[str, str]) -> None:

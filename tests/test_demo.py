@@ -260,3 +260,9 @@ def test_failures_that_end_before_the_breaker_opens_are_one_outage_ending_at_the
         summary(event)
     assert [event for _, event, _ in lines.lines] == ["database_outage", "database_recovered"] * 2
     assert summary.outages == 2
+
+
+def test_the_readme_names_the_demos_changed_defaults() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    for variable, value in DEMO_OVERRIDES.values():
+        assert f"`{variable}={value:g}`" in readme, variable
