@@ -51,9 +51,13 @@ from persistence.schema import parameter_history, performance_snapshots, signals
 ExportFormat = Literal["parquet", "csv", "jsonl"]
 FORMATS: tuple[ExportFormat, ...] = ("parquet", "csv", "jsonl")
 ANALYSIS_EXTRA = "persistence-sidecar[analysis]"
-DEFAULT_CHUNK_ROWS = 16_384
-"""Rows per batch: large enough for pyarrow to work in bulk, small enough to keep memory flat (a few MiB)."""
+DEFAULT_CHUNK_ROWS = 8_192
+"""Rows per batch: large enough for pyarrow to work in bulk; the rows of a chunk as Python objects take ~20 MiB."""
+PARQUET_ROW_GROUP_ROWS = 65_536
+"""Rows per Parquet row group: batches are gathered (as compact Arrow data) so readers get few, large groups."""
 ProgressCallback = Callable[[int], None]
+SCAN_CACHE_KIB = -8192
+"""SQLite page cache while an export scans a table: 8 MiB (negative: KiB, as ``PRAGMA cache_size`` takes it)."""
 
 
 class AnalysisExtraMissingError(PersistenceError, ImportError):
@@ -196,7 +200,10 @@ def _conditions(spec: Exportable, filters: Mapping[str, Any]) -> list[_Condition
         elif kind == "flag":
             conditions.append(_Condition(column, "=", bool(value)))
         else:
-            conditions.append(_Condition(column, "=", str(value)))
+            text = str(value)
+            if "\x00" in text:  # PostgreSQL refuses NUL in text, even as a parameter
+                raise InvalidQueryError(name, "must not contain NUL characters")
+            conditions.append(_Condition(column, "=", text))
     start, end = filters.get("start_date"), filters.get("end_date")
     if isinstance(start, datetime) and isinstance(end, datetime) and to_utc(start) > to_utc(end):
         raise InvalidQueryError("start_date", "is after end_date")
@@ -309,12 +316,19 @@ async def _sqlite_chunks(
     where, parameters = _sqlite_where(conditions)
     order = ", ".join(f'"{name}"' for name in spec.order_by)
     sql = f'SELECT {names} FROM "{spec.table.name}"{where} ORDER BY {order}'  # noqa: S608 - names from the schema
-    cursor = await driver.execute(sql, parameters)
+    # A scan reads every page once: a small page cache for it keeps memory flat (the pool's connections otherwise
+    # keep PERSISTENCE_SQLITE_CACHE_MIB each), and the previous size is put back for the queries that follow.
+    (cache_size,) = (await driver.execute_fetchall("PRAGMA cache_size"))[0]
+    await driver.execute(f"PRAGMA cache_size={SCAN_CACHE_KIB}")
     try:
-        while rows := await cursor.fetchmany(chunk_rows):
-            yield rows
+        cursor = await driver.execute(sql, parameters)
+        try:
+            while rows := await cursor.fetchmany(chunk_rows):
+                yield rows
+        finally:
+            await cursor.close()
     finally:
-        await cursor.close()
+        await driver.execute(f"PRAGMA cache_size={int(cache_size)}")
 
 
 async def _streamed_chunks(
@@ -381,6 +395,8 @@ class _Sink:
         self.path = path
         self._file: IO[bytes] = open(path, "xb")  # noqa: SIM115 - closed by close()/abort()
         self._writer: Any = None
+        self._pending: list[Any] = []
+        self._pending_rows = 0
         self._text_columns = [(index, field.type) for index, field in enumerate(schema) if _needs_text(pa, field.type)]
         if fmt == "parquet":
             self._writer = pa.parquet.ParquetWriter(self._file, schema, compression="zstd")
@@ -405,15 +421,25 @@ class _Sink:
 
     def write(self, batch: Any) -> None:
         if self._format == "parquet":
-            self._writer.write_batch(batch)
+            self._pending.append(batch)
+            self._pending_rows += batch.num_rows
+            if self._pending_rows >= PARQUET_ROW_GROUP_ROWS:
+                self._flush_row_group()
         elif self._format == "csv":
             self._writer.write_batch(self._as_text(batch))
         else:
             lines = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in self._as_text(batch).to_pylist())
             self._file.write(lines.encode())
 
+    def _flush_row_group(self) -> None:
+        if self._pending:
+            self._writer.write_table(self._pa.Table.from_batches(self._pending), row_group_size=self._pending_rows)
+        self._pending, self._pending_rows = [], 0
+
     def finish(self) -> int:
         """Close the writer, flush the file to disk; returns its size."""
+        if self._format == "parquet":
+            self._flush_row_group()
         if self._writer is not None:
             self._writer.close()
         self._file.flush()
