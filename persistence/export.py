@@ -7,9 +7,10 @@ one read snapshot, and converted a column at a time by pyarrow, which is exact: 
 value, so an int64 array reinterpreted as ``decimal128(18, 8)`` is the value digit for digit. On PostgreSQL a
 server-side cursor streams the rows and pyarrow converts the ``Decimal``\\ s. Conversion runs in a worker thread.
 
-:func:`export` writes the batches with pyarrow's own writers (Parquet, CSV) or as JSON lines, to a temporary file in
-the destination's folder that is renamed over ``path`` only when complete, so a killed export never leaves a partial
-file at ``path``. In CSV and JSONL, decimals are plain strings (``-0.00000001``) and timestamps ISO 8601 in UTC
+:func:`export` writes the batches with pyarrow's own writers (Parquet, in row groups of 65,536 rows; CSV) or as JSON
+lines, to a hidden temporary file in the destination's folder that is renamed over ``path`` only when complete, so a
+killed export never leaves a partial file at ``path`` (the next export to that path removes the leftover). In CSV and
+JSONL, decimals are plain strings (``-0.00000001``) and timestamps ISO 8601 in UTC
 (``2026-03-02T08:01:00.000000Z``). pyarrow is the ``persistence-sidecar[analysis]`` extra; it is imported only when
 used, and its absence is reported as :class:`AnalysisExtraMissingError`.
 """
@@ -482,6 +483,22 @@ def _temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
 
 
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Delete the temporary files that killed exports to ``path`` left behind (their process is gone)."""
+    removed: list[Path] = []
+    for partial in path.parent.glob(f".{path.name}.*.partial"):
+        try:
+            pid = int(partial.name[len(path.name) + 2 :].split(".", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+                removed.append(partial)
+        except (ValueError, PermissionError):
+            continue  # not ours, or another user's live process
+    return removed
+
+
 async def export(
     database: Database,
     entity: str,
@@ -507,6 +524,7 @@ async def export(
     # One worker thread for the file, so writes happen in order and an abort never races a write.
     files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persistence-export")
     loop = asyncio.get_running_loop()
+    await loop.run_in_executor(files, remove_stale_partials, destination)
     sink = await loop.run_in_executor(files, _Sink, fmt, partial, arrow_schema(spec))
     rows = 0
     try:

@@ -201,6 +201,7 @@ asyncio.run(main())
 async def test_an_export_killed_with_sigkill_leaves_no_file_at_the_output_path(
     recorded: tuple[Repositories, list[Trade]], database_url: str, tmp_path: Path
 ) -> None:
+    repos, _ = recorded
     marker, output = tmp_path / "half-way", tmp_path / "export" / "trades.parquet"
     output.parent.mkdir()
     child = await asyncio.create_subprocess_exec(
@@ -228,6 +229,8 @@ async def test_an_export_killed_with_sigkill_leaves_no_file_at_the_output_path(
     assert not output.exists()
     partial = list(output.parent.iterdir())
     assert len(partial) == 1 and partial[0].name.startswith(".trades.parquet.") and partial[0].name.endswith(".partial")
+    result = await repos.trades.export(output)
+    assert [path.name for path in output.parent.iterdir()] == ["trades.parquet"] and result.rows == TRADE_COUNT
 
 
 def test_without_pyarrow_the_export_command_names_the_extra_to_install(tmp_path: Path) -> None:
