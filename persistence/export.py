@@ -7,10 +7,10 @@ one read snapshot, and converted a column at a time by pyarrow, which is exact: 
 value, so an int64 array reinterpreted as ``decimal128(18, 8)`` is the value digit for digit. On PostgreSQL a
 server-side cursor streams the rows and pyarrow converts the ``Decimal``\\ s. Conversion runs in a worker thread.
 
-:func:`export` writes the batches with pyarrow's own writers (Parquet, CSV) or as JSON lines, to a temporary file in
-the destination's folder that is renamed over ``path`` only when complete, so a killed export never leaves a partial
-file at ``path``. In CSV and JSONL, decimals are plain strings (``-0.00000001``) and timestamps ISO 8601 in UTC
-(``2026-03-02T08:01:00.000000Z``). pyarrow is the ``persistence-sidecar[analysis]`` extra; it is imported only when
+:func:`export` writes the batches through :mod:`persistence.export_files` (pyarrow's own writers for Parquet and CSV,
+JSON lines by hand) into a hidden temporary file renamed over ``path`` only when complete, so a killed export never
+leaves a partial file at ``path`` (the next export to that path removes the leftover). pyarrow is the
+``persistence-sidecar[analysis]`` extra; it is imported only when
 used, and its absence is reported as :class:`AnalysisExtraMissingError`.
 """
 
@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from sqlalchemy import Boolean, Column, ColumnElement, Table, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -35,6 +33,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from persistence.columns import ExactNumeric, UTCDateTime, to_sqlite_datetime
 from persistence.db import Database
 from persistence.errors import InvalidQueryError, PersistenceError
+from persistence.export_files import (
+    ANALYSIS_EXTRA,
+    FORMATS,
+    PARQUET_ROW_GROUP_ROWS,
+    AnalysisExtraMissingError,
+    ExportFile,
+    ExportFormat,
+    publish,
+    remove_stale_partials,
+    require_pyarrow,
+    resolve_format,
+    temporary_path,
+)
 from persistence.models import (
     DECIMAL_PRECISION,
     DECIMAL_SCALE,
@@ -48,31 +59,30 @@ from persistence.models import (
 )
 from persistence.schema import parameter_history, performance_snapshots, signals, trades
 
-ExportFormat = Literal["parquet", "csv", "jsonl"]
-FORMATS: tuple[ExportFormat, ...] = ("parquet", "csv", "jsonl")
-ANALYSIS_EXTRA = "persistence-sidecar[analysis]"
-DEFAULT_CHUNK_ROWS = 16_384
-"""Rows per batch: large enough for pyarrow to work in bulk, small enough to keep memory flat (a few MiB)."""
+__all__ = [
+    "ANALYSIS_EXTRA",
+    "DEFAULT_CHUNK_ROWS",
+    "EXPORTABLES",
+    "FORMATS",
+    "PARQUET_ROW_GROUP_ROWS",
+    "AnalysisExtraMissingError",
+    "ExportFormat",
+    "ExportResult",
+    "Exportable",
+    "arrow_schema",
+    "count_rows",
+    "export",
+    "exportable",
+    "iter_batches",
+    "require_pyarrow",
+    "resolve_format",
+]
+
+DEFAULT_CHUNK_ROWS = 8_192
+"""Rows per batch: large enough for pyarrow to work in bulk; the rows of a chunk as Python objects take ~20 MiB."""
 ProgressCallback = Callable[[int], None]
-
-
-class AnalysisExtraMissingError(PersistenceError, ImportError):
-    """pyarrow is not installed; ``extra`` names the extra that brings it."""
-
-    def __init__(self) -> None:
-        self.extra = ANALYSIS_EXTRA
-        super().__init__(f"export needs pyarrow, which is not installed: pip install '{ANALYSIS_EXTRA}'")
-
-
-def require_pyarrow() -> Any:
-    """The ``pyarrow`` module, or :class:`AnalysisExtraMissingError` naming the extra to install."""
-    try:
-        import pyarrow
-        import pyarrow.csv
-        import pyarrow.parquet
-    except ImportError as exc:
-        raise AnalysisExtraMissingError() from exc
-    return pyarrow
+SCAN_CACHE_KIB = -8192
+"""SQLite page cache while an export scans a table: 8 MiB (negative: KiB, as ``PRAGMA cache_size`` takes it)."""
 
 
 # ---------------------------------------------------------------------------------------------- what is exported
@@ -196,7 +206,10 @@ def _conditions(spec: Exportable, filters: Mapping[str, Any]) -> list[_Condition
         elif kind == "flag":
             conditions.append(_Condition(column, "=", bool(value)))
         else:
-            conditions.append(_Condition(column, "=", str(value)))
+            text = str(value)
+            if "\x00" in text:  # PostgreSQL refuses NUL in text, even as a parameter
+                raise InvalidQueryError(name, "must not contain NUL characters")
+            conditions.append(_Condition(column, "=", text))
     start, end = filters.get("start_date"), filters.get("end_date")
     if isinstance(start, datetime) and isinstance(end, datetime) and to_utc(start) > to_utc(end):
         raise InvalidQueryError("start_date", "is after end_date")
@@ -309,12 +322,19 @@ async def _sqlite_chunks(
     where, parameters = _sqlite_where(conditions)
     order = ", ".join(f'"{name}"' for name in spec.order_by)
     sql = f'SELECT {names} FROM "{spec.table.name}"{where} ORDER BY {order}'  # noqa: S608 - names from the schema
-    cursor = await driver.execute(sql, parameters)
+    # A scan reads every page once: a small page cache for it keeps memory flat (the pool's connections otherwise
+    # keep PERSISTENCE_SQLITE_CACHE_MIB each), and the previous size is put back for the queries that follow.
+    (cache_size,) = (await driver.execute_fetchall("PRAGMA cache_size"))[0]
+    await driver.execute(f"PRAGMA cache_size={SCAN_CACHE_KIB}")
     try:
-        while rows := await cursor.fetchmany(chunk_rows):
-            yield rows
+        cursor = await driver.execute(sql, parameters)
+        try:
+            while rows := await cursor.fetchmany(chunk_rows):
+                yield rows
+        finally:
+            await cursor.close()
     finally:
-        await cursor.close()
+        await driver.execute(f"PRAGMA cache_size={int(cache_size)}")
 
 
 async def _streamed_chunks(
@@ -356,106 +376,6 @@ class ExportResult:
         )
 
 
-def resolve_format(path: Path, format: str | None) -> ExportFormat:
-    """The format asked for, or the one the file name says (``.parquet``, ``.csv``, ``.jsonl``/``.ndjson``)."""
-    chosen = format or {
-        ".parquet": "parquet",
-        ".pq": "parquet",
-        ".csv": "csv",
-        ".jsonl": "jsonl",
-        ".ndjson": "jsonl",
-    }.get(path.suffix.lower(), "parquet")
-    for known in FORMATS:
-        if chosen == known:
-            return known
-    raise InvalidQueryError("format", f"must be one of {', '.join(FORMATS)}")
-
-
-class _Sink:
-    """One output file being written: a pyarrow writer (or JSON lines) over a temporary file."""
-
-    def __init__(self, fmt: ExportFormat, path: Path, schema: Any) -> None:
-        pa = require_pyarrow()
-        self._pa = pa
-        self._format = fmt
-        self.path = path
-        self._file: IO[bytes] = open(path, "xb")  # noqa: SIM115 - closed by close()/abort()
-        self._writer: Any = None
-        self._text_columns = [(index, field.type) for index, field in enumerate(schema) if _needs_text(pa, field.type)]
-        if fmt == "parquet":
-            self._writer = pa.parquet.ParquetWriter(self._file, schema, compression="zstd")
-        elif fmt == "csv":
-            self._writer = pa.csv.CSVWriter(self._file, self._text_schema(schema))
-
-    def _text_schema(self, schema: Any) -> Any:
-        for index, _ in self._text_columns:
-            schema = schema.set(index, schema.field(index).with_type(self._pa.string()))
-        return schema
-
-    def _as_text(self, batch: Any) -> Any:
-        for index, arrow_type in self._text_columns:
-            column = batch.column(index)
-            text = (
-                _decimal_text(self._pa, column)
-                if self._pa.types.is_decimal(arrow_type)
-                else _iso_text(self._pa, column)
-            )
-            batch = batch.set_column(index, batch.schema.field(index).with_type(self._pa.string()), text)
-        return batch
-
-    def write(self, batch: Any) -> None:
-        if self._format == "parquet":
-            self._writer.write_batch(batch)
-        elif self._format == "csv":
-            self._writer.write_batch(self._as_text(batch))
-        else:
-            lines = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in self._as_text(batch).to_pylist())
-            self._file.write(lines.encode())
-
-    def finish(self) -> int:
-        """Close the writer, flush the file to disk; returns its size."""
-        if self._writer is not None:
-            self._writer.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        size = self._file.tell()
-        self._file.close()
-        return size
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            if self._writer is not None:
-                self._writer.close()
-        self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-
-def _needs_text(pa: Any, arrow_type: Any) -> bool:
-    return bool(pa.types.is_decimal(arrow_type) or pa.types.is_timestamp(arrow_type))
-
-
-def _decimal_text(pa: Any, column: Any) -> Any:
-    """``decimal128(18, 8)`` as plain decimal strings (``-0.00000001``, never ``-1E-8``), computed in bulk."""
-    pc = pa.compute
-    unscaled = column.view(pa.decimal128(DECIMAL_PRECISION + 1, 0)).cast(pa.int64())
-    magnitude = pc.abs(unscaled)
-    scale = 10**DECIMAL_SCALE
-    whole = pc.divide(magnitude, scale)
-    fraction = pc.subtract(magnitude, pc.multiply(whole, scale))
-    sign = pc.if_else(pc.less(unscaled, 0), "-", "")
-    digits = pc.utf8_lpad(fraction.cast(pa.string()), width=DECIMAL_SCALE, padding="0")
-    return pc.binary_join_element_wise(sign, whole.cast(pa.string()), ".", digits, "")
-
-
-def _iso_text(pa: Any, column: Any) -> Any:
-    return pa.compute.strftime(column, format="%Y-%m-%dT%H:%M:%SZ")
-
-
-def _temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-
-
 async def export(
     database: Database,
     entity: str,
@@ -477,11 +397,12 @@ async def export(
     fmt = resolve_format(destination, format)
     spec = exportable(entity)
     _conditions(spec, filters)  # bad filters fail before any file is created
-    partial = _temporary_path(destination)
+    partial = temporary_path(destination)
     # One worker thread for the file, so writes happen in order and an abort never races a write.
     files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persistence-export")
     loop = asyncio.get_running_loop()
-    sink = await loop.run_in_executor(files, _Sink, fmt, partial, arrow_schema(spec))
+    await loop.run_in_executor(files, remove_stale_partials, destination)
+    sink = await loop.run_in_executor(files, ExportFile, fmt, partial, arrow_schema(spec))
     rows = 0
     try:
         batches = iter_batches(database, entity, chunk_rows=chunk_rows, **filters)
@@ -492,20 +413,10 @@ async def export(
                 if progress is not None:
                     progress(rows)
         size = await loop.run_in_executor(files, sink.finish)
-        await loop.run_in_executor(files, _publish, partial, destination)
+        await loop.run_in_executor(files, publish, partial, destination)
     except BaseException:
         await asyncio.shield(loop.run_in_executor(files, sink.abort))
         raise
     finally:
         files.shutdown(wait=False)
     return ExportResult(entity, destination, fmt, rows, size, time.perf_counter() - started)
-
-
-def _publish(partial: Path, destination: Path) -> None:
-    os.replace(partial, destination)
-    with contextlib.suppress(OSError):  # not every file system lets a directory be opened for fsync
-        descriptor = os.open(destination.parent, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)

@@ -121,6 +121,8 @@ async def test_filters_export_exactly_the_matching_trades(
         await repos.trades.export(tmp_path / "bad.parquet", start_date=end, end_date=start)
     with pytest.raises(InvalidQueryError, match="executed"):
         await repos.trades.export(tmp_path / "bad.parquet", executed=True)
+    with pytest.raises(InvalidQueryError, match="NUL"):
+        await repos.trades.export(tmp_path / "bad.parquet", symbol="EUR\x00USD")
     assert not (tmp_path / "bad.parquet").exists()
 
 
@@ -199,6 +201,7 @@ asyncio.run(main())
 async def test_an_export_killed_with_sigkill_leaves_no_file_at_the_output_path(
     recorded: tuple[Repositories, list[Trade]], database_url: str, tmp_path: Path
 ) -> None:
+    repos, _ = recorded
     marker, output = tmp_path / "half-way", tmp_path / "export" / "trades.parquet"
     output.parent.mkdir()
     child = await asyncio.create_subprocess_exec(
@@ -225,7 +228,9 @@ async def test_an_export_killed_with_sigkill_leaves_no_file_at_the_output_path(
             await child.wait()
     assert not output.exists()
     partial = list(output.parent.iterdir())
-    assert len(partial) == 1 and partial[0].name.startswith(".trades.parquet.") and partial[0].stat().st_size > 0
+    assert len(partial) == 1 and partial[0].name.startswith(".trades.parquet.") and partial[0].name.endswith(".partial")
+    result = await repos.trades.export(output)
+    assert [path.name for path in output.parent.iterdir()] == ["trades.parquet"] and result.rows == TRADE_COUNT
 
 
 def test_without_pyarrow_the_export_command_names_the_extra_to_install(tmp_path: Path) -> None:
@@ -330,7 +335,7 @@ asyncio.run(main())
 
 
 @pytest.mark.slow
-def test_exporting_300000_trades_grows_rss_by_far_less_than_150_mib(tmp_path: Path) -> None:
+def test_exporting_300000_trades_in_a_child_process_grows_rss_by_at_most_150_mib(tmp_path: Path) -> None:
     count = 300_000
     path = tmp_path / "big.db"
     database = create_database(make_settings(database_url=f"sqlite+aiosqlite:///{path}"))
