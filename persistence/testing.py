@@ -33,6 +33,7 @@ from sqlalchemy.util import await_only
 
 from persistence.db import Database, sqlite_path
 from persistence.errors import DatabaseUnavailableError
+from persistence.pgcopy import COPY_HOOKS
 
 if TYPE_CHECKING:
     from persistence.sidecar import PersistenceSidecar
@@ -122,15 +123,18 @@ _DRIVER_HOOKS = "_persistence_testing_hooks"
 class _StatementHook:
     """Sees every statement the sidecar sends, wherever it is sent from, and may delay it or make it fail.
 
-    Two doors, both removed on exit: the engine's ``before_cursor_execute`` event (every statement SQLAlchemy
-    executes) and, on SQLite, the driver connection's ``executemany`` for batches sent straight to aiosqlite
-    (wrapped on the connection object at pool checkout; SQLAlchemy's own adapter never calls it).
+    Three doors, all removed on exit: the engine's ``before_cursor_execute`` event (every statement SQLAlchemy
+    executes); on SQLite, the driver connection's ``executemany`` for batches sent straight to aiosqlite
+    (wrapped on the connection object at pool checkout; SQLAlchemy's own adapter never calls it); on PostgreSQL, the
+    pooled connection's ``COPY`` hooks (:data:`persistence.pgcopy.COPY_HOOKS`, registered at checkout), which see
+    each batch sent by ``COPY`` as an ``INSERT`` into its table with its rows.
     """
 
     def __init__(self, database: Database) -> None:
         self.database = database
         self._installed = False
         self._drivers: list[Any] = []
+        self._copy_doors: list[list[Any]] = []
 
     def _check(self, statement: str, parameters: Any, executemany: bool) -> float:
         """Raise to fail the statement; return seconds to delay it (0 for none)."""
@@ -142,7 +146,7 @@ class _StatementHook:
             return
         engine = self.database.engine.sync_engine
         event.listen(engine, "before_cursor_execute", self._before, insert=True)
-        if self.database.is_sqlite:
+        if self.database.is_sqlite or self.database.dialect_name == "postgresql":
             event.listen(engine.pool, "checkout", self._hook_driver)
         self._installed = True
 
@@ -152,8 +156,12 @@ class _StatementHook:
             return
         engine = self.database.engine.sync_engine
         event.remove(engine, "before_cursor_execute", self._before)
-        if self.database.is_sqlite:
+        if self.database.is_sqlite or self.database.dialect_name == "postgresql":
             event.remove(engine.pool, "checkout", self._hook_driver)
+        for copy_hooks in self._copy_doors:
+            if self._check in copy_hooks:
+                copy_hooks.remove(self._check)
+        self._copy_doors.clear()
         for driver in self._drivers:
             hooks: list[_StatementHook] = vars(driver).get(_DRIVER_HOOKS, [])
             if self in hooks:
@@ -181,7 +189,14 @@ class _StatementHook:
             # Runs in SQLAlchemy's greenlet on the loop thread: await through the bridge, never block the loop.
             await_only(asyncio.sleep(delay))
 
-    def _hook_driver(self, dbapi_connection: Any, *_: Any) -> None:
+    def _hook_driver(self, dbapi_connection: Any, connection_record: Any, *_: Any) -> None:
+        if not self.database.is_sqlite:
+            # PostgreSQL batches go by COPY (persistence.pgcopy), which asks the connection's COPY_HOOKS first.
+            copy_hooks: list[Any] = connection_record.info.setdefault(COPY_HOOKS, [])
+            if self._check not in copy_hooks:
+                copy_hooks.append(self._check)
+                self._copy_doors.append(copy_hooks)
+            return
         driver = getattr(dbapi_connection, "driver_connection", None)
         if driver is None or not hasattr(driver, "__dict__"):
             return
