@@ -115,6 +115,7 @@ class LatencyProbe:
 
 async def sidecar_burst(settings: Settings, count: int, prefix: str) -> tuple[list[float], float]:
     """Record ``count`` trades at once; return per-record latencies and the wall time until all committed."""
+    gc.collect()  # as in user_burst: the earlier rounds' garbage is not the sidecar's
     async with PersistenceSidecar(settings, log_events=False) as sidecar:
         probe = LatencyProbe(sidecar)
         mappings = [trade_mapping(i, prefix) for i in range(count)]
@@ -182,7 +183,11 @@ async def user_burst(settings: Settings, count: int, prefix: str) -> tuple[list[
     A record's latency runs from its own ``record_trade`` call to its receipt resolving, as a host awaiting it sees
     it (the task awaiting the receipt resumes). Default settings and logging: the sidecar is built as a host builds
     it. Returns the latencies and the wall time until the last receipt resolved.
+
+    The earlier rounds' garbage is collected first: a host process does not carry a benchmark's leftovers, and a
+    full collection walking them would land inside the burst in some rounds and not others.
     """
+    gc.collect()
     async with PersistenceSidecar(settings) as sidecar:
         mappings = [trade_mapping(i, prefix) for i in range(count)]
         clock = time.perf_counter
@@ -216,6 +221,7 @@ async def user_steady(
     ``freeze``: the host calls ``gc.freeze()`` once the sidecar has started (and ``gc.unfreeze()`` at the end), so
     full collections no longer walk the start-up heap.
     """
+    gc.collect()
     async with PersistenceSidecar(settings) as sidecar:
         if freeze:
             gc.collect()

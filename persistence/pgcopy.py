@@ -14,6 +14,7 @@ instead of one or two would cost more than the ``COPY`` saves.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
@@ -26,6 +27,13 @@ from persistence.errors import DatabaseUnavailableError, QueryTimeoutError
 
 COPY_MIN_ROWS = 16
 """Batches smaller than this take ``executemany``; measured in ``make bench`` (PostgreSQL burst and steady)."""
+COPY_HOOKS = "persistence.copy_hooks"
+"""Key in a pooled connection's ``info`` of the callables that see each ``COPY`` before it is sent.
+
+Each is called as ``hook(statement, rows, True)`` (the shape of a ``before_cursor_execute`` listener's statement,
+parameters and ``executemany``) and returns seconds to wait first, or raises to fail the batch. The fault kit
+(:mod:`persistence.testing`) registers here: the rows never pass through SQLAlchemy's cursor events.
+"""
 
 
 class CopyUpsert:
@@ -50,6 +58,8 @@ class CopyUpsert:
             f"WITH staged AS (DELETE FROM pg_temp.{self.stage} RETURNING {names}) "  # noqa: S608
             f"INSERT INTO {table.name} ({names}) SELECT {names} FROM staged {conflict}"
         )
+        self.announced_sql = f"INSERT INTO {table.name} ({names}) VALUES (COPY through pg_temp.{self.stage})"  # noqa: S608
+        """What :data:`COPY_HOOKS` are told is being sent: the rows' target table, as an ``INSERT`` would say."""
         self._row = itemgetter(*self.columns)
         self._timeout_ms = timeout_ms
 
@@ -68,11 +78,14 @@ class CopyUpsert:
         driver = raw.driver_connection
         if driver is None:
             raise DatabaseUnavailableError("the connection has no driver connection (it was invalidated)")
-        statement = f"COPY {self.stage}"
+        statement = self.announced_sql
+        rows = self.rows(values)
         try:
-            await driver.copy_records_to_table(
-                self.stage, records=self.rows(values), columns=self.columns, schema_name="pg_temp"
-            )
+            for hook in tuple(raw.info.get(COPY_HOOKS, ())):
+                delay = hook(statement, rows, True)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await driver.copy_records_to_table(self.stage, records=rows, columns=self.columns, schema_name="pg_temp")
             statement = self.move_sql
             await driver.execute(self.move_sql)
         except Exception as error:

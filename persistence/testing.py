@@ -33,6 +33,7 @@ from sqlalchemy.util import await_only
 
 from persistence.db import Database, sqlite_path
 from persistence.errors import DatabaseUnavailableError
+from persistence.pgcopy import COPY_HOOKS
 
 if TYPE_CHECKING:
     from persistence.sidecar import PersistenceSidecar
@@ -117,54 +118,21 @@ def written_table(statement: str) -> str | None:
 
 
 _DRIVER_HOOKS = "_persistence_testing_hooks"
-_COPY_HOOKS: dict[int, list[_StatementHook]] = {}
-"""PostgreSQL: the hooks of each asyncpg connection (by id) whose binary ``COPY`` the kit sees while installed."""
-
-
-def _copy_door() -> None:
-    """Route ``asyncpg.Connection.copy_records_to_table`` through the installed hooks (once, while any is installed).
-
-    The sidecar sends large PostgreSQL batches by binary COPY, which no SQLAlchemy event sees; asyncpg's connections
-    take no per-instance attributes, so the door is on the class, and passes every connection no hook watches.
-    """
-    if getattr(asyncpg.Connection.copy_records_to_table, "_persistence_testing", False):
-        return
-    original = asyncpg.Connection.copy_records_to_table
-
-    async def copy_records_to_table(self: Any, table_name: str, *args: Any, records: Any, **kwargs: Any) -> Any:
-        for hook in tuple(_COPY_HOOKS.get(id(self), ())):
-            # The stage table stands for the table it is moved into: a fault follows the records.
-            statement = f"INSERT INTO {table_name.removeprefix('stage_')}"
-            rows = list(records)
-            records = rows
-            delay = hook._check(statement, rows, True)
-            if delay > 0:
-                await asyncio.sleep(delay)
-        return await original(self, table_name, *args, records=records, **kwargs)
-
-    copy_records_to_table._persistence_testing = True  # type: ignore[attr-defined]
-    copy_records_to_table.__wrapped__ = original  # type: ignore[attr-defined]
-    asyncpg.Connection.copy_records_to_table = copy_records_to_table
-
-
-def _close_copy_door() -> None:
-    patched = asyncpg.Connection.copy_records_to_table
-    if not _COPY_HOOKS and getattr(patched, "_persistence_testing", False):
-        asyncpg.Connection.copy_records_to_table = patched.__wrapped__
-
-
 class _StatementHook:
     """Sees every statement the sidecar sends, wherever it is sent from, and may delay it or make it fail.
 
-    Two doors, both removed on exit: the engine's ``before_cursor_execute`` event (every statement SQLAlchemy
-    executes) and, on SQLite, the driver connection's ``executemany`` for batches sent straight to aiosqlite
-    (wrapped on the connection object at pool checkout; SQLAlchemy's own adapter never calls it).
+    Three doors, all removed on exit: the engine's ``before_cursor_execute`` event (every statement SQLAlchemy
+    executes); on SQLite, the driver connection's ``executemany`` for batches sent straight to aiosqlite
+    (wrapped on the connection object at pool checkout; SQLAlchemy's own adapter never calls it); on PostgreSQL, the
+    pooled connection's ``COPY`` hooks (:data:`persistence.pgcopy.COPY_HOOKS`, registered at checkout), which see
+    each batch sent by ``COPY`` as an ``INSERT`` into its table with its rows.
     """
 
     def __init__(self, database: Database) -> None:
         self.database = database
         self._installed = False
         self._drivers: list[Any] = []
+        self._copy_doors: list[list[Any]] = []
 
     def _check(self, statement: str, parameters: Any, executemany: bool) -> float:
         """Raise to fail the statement; return seconds to delay it (0 for none)."""
@@ -176,9 +144,8 @@ class _StatementHook:
             return
         engine = self.database.engine.sync_engine
         event.listen(engine, "before_cursor_execute", self._before, insert=True)
-        event.listen(engine.pool, "checkout", self._hook_driver)
-        if not self.database.is_sqlite:
-            _copy_door()
+        if self.database.is_sqlite or self.database.dialect_name == "postgresql":
+            event.listen(engine.pool, "checkout", self._hook_driver)
         self._installed = True
 
     def remove(self) -> None:
@@ -187,15 +154,13 @@ class _StatementHook:
             return
         engine = self.database.engine.sync_engine
         event.remove(engine, "before_cursor_execute", self._before)
-        event.remove(engine.pool, "checkout", self._hook_driver)
+        if self.database.is_sqlite or self.database.dialect_name == "postgresql":
+            event.remove(engine.pool, "checkout", self._hook_driver)
+        for copy_hooks in self._copy_doors:
+            if self._check in copy_hooks:
+                copy_hooks.remove(self._check)
+        self._copy_doors.clear()
         for driver in self._drivers:
-            if not self.database.is_sqlite:
-                copy_hooks = _COPY_HOOKS.get(id(driver), [])
-                if self in copy_hooks:
-                    copy_hooks.remove(self)
-                if not copy_hooks:
-                    _COPY_HOOKS.pop(id(driver), None)
-                continue
             hooks: list[_StatementHook] = vars(driver).get(_DRIVER_HOOKS, [])
             if self in hooks:
                 hooks.remove(self)
@@ -203,7 +168,6 @@ class _StatementHook:
                 vars(driver).pop(_DRIVER_HOOKS, None)
                 vars(driver).pop("executemany", None)  # back to the class's own method
         self._drivers.clear()
-        _close_copy_door()
         self._installed = False
 
     def __enter__(self) -> Self:
@@ -223,14 +187,15 @@ class _StatementHook:
             # Runs in SQLAlchemy's greenlet on the loop thread: await through the bridge, never block the loop.
             await_only(asyncio.sleep(delay))
 
-    def _hook_driver(self, dbapi_connection: Any, *_: Any) -> None:
-        driver = getattr(dbapi_connection, "driver_connection", None)
-        if driver is not None and not self.database.is_sqlite:
-            copy_hooks = _COPY_HOOKS.setdefault(id(driver), [])
-            if self not in copy_hooks:
-                copy_hooks.append(self)
-                self._drivers.append(driver)
+    def _hook_driver(self, dbapi_connection: Any, connection_record: Any, *_: Any) -> None:
+        if not self.database.is_sqlite:
+            # PostgreSQL batches go by COPY (persistence.pgcopy), which asks the connection's COPY_HOOKS first.
+            copy_hooks: list[Any] = connection_record.info.setdefault(COPY_HOOKS, [])
+            if self._check not in copy_hooks:
+                copy_hooks.append(self._check)
+                self._copy_doors.append(copy_hooks)
             return
+        driver = getattr(dbapi_connection, "driver_connection", None)
         if driver is None or not hasattr(driver, "__dict__"):
             return
         state = vars(driver)
