@@ -118,6 +118,8 @@ def written_table(statement: str) -> str | None:
 
 
 _DRIVER_HOOKS = "_persistence_testing_hooks"
+
+
 class _StatementHook:
     """Sees every statement the sidecar sends, wherever it is sent from, and may delay it or make it fail.
 

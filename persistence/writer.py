@@ -1,15 +1,15 @@
 """The writer: the one background task that moves the backlog into the database, behind the circuit breaker.
 
-Each turn of the loop is admit → commit → settle → publish:
+Each turn of the loop is admit → commit → publish → settle:
 
 * **admit**: the breaker decides whether a database call may be made now (closed, or the one half-open probe);
   while it refuses, the writer sleeps until it may ask again, or until new work arrives.
 * **commit**: before the database is ready it prepares it (migrations, the history); then it takes the head of the
   backlog (up to ``PERSISTENCE_BATCH_SIZE`` records, oldest first, from the journal or RAM) and hands it to the
   committer, which returns an outcome.
-* **settle**: the handled prefix leaves the backlog; receipts resolve; the history may evict what is safe.
-* **publish**: events for what happened, and the outcome goes to the breaker (a transient failure counts once,
-  data errors never).
+* **publish**: receipts resolve, events say what happened, and the outcome goes to the breaker (a transient
+  failure counts once, data errors never).
+* **settle**: the handled prefix leaves the backlog (and the journal); the history may evict what is safe.
 
 Everything else lives elsewhere: the backlog (RAM and journal), the committer (transactions, retries, dead letters)
 and the runtime (database, repositories, start-up). Tests drive the loop with a fake target and a fake clock.
@@ -204,7 +204,7 @@ class Writer:
         started = self._clock()
         outcome = await self._target.commit(batch.records)
         now = self._clock()
-        await self._settle(batch, outcome, started, now)
+        handled = self._publish(batch, outcome, started, now)
         self._target.committed(now, outcome)
         if outcome.failure is not None:
             self.database_ok = False
@@ -215,11 +215,15 @@ class Writer:
         else:
             self.database_ok = True
             self._publish_transition(self._breaker.record_success(admission, now))
+        # Last, the only await: receipts, events and the breaker already say what the database holds, whatever
+        # happens to this task now. A stop that cancels it here leaves committed records in the backlog; they are
+        # journaled at close and replayed later, which is idempotent.
+        await self._backlog.settle(batch, handled)
 
     # ------------------------------------------------------------------ settle and publish
 
-    async def _settle(self, batch: Batch, outcome: Outcome, started: float, now: float) -> None:
-        """Resolve receipts, publish events, take the handled prefix out of the backlog."""
+    def _publish(self, batch: Batch, outcome: Outcome, started: float, now: float) -> int:
+        """Resolve receipts and publish events; return how many slots, from the batch's head, are handled."""
         handled_ids = {id(item) for item in outcome.committed}
         handled_ids.update(id(dead.item) for dead in outcome.dead)
         handled_ids.update(id(item) for item, _ in outcome.lost)
@@ -289,10 +293,7 @@ class Writer:
             )
             if needs_schema(outcome.failure):
                 self.database_ok = False
-        # Last, the only await: receipts and events above already say what the database holds, whatever happens to
-        # this task now. A stop that cancels it here leaves committed records in the backlog; they are journaled at
-        # close and replayed later, which is idempotent.
-        await backlog.settle(batch, prefix)
+        return prefix
 
     def _publish_transition(self, transition: Transition | None) -> None:
         if transition is not None:
