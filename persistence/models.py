@@ -192,6 +192,15 @@ class Record(BaseModel):
             raise InvalidRecordError(cls.entity, _field_errors(exc)) from None
 
     @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Self:
+        """A record from a mapping of already-decoded column values (a result row's ``mappings()``), unvalidated.
+
+        The repositories decode rows with :class:`persistence.rowcodec.RowReader`; this is for a mapping at hand.
+        """
+        names = tuple(cls.model_fields)
+        return cls._build({name: row[name] for name in names}, set(names))
+
+    @classmethod
     def _build(cls, values: dict[str, Any], fields_set: set[str]) -> Self:
         """A record from field values that are already valid, as pydantic's ``model_construct`` makes one.
 

@@ -514,3 +514,13 @@ async def test_a_large_batch_held_up_by_a_lock_times_out_as_a_transient_error(po
                     await repos.trades.upsert(connection, [make_trade() for _ in range(BATCH)])
     finally:
         await database.dispose()
+
+
+async def test_a_record_from_a_row_mapping_equals_the_one_the_row_reader_makes(repos: Repositories) -> None:
+    from persistence.models import Trade
+
+    trade = make_trade(pnl=Decimal("-0.00000001"))
+    await repos.trades.save_trade(trade)
+    async with repos.database.read() as connection:
+        row = (await connection.execute(select(*[c for c in trades.c if c.name != "id"]))).mappings().one()
+    assert Trade.from_row(row) == await repos.trades.get_trade_by_id(trade.trade_id) == trade
