@@ -63,6 +63,11 @@ def to_sqlite_datetime(value: datetime) -> str:
     )
 
 
+def decimal_cache() -> dict[int, Decimal]:
+    """The cache behind :func:`decode_decimal` (stored scaled integer → Decimal), for decoders that look up inline."""
+    return _decimals
+
+
 def decode_decimal(value: int) -> Decimal:
     """A stored scaled integer as its Decimal; equal stored values share one (immutable) Decimal."""
     number = _decimals.get(value)

@@ -142,6 +142,24 @@ Count = Annotated[int, Field(ge=0, le=2**62)]
 RecordT = TypeVar("RecordT", bound="Record")
 _new_object = object.__new__
 _set_attribute = object.__setattr__
+_FIELDS_SETS: dict[tuple[str, ...], set[str]] = {}
+_FIELDS_SETS_MAX = 256
+
+
+def _fields_set(data: dict[str, Any]) -> set[str]:
+    """The names given in ``data``, as one set shared by every record given the same names.
+
+    A host's mappings come in a few shapes; sharing the set saves one long-lived object per record, which the
+    garbage collector's youngest generation counts (its passes set the tail of ``record_trade``). Sharing is safe
+    because records are frozen: pydantic only ever copies this set (``model_copy``), never changes it.
+    """
+    names = tuple(data)
+    shared = _FIELDS_SETS.get(names)
+    if shared is None:
+        if len(_FIELDS_SETS) >= _FIELDS_SETS_MAX:
+            _FIELDS_SETS.clear()
+        shared = _FIELDS_SETS[names] = set(names)
+    return shared
 
 
 class Record(BaseModel):
@@ -162,7 +180,7 @@ class Record(BaseModel):
             fast = _FAST_PARSERS.get(cls)
             values = fast(data) if fast is not None else None
             if values is not None:
-                return cls._build(values, set(data))
+                return cls._build(values, _fields_set(data))
         elif isinstance(data, cls):
             return data
         if not isinstance(data, Mapping):
@@ -172,6 +190,15 @@ class Record(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise InvalidRecordError(cls.entity, _field_errors(exc)) from None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Self:
+        """A record from a mapping of already-decoded column values (a result row's ``mappings()``), unvalidated.
+
+        The repositories decode rows with :class:`persistence.rowcodec.RowReader`; this is for a mapping at hand.
+        """
+        names = tuple(cls.model_fields)
+        return cls._build({name: row[name] for name in names}, set(names))
 
     @classmethod
     def _build(cls, values: dict[str, Any], fields_set: set[str]) -> Self:

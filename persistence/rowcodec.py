@@ -20,6 +20,7 @@ from sqlalchemy import Boolean, Integer, String, Table, type_coerce
 from persistence.columns import (
     ExactNumeric,
     UTCDateTime,
+    decimal_cache,
     decode_datetime,
     decode_decimal,
     to_scaled_int,
@@ -87,16 +88,25 @@ class RowReader(Generic[RecordT]):
         names = [column.name for column in columns]
         if set(names) != set(record_type.model_fields):
             raise TypeError(f"{record_type.__name__} fields and the selected columns differ")
-        namespace: dict[str, Any] = {"_build": record_type._build}
+        namespace: dict[str, Any] = {"_build": record_type._build, "_decimals": decimal_cache()}
         items: list[str] = []
         for index, column in enumerate(columns):
             decoder = _sqlite_decoder(column.type) if sqlite else None
             if decoder is None:
                 items.append(f"{column.name!r}: row[{index}]")
+            elif decoder is decode_decimal:
+                # The shared cache first, in place: most stored decimals (sizes, stops, ratios) repeat.
+                namespace[f"_d{index}"] = decoder
+                items.append(
+                    f"{column.name!r}: None if (v{index} := row[{index}]) is None else "
+                    f"(_decimals.get(v{index}) or _d{index}(v{index}))"
+                )
             else:
                 namespace[f"_d{index}"] = decoder
                 items.append(f"{column.name!r}: None if (v{index} := row[{index}]) is None else _d{index}(v{index})")
-        source = f"def decode(row):\n    return _build({{{', '.join(items)}}}, {set(names)!r})\n"
+        # Every field comes from a column: one fields set shared by the reader's records (frozen, so never changed).
+        namespace["_names"] = set(names)
+        source = f"def decode(row):\n    return _build({{{', '.join(items)}}}, _names)\n"
         exec(compile(source, f"<RowReader {record_type.__name__}>", "exec"), namespace)  # noqa: S102
         self.decode: Callable[[Sequence[Any]], RecordT] = namespace["decode"]
 

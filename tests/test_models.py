@@ -387,3 +387,12 @@ def test_a_time_outside_the_calendar_is_refused_for_every_record_type() -> None:
         with pytest.raises(InvalidRecordError) as caught:
             model.parse({**data, field: edge})
         assert caught.value.field == field
+
+
+def test_records_given_the_same_names_share_one_fields_set_that_model_copy_never_changes() -> None:
+    first, second = Trade.parse(trade_data()), Trade.parse(trade_data())
+    assert first.model_fields_set == set(trade_data())
+    assert first.__pydantic_fields_set__ is second.__pydantic_fields_set__
+    copied = first.model_copy(update={"pnl": Decimal("1")})
+    assert "pnl" in copied.model_fields_set
+    assert "pnl" not in second.model_fields_set

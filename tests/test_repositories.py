@@ -489,3 +489,39 @@ async def test_a_row_the_database_refuses_in_a_large_batch_is_a_data_error(repos
             await repos.trades.upsert(connection, [*good[1:], bad])
     assert classify(caught.value) == "data"
     assert await repos.trades.count() == 0
+
+
+@pytest.mark.postgres
+async def test_a_large_batch_held_up_by_a_lock_times_out_as_a_transient_error(postgres_url: str) -> None:
+    from persistence.config import Settings
+    from persistence.db import create_database
+    from persistence.errors import QueryTimeoutError
+    from persistence.faults import classify
+    from persistence.migrations import upgrade
+    from persistence.testing import DatabaseLock
+
+    database = create_database(Settings(_env_file=None, database_url=postgres_url, query_timeout_ms=300))
+    try:
+        await upgrade(database)
+        repos = Repositories(database)
+        for attempt in range(2):  # the first time the stage is made while locked out; then it exists already
+            async with DatabaseLock(postgres_url):
+                with pytest.raises(QueryTimeoutError) as caught:
+                    async with database.write() as connection:
+                        await repos.trades.upsert(connection, [make_trade() for _ in range(BATCH)])
+            assert classify(caught.value) == "transient", attempt
+            if attempt == 0:  # make the stage exist on the pooled connection for the second attempt
+                async with database.write() as connection:
+                    await repos.trades.upsert(connection, [make_trade() for _ in range(BATCH)])
+    finally:
+        await database.dispose()
+
+
+async def test_a_record_from_a_row_mapping_equals_the_one_the_row_reader_makes(repos: Repositories) -> None:
+    from persistence.models import Trade
+
+    trade = make_trade(pnl=Decimal("-0.00000001"))
+    await repos.trades.save_trade(trade)
+    async with repos.database.read() as connection:
+        row = (await connection.execute(select(*[c for c in trades.c if c.name != "id"]))).mappings().one()
+    assert Trade.from_row(row) == await repos.trades.get_trade_by_id(trade.trade_id) == trade
