@@ -490,19 +490,27 @@ class Backlog:
                 # Let RAM go down to three quarters of its bound, so spills come in chunks, not one by one.
                 target = len(self._ram) - max(self._settings.max_pending * 3 // 4, 0)
                 end = max(end, min(target, len(self._ram)))
+            written: list[Pending] = []
+            refused = False
             if end > start:
                 moving = list(itertools.islice(self._ram, start, end))
                 if self._journal is None:
-                    self._journal = await self._io(Journal, self._settings.journal_dir)
-                written = await self._append(moving, reason="backlog" if over > 0 else "outage")
-                await self._sync(written)
-            else:
-                written = []
-            let_go = self._let_go(len(self._ram) - max(self._settings.max_pending * 3 // 4, 0)) if over > 0 else 0
+                    try:
+                        self._journal = await self._io(Journal, self._settings.journal_dir)
+                    except (JournalError, OSError) as error:
+                        self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal: {error}", True, 1))
+                if self._journal is not None:
+                    written = await self._append(moving, reason="backlog" if over > 0 else "outage")
+                    await self._sync(written)
+                refused = len(written) < len(moving)
+            target = len(self._ram) - max(self._settings.max_pending * 3 // 4, 0)
+            let_go = self._let_go(target, refused=refused) if over > 0 else 0
             return bool(written) or let_go > 0
 
-    def _let_go(self, count: int) -> int:
-        """Let journaled records go from RAM, oldest first; past twice the bound, drop what fits nowhere."""
+    def _let_go(self, count: int, *, refused: bool) -> int:
+        """Let journaled records go from RAM, oldest first. Only when the journal refused records (a full disk) and
+        RAM holds more than twice its bound is the oldest excess dropped, each record counted: a journal that is
+        merely slower than the host's burst holds everything, and RAM catches up at the next round."""
         let_go = 0
         while let_go < count and self._journaled_in_ram > 0:
             item = self._ram.popleft()
@@ -513,7 +521,7 @@ class Backlog:
                 self._oldest_on_disk_at = item.recorded_at if item.recorded_at is not None else self._clock()
             let_go += 1
         hard_cap = self._settings.max_pending * 2
-        if len(self._ram) > hard_cap and self._journaled_in_ram == 0:
+        if refused and len(self._ram) > hard_cap and self._journaled_in_ram == 0:
             victims = [self._ram.popleft() for _ in range(len(self._ram) - hard_cap)]
             self._drop(victims, "journal_unavailable", "RAM over twice PERSISTENCE_MAX_PENDING and the journal refuses")
             let_go += len(victims)
