@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ __all__ = ["Journal", "JournalEntry", "JournalError", "encode_line", "write_dura
 _SEGMENT_NAME = re.compile(r"segment-(\d{8,})\.jsonl")
 _CHECKSUM = re.compile(rb"[0-9a-f]{8}")
 _CHECKPOINT = "checkpoint.json"
+YIELD_EVERY = 64
+"""Lines read between two hand-overs of the GIL (``pause``) in a scan or a peek."""
 _CHECKPOINT_TMP = "checkpoint.json.tmp"
 
 # A position in the journal: (segment number, byte offset in that segment). Tuples compare in journal order.
@@ -128,8 +131,10 @@ class Journal:
     ``segment_max_bytes`` is the size after which a new segment file is started (one :meth:`append` call is
     never split across segments, so a segment exceeds it only when a single call is larger). ``fsync`` is
     called with a file descriptor for every fsync the journal does (segments, directory, checkpoint); it is
-    injectable for tests. Opening does not create anything on disk; if the directory exists it is scanned to
-    count the pending records and the corrupt lines.
+    injectable for tests. ``pause`` is called every :data:`YIELD_EVERY` lines of a scan or a peek (by default
+    ``time.sleep(0)``, which hands the GIL to the other threads: the host's event loop runs beside the journal's
+    thread). Opening does not create anything on disk; if the directory exists it is scanned to count the pending
+    records and the corrupt lines.
     """
 
     def __init__(
@@ -138,12 +143,14 @@ class Journal:
         *,
         segment_max_bytes: int = 64 * 1024 * 1024,
         fsync: Callable[[int], None] = os.fsync,
+        pause: Callable[[], None] = lambda: time.sleep(0),
     ) -> None:
         if segment_max_bytes <= 0:
             raise ValueError("segment_max_bytes must be positive")
         self._dir = Path(directory)
         self._segment_max_bytes = segment_max_bytes
         self._fsync = fsync
+        self._pause = pause
         self._closed = False
         self._corrupt_total = 0
         self._corrupt_seen: set[_Position] = set()
@@ -417,9 +424,13 @@ class Journal:
             try:
                 with open(path, "rb") as file:
                     file.seek(start)
-                    for line in _iter_lines(file, start, segment == newest):
+                    for count, line in enumerate(_iter_lines(file, start, segment == newest), start=1):
                         if line.record is None and not line.torn:
                             self._note_corrupt((segment, line.start))
+                        if count % YIELD_EVERY == 0:
+                            # The journal runs on a thread beside the host's event loop: long scans hand the GIL over
+                            # now and then, or the loop waits for it for hundreds of milliseconds.
+                            self._pause()
                         yield line, segment
             except FileNotFoundError as exc:
                 if scanning:
