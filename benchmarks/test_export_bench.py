@@ -151,33 +151,6 @@ def test_export_of_trades_to_parquet_against_the_raw_sqlite3_pyarrow_ceiling(
     assert share >= 0.5
 
 
-MEMORY_CHILD = """
-import asyncio, sys
-from datetime import datetime
-from persistence.config import Settings
-from persistence.db import create_database
-from persistence.export import export
-
-def kib(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-async def main():
-    database = create_database(Settings(_env_file=None, database_url=sys.argv[1]))
-    await export(database, "trades", sys.argv[2] + ".warm", "parquet", end_date=datetime(2000, 1, 1))
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # the peak (VmHWM) starts again from the current RSS
-    before = kib("VmRSS:")
-    result = await export(database, "trades", sys.argv[2], "parquet")
-    print(result.rows, before, kib("VmHWM:"))
-    await database.dispose()
-
-asyncio.run(main())
-"""
-
-
 def test_export_memory_growth_in_a_child_process(
     benchmark: Any, tmp_path: Path, figures: list[dict[str, Any]], filled: Path
 ) -> None:
@@ -185,7 +158,13 @@ def test_export_memory_growth_in_a_child_process(
 
     def one_round() -> None:
         done = subprocess.run(
-            [sys.executable, "-c", MEMORY_CHILD, f"sqlite+aiosqlite:///{filled}", str(tmp_path / "memory.parquet")],
+            [
+                sys.executable,
+                "-m",
+                "tests.children.export_memory",
+                f"sqlite+aiosqlite:///{filled}",
+                str(tmp_path / "memory.parquet"),
+            ],
             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
             capture_output=True,
             text=True,

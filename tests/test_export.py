@@ -306,34 +306,6 @@ def test_the_progress_bar_draws_on_a_terminal_only_and_clears_its_line() -> None
     assert render("copy trades", 50, None, 2.0) == "copy trades 50 rows 25 rows/s"
 
 
-MEMORY_CHILD = """
-import asyncio, sys
-from datetime import datetime
-from persistence.config import Settings
-from persistence.db import create_database
-from persistence.export import export
-
-def rss_kib(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-async def main():
-    database = create_database(Settings(_env_file=None, database_url=sys.argv[1]))
-    # Warm up (imports, pools, pyarrow's allocator) on an export that matches nothing.
-    await export(database, "trades", sys.argv[2] + ".warm", "parquet", end_date=datetime(2000, 1, 1))
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # reset the peak (VmHWM) to the current RSS
-    before = rss_kib("VmRSS:")
-    result = await export(database, "trades", sys.argv[2], "parquet")
-    print(result.rows, before, rss_kib("VmHWM:"))
-    await database.dispose()
-
-asyncio.run(main())
-"""
-
-
 @pytest.mark.slow
 def test_exporting_300000_trades_in_a_child_process_grows_rss_by_at_most_150_mib(tmp_path: Path) -> None:
     count = 300_000
@@ -347,7 +319,13 @@ def test_exporting_300000_trades_in_a_child_process_grows_rss_by_at_most_150_mib
     asyncio.run(migrate())
     fill_trades_fast(path, count)
     done = subprocess.run(
-        [sys.executable, "-c", MEMORY_CHILD, f"sqlite+aiosqlite:///{path}", str(tmp_path / "big.parquet")],
+        [
+            sys.executable,
+            "-m",
+            "tests.children.export_memory",
+            f"sqlite+aiosqlite:///{path}",
+            str(tmp_path / "big.parquet"),
+        ],
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,
         text=True,
