@@ -24,11 +24,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from persistence.cli_portability import add_commands, add_migrate_options
+from persistence.cli_portability import add_commands, add_migrate_options, iso8601_argument
 from persistence.config import Settings
 from persistence.db import create_database, sqlite_path
 from persistence.errors import ConfigurationError, InvalidQueryError, PersistenceError
-from persistence.iso8601 import parse_iso8601
 from persistence.journal import Journal, JournalError
 from persistence.logs import mask_secrets
 from persistence.migrations import current_revision, head_revision
@@ -199,17 +198,6 @@ def _backup_sync(destination: Path, force: bool, settings: Settings) -> int:
     size = destination.stat().st_size
     print(f"backed up {source.resolve()} to {destination.resolve()} ({pages} pages, {size} bytes, integrity ok)")
     return 0
-
-
-def _iso8601(value: str) -> datetime:
-    try:
-        return parse_iso8601(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    except OverflowError:  # 9999-12-31T23:59:59-05:00 is past the last representable UTC instant
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is outside the dates that can be stored (years 1-9999 in UTC)"
-        ) from None
 
 
 def _page_size(value: str) -> int:
@@ -431,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--pattern-type", help="e.g. breakout")
     history.add_argument("--trade-id", help="one trade by its id (any characters)")
     history.add_argument("--signal-id", help="the trades of one signal")
-    history.add_argument("--start-date", type=_iso8601, help="earliest entry time, ISO 8601 (inclusive)")
-    history.add_argument("--end-date", type=_iso8601, help="latest entry time, ISO 8601 (inclusive)")
+    history.add_argument("--start-date", type=iso8601_argument, help="earliest entry time, ISO 8601 (inclusive)")
+    history.add_argument("--end-date", type=iso8601_argument, help="latest entry time, ISO 8601 (inclusive)")
     history.add_argument("--limit", type=_page_size, default=20, help=f"rows, 1 to {MAX_PAGE_SIZE} (default: 20)")
     history.add_argument("--offset", type=int, default=0, help="rows to skip (default: 0)")
     history.add_argument("--sort-by", choices=TRADE_SORT_COLUMNS, default="entry_time", help="default: entry_time")

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -199,11 +200,16 @@ async def restore_command(args: argparse.Namespace, settings: Settings) -> int:
 # ---------------------------------------------------------------------------------------------- the parser
 
 
-def _iso8601(value: str) -> Any:
+def iso8601_argument(value: str) -> datetime:
+    """An ISO 8601 command-line argument, or argparse's own error naming what is wrong with it."""
     try:
         return parse_iso8601(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    except OverflowError:  # 9999-12-31T23:59:59-05:00 is past the last representable UTC instant
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is outside the dates that can be stored (years 1-9999 in UTC)"
+        ) from None
 
 
 def _positive_int(value: str) -> int:
@@ -254,8 +260,8 @@ def add_commands(commands: Any) -> None:
     exporting.add_argument("--session", type=str.upper, choices=SESSIONS, help="trades, snapshots, parameters")
     exporting.add_argument("--pattern-type", help="trades: e.g. breakout")
     exporting.add_argument("--executed", type=_flag, help="signals: true or false")
-    exporting.add_argument("--start-date", type=_iso8601, help="earliest time, ISO 8601 (inclusive)")
-    exporting.add_argument("--end-date", type=_iso8601, help="latest time, ISO 8601 (inclusive)")
+    exporting.add_argument("--start-date", type=iso8601_argument, help="earliest time, ISO 8601 (inclusive)")
+    exporting.add_argument("--end-date", type=iso8601_argument, help="latest time, ISO 8601 (inclusive)")
     exporting.set_defaults(handler=export_command)
 
     copying = commands.add_parser(
