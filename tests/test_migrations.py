@@ -8,7 +8,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from textwrap import dedent
 
@@ -21,7 +20,7 @@ from persistence.db import Database, create_database
 from persistence.migrations import DowngradeDataLossError, current_revision, head_revision, migrate_to, upgrade
 from persistence.repositories import Repositories
 from persistence.schema import metadata
-from tests.conftest import create_postgres_database, drop_postgres_database, make_settings
+from tests.conftest import make_settings
 from tests.factories import make_trade
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,17 +30,6 @@ INDEXES = {
     "signals": {"idx_signals_generated_at"},
     "performance_snapshots": {"idx_snapshots_time"},
 }
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database that has never been migrated."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
-        return
-    url = create_postgres_database("persistence_migration")
-    yield url
-    drop_postgres_database(url)
 
 
 async def test_upgrade_creates_the_five_tables_indexes_and_checks(fresh_url: str) -> None:

@@ -7,7 +7,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,21 +18,11 @@ from persistence.db import Database, create_database
 from persistence.errors import MigrationError, PersistenceError
 from persistence.migrations import SchemaNewerError, current_revision, head_revision, migrate_to, upgrade
 from persistence.repositories import Repositories
-from tests.conftest import create_postgres_database, drop_postgres_database, make_settings
+from tests.conftest import make_settings
 from tests.factories import make_trade
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NEWER = "f00dfeed9999"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'guarded.db'}"
-        return
-    url = create_postgres_database("persistence_guard")
-    yield url
-    drop_postgres_database(url)
 
 
 async def _state(database: Database) -> tuple[object, ...]:
