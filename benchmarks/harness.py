@@ -46,6 +46,8 @@ BASE = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 SYMBOLS = ("EURUSD", "GBPUSD", "USDJPY", "BTCUSD", "XAUUSD")
 SESSIONS = ("TOKYO", "LONDON", "NY", "SYDNEY", "OVERLAP")
 PATTERNS = ("breakout", "reversal", "flag", "wedge", "range")
+BENCH_INSTANCE = "bench"
+"""The instance id the ceilings write, so their rows are the rows the sidecar writes."""
 
 
 def trade_mapping(i: int, prefix: str = "B") -> dict[str, Any]:
@@ -168,7 +170,7 @@ def raw_executemany(path: Path, count: int, prefix: str) -> float:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         started = time.perf_counter()
-        rows = batch.encode([record.__dict__ for record in records])
+        rows = batch.encode([{**record.__dict__, "instance_id": BENCH_INSTANCE} for record in records])
         connection.execute("BEGIN IMMEDIATE")
         connection.executemany(batch.sql, rows)
         connection.execute("COMMIT")
@@ -306,7 +308,7 @@ def raw_text_executemany(path: Path, count: int, prefix: str) -> float:
     columns = [column.name for column in trades.c if column.name != "id"]
     rows = []
     for i in range(count):
-        mapping = trade_mapping(i, prefix)
+        mapping = {**trade_mapping(i, prefix), "instance_id": BENCH_INSTANCE}
         rows.append(tuple(None if mapping.get(name) is None else str(mapping[name]) for name in columns))
     sql = f"INSERT INTO {TEXT_TABLE} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
     connection = sqlite3.connect(path, isolation_level=None)
@@ -338,7 +340,7 @@ def pg_rows(count: int, prefix: str) -> tuple[list[str], list[tuple[object, ...]
     columns = [column.name for column in trades.c if column.name != "id"]
     rows = []
     for i in range(count):
-        values = Trade.parse(trade_mapping(i, prefix)).__dict__
+        values = {**Trade.parse(trade_mapping(i, prefix)).__dict__, "instance_id": BENCH_INSTANCE}
         rows.append(tuple(values[name] for name in columns))
     return columns, rows
 

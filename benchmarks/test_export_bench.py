@@ -47,7 +47,8 @@ def fill(path: Path, count: int) -> None:
         for start in range(0, count, FILL_CHUNK):
             records = [Trade.parse(trade_mapping(i, "X")) for i in range(start, min(start + FILL_CHUNK, count))]
             connection.execute("BEGIN IMMEDIATE")
-            connection.executemany(batch.sql, batch.encode([record.__dict__ for record in records]))
+            rows = [{**record.__dict__, "instance_id": "bulk-filled"} for record in records]
+            connection.executemany(batch.sql, batch.encode(rows))
             connection.execute("COMMIT")
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from persistence.cli_audit import add_audit_commands
 from persistence.cli_portability import add_commands, add_migrate_options, iso8601_argument
 from persistence.config import Settings
 from persistence.db import create_database, sqlite_path
@@ -429,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.set_defaults(handler=_history)
 
     add_commands(commands)  # export, copy, restore (persistence.cli_portability)
+    add_audit_commands(commands)  # audit verify, audit versions (persistence.cli_audit)
     return parser
 
 

@@ -24,7 +24,7 @@ from persistence.errors import ConfigurationError, InvalidQueryError
 from persistence.export import EXPORTABLES, FORMATS, count_rows, export, require_pyarrow, resolve_format
 from persistence.iso8601 import parse_iso8601
 from persistence.migrations import current_revision, migrate_to, upgrade
-from persistence.models import SESSIONS
+from persistence.models import ENTITIES, SESSIONS
 from persistence.progress import ProgressBar
 from persistence.restore import restore_sqlite
 from persistence.transfer import DEFAULT_CHUNK_ROWS, CopyMismatchError, copy_database
@@ -85,6 +85,8 @@ def _export_filters(args: argparse.Namespace) -> dict[str, Any]:
         "session": args.session,
         "pattern_type": args.pattern_type,
         "executed": args.executed,
+        "instance_id": args.instance_id,
+        "entity": args.audited_entity,
     }
     return {name: value for name, value in given.items() if value is not None}
 
@@ -260,6 +262,10 @@ def add_commands(commands: Any) -> None:
     exporting.add_argument("--session", type=str.upper, choices=SESSIONS, help="trades, snapshots, parameters")
     exporting.add_argument("--pattern-type", help="trades: e.g. breakout")
     exporting.add_argument("--executed", type=_flag, help="signals: true or false")
+    exporting.add_argument("--instance-id", help="only rows (or audit entries) this orchestrator wrote")
+    exporting.add_argument(
+        "--entity", dest="audited_entity", choices=ENTITIES, help="audit: the entries of one kind of record"
+    )
     exporting.add_argument("--start-date", type=iso8601_argument, help="earliest time, ISO 8601 (inclusive)")
     exporting.add_argument("--end-date", type=iso8601_argument, help="latest time, ISO 8601 (inclusive)")
     exporting.set_defaults(handler=export_command)

@@ -31,6 +31,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from persistence.audit import AuditHead
 from persistence.backlog import KINDS, Pending, Sleep
 from persistence.db import Database
 from persistence.faults import classify
@@ -66,7 +67,8 @@ class DeadLetter:
 class Outcome:
     """What became of a batch: a handled prefix (committed, dead-lettered or lost) and maybe a transient failure.
 
-    ``lost`` holds records that could be kept nowhere (refused by ``dead_letters`` and the dead-letter file).
+    ``lost`` holds records that could be kept nowhere (refused by ``dead_letters`` and the dead-letter file);
+    ``audit_head`` is this process's audit chain head after the last transaction that wrote a version.
     """
 
     committed: list[Pending] = field(default_factory=list)
@@ -74,6 +76,7 @@ class Outcome:
     lost: list[tuple[Pending, str]] = field(default_factory=list)
     failure: BaseException | None = None
     attempts: int = 0
+    audit_head: AuditHead | None = None
 
     @property
     def handled(self) -> int:
@@ -133,7 +136,8 @@ class Committer:
         while segments:
             segment = segments.popleft()
             try:
-                unknown: list[Pending] = await self._with_retries(partial(self._transaction, segment), outcome)
+                transaction = partial(self._transaction, segment, outcome)
+                unknown: list[Pending] = await self._with_retries(transaction, outcome)
             except _DataFault as fault:
                 if len(segment) > 1:
                     middle = len(segment) // 2
@@ -200,21 +204,24 @@ class Committer:
             raise _TransientFault(error) from error
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _transaction(self, segment: Sequence[Pending]) -> list[Pending]:
-        """One transaction for a segment; returns execution updates whose signal does not exist."""
+    async def _transaction(self, segment: Sequence[Pending], outcome: Outcome) -> list[Pending]:
+        """One transaction for a segment; returns execution updates whose signal does not exist.
+
+        Every version of a record in the segment is applied in order, and each one written is audited.
+        """
         self._check()
         repos = self._repos
-        trades: dict[str, Trade] = {}
-        signals: dict[str, Signal] = {}
+        trades: list[Trade] = []
+        signals: list[Signal] = []
         executions: list[tuple[Pending, SignalExecution]] = []
         snapshots: list[PerformanceSnapshot] = []
         changes: list[ParameterChange] = []
         for item in segment:
             record = item.record
             if isinstance(record, Trade):
-                trades[record.trade_id] = record
+                trades.append(record)
             elif isinstance(record, Signal):
-                signals[record.signal_id] = record
+                signals.append(record)
             elif isinstance(record, SignalExecution):
                 executions.append((item, record))
             elif isinstance(record, PerformanceSnapshot):
@@ -222,14 +229,18 @@ class Committer:
             elif isinstance(record, ParameterChange):
                 changes.append(record)
         async with self._database.write() as connection:
-            await repos.trades.upsert(connection, list(trades.values()))
-            await repos.signals.upsert(connection, list(signals.values()))
+            written = len(await repos.trades.upsert(connection, trades))
+            written += len(await repos.signals.upsert(connection, signals))
             missing = await repos.signals.apply_executions(connection, [change for _, change in executions])
-            await repos.snapshots.insert(connection, snapshots)
-            await repos.parameters.insert(connection, changes)
-            unknown = [item for item, change in executions if change in missing]
+            written += len(await repos.snapshots.insert(connection, snapshots))
+            written += len(await repos.parameters.insert(connection, changes))
+            missing_ids = {id(change) for change in missing}
+            unknown = [item for item, change in executions if id(change) in missing_ids]
             if unknown:
                 await repos.dead_letters.insert(connection, [(item.record, UNKNOWN_SIGNAL) for item in unknown])
+            head = await repos.audit.head(connection) if written or len(missing) < len(executions) else None
+        if head is not None:
+            outcome.audit_head = head
         return unknown
 
     async def _dead_letter_row(self, item: Pending, error: BaseException) -> None:

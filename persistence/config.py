@@ -8,6 +8,7 @@ library reads the environment anywhere else.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +77,12 @@ class Settings(BaseSettings):
     )
     backup_dir: Path = Field(Path("./data/backups"), validation_alias="PERSISTENCE_BACKUP_DIR")
     backup_before_migrate: bool = Field(True, validation_alias="PERSISTENCE_BACKUP_BEFORE_MIGRATE")
+    instance_id: str = Field(
+        default_factory=lambda: socket.gethostname()[:64] or "localhost",
+        min_length=1,
+        max_length=64,
+        validation_alias="PERSISTENCE_INSTANCE_ID",
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -98,6 +105,15 @@ class Settings(BaseSettings):
     def _case_insensitive(cls, value: object) -> object:
         if isinstance(value, str):
             return value.strip().upper() if value.strip().upper() in _LOG_LEVELS else value.strip().lower()
+        return value
+
+    @field_validator("instance_id", mode="before")
+    @classmethod
+    def _printable_name(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if not value.isprintable():
+                raise ValueError("must be printable text (no control characters)")
         return value
 
     @field_validator("database_url")

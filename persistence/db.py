@@ -91,6 +91,17 @@ class Database:
             yield connection
 
     @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reading whose statements all see one snapshot (``REPEATABLE READ`` on PostgreSQL).
+
+        SQLite's read transaction already is one: a WAL reader sees the database as of its first read.
+        """
+        async with self.engine.connect() as connection:
+            if self.dialect_name == "postgresql":
+                await connection.execution_options(isolation_level="REPEATABLE READ")
+            yield connection
+
+    @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """One write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success, rolled back on error."""
         async with self._writer.begin() as connection:

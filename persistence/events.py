@@ -69,6 +69,10 @@ class BatchCommitted(Event):
     latencies: tuple[tuple[Entity, float], ...] = ()
     """Seconds from ``record_*`` to this commit, per record recorded in this run."""
     correlation_ids: tuple[str, ...] = ()
+    audit_seq: int | None = None
+    """The ``seq`` of this process's audit chain after the commit (``None`` when no version was written)."""
+    audit_hash: str | None = None
+    """That entry's hash: the chain's head, to keep somewhere the database's writers cannot reach."""
 
 
 @dataclass(frozen=True, slots=True)

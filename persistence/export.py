@@ -1,4 +1,5 @@
-"""History for analysis: the four record tables as pyarrow batches, and written to Parquet, CSV or JSONL.
+"""History for analysis: the four record tables and the audit trail as pyarrow batches, and written to Parquet, CSV
+or JSONL.
 
 :func:`iter_batches` streams one table in chunks of ``chunk_rows`` (never the whole table in memory) as pyarrow
 ``RecordBatch``es with a fixed schema: decimals as ``decimal128(18, 8)``, timestamps as ``timestamp[us, UTC]``. On
@@ -57,7 +58,7 @@ from persistence.models import (
     Trade,
     to_utc,
 )
-from persistence.schema import parameter_history, performance_snapshots, signals, trades
+from persistence.schema import audit_log, parameter_history, performance_snapshots, signals, trades
 
 __all__ = [
     "ANALYSIS_EXTRA",
@@ -93,30 +94,35 @@ FilterKind = Literal["from", "to", "equals", "session", "flag"]
 
 @dataclass(frozen=True, slots=True)
 class Exportable:
-    """One exportable table: its columns (the record's fields, in table order), stream order and filters."""
+    """One exportable table: its columns (``fields``, in table order), stream order and filters."""
 
     name: str
     table: Table
-    record_type: type[Record]
+    fields: tuple[str, ...]
     order_by: tuple[str, ...]
     filters: Mapping[str, tuple[str, FilterKind]]
 
     @property
     def columns(self) -> list[Column[Any]]:
-        """The exported columns: the record's fields (an integer surrogate ``id`` is not one)."""
-        fields = self.record_type.model_fields
-        return [column for column in self.table.c if column.name in fields]
+        """The exported columns, in table order."""
+        return [column for column in self.table.c if column.name in self.fields]
 
 
 def _time_filters(column: str) -> dict[str, tuple[str, FilterKind]]:
-    return {"start_date": (column, "from"), "end_date": (column, "to")}
+    return {"start_date": (column, "from"), "end_date": (column, "to"), "instance_id": ("instance_id", "equals")}
+
+
+def _record_fields(record_type: type[Record]) -> tuple[str, ...]:
+    """A record table's exported columns: the record's fields (an integer surrogate ``id`` is not one) and the
+    ``instance_id`` of the orchestrator that wrote the row."""
+    return (*record_type.model_fields, "instance_id")
 
 
 EXPORTABLES: dict[str, Exportable] = {
     "trades": Exportable(
         "trades",
         trades,
-        Trade,
+        _record_fields(Trade),
         ("id",),
         {
             **_time_filters("entry_time"),
@@ -128,30 +134,37 @@ EXPORTABLES: dict[str, Exportable] = {
     "signals": Exportable(
         "signals",
         signals,
-        Signal,
+        _record_fields(Signal),
         ("id",),
         {**_time_filters("generated_at"), "symbol": ("symbol", "equals"), "executed": ("executed", "flag")},
     ),
     "snapshots": Exportable(
         "snapshots",
         performance_snapshots,
-        PerformanceSnapshot,
+        _record_fields(PerformanceSnapshot),
         ("snapshot_time", "id"),
         {**_time_filters("snapshot_time"), "session": ("session", "session")},
     ),
     "parameters": Exportable(
         "parameters",
         parameter_history,
-        ParameterChange,
+        _record_fields(ParameterChange),
         ("change_time", "id"),
         {**_time_filters("change_time"), "session": ("session", "session")},
+    ),
+    "audit": Exportable(
+        "audit",
+        audit_log,
+        tuple(column.name for column in audit_log.c),
+        ("id",),
+        {**_time_filters("recorded_at"), "entity": ("entity", "equals")},
     ),
 }
 """What ``export`` knows, by the name the command line uses."""
 
 
 def exportable(entity: str) -> Exportable:
-    """The exportable table called ``entity`` (``trades``, ``signals``, ``snapshots``, ``parameters``)."""
+    """The exportable table called ``entity`` (``trades``, ``signals``, ``snapshots``, ``parameters``, ``audit``)."""
     try:
         return EXPORTABLES[entity]
     except KeyError:

@@ -100,6 +100,8 @@ class EventLogger:
                     max_latency_ms=round(max(latencies) * 1000, 3) if latencies else None,
                     from_journal=event.from_journal,
                     correlation_ids=list(event.correlation_ids),
+                    audit_seq=event.audit_seq,
+                    audit_hash=event.audit_hash,
                 )
             case WriteFailed():
                 log.warning(

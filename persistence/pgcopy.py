@@ -15,7 +15,7 @@ instead of one or two would cost more than the ``COPY`` saves.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -39,25 +39,40 @@ parameters and ``executemany``) and returns seconds to wait first, or raises to 
 class CopyUpsert:
     """One table's ``COPY`` + ``INSERT … SELECT`` statements, built once per repository.
 
-    ``conflict`` is the ``ON CONFLICT`` clause, written against the target table's name and ``excluded``.
+    ``conflict`` is the ``ON CONFLICT`` clause, written against the target table's name and ``excluded``; without one
+    (``None``, for a table that is only ever appended to) the rows are copied straight into the table.
     """
 
-    def __init__(self, table: Table, columns: Sequence[str], conflict: str, timeout_ms: int) -> None:
+    def __init__(
+        self,
+        table: Table,
+        columns: Sequence[str],
+        conflict: str | None,
+        timeout_ms: int,
+        *,
+        returning: str | None = None,
+    ) -> None:
         self.table = table.name
         self.columns = list(columns)
         self.stage = f"stage_{table.name}"
         names = ", ".join(self.columns)
         # Table and column names come from the schema, never from input; values go by COPY.
+        # Each staged row carries its position in the batch (staged_order): new rows take their surrogate ids in the
+        # order they were recorded, which the order a DELETE … RETURNING happens to give does not promise.
         self.prepare_sql = (
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {self.stage} ON COMMIT DELETE ROWS AS "  # noqa: S608
-            f"SELECT {names} FROM {table.name} WITH NO DATA"
+            f"SELECT {names}, 0::integer AS staged_order FROM {table.name} WITH NO DATA"
         )
         # The staged rows are read and deleted in one statement, so a second batch in the same transaction starts
-        # from an empty stage. Each key comes once (newest_per_key), as ON CONFLICT requires.
+        # from an empty stage. Each key comes once, as ON CONFLICT requires. ``returning`` names the column
+        # whose values of the rows really written come back.
+        returned = f" RETURNING {returning}" if returning else ""
         self.move_sql = (
-            f"WITH staged AS (DELETE FROM pg_temp.{self.stage} RETURNING {names}) "  # noqa: S608
-            f"INSERT INTO {table.name} ({names}) SELECT {names} FROM staged {conflict}"
+            f"WITH staged AS (DELETE FROM pg_temp.{self.stage} RETURNING {names}, staged_order) "  # noqa: S608
+            f"INSERT INTO {table.name} ({names}) SELECT {names} FROM staged ORDER BY staged_order {conflict}{returned}"
         )
+        self._returning = returning
+        self._direct = conflict is None
         self.announced_sql = f"INSERT INTO {table.name} ({names}) VALUES (COPY through pg_temp.{self.stage})"  # noqa: S608
         """What :data:`COPY_HOOKS` are told is being sent: the rows' target table, as an ``INSERT`` would say."""
         self._row = itemgetter(*self.columns)
@@ -70,10 +85,13 @@ class CopyUpsert:
             return [(row(value),) for value in values]
         return [row(value) for value in values]
 
-    async def write(self, connection: AsyncConnection, values: Sequence[Mapping[str, Any]]) -> None:
-        """Copy ``values`` into the stage and move them into the table, inside ``connection``'s transaction."""
+    async def write(self, connection: AsyncConnection, values: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Copy ``values`` into the stage and move them into the table, inside ``connection``'s transaction.
+
+        Returns the ``returning`` column's value of each row written (an empty list without ``returning``).
+        """
         # Through SQLAlchemy, so that its transaction on this connection has begun before the driver is used.
-        await connection.exec_driver_sql(self.prepare_sql)
+        await connection.exec_driver_sql("SELECT 1" if self._direct else self.prepare_sql)
         raw = await connection.get_raw_connection()
         driver = raw.driver_connection
         if driver is None:
@@ -85,9 +103,17 @@ class CopyUpsert:
                 delay = hook(statement, rows, True)
                 if delay > 0:
                     await asyncio.sleep(delay)
-            await driver.copy_records_to_table(self.stage, records=rows, columns=self.columns, schema_name="pg_temp")
+            if self._direct:
+                await driver.copy_records_to_table(self.table, records=rows, columns=self.columns)
+                return []
+            ordered = [(*row, position) for position, row in enumerate(rows)]
+            columns = [*self.columns, "staged_order"]
+            await driver.copy_records_to_table(self.stage, records=ordered, columns=columns, schema_name="pg_temp")
             statement = self.move_sql
-            await driver.execute(self.move_sql)
+            if self._returning is None:
+                await driver.execute(self.move_sql)
+                return []
+            return [record[0] for record in await driver.fetch(self.move_sql)]
         except Exception as error:
             raise self._translate(statement, error) from error
 
@@ -98,23 +124,3 @@ class CopyUpsert:
             return QueryTimeoutError(self._timeout_ms, statement)
         translated = DBAPIError.instance(statement, None, error, Exception)
         return translated if isinstance(translated, Exception) else error
-
-
-def newest_per_key(
-    values: Sequence[Mapping[str, Any]], key: str, replaces: Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
-) -> list[Mapping[str, Any]]:
-    """One row per ``key``: what applying ``values`` in order, each under the upsert's rule, would leave.
-
-    ``replaces(new, kept)`` is the upsert's ``WHERE`` in Python. ``INSERT … ON CONFLICT`` may not touch a row
-    twice in one statement, which ``executemany`` did, row after row. A later version keeps the first version's
-    ``created_at``, as the update (which never sets ``created_at``) would have.
-    """
-    kept: dict[Any, Mapping[str, Any]] = {}
-    for value in values:
-        identity = value[key]
-        previous = kept.get(identity)
-        if previous is None:
-            kept[identity] = value
-        elif replaces(value, previous):
-            kept[identity] = {**value, "created_at": previous["created_at"]}
-    return list(kept.values())

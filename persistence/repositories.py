@@ -2,10 +2,12 @@
 
 Repositories take a :class:`~persistence.db.Database` (the engine factory's product), never a URL. Each write
 method has two forms: ``save_*`` opens its own write transaction, and ``upsert`` / ``insert`` take an open
-connection so the writer can put a whole batch of mixed records into one transaction. A batch is one
-statement executed for many parameter sets. Upserts are keyed by the natural id, so a replay never creates a
-second row; a trade's ``updated_at`` guards the update, so an older version never overwrites a newer one, and a
-signal that is already ``executed`` is never reset by a replay of its earlier, unexecuted version.
+connection so the writer can put a whole batch of mixed records into one transaction. Upserts are keyed by the
+natural id, so a replay never creates a second row; a trade's ``updated_at`` guards the update, so an older version
+never overwrites a newer one, and a signal that is already ``executed`` is never reset by a replay of its earlier,
+unexecuted version (:mod:`persistence.versioned` applies the rules). Every version written, by either form, is
+appended to the audit trail in the same transaction (:mod:`persistence.audit`), and every row carries the
+``instance_id`` of the process that wrote it.
 
 Sorting is only ever by a column from a fixed set; anything else raises
 :class:`~persistence.errors.InvalidQueryError` before any SQL is built.
@@ -18,24 +20,14 @@ import os
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import (
-    ColumnElement,
-    Select,
-    String,
-    Table,
-    false,
-    func,
-    or_,
-    select,
-    true,
-    update,
-)
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import ColumnElement, Select, Table, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence import export as history_export
+from persistence.audit import AuditLog, Version
 from persistence.db import Database
 from persistence.errors import InvalidQueryError
 from persistence.export import ExportResult
@@ -50,7 +42,6 @@ from persistence.models import (
     to_utc,
     utc_now,
 )
-from persistence.pgcopy import COPY_MIN_ROWS, CopyUpsert, newest_per_key
 
 # The sort whitelists and the query objects live in persistence.queries; their names stay importable from here.
 from persistence.queries import (  # noqa: F401
@@ -63,8 +54,9 @@ from persistence.queries import (  # noqa: F401
     TradeQuery,
     TradeSortColumn,
 )
-from persistence.rowcodec import DriverBatch, RowReader
-from persistence.schema import dead_letters, parameter_history, performance_snapshots, signals, trades
+from persistence.rowcodec import RowReader
+from persistence.schema import audit_log, dead_letters, parameter_history, performance_snapshots, signals, trades
+from persistence.versioned import VersionedTable, never
 
 RecordT = TypeVar("RecordT", bound=Record)
 
@@ -91,36 +83,6 @@ class DeadLetter:
     created_at: datetime
 
 
-async def _execute_batch(
-    database: Database,
-    connection: AsyncConnection,
-    statement: Any,
-    fast: DriverBatch | None,
-    rows: Sequence[Mapping[str, Any]],
-    copy: CopyUpsert | None = None,
-) -> None:
-    if fast is not None:
-        await database.executemany_on_driver(connection, fast.sql, fast.encode(rows))
-    elif copy is not None and len(rows) >= COPY_MIN_ROWS:
-        await copy.write(connection, rows)
-    else:
-        await connection.execute(statement, list(rows))
-
-
-def _copy_upsert(database: Database, table: Table, key: str, conflict: str) -> CopyUpsert | None:
-    """PostgreSQL's COPY path for ``table`` (``None`` elsewhere); ``conflict`` follows ``ON CONFLICT ({key})``."""
-    if database.dialect_name != "postgresql":
-        return None
-    names = [column.name for column in table.c if column.name != "id" or isinstance(column.type, String)]
-    return CopyUpsert(table, names, f"ON CONFLICT ({key}) {conflict}", database.settings.query_timeout_ms)
-
-
-def _update_all_but(table: Table, *kept: str) -> str:
-    return "DO UPDATE SET " + ", ".join(
-        f"{column.name} = EXCLUDED.{column.name}" for column in _columns(table) if column.name not in kept
-    )
-
-
 def _newer_trade(new: Mapping[str, Any], kept: Mapping[str, Any]) -> bool:
     return bool(kept["updated_at"] <= new["updated_at"])
 
@@ -129,16 +91,18 @@ def _signal_replaces(new: Mapping[str, Any], kept: Mapping[str, Any]) -> bool:
     return bool(not kept["executed"] or new["executed"])
 
 
-def _insert(database: Database, table: Table) -> Any:
-    if database.dialect_name == "postgresql":
-        return postgresql.insert(table)
-    if database.dialect_name == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"upserts are not implemented for {database.dialect_name}")
+def _executed(change: SignalExecution, stored: dict[str, Any]) -> dict[str, Any]:
+    return {**stored, "executed": change.executed, "execution_status": change.execution_status}
 
 
 def _columns(table: Table) -> list[Any]:
-    return [column for column in table.c if column.name != "id"]
+    return [column for column in table.c if column.name not in ("id", "instance_id")]
+
+
+def audit_fields() -> dict[str, tuple[str, ...]]:
+    """The fields of each entity's audited versions: its record's fields."""
+    records = (Trade, Signal, PerformanceSnapshot, ParameterChange)
+    return {record.entity: tuple(record.model_fields) for record in records}
 
 
 def _check_page(limit: int, offset: int) -> None:
@@ -173,32 +137,20 @@ def _date_range(column: Any, start_date: datetime | None, end_date: datetime | N
 class TradeRepository:
     """Trades: batched upserts for the writer, and the read queries the API and users need."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, audit: AuditLog | None = None) -> None:
         self._db = database
-        statement = _insert(database, trades)
-        updatable = [c.name for c in _columns(trades) if c.name not in ("trade_id", "created_at")]
-        self._upsert = statement.on_conflict_do_update(
-            index_elements=[trades.c.trade_id],
-            set_={name: statement.excluded[name] for name in updatable},
-            where=trades.c.updated_at <= statement.excluded.updated_at,
-        )
-        self._fast = DriverBatch(self._upsert, trades, database.engine.dialect) if database.is_sqlite else None
-        self._copy = _copy_upsert(
-            database,
-            trades,
-            "trade_id",
-            f"{_update_all_but(trades, 'trade_id', 'created_at')} WHERE trades.updated_at <= EXCLUDED.updated_at",
-        )
+        self._audit = audit if audit is not None else AuditLog(database, audit_fields())
+        self._versions = VersionedTable(database, trades, "trade_id", Trade, _newer_trade)
         self._reader = RowReader(_columns(trades), Trade, sqlite=database.is_sqlite)
         self._select = select(*self._reader.columns)
 
-    async def upsert(self, connection: AsyncConnection, batch: Sequence[Trade]) -> None:
-        """Insert or update ``batch`` in one statement inside the caller's transaction."""
-        if batch:
-            rows: Sequence[Mapping[str, Any]] = [trade.__dict__ for trade in batch]
-            if self._copy is not None:
-                rows = newest_per_key(rows, "trade_id", _newer_trade)
-            await _execute_batch(self._db, connection, self._upsert, self._fast, rows, self._copy)
+    async def upsert(self, connection: AsyncConnection, batch: Sequence[Trade]) -> list[Version]:
+        """Insert or update ``batch``, in order, inside the caller's transaction; the versions written (and audited)."""
+        if not batch:
+            return []
+        versions, _ = await self._versions.write(connection, self._versions.rows(batch))
+        await self._audit.append(connection, versions)
+        return versions
 
     async def save_trade(self, trade: Trade | Mapping[str, Any]) -> None:
         """Insert or update one trade in its own transaction (the writer batches instead)."""
@@ -284,49 +236,32 @@ class TradeRepository:
 class SignalRepository:
     """Signals: batched upserts, execution updates, and reads."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, audit: AuditLog | None = None) -> None:
         self._db = database
-        statement = _insert(database, signals)
-        updatable = [c.name for c in _columns(signals) if c.name not in ("signal_id", "created_at")]
-        self._upsert = statement.on_conflict_do_update(
-            index_elements=[signals.c.signal_id],
-            set_={name: statement.excluded[name] for name in updatable},
-            # A replay of the unexecuted version never undoes a recorded execution.
-            where=or_(signals.c.executed == false(), statement.excluded.executed == true()),
-        )
-        self._fast = DriverBatch(self._upsert, signals, database.engine.dialect) if database.is_sqlite else None
-        self._copy = _copy_upsert(
-            database,
-            signals,
-            "signal_id",
-            f"{_update_all_but(signals, 'signal_id', 'created_at')}"
-            " WHERE signals.executed = false OR EXCLUDED.executed = true",
-        )
+        self._audit = audit if audit is not None else AuditLog(database, audit_fields())
+        # A replay of the unexecuted version never undoes a recorded execution.
+        self._versions = VersionedTable(database, signals, "signal_id", Signal, _signal_replaces)
         self._reader = RowReader(_columns(signals), Signal, sqlite=database.is_sqlite)
         self._select = select(*self._reader.columns)
 
-    async def upsert(self, connection: AsyncConnection, batch: Sequence[Signal]) -> None:
-        """Insert or update ``batch`` in one statement inside the caller's transaction."""
-        if batch:
-            rows: Sequence[Mapping[str, Any]] = [signal.__dict__ for signal in batch]
-            if self._copy is not None:
-                rows = newest_per_key(rows, "signal_id", _signal_replaces)
-            await _execute_batch(self._db, connection, self._upsert, self._fast, rows, self._copy)
+    async def upsert(self, connection: AsyncConnection, batch: Sequence[Signal]) -> list[Version]:
+        """Insert or update ``batch``, in order, inside the caller's transaction; the versions written (and audited)."""
+        if not batch:
+            return []
+        versions, _ = await self._versions.write(connection, self._versions.rows(batch))
+        await self._audit.append(connection, versions)
+        return versions
 
     async def apply_executions(
         self, connection: AsyncConnection, batch: Sequence[SignalExecution]
     ) -> list[SignalExecution]:
-        """Apply execution updates in order; return those whose signal is not in the table."""
-        missing: list[SignalExecution] = []
-        for change in batch:
-            result = await connection.execute(
-                update(signals)
-                .where(signals.c.signal_id == change.signal_id)
-                .values(executed=change.executed, execution_status=change.execution_status)
-            )
-            if result.rowcount == 0:
-                missing.append(change)
-        return missing
+        """Apply execution updates in order (each audited); return those whose signal is not in the table."""
+        if not batch:
+            return []
+        changes = [(change.signal_id, partial(_executed, change)) for change in batch]
+        versions, missing = await self._versions.write(connection, [], changes)
+        await self._audit.append(connection, versions)
+        return [batch[index] for index in missing]
 
     async def save_signal(self, signal: Signal | Mapping[str, Any]) -> None:
         """Insert or update one signal in its own transaction."""
@@ -399,21 +334,21 @@ class _AppendOnlyRepository(Generic[RecordT]):
     time_column: str
     export_entity: str
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, audit: AuditLog | None = None) -> None:
         self._db = database
-        self._insert = _insert(database, self.table).on_conflict_do_nothing(index_elements=[self.table.c.id])
-        self._fast = DriverBatch(self._insert, self.table, database.engine.dialect) if database.is_sqlite else None
-        self._copy = _copy_upsert(database, self.table, "id", "DO NOTHING")
-        self._reader = RowReader(list(self.table.c), self.record_type, sqlite=database.is_sqlite)
+        self._audit = audit if audit is not None else AuditLog(database, audit_fields())
+        self._versions = VersionedTable(database, self.table, "id", self.record_type, never)
+        columns = [self.table.c[name] for name in self.record_type.model_fields]
+        self._reader = RowReader(columns, self.record_type, sqlite=database.is_sqlite)
         self._select = select(*self._reader.columns)
 
-    async def insert(self, connection: AsyncConnection, batch: Sequence[RecordT]) -> None:
-        """Insert ``batch`` in one statement inside the caller's transaction; known ids are skipped."""
-        if batch:
-            rows: Sequence[Mapping[str, Any]] = [record.__dict__ for record in batch]
-            if self._copy is not None:
-                rows = newest_per_key(rows, "id", lambda _new, _kept: False)  # the first of a repeated id stays
-            await _execute_batch(self._db, connection, self._insert, self._fast, rows, self._copy)
+    async def insert(self, connection: AsyncConnection, batch: Sequence[RecordT]) -> list[Version]:
+        """Insert ``batch`` inside the caller's transaction (known ids are skipped); the versions written (audited)."""
+        if not batch:
+            return []
+        versions, _ = await self._versions.write(connection, self._versions.rows(batch))
+        await self._audit.append(connection, versions)
+        return versions
 
     async def _save(self, record: RecordT) -> None:
         async with self._db.write() as connection:
@@ -548,16 +483,17 @@ class Repositories:
 
     def __init__(self, database: Database) -> None:
         self.database = database
-        self.trades = TradeRepository(database)
-        self.signals = SignalRepository(database)
-        self.snapshots = PerformanceSnapshotRepository(database)
-        self.parameters = ParameterHistoryRepository(database)
+        self.audit = AuditLog(database, audit_fields())
+        self.trades = TradeRepository(database, self.audit)
+        self.signals = SignalRepository(database, self.audit)
+        self.snapshots = PerformanceSnapshotRepository(database, self.audit)
+        self.parameters = ParameterHistoryRepository(database, self.audit)
         self.dead_letters = DeadLetterRepository(database)
 
     async def table_counts(self) -> dict[str, int]:
-        """Row counts of the five tables."""
+        """Row counts of the six tables."""
         counts: dict[str, int] = {}
-        for table in (trades, signals, performance_snapshots, parameter_history, dead_letters):
+        for table in (trades, signals, performance_snapshots, parameter_history, dead_letters, audit_log):
             counts[table.name] = await _count(self.database, table, [])
         return counts
 

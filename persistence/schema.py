@@ -1,8 +1,9 @@
-"""The five tables, their indexes and CHECK constraints, as SQLAlchemy Core metadata.
+"""The six tables, their indexes and CHECK constraints, as SQLAlchemy Core metadata.
 
 Column names and table names are the product's contract. Decimal columns use :class:`ExactNumeric` and
-timestamps :class:`UTCDateTime`, so both are exact on SQLite and PostgreSQL. The Alembic migrations create
-exactly this schema; a test compares the two.
+timestamps :class:`UTCDateTime`, so both are exact on SQLite and PostgreSQL. The four record tables carry the
+``instance_id`` of the orchestrator that last wrote each row; ``audit_log`` is the hash-chained trail of every version
+written (see :mod:`persistence.audit`). The Alembic migrations create exactly this schema; a test compares the two.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ trades = Table(
     Column("risk_reward_ratio", ExactNumeric()),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
+    Column("instance_id", String(64)),
     CheckConstraint(_one_of("direction", DIRECTIONS), name="direction"),
     CheckConstraint(_one_of("session", SESSIONS, nullable=True), name="session"),
     CheckConstraint("position_size > 0", name="position_size_positive"),
@@ -95,6 +97,7 @@ signals = Table(
     Column("executed", Boolean(create_constraint=False), nullable=False),
     Column("execution_status", String(32)),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column("instance_id", String(64)),
     CheckConstraint(_one_of("signal_type", DIRECTIONS), name="signal_type"),
     CheckConstraint(_one_of("session", SESSIONS, nullable=True), name="session"),
     Index("idx_signals_generated_at", "generated_at"),
@@ -116,6 +119,7 @@ performance_snapshots = Table(
     Column("session", String(8)),
     Column("parameter_mode", String(64)),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column("instance_id", String(64)),
     CheckConstraint(_one_of("session", SESSIONS, nullable=True), name="session"),
     CheckConstraint(
         "total_trades >= 0 AND winning_trades >= 0 AND losing_trades >= 0"
@@ -137,6 +141,7 @@ parameter_history = Table(
     Column("reason", Text()),
     Column("changed_by", String(16), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column("instance_id", String(64)),
     CheckConstraint(_one_of("changed_by", CHANGED_BY), name="changed_by"),
     CheckConstraint(_one_of("session", SESSIONS, nullable=True), name="session"),
     Index("idx_parameter_history_time", "change_time"),
@@ -155,4 +160,23 @@ dead_letters = Table(
     Index("idx_dead_letters_entity_key", "entity", "natural_key"),
 )
 
-TABLES = (trades, signals, performance_snapshots, parameter_history, dead_letters)
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("instance_id", String(64), nullable=False),
+    Column("seq", BigInteger(), nullable=False),
+    Column("entity", String(32), nullable=False),
+    Column("natural_key", String(64), nullable=False),
+    Column("payload", Text(), nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    # One entry per (chain, position): a second writer that read a stale head fails instead of forking the chain.
+    Index("idx_audit_log_chain", "instance_id", "seq", unique=True),
+    Index("idx_audit_log_entity_key", "entity", "natural_key", "id"),
+)
+
+RECORD_TABLES = (trades, signals, performance_snapshots, parameter_history)
+"""The tables whose rows are audited and carry ``instance_id``."""
+TABLES = (trades, signals, performance_snapshots, parameter_history, dead_letters, audit_log)

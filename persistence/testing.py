@@ -298,6 +298,8 @@ class PoisonRecords(_StatementHook):
         if written_table(statement) not in self.tables:
             return 0.0
         rows = parameters if executemany else [parameters]
+        if rows and not isinstance(rows[0], Mapping | tuple | list):
+            rows = [rows]  # one flat parameter list (a multi-row VALUES statement): one row of values
         for row in rows or ():
             values = row.values() if isinstance(row, Mapping) else row
             if any(isinstance(value, str) and value in self.keys for value in values or ()):

@@ -271,6 +271,8 @@ class Writer:
                         if item.recorded_at is not None
                     ),
                     correlation_ids=_correlation_ids(outcome.committed),
+                    audit_seq=outcome.audit_head.seq if outcome.audit_head is not None else None,
+                    audit_hash=outcome.audit_head.hash if outcome.audit_head is not None else None,
                 )
             )
             if batch.from_journal:

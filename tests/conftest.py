@@ -15,6 +15,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.config import Settings
 from persistence.db import Database, create_database
@@ -29,6 +30,12 @@ FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
 hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 hypothesis_settings.register_profile("fuzz", max_examples=2000, derandomize=False, print_blob=True)
 hypothesis_settings.load_profile("fuzz" if FUZZ else "ci")
+
+
+async def empty_every_table(connection: AsyncConnection) -> None:
+    """Empty every table of a PostgreSQL test database, ``audit_log`` too (its triggers are off for this session)."""
+    await connection.execute(text("SET LOCAL session_replication_role = replica"))
+    await connection.execute(text(f"TRUNCATE {', '.join(table.name for table in TABLES)} RESTART IDENTITY"))
 
 
 def examples(count: int) -> int:
@@ -114,8 +121,7 @@ async def database(database_url: str) -> AsyncIterator[Database]:
     await upgrade(db)
     if db.dialect_name == "postgresql":
         async with db.write() as connection:
-            names = ", ".join(table.name for table in TABLES)
-            await connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY"))
+            await empty_every_table(connection)
     try:
         yield db
     finally:
@@ -165,6 +171,6 @@ async def clean_database_url(database_url: str) -> str:
         await upgrade(db)
         async with db.write() as connection:
             await connection.execute(text("DROP TRIGGER IF EXISTS poison ON trades"))
-            await connection.execute(text(f"TRUNCATE {', '.join(t.name for t in TABLES)} RESTART IDENTITY"))
+            await empty_every_table(connection)
         await db.dispose()
     return database_url

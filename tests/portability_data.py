@@ -89,7 +89,8 @@ def fill_trades_fast(path: Path, count: int, chunk: int = 20_000) -> None:
         for start in range(0, count, chunk):
             records = varied_trades(min(chunk, count - start), prefix=f"F{start}")
             connection.execute("BEGIN IMMEDIATE")
-            connection.executemany(batch.sql, batch.encode([record.__dict__ for record in records]))
+            rows = [{**record.__dict__, "instance_id": "bulk-filled"} for record in records]
+            connection.executemany(batch.sql, batch.encode(rows))
             connection.execute("COMMIT")
     finally:
         connection.close()

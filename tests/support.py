@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,10 @@ import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
+from persistence.columns import to_scaled_int, to_sqlite_datetime
 from persistence.db import Database
 from persistence.events import Event, EventBus
+from persistence.models import Trade
 from persistence.testing import DatabaseLock, DiskLimit
 
 __all__ = [
@@ -28,6 +32,7 @@ __all__ = [
     "add_poison_trigger_sqlite",
     "drop_poison_trigger_postgres",
     "eventually",
+    "save_trade_before_the_trail",
     "sqlite_file",
 ]
 
@@ -113,3 +118,24 @@ async def drop_poison_trigger_postgres(database_url: str) -> None:
         await connection.execute("DROP TRIGGER IF EXISTS poison ON trades")
     finally:
         await connection.close()
+
+
+def save_trade_before_the_trail(path: Path, trade: Trade) -> None:
+    """Write ``trade`` into a SQLite database at a revision before the audit trail (0001, 0002), as it stored them.
+
+    The repositories write this release's schema (``instance_id``, the trail), which an older database lacks.
+    """
+    values = [
+        None
+        if value is None
+        else to_sqlite_datetime(value)
+        if isinstance(value, datetime)
+        else to_scaled_int(value)
+        if isinstance(value, Decimal)
+        else value
+        for value in trade.__dict__.values()
+    ]
+    names = ", ".join(trade.__dict__)
+    marks = ", ".join("?" for _ in values)
+    with sqlite3.connect(path) as connection:
+        connection.execute(f"INSERT INTO trades ({names}) VALUES ({marks})", values)

@@ -45,7 +45,12 @@ async def recorded(database: Database) -> tuple[Repositories, list[Trade]]:
 
 
 def _normalise(row: dict[str, Any]) -> dict[str, Any]:
-    return {key: value.astimezone(UTC) if isinstance(value, datetime) else value for key, value in row.items()}
+    """An exported row as its record's fields (timestamps in UTC), without the ``instance_id`` that wrote it."""
+    return {
+        key: value.astimezone(UTC) if isinstance(value, datetime) else value
+        for key, value in row.items()
+        if key != "instance_id"
+    }
 
 
 async def test_parquet_export_reads_back_every_trade_value_for_value(
@@ -60,6 +65,7 @@ async def test_parquet_export_reads_back_every_trade_value_for_value(
         assert table.schema.field(name).type == DECIMAL, name
     for name in ("entry_time", "exit_time", "created_at", "updated_at"):
         assert table.schema.field(name).type == UTC_TIMESTAMP, name
+    assert set(table.column("instance_id").to_pylist()) == {repos.audit.instance_id}
     exported = {row["trade_id"]: _normalise(row) for row in table.to_pylist()}
     expected = as_rows(trades)
     assert exported.keys() == expected.keys()

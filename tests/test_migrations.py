@@ -207,15 +207,16 @@ async def test_a_downgrade_that_would_drop_a_column_holding_data_is_refused_unle
     try:
         async with database.write() as connection:
             await connection.execute(text("UPDATE trades SET broker_note = 'called the desk'"))
+        below = head_revision()  # the revision the dummy migration follows
         with pytest.raises(DowngradeDataLossError) as refused:
-            await migrate_to(database, "0002", extra_version_locations=[extra])
+            await migrate_to(database, below, extra_version_locations=[extra])
         assert refused.value.losses == ["trades.broker_note"]
         assert "trades.broker_note" in str(refused.value) and "--force" in str(refused.value)
         assert await current_revision(database) == "9001" and "broker_note" in await _columns(database)
 
-        plan = await migrate_to(database, "0002", force=True, extra_version_locations=[extra])
-        assert (plan.current, plan.target, plan.direction) == ("9001", "0002", "downgrade")
-        assert await current_revision(database) == "0002" and "broker_note" not in await _columns(database)
+        plan = await migrate_to(database, below, force=True, extra_version_locations=[extra])
+        assert (plan.current, plan.target, plan.direction) == ("9001", below, "downgrade")
+        assert await current_revision(database) == below and "broker_note" not in await _columns(database)
         kept = await Repositories(database).trades.get_trade_by_id("T-KEPT")
         assert kept is not None and str(kept.pnl) == "-3.14159265"
     finally:
@@ -228,8 +229,9 @@ async def test_a_downgrade_dropping_only_empty_columns_and_indexes_needs_no_forc
     extra = tmp_path / "extra_versions"
     database = await _at_dummy_revision(fresh_url, extra)
     try:
-        assert (await migrate_to(database, "0001", extra_version_locations=[extra])).direction == "downgrade"
-        assert await current_revision(database) == "0001"
+        below = head_revision()
+        assert (await migrate_to(database, below, extra_version_locations=[extra])).direction == "downgrade"
+        assert await current_revision(database) == below
         assert await Repositories(database).trades.count() == 1
         assert (await migrate_to(database, "head", extra_version_locations=[extra])).direction == "upgrade"
         assert await current_revision(database) == "9001"
@@ -260,7 +262,10 @@ def test_migrate_to_base_on_a_database_with_data_is_refused_without_force(tmp_pa
         assert connection.execute("SELECT count(*) FROM parameter_history").fetchone() == (1,)
     one = subprocess.run([*command, "--to", "0001"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    assert "schema downgraded from revision 0002 to 0001" in one.stdout and "backed up the database to" in one.stdout
+    assert (
+        f"schema downgraded from revision {head_revision()} to 0001" in one.stdout
+        and "backed up the database to" in one.stdout
+    )
     forced = subprocess.run(
         [*command, "--to", "base", "--force"], cwd=tmp_path, env=env, capture_output=True, text=True
     )

@@ -17,7 +17,7 @@ import pytest
 from persistence.backups import online_backup
 from persistence.db import create_database
 from persistence.dblock import DatabaseInUseError, DatabaseInUseLock
-from persistence.migrations import upgrade
+from persistence.migrations import head_revision, upgrade
 from persistence.repositories import Repositories
 from persistence.restore import RestoreError, pre_restore_path, restore_sqlite
 from tests.conftest import make_settings
@@ -74,7 +74,7 @@ async def test_restore_brings_back_every_trade_value_for_value_and_keeps_the_rep
     assert len(before) == TRADE_COUNT + 1
 
     result = await asyncio.to_thread(restore_sqlite, backup_path, database_path)
-    assert result.database == database_path.resolve() and result.revision == "0002"
+    assert result.database == database_path.resolve() and result.revision == head_revision()
     assert result.pre_restore == pre_restore_path(database_path.resolve())
     assert "kept as" in result.summary() and "integrity ok" in result.summary()
     assert sorted(path.name for path in backup_path.parent.glob("nightly.db*")) == ["nightly.db"]

@@ -19,11 +19,10 @@ from persistence.db import create_database
 from persistence.dblock import DatabaseInUseError
 from persistence.events import EventBus, SchemaNewerThanRelease
 from persistence.migrations import head_revision, upgrade
-from persistence.repositories import Repositories
 from persistence.restore import restore_sqlite
 from tests.conftest import make_settings
 from tests.factories import make_trade
-from tests.support import Recorder
+from tests.support import Recorder, save_trade_before_the_trail, sqlite_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NEWER = "f00dfeed9999"
@@ -57,7 +56,7 @@ async def test_starting_on_an_older_database_holding_data_backs_it_up_before_mig
 ) -> None:
     database = create_database(make_settings(database_url=sqlite_url))
     await upgrade(database, "0001")
-    await Repositories(database).trades.save_trade(make_trade(trade_id="BEFORE-MIGRATION"))
+    save_trade_before_the_trail(sqlite_file(sqlite_url), make_trade(trade_id="BEFORE-MIGRATION"))
     await database.dispose()
     backups = tmp_path / "backups"
     async with PersistenceSidecar(sidecar_settings(sqlite_url, backup_dir=backups), log_events=False) as sidecar:

@@ -20,6 +20,7 @@ from persistence.migrations import SchemaNewerError, current_revision, head_revi
 from persistence.repositories import Repositories
 from tests.conftest import make_settings
 from tests.factories import make_trade
+from tests.support import save_trade_before_the_trail
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NEWER = "f00dfeed9999"
@@ -97,7 +98,7 @@ def test_the_migrate_command_refuses_a_newer_schema_naming_both_revisions(tmp_pa
 async def _at_first_revision_with_a_trade(path: Path) -> Database:
     database = create_database(make_settings(database_url=f"sqlite+aiosqlite:///{path}"))
     await upgrade(database, "0001")
-    await Repositories(database).trades.save_trade(make_trade(trade_id="KEEP-ME", pnl="-0.00000001"))
+    save_trade_before_the_trail(path, make_trade(trade_id="KEEP-ME", pnl="-0.00000001"))
     return database
 
 
@@ -190,7 +191,7 @@ async def test_an_unknown_target_revision_is_a_clear_error(tmp_path: Path) -> No
     database = create_database(make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"))
     try:
         await upgrade(database)
-        with pytest.raises(MigrationError, match="unknown revision 'nope'; this release knows 0001, 0002"):
+        with pytest.raises(MigrationError, match="unknown revision 'nope'; this release knows 0001, 0002, 0003"):
             await migrate_to(database, "nope")
     finally:
         await database.dispose()

@@ -1,0 +1,193 @@
+"""Versioned writes: what a batch really changes, decided under the write lock, then written.
+
+A batch may hold several versions of one record (a trade opened and closed within a second), replays of versions
+already stored, and versions older than the stored one. Applying them in order under the table's rule (a trade's
+newer ``updated_at`` wins; a signal that is ``executed`` is never reset by a replay of its unexecuted version) gives
+the rows to store and the versions that were really written, one by one: the audit trail's entries. A version
+identical to what is stored writes nothing and adds no entry.
+
+The rule is applied here, in Python, against the stored rows read inside the write transaction and held by it:
+
+1. read the batch's keys that exist (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite's write lock holds the whole
+   database);
+2. insert the first version of each new key with ``ON CONFLICT DO NOTHING``. On PostgreSQL the keys inserted come
+   back (``RETURNING``); a key another process inserted meanwhile did not, and its row, now committed and locked by
+   the conflict, is read as in 1;
+3. apply every version in order; write the final state of each key that changed since 2, unconditionally (each of
+   those rows is held by this transaction).
+
+On PostgreSQL, batches of :data:`~persistence.pgcopy.COPY_MIN_ROWS` rows or more go by binary ``COPY``
+(:mod:`persistence.pgcopy`); on SQLite rows are encoded straight to driver values (:mod:`persistence.rowcodec`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import String, Table, bindparam, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from persistence.audit import Version
+from persistence.db import Database
+from persistence.models import Record
+from persistence.pgcopy import COPY_MIN_ROWS, CopyUpsert
+from persistence.rowcodec import DriverBatch, RowReader
+
+RecordT = TypeVar("RecordT", bound=Record)
+Row = dict[str, Any]
+Replaces = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
+"""``replaces(new, stored)``: whether ``new`` may overwrite ``stored`` (both rows of the same key)."""
+Change = Callable[[Row], Row]
+
+_READ_CHUNK = 1000
+
+
+def never(_new: Mapping[str, Any], _stored: Mapping[str, Any]) -> bool:
+    """The rule of immutable records: the first version stays."""
+    return False
+
+
+class _Statement:
+    """One batch statement in its fastest form per backend: driver rows on SQLite, ``COPY`` on PostgreSQL."""
+
+    def __init__(self, database: Database, table: Table, statement: Any, conflict: str, returning: str | None) -> None:
+        self._db = database
+        self._statement = statement
+        self._returning = returning
+        self._fast = DriverBatch(statement, table, database.engine.dialect) if database.is_sqlite else None
+        self._copy: CopyUpsert | None = None
+        if database.dialect_name == "postgresql":
+            names = [column.name for column in table.c if column.name != "id" or isinstance(column.type, String)]
+            self._copy = CopyUpsert(table, names, conflict, database.settings.query_timeout_ms, returning=returning)
+            if returning is not None:
+                self._statement = statement.returning(table.c[returning])
+
+    async def run(self, connection: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> list[Any] | None:
+        """Execute for ``rows``; the ``returning`` values of the rows written, or ``None`` where all were."""
+        if not rows:
+            return []
+        if self._fast is not None:
+            await self._db.executemany_on_driver(connection, self._fast.sql, self._fast.encode(rows))
+            return None
+        if self._copy is not None and len(rows) >= COPY_MIN_ROWS:
+            written = await self._copy.write(connection, rows)
+            return written if self._returning is not None else None
+        result = await connection.execute(self._statement, list(rows))
+        return list(result.scalars()) if self._returning is not None else None
+
+
+class VersionedTable(Generic[RecordT]):
+    """The versioned writes of one table keyed by ``key``, under the rule ``replaces``; see the module docstring."""
+
+    def __init__(
+        self, database: Database, table: Table, key: str, record_type: type[RecordT], replaces: Replaces
+    ) -> None:
+        self._db = database
+        self._key = key
+        self._entity = record_type.entity
+        self._replaces = replaces
+        self.instance_id = database.settings.instance_id
+        self.fields = tuple(record_type.model_fields)
+        dialect = postgresql if database.dialect_name == "postgresql" else sqlite
+        if database.dialect_name not in ("postgresql", "sqlite"):
+            raise NotImplementedError(f"upserts are not implemented for {database.dialect_name}")
+        claim = dialect.insert(table).on_conflict_do_nothing(index_elements=[table.c[key]])
+        self._claim = _Statement(database, table, claim, f"ON CONFLICT ({key}) DO NOTHING", key)
+        upsert = dialect.insert(table)
+        kept = [column.name for column in table.c if column.name not in ("id", key)]
+        overwrite = upsert.on_conflict_do_update(
+            index_elements=[table.c[key]], set_={name: upsert.excluded[name] for name in kept}
+        )
+        conflict = f"ON CONFLICT ({key}) DO UPDATE SET " + ", ".join(f"{name} = EXCLUDED.{name}" for name in kept)
+        self._overwrite = _Statement(database, table, overwrite, conflict, None)
+        columns = [table.c[name] for name in self.fields]
+        self._reader = RowReader(columns, record_type, sqlite=database.is_sqlite)
+        stored = select(*self._reader.columns, table.c.instance_id).where(
+            table.c[key].in_(bindparam("keys", expanding=True))
+        )
+        if database.dialect_name == "postgresql":
+            # Locked in key order, so two writers of overlapping batches queue instead of deadlocking.
+            stored = stored.order_by(table.c[key]).with_for_update()
+        self._stored = stored
+
+    def rows(self, records: Sequence[Record]) -> list[Row]:
+        """The rows of ``records`` as this process writes them (its ``instance_id`` added)."""
+        instance = self.instance_id
+        return [{**record.__dict__, "instance_id": instance} for record in records]
+
+    async def stored(self, connection: AsyncConnection, keys: Sequence[str]) -> dict[str, Row]:
+        """The stored rows of ``keys`` that exist, read (and on PostgreSQL locked) inside the transaction."""
+        found: dict[str, Row] = {}
+        decode = self._reader.decode
+        key = self._key
+        for start in range(0, len(keys), _READ_CHUNK):
+            chunk = list(keys[start : start + _READ_CHUNK])
+            for row in (await connection.execute(self._stored, {"keys": chunk})).all():
+                values = dict(decode(row[:-1]).__dict__)
+                values["instance_id"] = row[-1]
+                found[values[key]] = values
+        return found
+
+    async def write(
+        self, connection: AsyncConnection, rows: Sequence[Row], changes: Sequence[tuple[str, Change]] = ()
+    ) -> tuple[list[Version], list[int]]:
+        """Apply ``rows`` in order, then ``changes`` (key, change of the stored row) in order, inside the transaction.
+
+        Returns the versions written, in order, and the indexes of the changes whose key has no row.
+        """
+        key = self._key
+        keys = list(dict.fromkeys([row[key] for row in rows] + [change_key for change_key, _ in changes]))
+        if not keys:
+            return [], []
+        state = await self.stored(connection, keys)
+        fresh: dict[str, Row] = {}
+        for row in rows:
+            identity = row[key]
+            if identity not in state and identity not in fresh:
+                fresh[identity] = row
+        written_first: set[str] = set()
+        if fresh:
+            # In batch order: the surrogate ids keep the order records were recorded in.
+            claimed = await self._claim.run(connection, list(fresh.values()))
+            if claimed is None:
+                written_first = set(fresh)
+            else:
+                written_first = set(claimed)
+                lost = [identity for identity in fresh if identity not in written_first]
+                if lost:
+                    # Another process inserted these keys meanwhile: its rows are committed, and now ours to hold.
+                    state.update(await self.stored(connection, lost))
+        stored_now = dict(state)
+        versions: list[Version] = []
+        entity = self._entity
+        replaces = self._replaces
+        for row in rows:
+            identity = row[key]
+            kept = state.get(identity)
+            if kept is None:
+                if identity in written_first:
+                    state[identity] = stored_now[identity] = row
+                    versions.append(Version(entity, identity, row))
+                continue
+            if not replaces(row, kept):
+                continue
+            new = row if row["created_at"] == kept["created_at"] else {**row, "created_at": kept["created_at"]}
+            if new != kept:
+                state[identity] = new
+                versions.append(Version(entity, identity, new))
+        missing: list[int] = []
+        for index, (identity, change) in enumerate(changes):
+            kept = state.get(identity)
+            if kept is None:
+                missing.append(index)
+                continue
+            new = change(kept)
+            new["instance_id"] = self.instance_id
+            if new != kept:
+                state[identity] = new
+                versions.append(Version(entity, identity, new))
+        finals = [state[identity] for identity in sorted(state) if state[identity] is not stored_now.get(identity)]
+        await self._overwrite.run(connection, finals)
+        return versions, missing

@@ -1,0 +1,401 @@
+"""The audit trail on real databases: what is audited, the chain, tampering caught by ``verify``, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from persistence import PersistenceSidecar
+from persistence.audit import BASELINE_INSTANCE, GENESIS, canonical_version, chain_lock_key
+from persistence.audit_verify import verify
+from persistence.config import Settings
+from persistence.db import Database, create_database
+from persistence.migrations import migrate_to, upgrade
+from persistence.models import SignalExecution, Trade
+from persistence.repositories import Repositories
+from tests.conftest import empty_every_table, make_settings
+from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade
+from tests.support import DatabaseLock, add_poison_trigger_postgres, add_poison_trigger_sqlite, sqlite_file
+
+SettingsFactory = Callable[..., Settings]
+
+
+def closed_version(trade: Trade, seconds: int = 60, pnl: str = "12.5") -> Trade:
+    return trade.model_copy(
+        update={
+            "exit_time": trade.entry_time + timedelta(seconds=seconds),
+            "exit_price": trade.entry_price + Decimal("0.001"),
+            "pnl": Decimal(pnl).quantize(Decimal("0.00000001")),
+            "updated_at": trade.updated_at + timedelta(seconds=seconds),
+        }
+    )
+
+
+async def entries(database: Database, instance: str | None = None) -> list[dict[str, Any]]:
+    where = "WHERE instance_id = :instance" if instance is not None else ""
+    async with database.read() as connection:
+        result = await connection.execute(
+            text(f"SELECT instance_id, seq, entity, natural_key, payload FROM audit_log {where} ORDER BY id"),
+            {"instance": instance},
+        )
+        return [dict(row) for row in result.mappings()]
+
+
+async def tamper(database_url: str, *statements: str) -> None:
+    """Run ``statements`` on a second connection, past the trail's triggers (as a superuser or the file's owner can)."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        with sqlite3.connect(url.database or "") as connection:
+            connection.execute("DROP TRIGGER IF EXISTS audit_log_no_update")
+            connection.execute("DROP TRIGGER IF EXISTS audit_log_no_delete")
+            for statement in statements:
+                connection.execute(statement)
+        return
+    connection = await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, password=url.password, database=url.database
+    )
+    try:
+        async with connection.transaction():
+            await connection.execute("SET LOCAL session_replication_role = replica")
+            for statement in statements:
+                await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+# ---------------------------------------------------------------------------------------------- what is audited
+
+
+async def test_every_version_written_is_audited_once_in_order(database: Database, repos: Repositories) -> None:
+    opened = make_trade(pnl=None)
+    closed = closed_version(opened)
+    signal = make_signal()
+    snapshot = make_snapshot()
+    change = make_parameter_change()
+    async with database.write() as connection:
+        # Opened and closed in one batch, then a replay of the older version and of the same one: two versions.
+        written = await repos.trades.upsert(connection, [opened, closed, opened, closed])
+        assert [version.values["updated_at"] for version in written] == [opened.updated_at, closed.updated_at]
+        await repos.signals.upsert(connection, [signal])
+        execution = SignalExecution.parse(
+            {"signal_id": signal.signal_id, "executed": True, "execution_status": "filled"}
+        )
+        assert await repos.signals.apply_executions(connection, [execution, execution]) == []
+        await repos.snapshots.insert(connection, [snapshot, snapshot])
+        await repos.parameters.insert(connection, [change])
+    async with database.write() as connection:  # a later transaction replays everything: nothing new is written
+        assert await repos.trades.upsert(connection, [opened, closed]) == []
+        assert await repos.signals.upsert(connection, [signal]) == []  # unexecuted replay of an executed signal
+        assert await repos.snapshots.insert(connection, [snapshot]) == []
+
+    trail = await entries(database, database.settings.instance_id)
+    assert [(entry["seq"], entry["entity"], entry["natural_key"]) for entry in trail] == [
+        (1, "trade", opened.trade_id),
+        (2, "trade", opened.trade_id),
+        (3, "signal", signal.signal_id),
+        (4, "signal", signal.signal_id),
+        (5, "snapshot", snapshot.id),
+        (6, "parameter_change", change.id),
+    ]
+    first, second = (json.loads(entry["payload"]) for entry in trail[:2])
+    assert first["pnl"] is None and first["exit_time"] is None
+    assert second["pnl"] == "12.50000000"  # exact decimals as strings with eight places
+    assert second["updated_at"].endswith("Z") and second["entry_price"] == f"{opened.entry_price:.8f}"
+    assert json.loads(trail[3]["payload"])["executed"] is True
+    versions = await repos.audit.versions("trade", opened.trade_id)
+    assert [entry.version["updated_at"] for entry in versions] == [first["updated_at"], second["updated_at"]]
+    assert versions[0].prev_hash == GENESIS and versions[1].prev_hash == versions[0].hash
+    assert (await verify(database)).ok
+
+
+async def test_a_version_older_than_the_stored_one_writes_nothing_and_adds_no_entry(
+    database: Database, repos: Repositories
+) -> None:
+    opened = make_trade()
+    closed = closed_version(opened)
+    async with database.write() as connection:
+        await repos.trades.upsert(connection, [closed])
+    async with database.write() as connection:
+        assert await repos.trades.upsert(connection, [opened]) == []  # older: refused
+    assert await repos.trades.get_trade_by_id(opened.trade_id) == closed
+    assert len(await entries(database)) == 1
+    # In one batch too, whatever the order the versions come in: the newest wins and only it is written.
+    other = make_trade()
+    async with database.write() as connection:
+        written = await repos.trades.upsert(connection, [closed_version(other), other])
+    assert [version.values["updated_at"] for version in written] == [closed_version(other).updated_at]
+    assert await repos.trades.get_trade_by_id(other.trade_id) == closed_version(other)
+    assert (await verify(database)).ok
+
+
+async def test_writes_outside_the_writer_are_audited_too(database: Database, repos: Repositories) -> None:
+    trade = make_trade()
+    await repos.trades.save_trade(trade)
+    assert await repos.signals.update_signal_execution("no-such-signal", True) is False
+    signal = make_signal()
+    await repos.signals.save_signal(signal)
+    assert await repos.signals.update_signal_execution(signal.signal_id, True, "filled") is True
+    await repos.snapshots.save_snapshot(make_snapshot())
+    await repos.parameters.save_change(make_parameter_change())
+    report = await verify(database)
+    assert report.ok, report.lines()
+    assert report.chains == {database.settings.instance_id: 5}
+    assert report.rows == {"trades": 1, "signals": 1, "performance_snapshots": 1, "parameter_history": 1}
+
+
+async def test_a_dead_lettered_record_adds_no_entry(
+    clean_database_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
+) -> None:
+    if clean_database_url.startswith("sqlite"):
+        database = create_database(make_settings(database_url=clean_database_url))
+        await upgrade(database)
+        await database.dispose()
+        add_poison_trigger_sqlite(sqlite_file(clean_database_url), "T-POISON")
+    else:
+        await add_poison_trigger_postgres(clean_database_url, "T-POISON")
+    sidecar = PersistenceSidecar(sidecar_settings(clean_database_url))
+    sidecars.append(sidecar)
+    await sidecar.start()
+    good = [make_trade() for _ in range(5)]
+    receipts = [sidecar.record_trade(trade) for trade in good[:2]]
+    receipts.append(sidecar.record_trade(make_trade(trade_id="T-POISON")))
+    receipts += [sidecar.record_trade(trade) for trade in good[2:]]
+    await sidecar.flush()
+    assert [receipt.status for receipt in receipts].count("dead_lettered") == 1
+    database = sidecar.database
+    assert database is not None
+    assert sorted(entry["natural_key"] for entry in await entries(database)) == sorted(t.trade_id for t in good)
+    assert (await verify(database)).ok
+
+
+# ---------------------------------------------------------------------------------------------- tampering
+
+
+async def _three_versions(database: Database, repos: Repositories) -> Trade:
+    """A trade written in three versions (seq 1, 2, 3), then another trade (seq 4)."""
+    trade = make_trade(trade_id="T-AUDITED")
+    for version in (trade, closed_version(trade, 60, "1.5"), closed_version(trade, 120, "2.5")):
+        await repos.trades.save_trade(version)
+    await repos.trades.save_trade(make_trade(trade_id="T-OTHER"))
+    assert (await verify(database)).ok
+    return trade
+
+
+async def test_a_pnl_changed_by_hand_is_caught_naming_the_trade_and_its_latest_entry(
+    database: Database, repos: Repositories, database_url: str
+) -> None:
+    await _three_versions(database, repos)
+    stored = "250000000" if database.is_sqlite else "2.5"  # SQLite keeps decimals as integers of 1e-8
+    await tamper(database_url, f"UPDATE trades SET pnl = {stored} * 10 WHERE trade_id = 'T-AUDITED'")
+    report = await verify(database)
+    assert not report.ok and report.broken is not None
+    assert (report.broken.entity, report.broken.natural_key, report.broken.seq) == ("trade", "T-AUDITED", 3)
+    assert "pnl is '25.00000000', audited '2.50000000'" in report.broken.describe()
+
+
+async def test_a_changed_payload_in_the_trail_is_caught_naming_the_entry(
+    database: Database, repos: Repositories, database_url: str
+) -> None:
+    await _three_versions(database, repos)
+    await tamper(
+        database_url,
+        'UPDATE audit_log SET payload = REPLACE(payload, \'"pnl":"1.50000000"\', \'"pnl":"9.50000000"\') WHERE seq = 2',
+    )
+    broken = (await verify(database)).broken
+    assert broken is not None and (broken.seq, broken.natural_key) == (2, "T-AUDITED")
+    assert "hash does not match" in broken.problem
+
+
+async def test_a_deleted_entry_is_caught_as_a_gap(database: Database, repos: Repositories, database_url: str) -> None:
+    await _three_versions(database, repos)
+    await tamper(database_url, "DELETE FROM audit_log WHERE seq = 2")
+    broken = (await verify(database)).broken
+    assert broken is not None and broken.seq == 3 and "seq 2 missing" in broken.problem
+
+
+async def test_a_swapped_pair_of_entries_is_caught(database: Database, repos: Repositories, database_url: str) -> None:
+    await _three_versions(database, repos)
+    await tamper(
+        database_url,
+        "UPDATE audit_log SET seq = -2 WHERE seq = 2",
+        "UPDATE audit_log SET seq = 2 WHERE seq = 3",
+        "UPDATE audit_log SET seq = 3 WHERE seq = -2",
+    )
+    broken = (await verify(database)).broken
+    assert broken is not None and broken.seq == 2 and "does not link" in broken.problem
+
+
+async def test_a_rewritten_tail_is_caught_by_the_row_it_no_longer_matches(
+    database: Database, repos: Repositories, database_url: str
+) -> None:
+    """The newest entries deleted together: the chain is whole, but the current row is not its latest version."""
+    await _three_versions(database, repos)
+    await tamper(database_url, "DELETE FROM audit_log WHERE seq >= 3")
+    broken = (await verify(database)).broken
+    assert broken is not None and (broken.natural_key, broken.seq) == ("T-AUDITED", 2)
+    assert "differs from its latest audited version" in broken.problem
+
+
+async def test_a_row_inserted_or_deleted_by_hand_is_caught(
+    database: Database, repos: Repositories, database_url: str
+) -> None:
+    await _three_versions(database, repos)
+    await tamper(database_url, "DELETE FROM trades WHERE trade_id = 'T-OTHER'")
+    broken = (await verify(database)).broken
+    assert broken is not None and broken.natural_key == "T-OTHER" and "deleted" in broken.problem
+
+
+async def test_a_verify_of_one_instance_checks_its_chain_and_rows_only(database: Database, database_url: str) -> None:
+    mine = Repositories(database)
+    await mine.trades.save_trade(make_trade())
+    other_settings = make_settings(database_url=database_url, instance_id="bot-b")
+    other_db = create_database(other_settings)
+    try:
+        await Repositories(other_db).trades.save_trade(make_trade(trade_id="T-B"))
+        await tamper(database_url, "UPDATE trades SET symbol = 'GBPUSD' WHERE trade_id = 'T-B'")
+        assert (await verify(database, instance_id=database.settings.instance_id)).ok
+        broken = (await verify(database, instance_id="bot-b")).broken
+        assert broken is not None and broken.natural_key == "T-B" and broken.instance_id == "bot-b"
+    finally:
+        await other_db.dispose()
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+async def test_the_database_refuses_update_and_delete_on_the_trail(database: Database, repos: Repositories) -> None:
+    await repos.trades.save_trade(make_trade())
+    for statement in ("UPDATE audit_log SET natural_key = 'x'", "DELETE FROM audit_log"):
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with database.write() as connection:
+                await connection.execute(text(statement))
+    if database.dialect_name == "postgresql":
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with database.write() as connection:
+                await connection.execute(text("TRUNCATE audit_log"))
+    assert len(await entries(database)) == 1
+
+
+# ---------------------------------------------------------------------------------------------- chains over time
+
+
+async def test_the_chain_continues_across_restarts_and_a_journal_replay_after_an_outage(
+    clean_database_url: str, sidecar_settings: SettingsFactory
+) -> None:
+    settings = sidecar_settings(clean_database_url, instance_id="bot-restarts")
+    trades = [make_trade() for _ in range(6)]
+    async with PersistenceSidecar(settings) as sidecar:
+        for trade in trades[:3]:
+            sidecar.record_trade(trade)
+        await sidecar.flush()
+    # The database locked for a whole run: every record is journaled, then replayed by the next start.
+    lock = DatabaseLock(clean_database_url)
+    await lock.acquire()
+    try:
+        sidecar = PersistenceSidecar(settings)
+        await sidecar.start()
+        receipts = [sidecar.record_trade(closed_version(trade)) for trade in trades]
+        await sidecar.close(timeout=0.5)
+        assert {receipt.status for receipt in receipts} == {"journaled"}
+    finally:
+        await lock.release()
+    async with PersistenceSidecar(settings) as sidecar:
+        await sidecar.flush()
+        database = sidecar.database
+        assert database is not None
+        trail = await entries(database, "bot-restarts")
+        assert [entry["seq"] for entry in trail] == list(range(1, 10))
+        assert (await verify(database)).ok
+
+
+async def test_instances_sharing_one_database_keep_their_own_chains_and_the_newest_version_wins(
+    postgres_url: str, sidecar_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    """Three orchestrators on one PostgreSQL database, two of them sharing an instance id, all writing the same ids."""
+    database = create_database(make_settings(database_url=postgres_url))
+    await upgrade(database)
+    async with database.write() as connection:
+        await empty_every_table(connection)
+    names = ["bot-a", "bot-b", "bot-b"]
+    base = [make_trade(trade_id=f"T-SHARED-{i}") for i in range(200)]
+    sidecars = [
+        PersistenceSidecar(
+            sidecar_settings(postgres_url, instance_id=name, journal_dir=tmp_path / f"journal-{index}", batch_size=37)
+        )
+        for index, name in enumerate(names)
+    ]
+
+    async def run(index: int, sidecar: PersistenceSidecar) -> None:
+        await sidecar.start()
+        sidecar.record_trade(make_trade(trade_id=f"T-OWN-{index}"))
+        for round_ in range(3):
+            for i, trade in enumerate(base):
+                # Each writes its own versions of every trade, at times that interleave with the others'.
+                seconds = 10 * (round_ * 3 + index) + 1
+                sidecar.record_trade(closed_version(trade, seconds, f"{index}.{round_}{i % 10}"))
+            await asyncio.sleep(0)
+        await sidecar.flush()
+        await sidecar.close()
+
+    try:
+        await asyncio.gather(*(run(index, sidecar) for index, sidecar in enumerate(sidecars)))
+        report = await verify(database)
+        assert report.ok, report.lines()
+        assert set(report.chains) == {"bot-a", "bot-b"}
+        newest = 10 * (2 * 3 + 2) + 1  # the last round of the third sidecar
+        async with database.read() as connection:
+            statement = text("SELECT trade_id, updated_at, instance_id FROM trades WHERE trade_id LIKE 'T-SHARED-%'")
+            rows = (await connection.execute(statement)).all()
+        assert len(rows) == len(base)
+        original = {trade.trade_id: trade.updated_at for trade in base}
+        assert {row[1] - original[row[0]] for row in rows} == {timedelta(seconds=newest)}
+        assert {row[2] for row in rows} == {"bot-b"}
+    finally:
+        await database.dispose()
+
+
+async def test_the_chain_lock_is_per_instance() -> None:
+    assert chain_lock_key("bot-a") != chain_lock_key("bot-b")
+    assert chain_lock_key("bot-a") == chain_lock_key("bot-a")
+    assert -(2**63) <= chain_lock_key("bot-a") < 2**63
+
+
+# ---------------------------------------------------------------------------------------------- migration
+
+
+async def test_rows_written_before_the_trail_get_a_baseline_chain(fresh_url: str) -> None:
+    database = create_database(make_settings(database_url=fresh_url))
+    try:
+        await upgrade(database)
+        repos = Repositories(database)
+        kept = [make_trade(pnl=f"-{i}.5") for i in range(7)]
+        async with database.write() as connection:
+            await repos.trades.upsert(connection, kept)
+            await repos.signals.upsert(connection, [make_signal()])
+        await migrate_to(database, "0002", force=True)  # the rows stay; the trail and instance_id go
+        await upgrade(database)
+        trail = await entries(database)
+        assert {entry["instance_id"] for entry in trail} == {BASELINE_INSTANCE}
+        assert [entry["seq"] for entry in trail] == list(range(1, 9))
+        payloads = {entry["natural_key"]: entry["payload"] for entry in trail}
+        for trade in kept:
+            assert payloads[trade.trade_id] == canonical_version(trade.__dict__, tuple(Trade.model_fields))
+        report = await verify(database)
+        assert report.ok, report.lines()
+        # The next version of a baseline row is this instance's, and verify still holds.
+        await Repositories(database).trades.save_trade(closed_version(kept[0]))
+        assert (await verify(database)).ok
+    finally:
+        await database.dispose()
