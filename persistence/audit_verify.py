@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from persistence.audit import GENESIS, canonical_version, entry_hash, header_of
+from persistence.audit import GENESIS, VersionEncoder, canonical_time, column_kinds, entry_hash, header_text
 from persistence.db import Database
 from persistence.models import ParameterChange, PerformanceSnapshot, Record, Signal, Trade
 from persistence.rowcodec import RowReader
@@ -146,7 +146,9 @@ class _Verifier:
                     problem = f"{missing} missing before it (a gap in the chain)"
                 elif prev_hash != previous:
                     problem = f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
-                elif digest != entry_hash(previous, header_of(instance, seq, entity, key, recorded_at), payload):
+                elif digest != entry_hash(
+                    previous, header_text(instance, seq, entity, key, canonical_time(recorded_at)), payload
+                ):
                     problem = "hash does not match the entry's contents (the entry was changed)"
                 if problem is not None:
                     self.report.broken = Break(problem, entity, key, instance, seq)
@@ -173,6 +175,7 @@ class _Verifier:
     async def _rows(self, table: Table, record: type[Record]) -> bool:
         fields = tuple(record.model_fields)
         reader = RowReader([table.c[name] for name in fields], record, sqlite=self._db.is_sqlite)
+        encode = VersionEncoder(fields, column_kinds(table)).encode
         key_column = table.c[record.key_field]
         statement = select(*reader.columns, table.c.instance_id).where(key_column > bindparam("after"))
         if self._instance is not None:
@@ -198,7 +201,7 @@ class _Verifier:
                     )
                     return False
                 _, audited_instance, seq, payload = entry
-                stored = canonical_version(values, fields)
+                stored = encode(values)
                 if stored != payload:
                     difference = _difference(json.loads(stored), json.loads(payload))
                     self.report.broken = Break(

@@ -31,7 +31,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from persistence.audit import AuditHead
+from persistence.audit import AuditHead, AuditLog
 from persistence.backlog import KINDS, Pending, Sleep
 from persistence.db import Database
 from persistence.faults import classify
@@ -229,16 +229,17 @@ class Committer:
             elif isinstance(record, ParameterChange):
                 changes.append(record)
         async with self._database.write() as connection:
-            written = len(await repos.trades.upsert(connection, trades))
-            written += len(await repos.signals.upsert(connection, signals))
+            AuditLog.appended_head(connection)  # nothing left over from an earlier transaction on this connection
+            await repos.trades.upsert(connection, trades)
+            await repos.signals.upsert(connection, signals)
             missing = await repos.signals.apply_executions(connection, [change for _, change in executions])
-            written += len(await repos.snapshots.insert(connection, snapshots))
-            written += len(await repos.parameters.insert(connection, changes))
+            await repos.snapshots.insert(connection, snapshots)
+            await repos.parameters.insert(connection, changes)
             missing_ids = {id(change) for change in missing}
             unknown = [item for item, change in executions if id(change) in missing_ids]
             if unknown:
                 await repos.dead_letters.insert(connection, [(item.record, UNKNOWN_SIGNAL) for item in unknown])
-            head = await repos.audit.head(connection) if written or len(missing) < len(executions) else None
+            head = AuditLog.appended_head(connection)
         if head is not None:
             outcome.audit_head = head
         return unknown

@@ -10,9 +10,9 @@ The rule is applied here, in Python, against the stored rows read inside the wri
 
 1. read the batch's keys that exist (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite's write lock holds the whole
    database);
-2. insert the first version of each new key with ``ON CONFLICT DO NOTHING``. On PostgreSQL the keys inserted come
-   back (``RETURNING``); a key another process inserted meanwhile did not, and its row, now committed and locked by
-   the conflict, is read as in 1;
+2. insert the first version of each new key with ``ON CONFLICT DO NOTHING``. On PostgreSQL this comes first, for
+   the first version of every key: the keys inserted come back (``RETURNING``), and only the others are read (and
+   locked) as in 1, so a batch of new keys reads nothing;
 3. apply every version in order; write the final state of each key that changed since 2, unconditionally (each of
    those rows is held by this transaction).
 
@@ -22,10 +22,11 @@ On PostgreSQL, batches of :data:`~persistence.pgcopy.COPY_MIN_ROWS` rows or more
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import String, Table, bindparam, select
+from sqlalchemy import String, Table, any_, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -41,7 +42,7 @@ Replaces = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
 """``replaces(new, stored)``: whether ``new`` may overwrite ``stored`` (both rows of the same key)."""
 Change = Callable[[Row], Row]
 
-_READ_CHUNK = 1000
+_READ_CHUNK = 5000
 
 
 def never(_new: Mapping[str, Any], _stored: Mapping[str, Any]) -> bool:
@@ -104,13 +105,20 @@ class VersionedTable(Generic[RecordT]):
         self._overwrite = _Statement(database, table, overwrite, conflict, None)
         columns = [table.c[name] for name in self.fields]
         self._reader = RowReader(columns, record_type, sqlite=database.is_sqlite)
-        stored = select(*self._reader.columns, table.c.instance_id).where(
-            table.c[key].in_(bindparam("keys", expanding=True))
-        )
+        # The keys go as one parameter (an array; a JSON list on SQLite), so the statement is compiled once.
+        stored = select(*self._reader.columns, table.c.instance_id)
         if database.dialect_name == "postgresql":
+            keys = bindparam("keys", type_=postgresql.ARRAY(String()))
             # Locked in key order, so two writers of overlapping batches queue instead of deadlocking.
-            stored = stored.order_by(table.c[key]).with_for_update()
+            stored = stored.where(table.c[key] == any_(keys)).order_by(table.c[key]).with_for_update()
+        else:
+            listed = func.json_each(bindparam("keys", type_=String())).table_valued("value")
+            stored = stored.where(table.c[key].in_(select(listed.c.value).scalar_subquery()))
         self._stored = stored
+        self._claim_first = database.dialect_name == "postgresql"
+        self._keys_parameter: Callable[[list[str]], Any] = (
+            (lambda keys: keys) if database.dialect_name == "postgresql" else json.dumps
+        )
 
     def rows(self, records: Sequence[Record]) -> list[Row]:
         """The rows of ``records`` as this process writes them (its ``instance_id`` added)."""
@@ -124,7 +132,8 @@ class VersionedTable(Generic[RecordT]):
         key = self._key
         for start in range(0, len(keys), _READ_CHUNK):
             chunk = list(keys[start : start + _READ_CHUNK])
-            for row in (await connection.execute(self._stored, {"keys": chunk})).all():
+            parameter = self._keys_parameter(chunk)
+            for row in (await connection.execute(self._stored, {"keys": parameter})).all():
                 values = dict(decode(row[:-1]).__dict__)
                 values["instance_id"] = row[-1]
                 found[values[key]] = values
@@ -141,24 +150,22 @@ class VersionedTable(Generic[RecordT]):
         keys = list(dict.fromkeys([row[key] for row in rows] + [change_key for change_key, _ in changes]))
         if not keys:
             return [], []
-        state = await self.stored(connection, keys)
-        fresh: dict[str, Row] = {}
+        # Each key's first version, in batch order: new rows take their surrogate ids in the order recorded.
+        first: dict[str, Row] = {}
         for row in rows:
-            identity = row[key]
-            if identity not in state and identity not in fresh:
-                fresh[identity] = row
-        written_first: set[str] = set()
-        if fresh:
-            # In batch order: the surrogate ids keep the order records were recorded in.
-            claimed = await self._claim.run(connection, list(fresh.values()))
-            if claimed is None:
-                written_first = set(fresh)
-            else:
-                written_first = set(claimed)
-                lost = [identity for identity in fresh if identity not in written_first]
-                if lost:
-                    # Another process inserted these keys meanwhile: its rows are committed, and now ours to hold.
-                    state.update(await self.stored(connection, lost))
+            first.setdefault(row[key], row)
+        if self._claim_first:
+            # PostgreSQL: claim first; RETURNING names the keys that were new. Every other key has a committed row
+            # (an insert that conflicts waits for the other transaction), read and locked now. A batch of new keys,
+            # the common case, needs no read at all.
+            written_first = set(await self._claim.run(connection, list(first.values())) or ())
+            state = await self.stored(connection, [identity for identity in keys if identity not in written_first])
+        else:
+            # SQLite: the write lock holds the whole database, so what is read now is what the claim will find.
+            state = await self.stored(connection, keys)
+            fresh = [row for identity, row in first.items() if identity not in state]
+            await self._claim.run(connection, fresh)
+            written_first = {row[key] for row in fresh}
         stored_now = dict(state)
         versions: list[Version] = []
         entity = self._entity

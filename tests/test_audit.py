@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,19 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from persistence import PersistenceSidecar
-from persistence.audit import BASELINE_INSTANCE, GENESIS, canonical_version, chain_lock_key
+from persistence.audit import (
+    BASELINE_INSTANCE,
+    GENESIS,
+    TABLES_OF,
+    VersionEncoder,
+    canonical_json,
+    canonical_time,
+    canonical_version,
+    chain_lock_key,
+    column_kinds,
+    header_of,
+    header_text,
+)
 from persistence.audit_verify import verify
 from persistence.config import Settings
 from persistence.db import Database, create_database
@@ -30,6 +46,7 @@ from tests.factories import make_parameter_change, make_signal, make_snapshot, m
 from tests.support import DatabaseLock, add_poison_trigger_postgres, add_poison_trigger_sqlite, sqlite_file
 
 SettingsFactory = Callable[..., Settings]
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def closed_version(trade: Trade, seconds: int = 60, pnl: str = "12.5") -> Trade:
@@ -399,3 +416,139 @@ async def test_rows_written_before_the_trail_get_a_baseline_chain(fresh_url: str
         assert (await verify(database)).ok
     finally:
         await database.dispose()
+
+
+# ---------------------------------------------------------------------------------------------- crashes, the CLI
+
+
+def audit_cli(database_url: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "-m", "persistence", "audit", *arguments],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_kill_9_mid_stream_leaves_chains_that_verify_and_miss_nothing(fresh_url: str, tmp_path: Path) -> None:
+    """kill -9 of a child writing trades (every third closed later): no gap, no fork, every persisted one audited."""
+    journal = tmp_path / "journal"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.children.record_until_killed", fresh_url, str(journal), "versions"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "READY"
+    acknowledged = [child.stdout.readline().strip() for _ in range(600)]
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    checked = audit_cli(fresh_url, "verify")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip().endswith("audit trail verified")
+
+    async def restart_and_read() -> tuple[set[str], set[str]]:
+        settings = make_settings(database_url=fresh_url, journal_dir=journal)
+        async with PersistenceSidecar(settings, log_events=False) as sidecar:  # replays what the journal kept
+            await sidecar.flush()
+            database = sidecar.database
+            assert database is not None
+            async with database.read() as connection:
+                rows = set((await connection.execute(text("SELECT trade_id FROM trades"))).scalars())
+                audited = text("SELECT DISTINCT natural_key FROM audit_log WHERE entity = 'trade'")
+                keys = set((await connection.execute(audited)).scalars())
+        return rows, keys
+
+    rows, audited = asyncio.run(restart_and_read())
+    assert set(acknowledged) <= rows
+    assert rows == audited
+    again = audit_cli(fresh_url, "verify")
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_the_audit_commands_report_a_broken_entry_and_list_versions(sqlite_url: str) -> None:
+    async def prepare() -> None:
+        database = create_database(make_settings(database_url=sqlite_url, instance_id="desk-1"))
+        try:
+            await upgrade(database)
+            await _three_versions(database, Repositories(database))
+        finally:
+            await database.dispose()
+
+    asyncio.run(prepare())
+    listed = audit_cli(sqlite_url, "versions", "trade", "T-AUDITED")
+    assert listed.returncode == 0, listed.stderr
+    versions = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [version["seq"] for version in versions] == [1, 2, 3]
+    assert [version["version"]["pnl"] for version in versions] == [None, "1.50000000", "2.50000000"]
+    good = audit_cli(sqlite_url, "verify")
+    assert good.returncode == 0 and "chain desk-1: 4 entries, head " in good.stdout
+    assert good.stderr == ""  # no progress bar off a terminal
+    asyncio.run(tamper(sqlite_url, "UPDATE trades SET pnl = pnl + 1 WHERE trade_id = 'T-AUDITED'"))
+    broken = audit_cli(sqlite_url, "verify")
+    assert broken.returncode == 1
+    assert "BROKEN: entry seq 3 of instance 'desk-1', trade 'T-AUDITED': the trades row differs" in broken.stdout
+    assert "pnl is '2.50000001', audited '2.50000000'" in broken.stdout
+    assert audit_cli(sqlite_url, "versions", "trade", "T-NONE").returncode == 1
+
+
+def test_the_audit_commands_refuse_a_database_from_before_the_trail(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+
+    async def prepare() -> None:
+        database = create_database(make_settings(database_url=url))
+        try:
+            await upgrade(database, "0002")
+        finally:
+            await database.dispose()
+
+    asyncio.run(prepare())
+    refused = audit_cli(url, "verify")
+    assert refused.returncode == 2
+    assert "schema revision 0002, before the audit trail; run `persistence-sidecar migrate`" in refused.stderr
+
+
+# ---------------------------------------------------------------------------------------------- canonical form
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"pnl": None, "exit_time": None, "exit_price": None, "session": None, "pattern_type": None},
+        {"pnl": Decimal("-0.00000001"), "pattern_type": 'quote " backslash \\ tab \t é € 😀'},
+        {"pnl": Decimal("9999999999.99999999"), "position_size": Decimal("0.00000001")},
+        {"entry_time": datetime(2026, 3, 29, 1, 30, tzinfo=timezone(timedelta(hours=2)))},
+        {
+            "entry_time": datetime(1, 1, 1, tzinfo=UTC),
+            "created_at": datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        },
+    ],
+)
+def test_the_fast_encoder_writes_exactly_the_canonical_json(overrides: dict[str, Any]) -> None:
+    trade = make_trade()
+    values = {**trade.__dict__, **overrides}  # values as records or drivers hand them over, unvalidated here
+    fields = tuple(Trade.model_fields)
+    fast = VersionEncoder(fields, column_kinds(TABLES_OF["trade"])).encode(values)
+    assert fast == canonical_version(values, fields)
+    assert list(json.loads(fast)) == sorted(fields) and fast.isascii()
+    for record in (make_signal(), make_snapshot(), make_parameter_change()):
+        names = tuple(type(record).model_fields)
+        encoder = VersionEncoder(names, column_kinds(TABLES_OF[record.entity]))
+        assert encoder.encode(record.__dict__) == canonical_version(record.__dict__, names)
+
+
+def test_the_header_text_is_the_canonical_json_of_the_header() -> None:
+    at = datetime(2026, 12, 2, 10, 0, 0, 5, tzinfo=UTC)
+    for instance, key in (("desk-1", "T-1"), ('d"sk\\1', "T/é\n"), ("pre-audit", "x" * 64)):
+        header = header_of(instance, 42, "trade", key, at)
+        assert header_text(instance, 42, "trade", key, canonical_time(at)) == canonical_json(header)
+    assert canonical_time(at) == "2026-12-02T10:00:00.000005Z"
+    assert (
+        canonical_time(datetime(2026, 12, 2, 12, tzinfo=timezone(timedelta(hours=2)))) == "2026-12-02T10:00:00.000000Z"
+    )

@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy import text
 
 from persistence import InvalidRecordError, PersistenceSidecar
+from persistence.audit_verify import verify
 from persistence.committer import DEAD_LETTER_FILE, RetryPolicy
 from persistence.config import Settings
 from persistence.db import create_database
@@ -88,6 +89,10 @@ def test_kill_9_during_an_outage_loses_only_records_younger_than_the_sync_interv
 
     async def restart() -> set[str]:
         async with PersistenceSidecar(make_settings(database_url=url, journal_dir=tmp_path / "journal")) as sidecar:
+            assert sidecar.database is not None
+            report = await verify(sidecar.database)  # the replayed backlog continued the chain: no gap, no fork
+            assert report.ok, report.lines()
+            assert sum(report.chains.values()) == report.rows["trades"]
             return set(await stored_trade_ids(sidecar))
 
     stored = asyncio.run(restart())

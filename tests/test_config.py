@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ ALL_VARIABLES = {
     "PERSISTENCE_METRICS_PORT": "metrics_port",
     "PERSISTENCE_LOG_FORMAT": "log_format",
     "PERSISTENCE_LOG_LEVEL": "log_level",
+    "PERSISTENCE_INSTANCE_ID": "instance_id",
 }
 
 
@@ -203,3 +205,15 @@ def test_secrets_are_the_database_password_and_the_api_token_and_nothing_empty()
     )
     assert set(full.secrets) == {"pa55w0rd", "tok-123"}
     assert make_settings(database_url="sqlite+aiosqlite:///x.db").secrets == ()
+
+
+def test_the_instance_id_defaults_to_the_host_name_and_refuses_what_cannot_name_a_chain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PERSISTENCE_INSTANCE_ID", raising=False)
+    assert Settings(_env_file=None).instance_id == (socket.gethostname()[:64] or "localhost")
+    monkeypatch.setenv("PERSISTENCE_INSTANCE_ID", "  desk-1  ")
+    assert Settings(_env_file=None).instance_id == "desk-1"
+    for bad in ("", "   ", "desk\x00one", "desk\none", "x" * 65):
+        with pytest.raises(ConfigurationError, match="PERSISTENCE_INSTANCE_ID"):
+            Settings(_env_file=None, instance_id=bad)

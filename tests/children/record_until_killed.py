@@ -1,4 +1,7 @@
-"""Child process for the kill -9 test: records trades continuously and prints each key once it is persisted."""
+"""Child process for the kill -9 tests: records trades continuously and prints each key once it is persisted.
+
+With a third argument ``versions``, every third trade is recorded again, closed, a few trades later: a second
+version of the same key, for the audit trail's kill -9 test."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from persistence import PersistenceSidecar, Settings
 from persistence.receipts import Receipt
 
 
-async def main(database_url: str, journal_dir: str) -> None:
+async def main(database_url: str, journal_dir: str, versions: bool) -> None:
     settings = Settings(_env_file=None, database_url=database_url, journal_dir=journal_dir)
     sidecar = PersistenceSidecar(settings, log_events=False)
     await sidecar.start()
@@ -31,6 +34,21 @@ async def main(database_url: str, journal_dir: str) -> None:
                 }
             )
             queue.put_nowait(receipt)
+            if versions and i % 3 == 0 and i >= 9:
+                closed = sidecar.record_trade(
+                    {
+                        "trade_id": f"K-{i - 9:07d}",
+                        "symbol": "EURUSD",
+                        "direction": "BUY",
+                        "entry_time": datetime.now(UTC),
+                        "entry_price": Decimal("1.08"),
+                        "exit_time": datetime.now(UTC),
+                        "exit_price": Decimal("1.09"),
+                        "position_size": Decimal("1000"),
+                        "pnl": Decimal(i),
+                    }
+                )
+                queue.put_nowait(closed)
             if i % 5 == 0:
                 await asyncio.sleep(0.001)
 
@@ -46,4 +64,4 @@ async def main(database_url: str, journal_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3:] == ["versions"]))

@@ -1,0 +1,122 @@
+"""What the audit trail costs: sustained throughput with and without it, in the same run, SQLite and PostgreSQL.
+
+"Without" is the same sidecar and write path with the trail's own work taken out for the measurement: no chain
+appended (no head read, no canonical JSON, no hashes, no ``audit_log`` rows) and no read of the stored rows before
+the write (every key of the run is new, so that read finds nothing, and what is written is the same). What is left
+is an ``INSERT … ON CONFLICT DO NOTHING`` per batch, the write path before the trail. Rounds alternate the two and
+each round's ratio is taken pair by pair; the figure is the median ratio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+
+from benchmarks.harness import migrated, run, sidecar_burst, sqlite_settings
+from persistence import Settings
+from persistence.audit import AuditLog
+from persistence.versioned import VersionedTable
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+POSTGRES_URL = os.environ.get("PERSISTENCE_TEST_POSTGRES_URL")
+COUNT = 20_000
+
+
+@contextlib.contextmanager
+def without_the_trail() -> Iterator[None]:
+    """The write path with the trail's work removed (see the module docstring); only for this measurement."""
+
+    async def no_entries(self: AuditLog, connection: Any, versions: Any) -> None:
+        return None
+
+    async def nothing_stored(self: VersionedTable[Any], connection: Any, keys: Any) -> dict[str, Any]:
+        return {}
+
+    with mock.patch.object(AuditLog, "append", no_entries), mock.patch.object(VersionedTable, "stored", nothing_stored):
+        yield
+
+
+def _measure(
+    loop: asyncio.AbstractEventLoop, make_settings: Any, prefix: str, rounds: int
+) -> tuple[list[float], list[float]]:
+    with_trail: list[float] = []
+    without: list[float] = []
+    for n in range(rounds):
+        for audited in (n % 2 == 0, n % 2 != 0):  # alternate which goes first
+            settings = make_settings(f"{prefix}{n}{'a' if audited else 'n'}")
+            run(loop, migrated(settings))
+            if audited:
+                _, elapsed = run(loop, sidecar_burst(settings, COUNT, f"{prefix}A{n}"))
+                with_trail.append(COUNT / elapsed)
+            else:
+                with without_the_trail():
+                    _, elapsed = run(loop, sidecar_burst(settings, COUNT, f"{prefix}N{n}"))
+                without.append(COUNT / elapsed)
+    return with_trail, without
+
+
+def _figure(backend: str, with_trail: list[float], without: list[float]) -> dict[str, Any]:
+    ratios = [audited / plain for audited, plain in zip(with_trail, without, strict=True)]
+    cost = 1 - statistics.median(ratios)
+    return {
+        "figure": f"audit trail cost: sustained throughput, {COUNT:,} trades ({backend})",
+        "target": "≤ 20 % lower with the trail",
+        "measured": f"{statistics.median(with_trail):,.0f} trades/s with the trail",
+        "baseline": f"without the trail (same run): {statistics.median(without):,.0f} trades/s",
+        "ratio": f"{cost:.0%} lower (median of {len(ratios)} paired rounds)",
+        "values": {
+            "with_trail_per_s": with_trail,
+            "without_trail_per_s": without,
+            "paired_ratios": ratios,
+            "cost": cost,
+        },
+    }
+
+
+def test_audit_trail_cost_on_sqlite(
+    benchmark: Any, loop: asyncio.AbstractEventLoop, tmp_path: Path, figures: list[dict[str, Any]]
+) -> None:
+    measured: dict[str, list[float]] = {}
+
+    def once() -> None:
+        audited, plain = _measure(
+            loop, lambda name: sqlite_settings(tmp_path / f"{name}.db"), "AS", max(ROUNDS // 2, 3)
+        )
+        measured.update(with_trail=audited, without=plain)
+
+    benchmark.pedantic(once, rounds=1, iterations=1)
+    figures.append(_figure("SQLite", measured["with_trail"], measured["without"]))
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="PERSISTENCE_TEST_POSTGRES_URL is not set")
+def test_audit_trail_cost_on_postgresql(
+    benchmark: Any, loop: asyncio.AbstractEventLoop, tmp_path: Path, figures: list[dict[str, Any]]
+) -> None:
+    from tests.conftest import create_postgres_database, drop_postgres_database
+
+    created: list[str] = []
+    measured: dict[str, list[float]] = {}
+
+    def settings_for(name: str) -> Settings:
+        url = create_postgres_database("persistence_audit_bench")
+        created.append(url)
+        return Settings(_env_file=None, database_url=url, journal_dir=tmp_path / f"journal-{name}")
+
+    def once() -> None:
+        audited, plain = _measure(loop, settings_for, "AP", max(ROUNDS // 2, 3))
+        measured.update(with_trail=audited, without=plain)
+
+    try:
+        benchmark.pedantic(once, rounds=1, iterations=1)
+    finally:
+        for url in created:
+            drop_postgres_database(url)
+    figures.append(_figure("PostgreSQL", measured["with_trail"], measured["without"]))
