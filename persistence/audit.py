@@ -33,11 +33,10 @@ from sqlalchemy import String, Table, bindparam, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from persistence.columns import ExactNumeric, UTCDateTime
+from persistence.columns import ExactNumeric, UTCDateTime, to_sqlite_datetime
 from persistence.db import Database
 from persistence.models import utc_now
 from persistence.pgcopy import COPY_MIN_ROWS, CopyUpsert
-from persistence.rowcodec import DriverBatch
 from persistence.schema import audit_log, parameter_history, performance_snapshots, signals, trades
 
 GENESIS = "0" * 64
@@ -153,14 +152,19 @@ def _text(value: Any) -> str:
     return json.dumps(_canonical_value(value))
 
 
-_UTC_SUFFIX = "+00:00"
-
-
 def _utc_text(value: datetime) -> str:
-    """The quoted canonical text of a timestamp (the fast path when it is already in UTC)."""
-    text = value.isoformat(timespec="microseconds")
-    if text.endswith(_UTC_SUFFIX):
-        return f'"{text[:-6]}Z"'
+    """The quoted canonical text of a timestamp (the fast path when it is already in UTC, as records are)."""
+    if value.tzinfo is UTC:
+        # %-formatting is cheaper than isoformat() and gives the same text (see persistence.columns).
+        return '"%04d-%02d-%02dT%02d:%02d:%02d.%06dZ"' % (  # noqa: UP031
+            value.year,
+            value.month,
+            value.day,
+            value.hour,
+            value.minute,
+            value.second,
+            value.microsecond,
+        )
     return f'"{canonical_time(value)}"'
 
 
@@ -294,7 +298,12 @@ class AuditLog:
         }
         insert = (postgresql if database.dialect_name == "postgresql" else sqlite).insert(audit_log)
         self._insert = insert
-        self._fast = DriverBatch(insert, audit_log, database.engine.dialect) if database.is_sqlite else None
+        self._sqlite_sql: str | None = None
+        if database.is_sqlite:
+            compiled = insert.compile(dialect=database.engine.dialect, column_keys=list(ENTRY_COLUMNS))
+            if list(compiled.positiontup or ()) != list(ENTRY_COLUMNS):
+                raise AssertionError("audit_log's insert does not take ENTRY_COLUMNS in order")
+            self._sqlite_sql = str(compiled)
         self._copy: CopyUpsert | None = None
         if database.dialect_name == "postgresql":
             columns = [column.name for column in audit_log.c if column.name != "id"]
@@ -328,8 +337,23 @@ class AuditLog:
         encoders = self._encoders
         payloads = [(version.entity, version.key, encoders[version.entity](version.values)) for version in versions]
         rows = chain_entries(head, self.instance_id, payloads, utc_now())
-        if self._fast is not None:
-            await self._db.executemany_on_driver(connection, self._fast.sql, self._fast.encode(rows))
+        if self._sqlite_sql is not None:
+            # The driver's values directly: every column is text or an integer but recorded_at, one value a batch.
+            at = to_sqlite_datetime(rows[0]["recorded_at"])
+            values = [
+                (
+                    row["instance_id"],
+                    row["seq"],
+                    row["entity"],
+                    row["natural_key"],
+                    row["payload"],
+                    at,
+                    row["prev_hash"],
+                    row["hash"],
+                )
+                for row in rows
+            ]
+            await self._db.executemany_on_driver(connection, self._sqlite_sql, values)
         elif self._copy is not None and len(rows) >= COPY_MIN_ROWS:
             await self._copy.write(connection, rows)
         else:

@@ -260,13 +260,16 @@ def _difference(stored: dict[str, Any], audited: dict[str, Any]) -> str:
     return "; ".join(f"{name} is {stored.get(name)!r}, audited {audited.get(name)!r}" for name in changed[:3])
 
 
-async def count_entries(database: Database, instance_id: str | None = None) -> int:
-    """How many entries ``audit_log`` holds (one chain's, with ``instance_id``)."""
-    statement = select(func.count()).select_from(audit_log)
-    if instance_id is not None:
-        statement = statement.where(audit_log.c.instance_id == instance_id)
+async def count_checks(database: Database, instance_id: str | None = None) -> int:
+    """How many entries and rows :func:`verify` walks (one instance's, with ``instance_id``): its progress total."""
+    total = 0
     async with database.read() as connection:
-        return int((await connection.execute(statement)).scalar_one())
+        for table in (audit_log, *(table for table, _ in _AUDITED)):
+            statement = select(func.count()).select_from(table)
+            if instance_id is not None:
+                statement = statement.where(table.c.instance_id == instance_id)
+            total += int((await connection.execute(statement)).scalar_one())
+    return total
 
 
 async def verify(

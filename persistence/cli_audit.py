@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from persistence.audit import AuditLog
-from persistence.audit_verify import count_entries, verify
+from persistence.audit_verify import count_checks, verify
 from persistence.config import Settings
 from persistence.db import create_database
 from persistence.migrations import current_revision, head_revision
@@ -61,7 +61,7 @@ async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(problem, 2)
     database = create_database(settings)
     try:
-        total = await count_entries(database, args.instance)
+        total = await count_checks(database, args.instance)
         bar = ProgressBar("audit verify", total)
         try:
             report = await verify(database, instance_id=args.instance, progress=bar.update)

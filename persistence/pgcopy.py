@@ -90,8 +90,10 @@ class CopyUpsert:
 
         Returns the ``returning`` column's value of each row written (an empty list without ``returning``).
         """
-        # Through SQLAlchemy, so that its transaction on this connection has begun before the driver is used.
-        await connection.exec_driver_sql("SELECT 1" if self._direct else self.prepare_sql)
+        # Through SQLAlchemy, so that its transaction on this connection has begun before the driver is used (a direct
+        # copy is only ever made after the caller's own statements in the transaction).
+        if not self._direct:
+            await connection.exec_driver_sql(self.prepare_sql)
         raw = await connection.get_raw_connection()
         driver = raw.driver_connection
         if driver is None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pty
 import signal
 import sqlite3
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -552,3 +555,62 @@ def test_the_header_text_is_the_canonical_json_of_the_header() -> None:
     assert (
         canonical_time(datetime(2026, 12, 2, 12, tzinfo=timezone(timedelta(hours=2)))) == "2026-12-02T10:00:00.000000Z"
     )
+
+
+async def _fill(database: Database, count: int) -> None:
+    repos = Repositories(database)
+    for start in range(0, count, 2000):
+        async with database.write() as connection:
+            await repos.trades.upsert(
+                connection, [make_trade(trade_id=f"M-{i:07d}") for i in range(start, start + 2000)]
+            )
+
+
+async def test_verify_streams_its_memory_does_not_grow_with_the_trail(tmp_path: Path) -> None:
+    """Peak memory of a verify over 24,000 entries is that of one over 6,000: it holds a chunk at a time."""
+    peaks: list[int] = []
+    for count in (6_000, 24_000):
+        database = create_database(make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / f'{count}.db'}"))
+        try:
+            await upgrade(database)
+            await _fill(database, count)
+            tracemalloc.start()
+            report = await verify(database, chunk=500)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+            assert report.ok and report.rows["trades"] == count and sum(report.chains.values()) == count
+        finally:
+            await database.dispose()
+    assert peaks[1] < peaks[0] * 1.3, peaks
+
+
+def test_audit_verify_shows_a_progress_bar_on_a_terminal_and_prints_only_the_report(sqlite_url: str) -> None:
+    async def prepare() -> None:
+        database = create_database(make_settings(database_url=sqlite_url))
+        try:
+            await upgrade(database)
+            await _fill(database, 6_000)
+        finally:
+            await database.dispose()
+
+    asyncio.run(prepare())
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": sqlite_url}
+    with subprocess.Popen(
+        [sys.executable, "-m", "persistence", "audit", "verify"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        text=True,
+    ) as child:
+        os.close(terminal)
+        stdout, _ = child.communicate(timeout=120)
+    drawn = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(controller, 65536):
+            drawn += chunk
+    os.close(controller)
+    assert child.returncode == 0
+    assert b"audit verify [" in drawn and b"rows/s" in drawn
+    assert stdout.splitlines()[-1] == "audit trail verified" and "\r" not in stdout
