@@ -7,11 +7,15 @@ route class, so it holds wherever the router is included, whatever error handler
 yields a 500: parameters are validated before any SQL is built (sorting only by a column from a fixed set,
 ``limit`` 1-1000, ISO 8601 dates that exist in UTC, no NUL in a filter), a query parameter the endpoint does not
 take is refused, and anything else is a 422 in the wrapper. A trade is fetched by an id holding any characters
-(``/`` included, through a path converter; an id that cannot be stored is a 404). An ``X-Correlation-ID`` header is
+(``/`` included, through a path converter; an id that cannot be stored is a 404), and ``…/versions`` after the id
+lists its audited versions, oldest first (a path whose last ``/versions`` came with its slash encoded, ``%2F``, names
+a trade whose id ends in ``/versions``). The trade and signal lists filter on ``instance_id``, the orchestrator that
+last wrote the row. An ``X-Correlation-ID`` header is
 honoured (else one is generated), echoed in the response header and body, and is the correlation id of whatever is
 recorded while the request runs. While the circuit breaker is open, or when the database cannot be read, trade
 reads answer from the authoritative in-memory ``trade_history`` with the same :class:`~persistence.queries.TradeQuery`
-(same filters, sort and pagination); signals have no in-memory copy and answer 503. When ``PERSISTENCE_API_TOKEN``
+(same filters, sort and pagination; it counts as this process's own for ``instance_id``); signals and versions have
+no in-memory copy and answer 503. When ``PERSISTENCE_API_TOKEN``
 is set, ``/api/*`` needs ``Authorization: Bearer <token>``; ``/metrics`` stays open. Decimals are JSON strings,
 timestamps ISO 8601 in UTC. The app's ``/docs`` and ``/redoc`` load their assets from the installed
 ``fastapi-offline`` package, never a CDN.
@@ -23,6 +27,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
+from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.dependencies.models import Dependant
@@ -35,6 +40,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from persistence.audit import AuditLog
 from persistence.config import Settings
 from persistence.context import correlation_scope, current_correlation_id, new_correlation_id
 from persistence.errors import (
@@ -58,6 +64,7 @@ __all__ = [
     "ErrorBody",
     "HistoryEnvelope",
     "PageInfo",
+    "TradeVersion",
     "create_app",
     "create_router",
 ]
@@ -106,6 +113,31 @@ class HistoryEnvelope(Envelope[DataT], Generic[DataT]):
     page: PageInfo | None = Field(None, description="paging of a list; absent for a single record")
     source: Source | None = Field(
         None, description="`database` normally; `memory` when the database could not be used (breaker open, …)"
+    )
+
+
+class TradeVersion(BaseModel):
+    """One audited version of a trade: the ``audit_log`` entry that recorded it, its version parsed."""
+
+    seq: int = Field(description="the entry's place in its instance's chain: 1, 2, 3, … with no gap")
+    instance_id: str = Field(
+        description="the orchestrator (`PERSISTENCE_INSTANCE_ID`) that wrote this version;"
+        " `pre-audit` for a trade as it stood when the audit trail began"
+    )
+    entity: str = Field(description="always `trade`", examples=["trade"])
+    natural_key: str = Field(description="the trade's `trade_id`")
+    recorded_at: str = Field(
+        description="when the version was committed: UTC, microseconds always present (the text the hash covers)",
+        json_schema_extra={"format": "date-time"},
+        examples=["2026-03-02T08:00:00.000000Z"],
+    )
+    version: dict[str, Any] = Field(
+        description="the trade as written: every field of a trade, decimals as strings with exactly eight places,"
+        " timestamps UTC as in `recorded_at`; exactly the canonical JSON the hash covers, parsed"
+    )
+    prev_hash: str = Field(description="`hash` of the entry before it in the chain; 64 zeros for a chain's first")
+    hash: str = Field(
+        description="SHA-256 (hex) of `prev_hash`, the entry's other columns and the version's canonical JSON"
     )
 
 
@@ -302,6 +334,15 @@ TradeIdFilter = Annotated[
     ),
 ]
 SignalIdFilter = Annotated[str | None, Query(min_length=1, max_length=64, description="by the signal's id")]
+InstanceIdFilter = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=64,
+        description="only rows this orchestrator (its `PERSISTENCE_INSTANCE_ID`) wrote last;"
+        " `pre-audit` for rows from before the audit trail",
+    ),
+]
 Order = Annotated[SortOrder, Query(description="asc or desc")]
 
 
@@ -386,6 +427,7 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
         pattern_type: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
         trade_id: TradeIdFilter = None,
         signal_id: SignalIdFilter = None,
+        instance_id: InstanceIdFilter = None,
         limit: Limit = 100,
         offset: Offset = 0,
         sort_by: Annotated[TradeSortColumn, Query(description="column to sort by")] = "entry_time",
@@ -404,6 +446,7 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
                 pattern_type=pattern_type,
                 trade_id=trade_id,
                 signal_id=signal_id,
+                instance_id=instance_id,
                 limit=limit,
                 offset=offset,
                 sort_by=sort_by,
@@ -419,11 +462,55 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
         source: Source = "database"
         if found is None:
             source = "memory"
-            found = query.page(current.trade_history)
+            found = query.page(current.trade_history, current.settings.instance_id)
         items, total = found
         return _ok(
             HistoryEnvelope[list[Trade]], items, page=PageInfo(limit=limit, offset=offset, total=total), source=source
         )
+
+    @api.get(
+        "/trades/{trade_id:path}/versions",
+        response_model=HistoryEnvelope[list[TradeVersion]],
+        responses={
+            **error_responses,
+            404: {"model": Envelope[None], "description": "no audited version of that trade"},
+            503: {"model": Envelope[None], "description": "database unavailable (versions have no in-memory copy)"},
+            504: {"model": Envelope[None], "description": "query timeout"},
+        },
+        summary="Every audited version of one trade, oldest first",
+    )
+    async def trade_versions(
+        request: Request,
+        current: Current,
+        trade_id: Annotated[
+            str,
+            Path(
+                description="the trade's id, whatever characters it holds; send it percent-encoded (`/` as `%2F`)."
+                " A path whose last `/versions` has its slash encoded (`/trades/ORD%2Fversions`) is the trade"
+                " `ORD/versions` itself, not the versions of `ORD`."
+            ),
+        ],
+        limit: Limit = 100,
+        offset: Offset = 0,
+    ) -> Response:
+        """Every version of the trade in the audit trail, oldest first: what it was when opened, each amendment.
+
+        ``data`` is the list of versions; ``page`` beside it says ``limit``, ``offset`` and the ``total`` versions.
+        """
+        if not _names_versions(request):
+            _refuse_unknown_parameters(request, [])
+            return await _one_trade(current, f"{trade_id}/versions")
+        if not _storable_id(trade_id):
+            raise ApiError(404, "not_found", "no trade with that trade_id (it cannot be stored)")
+        if current.breaker_state == "open":
+            raise ApiError(503, "database_unavailable", "the database is unavailable (circuit breaker open)")
+        with _database_read(memory_fallback=False):
+            entries = await _audit_of(current).versions(Trade.entity, trade_id)
+        if not entries:
+            raise ApiError(404, "not_found", f"no audited version of trade {trade_id!r}")
+        versions = [TradeVersion.model_validate(entry.to_json()) for entry in entries[offset : offset + limit]]
+        page = PageInfo(limit=limit, offset=offset, total=len(entries))
+        return _ok(HistoryEnvelope[list[TradeVersion]], versions, page=page, source="database")
 
     @api.get(
         "/trades/{trade_id:path}",
@@ -446,26 +533,7 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
         ],
     ) -> Response:
         """The current version of one trade; from memory when the database cannot be used or lags behind."""
-        if not _storable_id(trade_id):
-            raise ApiError(404, "not_found", "no trade with that trade_id (it cannot be stored)")
-        trade: Trade | None = None
-        source: Source = "database"
-        database_usable = current.breaker_state != "open"
-        if database_usable:
-            database_usable = False
-            with _database_read(memory_fallback=True):
-                trade = await current.trades.get_trade_by_id(trade_id)
-                database_usable = True
-        if trade is None:
-            trade = current.trade_history.get(trade_id)
-            source = "memory"
-        if trade is None:
-            if not database_usable:
-                raise ApiError(
-                    503, "database_unavailable", "the database cannot be read and the trade is not in memory"
-                )
-            raise ApiError(404, "not_found", f"no trade with trade_id {trade_id!r}")
-        return _ok(HistoryEnvelope[Trade], trade, source=source)
+        return await _one_trade(current, trade_id)
 
     @api.get(
         "/signals/history",
@@ -482,6 +550,7 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
         executed: Annotated[bool | None, Query(description="only signals that were (or were not) executed")] = None,
         symbol: SymbolFilter = None,
         signal_id: SignalIdFilter = None,
+        instance_id: InstanceIdFilter = None,
         start_date: Annotated[IsoDateTime | None, Query(description=f"earliest generation time; {_DATE_HELP}")] = None,
         end_date: Annotated[IsoDateTime | None, Query(description=f"latest generation time; {_DATE_HELP}")] = None,
         limit: Limit = 100,
@@ -498,6 +567,7 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
                 executed=executed,
                 symbol=symbol,
                 signal_id=signal_id,
+                instance_id=instance_id,
                 start_date=start_date,
                 end_date=end_date,
                 limit=limit,
@@ -549,6 +619,48 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
             return Response(content=body, media_type=content_type)
 
     return router
+
+
+async def _one_trade(current: PersistenceSidecar, trade_id: str) -> Response:
+    """The current version of one trade in the wrapper; from memory when the database cannot be used or lags."""
+    if not _storable_id(trade_id):
+        raise ApiError(404, "not_found", "no trade with that trade_id (it cannot be stored)")
+    trade: Trade | None = None
+    source: Source = "database"
+    database_usable = current.breaker_state != "open"
+    if database_usable:
+        database_usable = False
+        with _database_read(memory_fallback=True):
+            trade = await current.trades.get_trade_by_id(trade_id)
+            database_usable = True
+    if trade is None:
+        trade = current.trade_history.get(trade_id)
+        source = "memory"
+    if trade is None:
+        if not database_usable:
+            raise ApiError(503, "database_unavailable", "the database cannot be read and the trade is not in memory")
+        raise ApiError(404, "not_found", f"no trade with trade_id {trade_id!r}")
+    return _ok(HistoryEnvelope[Trade], trade, source=source)
+
+
+def _names_versions(request: Request) -> bool:
+    """Whether the path's last segment, as the client sent it, is ``versions``.
+
+    Starlette decodes ``%2F`` before routing, so ``/trades/ORD%2Fversions`` reaches the versions route as the
+    versions of ``ORD``; the raw path tells the two apart: there the last segment is ``ORD%2Fversions``.
+    """
+    raw = request.scope.get("raw_path")
+    if not isinstance(raw, bytes):
+        return True
+    return unquote_to_bytes(raw.partition(b"?")[0].rsplit(b"/", 1)[-1]) == b"versions"
+
+
+def _audit_of(current: PersistenceSidecar) -> AuditLog:
+    """The audit trail of the sidecar's database; unavailable while persistence is off or not started."""
+    runtime = current.runtime
+    if runtime is None:
+        raise DatabaseUnavailableError("persistence is disabled or not started: there is no database to read")
+    return runtime.repositories.audit
 
 
 def _ok(envelope: type[Envelope[Any]], data: Any, **extra: Any) -> Response:

@@ -277,6 +277,7 @@ async def _history(args: argparse.Namespace, settings: Settings) -> int:
                 pattern_type=args.pattern_type,
                 trade_id=args.trade_id,
                 signal_id=args.signal_id,
+                instance_id=args.instance_id,
                 limit=args.limit,
                 offset=args.offset,
                 sort_by=args.sort_by,
@@ -420,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--pattern-type", help="e.g. breakout")
     history.add_argument("--trade-id", help="one trade by its id (any characters)")
     history.add_argument("--signal-id", help="the trades of one signal")
+    history.add_argument(
+        "--instance-id",
+        help="only trades this orchestrator (its PERSISTENCE_INSTANCE_ID) wrote last; pre-audit for"
+        " trades from before the audit trail",
+    )
     history.add_argument("--start-date", type=iso8601_argument, help="earliest entry time, ISO 8601 (inclusive)")
     history.add_argument("--end-date", type=iso8601_argument, help="latest entry time, ISO 8601 (inclusive)")
     history.add_argument("--limit", type=_page_size, default=20, help=f"rows, 1 to {MAX_PAGE_SIZE} (default: 20)")

@@ -5,7 +5,10 @@ fixed set, a known session, a date range in order and representable in UTC), rai
 :class:`~persistence.errors.InvalidQueryError` before any SQL exists. The same object then gives the SQL
 conditions and ordering the repositories run, and, for trades, filters and pages the in-memory ``trade_history``
 with the same semantics: entry-time range inclusive, exact matches, nulls last in both orders, ties broken by
-recording order. The API's memory fallback therefore answers exactly what the database would.
+recording order. The API's memory fallback therefore answers what the database would, with one approximation for
+``instance_id``: records carry no instance id, so the in-memory history counts as wholly this process's (a filter on
+this process's id keeps every trade in it, a filter on any other id none), although trades loaded at start-up from
+before the audit trail carry ``pre-audit`` in the database.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class _Query:
     start_date: datetime | None = None
     end_date: datetime | None = None
     symbol: str | None = None
+    instance_id: str | None = None
     limit: int = 100
     offset: int = 0
     sort_order: SortOrder = "desc"
@@ -102,9 +106,12 @@ class _Query:
         object.__setattr__(self, "start_date", start)
         object.__setattr__(self, "end_date", end)
 
-    def _range(self) -> list[ColumnElement[bool]]:
+    def _shared(self) -> list[ColumnElement[bool]]:
+        """The time range, and the instance that wrote the row: the conditions every query shares."""
         column = self._table.c[self._time_column]
         conditions: list[ColumnElement[bool]] = []
+        if self.instance_id is not None:
+            conditions.append(self._table.c.instance_id == self.instance_id)
         if self.start_date is not None:
             conditions.append(column >= self.start_date)
         if self.end_date is not None:
@@ -142,12 +149,13 @@ class TradeQuery(_Query):
             "pattern_type": self.pattern_type,
             "trade_id": self.trade_id,
             "signal_id": self.signal_id,
+            "instance_id": self.instance_id,
         }
         self._check(self.sort_by, texts)
 
     def conditions(self) -> list[ColumnElement[bool]]:
         """The SQL ``WHERE`` conditions."""
-        conditions = self._range()
+        conditions = self._shared()
         for name in ("symbol", "session", "pattern_type", "trade_id", "signal_id"):
             value = getattr(self, name)
             if value is not None:
@@ -159,7 +167,10 @@ class TradeQuery(_Query):
         return self._order_by(self.sort_by)
 
     def matches(self, trade: Trade) -> bool:
-        """Whether ``trade`` passes every filter (what :meth:`conditions` selects in SQL)."""
+        """Whether ``trade`` passes every filter but ``instance_id`` (what :meth:`conditions` selects in SQL).
+
+        A trade carries no instance id: :meth:`page` applies that filter to the history as a whole.
+        """
         return (
             (self.start_date is None or trade.entry_time >= self.start_date)
             and (self.end_date is None or trade.entry_time <= self.end_date)
@@ -170,8 +181,14 @@ class TradeQuery(_Query):
             and (self.signal_id is None or trade.signal_id == self.signal_id)
         )
 
-    def page(self, history: Sequence[Trade]) -> tuple[list[Trade], int]:
-        """This query over the in-memory ``history`` (oldest first): one page, sorted, and how many match in all."""
+    def page(self, history: Sequence[Trade], recorded_by: str | None = None) -> tuple[list[Trade], int]:
+        """This query over the in-memory ``history`` (oldest first): one page, sorted, and how many match in all.
+
+        ``recorded_by`` is the instance id of the process whose history it is: with an ``instance_id`` filter, the
+        whole history matches when the two are equal and nothing does otherwise.
+        """
+        if self.instance_id is not None and self.instance_id != recorded_by:
+            return [], 0
         descending = self.sort_order == "desc"
         sort_by = self.sort_by
         matching = [(position, trade) for position, trade in enumerate(history) if self.matches(trade)]
@@ -196,11 +213,12 @@ class SignalQuery(_Query):
     _time_column: ClassVar[str] = "generated_at"
 
     def __post_init__(self) -> None:
-        self._check(self.sort_by, {"symbol": self.symbol, "signal_id": self.signal_id})
+        texts = {"symbol": self.symbol, "signal_id": self.signal_id, "instance_id": self.instance_id}
+        self._check(self.sort_by, texts)
 
     def conditions(self) -> list[ColumnElement[bool]]:
         """The SQL ``WHERE`` conditions."""
-        conditions = self._range()
+        conditions = self._shared()
         if self.executed is not None:
             conditions.append(signals.c.executed == self.executed)
         for name in ("symbol", "signal_id"):

@@ -23,11 +23,11 @@ from datetime import datetime
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, Table, func, select
+from sqlalchemy import ColumnElement, Select, Table, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence import export as history_export
-from persistence.audit import AuditLog, Version
+from persistence.audit import BASELINE_INSTANCE, AuditLog, Version
 from persistence.db import Database
 from persistence.errors import InvalidQueryError
 from persistence.export import ExportResult
@@ -170,10 +170,21 @@ class TradeRepository:
             self._select.order_by(*_order(trades, TRADE_SORT_COLUMNS, "entry_time", "desc")).limit(limit)
         )
 
-    async def get_latest_trades(self, limit: int) -> list[Trade]:
-        """The ``limit`` most recently recorded trades (by ``updated_at``), oldest first, for history loading."""
+    async def get_latest_trades(self, limit: int, instance_id: str | None = None) -> list[Trade]:
+        """The ``limit`` most recently recorded trades (by ``updated_at``), oldest first, for history loading.
+
+        With ``instance_id``, only the trades that orchestrator wrote last, and those no orchestrator is known to
+        have written: the ``pre-audit`` rows from before the audit trail and rows with no instance id (written by
+        something other than the sidecar). Another orchestrator's trades on a shared database are left out.
+        """
+        statement = self._select
+        if instance_id is not None:
+            column = trades.c.instance_id
+            statement = statement.where(
+                or_(column == instance_id, column == BASELINE_INSTANCE, column.is_(None)),
+            )
         # Walking idx_trades_updated_at backwards and reversing here avoids sorting the whole window in SQL.
-        newest = await self._fetch(self._select.order_by(trades.c.updated_at.desc(), trades.c.id.desc()).limit(limit))
+        newest = await self._fetch(statement.order_by(trades.c.updated_at.desc(), trades.c.id.desc()).limit(limit))
         newest.reverse()
         return newest
 

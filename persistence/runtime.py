@@ -2,8 +2,8 @@
 
 It holds the database (engine and pool), the repositories over it (the read side, which lives as long as the
 runtime, not as long as the write task), the committer, the background WAL checkpointer, the backlog it was given
-and the writer. It prepares the database (migrations, then the newest ``PERSISTENCE_HISTORY_MAX`` trades into
-``trade_history``), replays a journal left behind, and notices a SQLite file deleted or replaced under it.
+and the writer. It prepares the database (migrations, then this orchestrator's newest ``PERSISTENCE_HISTORY_MAX``
+trades into ``trade_history``), replays a journal left behind, and notices a SQLite file deleted or replaced under it.
 :class:`HealthReport` is the one shape of the sidecar's health, for ``sidecar.health()`` and the API alike.
 """
 
@@ -162,7 +162,9 @@ class Runtime:
                 self._bus.publish(SchemaNewerThanRelease(error.database_revision, error.release_revision))
             self._reported_newer = error
             raise
-        trades = await repos.trades.get_latest_trades(self._settings.history_max)
+        # Only this orchestrator's trades (and those from before instances existed): on a shared database another
+        # orchestrator's trades are its own authoritative history, not this one's.
+        trades = await repos.trades.get_latest_trades(self._settings.history_max, self._settings.instance_id)
         self.history_loaded = self._history.load(trades)
         self._remember_database_file()
         was_degraded = not self.writer.database_ok and self.writer.running

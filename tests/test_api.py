@@ -536,6 +536,7 @@ async def test_openapi_lists_the_endpoints_parameters_and_response_models(client
         "pattern_type",
         "trade_id",
         "signal_id",
+        "instance_id",
         "limit",
         "offset",
         "sort_by",
@@ -549,6 +550,7 @@ async def test_openapi_lists_the_endpoints_parameters_and_response_models(client
         "executed",
         "symbol",
         "signal_id",
+        "instance_id",
         "start_date",
         "end_date",
         "limit",
@@ -631,8 +633,10 @@ async def test_the_last_and_first_representable_instants_are_accepted(client: ht
         (HISTORY, "pattern_type"),
         (HISTORY, "trade_id"),
         (HISTORY, "signal_id"),
+        (HISTORY, "instance_id"),
         (SIGNALS, "symbol"),
         (SIGNALS, "signal_id"),
+        (SIGNALS, "instance_id"),
     ],
 )
 async def test_nul_in_a_filter_is_a_422_naming_it_on_every_backend(
@@ -655,6 +659,8 @@ async def test_a_path_id_that_cannot_exist_is_a_404(client: httpx.AsyncClient, r
         (SIGNALS, {"execute": "true"}, "execute", "executed"),
         ("/api/v1/health", {"verbose": "1"}, "verbose", "none"),
         ("/api/v1/trades/API-01", {"fields": "pnl"}, "fields", "none"),
+        ("/api/v1/trades/API-01/versions", {"page": "2"}, "page", "offset"),
+        (HISTORY, {"instance": "desk-a"}, "instance", "instance_id"),
     ],
 )
 async def test_an_unknown_query_parameter_is_a_422_naming_it_and_the_allowed_ones(

@@ -234,12 +234,14 @@ def test_serve_on_a_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- backup
 
 
-def seed_trades(database: Path, count: int, *, prefix: str = "SEED") -> None:
-    """``count`` trades recorded through a real sidecar into ``database`` (P&L alternating in sign)."""
+def seed_trades(database: Path, count: int, *, prefix: str = "SEED", instance_id: str | None = None) -> None:
+    """``count`` trades recorded through a real sidecar into ``database`` (P&L alternating in sign), by the
+    orchestrator ``instance_id`` when one is given (else the host name)."""
 
     async def record() -> None:
+        named = {"instance_id": instance_id} if instance_id is not None else {}
         settings = make_settings(
-            database_url=f"sqlite+aiosqlite:///{database}", journal_dir=database.parent / "journal"
+            database_url=f"sqlite+aiosqlite:///{database}", journal_dir=database.parent / "journal", **named
         )
         async with PersistenceSidecar(settings, log_events=False) as sidecar:
             for n in range(count):
@@ -343,6 +345,24 @@ def test_history_filters_by_trade_id_and_prints_json_in_the_apis_shape(tmp_path:
     answer = json.loads(result.stdout)
     assert [trade["trade_id"] for trade in answer["data"]] == ["SEED-00003"]
     assert answer["page"] == {"limit": 20, "offset": 0, "total": 1}
+
+
+def test_history_filters_by_the_orchestrator_that_wrote_the_trades(tmp_path: Path) -> None:
+    database = tmp_path / "data" / "trading_system.db"
+    seed_trades(database, 3, prefix="DESKA", instance_id="desk-a")
+    seed_trades(database, 2, prefix="DESKB", instance_id="desk-b")
+    result = run_cli("history", "--instance-id", "desk-b", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert [trade["trade_id"] for trade in answer["data"]] == ["DESKB-00001", "DESKB-00000"]
+    assert answer["page"]["total"] == 2
+    table = run_cli("history", "--instance-id", "desk-a", cwd=tmp_path)
+    assert [line.split()[0] for line in table.stdout.splitlines()[2:5]] == ["DESKA-00002", "DESKA-00001", "DESKA-00000"]
+    assert "3 trade(s) shown (1-3 of 3)" in table.stdout
+    assert run_cli("history", "--instance-id", "desk-c", cwd=tmp_path).stdout.strip() == "no trades match"
+    # Bytes that are not UTF-8 arrive as lone surrogates: refused like NUL, never a traceback.
+    refused = run_cli("history", "--instance-id", "desk-\udcff", cwd=tmp_path)
+    assert refused.returncode == 2 and "instance_id" in refused.stderr and "Traceback" not in refused.stderr
 
 
 @pytest.mark.parametrize(
