@@ -10,8 +10,8 @@ JSON (:func:`canonical_version`: sorted keys, decimals as strings with exactly e
 where ``header`` is the canonical JSON of the entry's other columns (``instance_id``, ``seq``, ``entity``,
 ``natural_key``, ``recorded_at``), so every stored column is covered. A chain starts at ``seq`` 1 with ``prev_hash``
 :data:`GENESIS`. The chain's head is read inside the write transaction, under the database's lock for that chain
-(SQLite's write lock; ``pg_advisory_xact_lock`` on PostgreSQL, taken just before the head is read and held to the
-commit), so two processes sharing an instance id append one after the other and a chain never forks; a unique
+(SQLite's write lock; ``pg_advisory_xact_lock`` on PostgreSQL, taken before the transaction's first row lock and held
+to the commit), so two processes sharing an instance id append one after the other and a chain never forks; a unique
 index on ``(instance_id, seq)`` refuses a fork outright.
 
 What the trail proves and what it does not is in the README ("Audit trail"). :mod:`persistence.audit_verify` walks
@@ -43,6 +43,8 @@ GENESIS = "0" * 64
 """The ``prev_hash`` of a chain's first entry."""
 BASELINE_INSTANCE = "pre-audit"
 """The instance id that migration 0003 gives rows written before the trail, and the chain of their entries."""
+LOCK_INFO = "persistence.audit_lock"
+"""Key in a connection's ``info`` of the transaction that holds the chain lock (so it is taken once)."""
 HEAD_INFO = "persistence.audit_head"
 """Key in a connection's ``info`` of the head after its transaction's last append (read by the committer)."""
 ENTRY_COLUMNS = ("instance_id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash")
@@ -315,6 +317,21 @@ class AuditLog:
             .limit(1)
         )
 
+    async def lock(self, connection: AsyncConnection) -> None:
+        """Take this instance's chain lock for the rest of the transaction (PostgreSQL; SQLite's write lock is it).
+
+        The repositories take it before their first row lock, so every writer takes the chain lock, then rows: a
+        second process on the same instance id waits here for the first one's commit instead of deadlocking with
+        it over rows. Taken once per transaction.
+        """
+        if self._db.dialect_name != "postgresql":
+            return
+        transaction = connection.sync_connection.get_transaction() if connection.sync_connection else None
+        if transaction is not None and connection.info.get(LOCK_INFO) is transaction:
+            return
+        await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": chain_lock_key(self.instance_id)})
+        connection.info[LOCK_INFO] = transaction
+
     async def head(self, connection: AsyncConnection, instance_id: str | None = None) -> AuditHead | None:
         """The last entry of a chain (this instance's by default), or ``None`` for an empty chain."""
         instance = instance_id or self.instance_id
@@ -328,11 +345,7 @@ class AuditLog:
         """
         if not versions:
             return None
-        if self._db.dialect_name == "postgresql":
-            # Held to the commit: a second process on the same instance id waits here, then reads the new head.
-            await connection.execute(
-                text("SELECT pg_advisory_xact_lock(:key)"), {"key": chain_lock_key(self.instance_id)}
-            )
+        await self.lock(connection)  # normally taken already, before the rows: see lock()
         head = await self.head(connection)
         encoders = self._encoders
         payloads = [(version.entity, version.key, encoders[version.entity](version.values)) for version in versions]

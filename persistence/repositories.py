@@ -148,6 +148,7 @@ class TradeRepository:
         """Insert or update ``batch``, in order, inside the caller's transaction; the versions written (and audited)."""
         if not batch:
             return []
+        await self._audit.lock(connection)
         versions, _ = await self._versions.write(connection, self._versions.rows(batch))
         await self._audit.append(connection, versions)
         return versions
@@ -259,6 +260,7 @@ class SignalRepository:
         """Insert or update ``batch``, in order, inside the caller's transaction; the versions written (and audited)."""
         if not batch:
             return []
+        await self._audit.lock(connection)
         versions, _ = await self._versions.write(connection, self._versions.rows(batch))
         await self._audit.append(connection, versions)
         return versions
@@ -270,6 +272,7 @@ class SignalRepository:
         if not batch:
             return []
         changes = [(change.signal_id, partial(_executed, change)) for change in batch]
+        await self._audit.lock(connection)
         versions, missing = await self._versions.write(connection, [], changes)
         await self._audit.append(connection, versions)
         return [batch[index] for index in missing]
@@ -357,6 +360,7 @@ class _AppendOnlyRepository(Generic[RecordT]):
         """Insert ``batch`` inside the caller's transaction (known ids are skipped); the versions written (audited)."""
         if not batch:
             return []
+        await self._audit.lock(connection)
         versions, _ = await self._versions.write(connection, self._versions.rows(batch))
         await self._audit.append(connection, versions)
         return versions

@@ -44,6 +44,7 @@ from persistence.db import Database, create_database
 from persistence.migrations import migrate_to, upgrade
 from persistence.models import SignalExecution, Trade
 from persistence.repositories import Repositories
+from persistence.transfer import copy_database
 from tests.conftest import empty_every_table, make_settings
 from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade
 from tests.support import DatabaseLock, add_poison_trigger_postgres, add_poison_trigger_sqlite, sqlite_file
@@ -614,3 +615,25 @@ def test_audit_verify_shows_a_progress_bar_on_a_terminal_and_prints_only_the_rep
     assert child.returncode == 0
     assert b"audit verify [" in drawn and b"rows/s" in drawn
     assert stdout.splitlines()[-1] == "audit trail verified" and "\r" not in stdout
+
+
+async def test_a_copied_database_keeps_a_trail_that_verifies_and_is_caught_when_edited(
+    sqlite_url: str, fresh_url: str
+) -> None:
+    source = create_database(make_settings(database_url=sqlite_url, instance_id="desk-1"))
+    target = create_database(make_settings(database_url=fresh_url))
+    try:
+        await upgrade(source)
+        await _three_versions(source, Repositories(source))
+        report = await copy_database(source, target, chunk_rows=2)
+        assert report.mismatched == []
+        copied = await verify(target)
+        assert copied.ok, copied.lines()
+        assert copied.heads == (await verify(source)).heads  # the same chain, hash for hash
+        assert [entry.seq for entry in await Repositories(target).audit.versions("trade", "T-AUDITED")] == [1, 2, 3]
+        await tamper(fresh_url, "UPDATE trades SET symbol = 'GBPUSD' WHERE trade_id = 'T-OTHER'")
+        broken = (await verify(target)).broken
+        assert broken is not None and broken.natural_key == "T-OTHER"
+    finally:
+        await source.dispose()
+        await target.dispose()
