@@ -20,6 +20,7 @@ the chains.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +44,8 @@ GENESIS = "0" * 64
 """The ``prev_hash`` of a chain's first entry."""
 BASELINE_INSTANCE = "pre-audit"
 """The instance id that migration 0003 gives rows written before the trail, and the chain of their entries."""
+ENCODE_SLICE = 128
+"""Entries encoded and hashed between two hand-backs of the event loop."""
 LOCK_INFO = "persistence.audit_lock"
 """Key in a connection's ``info`` of the transaction that holds the chain lock (so it is taken once)."""
 HEAD_INFO = "persistence.audit_head"
@@ -155,19 +158,9 @@ def _text(value: Any) -> str:
 
 
 def _utc_text(value: datetime) -> str:
-    """The quoted canonical text of a timestamp (the fast path when it is already in UTC, as records are)."""
-    if value.tzinfo is UTC:
-        # %-formatting is cheaper than isoformat() and gives the same text (see persistence.columns).
-        return '"%04d-%02d-%02dT%02d:%02d:%02d.%06dZ"' % (  # noqa: UP031
-            value.year,
-            value.month,
-            value.day,
-            value.hour,
-            value.minute,
-            value.second,
-            value.microsecond,
-        )
-    return f'"{canonical_time(value)}"'
+    """The quoted canonical text of a timestamp, from SQLite's stored form (the cheapest exact formatting there is)."""
+    stored = to_sqlite_datetime(value)  # YYYY-MM-DD HH:MM:SS.ffffff in UTC
+    return f'"{stored[:10]}T{stored[11:]}Z"'
 
 
 class VersionEncoder:
@@ -348,8 +341,19 @@ class AuditLog:
         await self.lock(connection)  # normally taken already, before the rows: see lock()
         head = await self.head(connection)
         encoders = self._encoders
-        payloads = [(version.entity, version.key, encoders[version.entity](version.values)) for version in versions]
-        rows = chain_entries(head, self.instance_id, payloads, utc_now())
+        recorded_at = utc_now()
+        rows: list[dict[str, Any]] = []
+        # Encoding and hashing take a few microseconds an entry: in slices, handing the loop back between them, so
+        # the host's event loop never waits for a whole batch's worth.
+        for start in range(0, len(versions), ENCODE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            payloads = [
+                (version.entity, version.key, encoders[version.entity](version.values))
+                for version in versions[start : start + ENCODE_SLICE]
+            ]
+            rows += chain_entries(head, self.instance_id, payloads, recorded_at)
+            head = AuditHead(self.instance_id, int(rows[-1]["seq"]), str(rows[-1]["hash"]))
         if self._sqlite_sql is not None:
             # The driver's values directly: every column is text or an integer but recorded_at, one value a batch.
             at = to_sqlite_datetime(rows[0]["recorded_at"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from persistence.audit import AuditLog
 from persistence.audit_verify import count_checks, verify
 from persistence.config import Settings
-from persistence.db import create_database
+from persistence.db import Database, create_database
 from persistence.migrations import current_revision, head_revision
 from persistence.models import ENTITIES
 from persistence.progress import ProgressBar
@@ -54,41 +55,46 @@ async def _checked(settings: Settings) -> str | None:
     return None
 
 
-async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
-    """``audit verify [--instance ID]``."""
+async def _on_the_trail(settings: Settings, work: Callable[[Database], Awaitable[int]]) -> int:
+    """Run ``work`` on the database when it can be audited; else say why (exit status 2)."""
     problem = await _checked(settings)
     if problem is not None:
         return _fail(problem, 2)
     database = create_database(settings)
     try:
-        total = await count_checks(database, args.instance)
-        bar = ProgressBar("audit verify", total)
+        return await work(database)
+    finally:
+        await database.dispose()
+
+
+async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``audit verify [--instance ID]``."""
+
+    async def check(database: Database) -> int:
+        bar = ProgressBar("audit verify", await count_checks(database, args.instance))
         try:
             report = await verify(database, instance_id=args.instance, progress=bar.update)
         finally:
             bar.close()
-    finally:
-        await database.dispose()
-    for line in report.lines():
-        print(line)
-    return 0 if report.ok else 1
+        for line in report.lines():
+            print(line)
+        return 0 if report.ok else 1
+
+    return await _on_the_trail(settings, check)
 
 
 async def versions_command(args: argparse.Namespace, settings: Settings) -> int:
     """``audit versions ENTITY KEY``."""
-    problem = await _checked(settings)
-    if problem is not None:
-        return _fail(problem, 2)
-    database = create_database(settings)
-    try:
+
+    async def listing(database: Database) -> int:
         entries = await AuditLog(database, audit_fields()).versions(args.entity, args.key)
-    finally:
-        await database.dispose()
-    if not entries:
-        return _fail(f"no audited version of {args.entity} {args.key!r}", 1)
-    for entry in entries:
-        print(json.dumps(entry.to_json(), sort_keys=True))
-    return 0
+        if not entries:
+            return _fail(f"no audited version of {args.entity} {args.key!r}", 1)
+        for entry in entries:
+            print(json.dumps(entry.to_json(), sort_keys=True))
+        return 0
+
+    return await _on_the_trail(settings, listing)
 
 
 def add_audit_commands(commands: Any) -> None:

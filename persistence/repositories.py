@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -91,6 +91,25 @@ def _signal_replaces(new: Mapping[str, Any], kept: Mapping[str, Any]) -> bool:
     return bool(not kept["executed"] or new["executed"])
 
 
+async def _write_audited(
+    audit: AuditLog,
+    table: VersionedTable[Any],
+    connection: AsyncConnection,
+    records: Sequence[Record],
+    changes: Sequence[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = (),
+) -> tuple[list[Version], list[int]]:
+    """Write ``records`` (then ``changes``) through ``table`` and audit every version written, in one transaction.
+
+    The chain lock comes first (before any row lock); returns the versions and the changes whose key has no row.
+    """
+    if not records and not changes:
+        return [], []
+    await audit.lock(connection)
+    versions, missing = await table.write(connection, table.rows(records), changes)
+    await audit.append(connection, versions)
+    return versions, missing
+
+
 def _executed(change: SignalExecution, stored: dict[str, Any]) -> dict[str, Any]:
     return {**stored, "executed": change.executed, "execution_status": change.execution_status}
 
@@ -146,11 +165,7 @@ class TradeRepository:
 
     async def upsert(self, connection: AsyncConnection, batch: Sequence[Trade]) -> list[Version]:
         """Insert or update ``batch``, in order, inside the caller's transaction; the versions written (and audited)."""
-        if not batch:
-            return []
-        await self._audit.lock(connection)
-        versions, _ = await self._versions.write(connection, self._versions.rows(batch))
-        await self._audit.append(connection, versions)
+        versions, _ = await _write_audited(self._audit, self._versions, connection, batch)
         return versions
 
     async def save_trade(self, trade: Trade | Mapping[str, Any]) -> None:
@@ -258,23 +273,15 @@ class SignalRepository:
 
     async def upsert(self, connection: AsyncConnection, batch: Sequence[Signal]) -> list[Version]:
         """Insert or update ``batch``, in order, inside the caller's transaction; the versions written (and audited)."""
-        if not batch:
-            return []
-        await self._audit.lock(connection)
-        versions, _ = await self._versions.write(connection, self._versions.rows(batch))
-        await self._audit.append(connection, versions)
+        versions, _ = await _write_audited(self._audit, self._versions, connection, batch)
         return versions
 
     async def apply_executions(
         self, connection: AsyncConnection, batch: Sequence[SignalExecution]
     ) -> list[SignalExecution]:
         """Apply execution updates in order (each audited); return those whose signal is not in the table."""
-        if not batch:
-            return []
         changes = [(change.signal_id, partial(_executed, change)) for change in batch]
-        await self._audit.lock(connection)
-        versions, missing = await self._versions.write(connection, [], changes)
-        await self._audit.append(connection, versions)
+        _, missing = await _write_audited(self._audit, self._versions, connection, (), changes)
         return [batch[index] for index in missing]
 
     async def save_signal(self, signal: Signal | Mapping[str, Any]) -> None:
@@ -358,11 +365,7 @@ class _AppendOnlyRepository(Generic[RecordT]):
 
     async def insert(self, connection: AsyncConnection, batch: Sequence[RecordT]) -> list[Version]:
         """Insert ``batch`` inside the caller's transaction (known ids are skipped); the versions written (audited)."""
-        if not batch:
-            return []
-        await self._audit.lock(connection)
-        versions, _ = await self._versions.write(connection, self._versions.rows(batch))
-        await self._audit.append(connection, versions)
+        versions, _ = await _write_audited(self._audit, self._versions, connection, batch)
         return versions
 
     async def _save(self, record: RecordT) -> None:
