@@ -174,8 +174,9 @@ class VersionEncoder:
     def __init__(self, fields: Sequence[str], kinds: Mapping[str, str] | None = None) -> None:
         kinds = kinds or {}
         pieces: list[str] = []
+        template = ""
         for index, name in enumerate(sorted(fields)):
-            key = repr(("{" if index == 0 else ",") + json.dumps(name) + ":")
+            template += ("{" if index == 0 else ",") + json.dumps(name).replace("%", "%%") + ":%s"
             value = f"values[{name!r}]"
             kind = kinds.get(name)
             if kind == "decimal":
@@ -186,8 +187,9 @@ class VersionEncoder:
                 text = f"('null' if (v := {value}) is None else _e(v) if type(v) is str else _t(v))"
             else:
                 text = f"_t({value})"
-            pieces.append(f"{key} + {text}")
-        source = "def encode(values):\n    return " + " + ".join(pieces) + " + '}'\n"
+            pieces.append(text)
+        # One %-format of the whole object: cheaper than concatenating a piece at a time.
+        source = f"def encode(values):\n    return {template + '}'!r} % (" + ", ".join(pieces) + ",)\n"
         namespace: dict[str, Any] = {
             "_t": _text,
             "_u": _utc_text,
