@@ -203,7 +203,8 @@ class VersionEncoder:
 
 def entry_hash(prev_hash: str, header: str, payload: str) -> str:
     """SHA-256 (hex) linking an entry to ``prev_hash``, over its header (:func:`header_text`) and its payload."""
-    return hashlib.sha256(f"{prev_hash}\n{header}\n{payload}".encode("ascii")).hexdigest()
+    # Entries are ASCII; UTF-8 hashes them the same and lets a tampered, non-ASCII one be reported, not crash.
+    return hashlib.sha256(f"{prev_hash}\n{header}\n{payload}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def header_of(instance_id: str, seq: int, entity: str, natural_key: str, recorded_at: datetime) -> dict[str, Any]:

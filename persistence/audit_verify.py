@@ -121,6 +121,7 @@ class _Verifier:
     async def _chain(self, connection: AsyncConnection, instance: str) -> bool:
         statement = (
             select(
+                audit_log.c.id,
                 audit_log.c.seq,
                 audit_log.c.entity,
                 audit_log.c.natural_key,
@@ -133,13 +134,13 @@ class _Verifier:
             .order_by(audit_log.c.seq)
             .limit(self._chunk)
         )
-        expected, previous = 1, GENESIS
+        expected, previous, previous_id = 1, GENESIS, 0
         self.report.chains[instance] = 0
         while True:
             rows = (await connection.execute(statement, {"after": expected - 1})).all()
             if not rows:
                 break
-            for seq, entity, key, payload, recorded_at, prev_hash, digest in rows:
+            for entry_id, seq, entity, key, payload, recorded_at, prev_hash, digest in rows:
                 problem = None
                 if seq != expected:
                     missing = f"seq {expected}" if seq == expected + 1 else f"seq {expected} to {seq - 1}"
@@ -150,10 +151,13 @@ class _Verifier:
                     previous, header_text(instance, seq, entity, key, canonical_time(recorded_at)), payload
                 ):
                     problem = "hash does not match the entry's contents (the entry was changed)"
+                elif entry_id <= previous_id:
+                    # The id orders a key's versions across chains: within one chain it rises with seq.
+                    problem = f"its id {entry_id} is not after seq {seq - 1}'s ({previous_id}): the entry was moved"
                 if problem is not None:
                     self.report.broken = Break(problem, entity, key, instance, seq)
                     return False
-                expected, previous = seq + 1, digest
+                expected, previous, previous_id = seq + 1, digest, entry_id
             self.report.chains[instance] += len(rows)
             self._advance(len(rows))
         self.report.heads[instance] = previous
@@ -162,15 +166,17 @@ class _Verifier:
     async def _latest(
         self, connection: AsyncConnection, entity: str, keys: Sequence[str]
     ) -> dict[str, tuple[int, str, int, str]]:
-        """Per key: the latest entry's (id, instance_id, seq, payload)."""
+        """Per key: the latest entry's (id, instance_id, seq, payload); only those entries are read."""
+        newest = (
+            select(func.max(audit_log.c.id))
+            .where(audit_log.c.entity == entity, audit_log.c.natural_key.in_(bindparam("keys", expanding=True)))
+            .group_by(audit_log.c.natural_key)
+        )
         statement = select(
             audit_log.c.id, audit_log.c.natural_key, audit_log.c.instance_id, audit_log.c.seq, audit_log.c.payload
-        ).where(audit_log.c.entity == entity, audit_log.c.natural_key.in_(bindparam("keys", expanding=True)))
-        latest: dict[str, tuple[int, str, int, str]] = {}
-        for entry_id, key, instance, seq, payload in (await connection.execute(statement, {"keys": list(keys)})).all():
-            if key not in latest or entry_id > latest[key][0]:
-                latest[key] = (entry_id, instance, seq, payload)
-        return latest
+        ).where(audit_log.c.id.in_(newest.scalar_subquery()))
+        rows = (await connection.execute(statement, {"keys": list(keys)})).all()
+        return {key: (entry_id, instance, seq, payload) for entry_id, key, instance, seq, payload in rows}
 
     async def _rows(self, table: Table, record: type[Record]) -> bool:
         fields = tuple(record.model_fields)
@@ -188,7 +194,14 @@ class _Verifier:
                 rows = (await connection.execute(statement, {"after": after})).all()
                 if not rows:
                     return True
-                decoded = [(reader.decode(row[:-1]).__dict__, row[-1]) for row in rows]
+                decoded = []
+                for row in rows:
+                    try:
+                        decoded.append((reader.decode(row[:-1]).__dict__, row[-1]))
+                    except (ValueError, TypeError, OverflowError) as error:  # a stored value nothing writes
+                        key = str(row[fields.index(record.key_field)])
+                        self.report.broken = Break(f"the {table.name} row cannot be read: {error}", record.entity, key)
+                        return False
                 latest = await self._latest(
                     connection, record.entity, [values[record.key_field] for values, _ in decoded]
                 )

@@ -231,8 +231,7 @@ class Committer:
         async with self._database.write() as connection:
             AuditLog.appended_head(connection)  # nothing left over from an earlier transaction on this connection
             await repos.trades.upsert(connection, trades)
-            await repos.signals.upsert(connection, signals)
-            missing = await repos.signals.apply_executions(connection, [change for _, change in executions])
+            missing = await repos.signals.upsert_and_execute(connection, signals, [change for _, change in executions])
             await repos.snapshots.insert(connection, snapshots)
             await repos.parameters.insert(connection, changes)
             missing_ids = {id(change) for change in missing}

@@ -280,9 +280,19 @@ class SignalRepository:
         self, connection: AsyncConnection, batch: Sequence[SignalExecution]
     ) -> list[SignalExecution]:
         """Apply execution updates in order (each audited); return those whose signal is not in the table."""
-        changes = [(change.signal_id, partial(_executed, change)) for change in batch]
-        _, missing = await _write_audited(self._audit, self._versions, connection, (), changes)
-        return [batch[index] for index in missing]
+        return await self.upsert_and_execute(connection, (), batch)
+
+    async def upsert_and_execute(
+        self, connection: AsyncConnection, batch: Sequence[Signal], executions: Sequence[SignalExecution]
+    ) -> list[SignalExecution]:
+        """:meth:`upsert` ``batch``, then apply ``executions``, in one pass over the stored rows; the unknown ones.
+
+        One pass reads (and on PostgreSQL locks) every signal it touches at once, in key order, so two writers of
+        overlapping signals queue instead of deadlocking.
+        """
+        changes = [(change.signal_id, partial(_executed, change)) for change in executions]
+        _, missing = await _write_audited(self._audit, self._versions, connection, batch, changes)
+        return [executions[index] for index in missing]
 
     async def save_signal(self, signal: Signal | Mapping[str, Any]) -> None:
         """Insert or update one signal in its own transaction."""

@@ -32,6 +32,8 @@ DECIMAL_PRECISION = 18
 DECIMAL_SCALE = 8
 """Digits after the point of every decimal column."""
 DECIMAL_QUANTUM = Decimal(1).scaleb(-DECIMAL_SCALE)
+DECIMAL_ZERO = Decimal(0).quantize(DECIMAL_QUANTUM)
+"""Zero at the column scale, positive: what a negative zero becomes."""
 DECIMAL_CONTEXT = Context(
     prec=34,
     rounding=ROUND_HALF_EVEN,
@@ -77,7 +79,8 @@ def to_exact_decimal(value: object) -> Decimal:
     quantized = number.quantize(DECIMAL_QUANTUM, context=DECIMAL_CONTEXT)
     if quantized != number:
         raise ValueError(f"{number} has more than {DECIMAL_SCALE} digits after the point; it is never rounded")
-    return quantized
+    # No database keeps the sign of a zero (-0.0 comes from round(-0.001, 2)): the record holds what is stored.
+    return quantized if quantized else DECIMAL_ZERO
 
 
 def to_utc(value: datetime) -> datetime:
@@ -199,6 +202,7 @@ def compile_parser(
         "_datetime": datetime,
         "_UTC": UTC,
         "_Q": DECIMAL_QUANTUM,
+        "_Z": DECIMAL_ZERO,
         "_C": DECIMAL_CONTEXT,
         "_now": now or (lambda: datetime.now(UTC)),
         "_uuid4": uuid.uuid4,
@@ -325,7 +329,7 @@ def _decimal_code(target: str, rule: FieldRule) -> list[str]:
         "q = x.quantize(_Q, None, _C)",
         f"if {sign}q != x or q.adjusted() >= {DECIMAL_PRECISION - DECIMAL_SCALE}:",
         "    return None",
-        f"{target} = q",
+        f"{target} = q if q else _Z",  # a zero without its sign, as every database stores it
     ]
 
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import String, Table, any_, bindparam, func, select
+from sqlalchemy import String, Table, any_, bindparam, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -53,14 +54,25 @@ def never(_new: Mapping[str, Any], _stored: Mapping[str, Any]) -> bool:
 class _Statement:
     """One batch statement in its fastest form per backend: driver rows on SQLite, ``COPY`` on PostgreSQL."""
 
-    def __init__(self, database: Database, table: Table, statement: Any, conflict: str, returning: str | None) -> None:
+    def __init__(
+        self,
+        database: Database,
+        table: Table,
+        statement: Any,
+        conflict: str,
+        returning: str | None,
+        *,
+        with_id: bool = False,
+    ) -> None:
         self._db = database
         self._statement = statement
         self._returning = returning
         self._fast = DriverBatch(statement, table, database.engine.dialect) if database.is_sqlite else None
         self._copy: CopyUpsert | None = None
         if database.dialect_name == "postgresql":
-            names = [column.name for column in table.c if column.name != "id" or isinstance(column.type, String)]
+            names = [
+                column.name for column in table.c if column.name != "id" or with_id or isinstance(column.type, String)
+            ]
             self._copy = CopyUpsert(table, names, conflict, database.settings.query_timeout_ms, returning=returning)
             if returning is not None:
                 self._statement = statement.returning(table.c[returning])
@@ -95,7 +107,17 @@ class VersionedTable(Generic[RecordT]):
         if database.dialect_name not in ("postgresql", "sqlite"):
             raise NotImplementedError(f"upserts are not implemented for {database.dialect_name}")
         claim = dialect.insert(table).on_conflict_do_nothing(index_elements=[table.c[key]])
-        self._claim = _Statement(database, table, claim, f"ON CONFLICT ({key}) DO NOTHING", key)
+        # PostgreSQL claims in key order (see write()); an integer surrogate id is drawn first, in batch order.
+        self._drawn_ids: Any = None
+        if database.dialect_name == "postgresql" and not isinstance(table.c.id.type, String):
+            # The table's name comes from the schema, never from input.
+            self._drawn_ids = text(
+                f"SELECT nextval(pg_get_serial_sequence('{table.name}', 'id'))"  # noqa: S608
+                " FROM generate_series(1, :count) ORDER BY 1"
+            )
+        self._claim = _Statement(
+            database, table, claim, f"ON CONFLICT ({key}) DO NOTHING", key, with_id=self._drawn_ids is not None
+        )
         upsert = dialect.insert(table)
         kept = [column.name for column in table.c if column.name not in ("id", key)]
         overwrite = upsert.on_conflict_do_update(
@@ -157,8 +179,14 @@ class VersionedTable(Generic[RecordT]):
         if self._claim_first:
             # PostgreSQL: claim first; RETURNING names the keys that were new. Every other key has a committed row
             # (an insert that conflicts waits for the other transaction), read and locked now. A batch of new keys,
-            # the common case, needs no read at all.
-            written_first = set(await self._claim.run(connection, list(first.values())) or ())
+            # the common case, needs no read at all. Claims go in key order, like the read, so two writers of
+            # overlapping keys queue instead of deadlocking; the ids they take were drawn in batch order.
+            claims = list(first.values())
+            if self._drawn_ids is not None:
+                drawn = (await connection.execute(self._drawn_ids, {"count": len(claims)})).scalars()
+                claims = [{**row, "id": drawn_id} for row, drawn_id in zip(claims, drawn, strict=True)]
+            claims.sort(key=itemgetter(key))
+            written_first = set(await self._claim.run(connection, claims) or ())
             state = await self.stored(connection, [identity for identity in keys if identity not in written_first])
         else:
             # SQLite: the write lock holds the whole database, so what is read now is what the claim will find.

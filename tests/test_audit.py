@@ -46,7 +46,7 @@ from persistence.models import SignalExecution, Trade
 from persistence.repositories import Repositories
 from persistence.transfer import copy_database
 from tests.conftest import empty_every_table, make_settings
-from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade
+from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 from tests.support import DatabaseLock, add_poison_trigger_postgres, add_poison_trigger_sqlite, sqlite_file
 
 SettingsFactory = Callable[..., Settings]
@@ -637,3 +637,112 @@ async def test_a_copied_database_keeps_a_trail_that_verifies_and_is_caught_when_
     finally:
         await source.dispose()
         await target.dispose()
+
+
+# ---------------------------------------------------------------------------------------------- found in review
+
+
+async def test_a_negative_zero_is_stored_audited_and_verified_as_zero(database: Database, repos: Repositories) -> None:
+    """round(-0.001, 2) is -0.0: no database keeps the sign of a zero, so neither does the record (nor its entry)."""
+    trade = Trade.parse({**trade_data(), "pnl": -0.0, "pnl_percentage": Decimal("-0"), "confidence_score": "-0.000"})
+    assert str(trade.pnl) == str(trade.pnl_percentage) == str(trade.confidence_score) == "0E-8"
+    await repos.trades.save_trade(trade)
+    assert json.loads((await repos.audit.versions("trade", trade.trade_id))[0].payload)["pnl"] == "0.00000000"
+    report = await verify(database)
+    assert report.ok, report.lines()
+
+
+async def test_an_entry_moved_to_a_later_id_is_caught(
+    database: Database, repos: Repositories, database_url: str
+) -> None:
+    """The id orders a key's versions across chains: rolling a row back by giving its older entry a later id fails."""
+    trade = make_trade(trade_id="T-MOVED")
+    await repos.trades.save_trade(trade)
+    await repos.trades.save_trade(closed_version(trade, 60, "-500"))
+    await tamper(
+        database_url,
+        "UPDATE audit_log SET id = 1000 WHERE seq = 1",
+        "UPDATE trades SET pnl = NULL, exit_time = NULL, exit_price = NULL, updated_at = created_at "
+        "WHERE trade_id = 'T-MOVED'",
+    )
+    broken = (await verify(database)).broken
+    assert broken is not None and broken.seq == 2 and "the entry was moved" in broken.problem
+
+
+async def test_garbage_written_by_hand_is_reported_not_crashed_on(sqlite_url: str) -> None:
+    database = create_database(make_settings(database_url=sqlite_url))
+    try:
+        await upgrade(database)
+        repos = Repositories(database)
+        await repos.trades.save_trade(make_trade(trade_id="T-1"))
+        await repos.trades.save_trade(make_trade(trade_id="T-2"))
+        await tamper(sqlite_url, "UPDATE trades SET entry_time = 'yesterday' WHERE trade_id = 'T-2'")
+        broken = (await verify(database)).broken
+        assert broken is not None and broken.natural_key == "T-2" and "cannot be read" in broken.problem
+        await tamper(sqlite_url, "UPDATE audit_log SET payload = REPLACE(payload, 'EURUSD', 'EURUSDé') WHERE seq = 1")
+        broken = (await verify(database)).broken
+        assert broken is not None and broken.seq == 1 and "hash does not match" in broken.problem
+    finally:
+        await database.dispose()
+
+
+async def test_verify_reads_only_the_newest_entry_of_each_key(tmp_path: Path) -> None:
+    """Forty versions of each trade cost verify no more memory than one: it never loads a key's older entries."""
+    peaks: list[int] = []
+    for versions in (1, 40):
+        database = create_database(make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / f'{versions}.db'}"))
+        try:
+            await upgrade(database)
+            repos = Repositories(database)
+            base = [make_trade(trade_id=f"V-{i:05d}") for i in range(1000)]
+            for n in range(versions):
+                async with database.write() as connection:
+                    await repos.trades.upsert(connection, [closed_version(trade, n + 1, f"{n}.5") for trade in base])
+            tracemalloc.start()
+            report = await verify(database, chunk=1000)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+            assert report.ok and sum(report.chains.values()) == 1000 * versions
+        finally:
+            await database.dispose()
+    assert peaks[1] < peaks[0] * 1.5, peaks
+
+
+async def test_two_instances_claiming_overlapping_new_keys_in_opposite_orders_queue_not_deadlock(
+    postgres_url: str,
+) -> None:
+    """Batches [K1, K3, K2] and [K2, K1]: claims go in key order, so the second waits for the first; no deadlock."""
+    first = create_database(make_settings(database_url=postgres_url, instance_id="desk-a"))
+    second = create_database(make_settings(database_url=postgres_url, instance_id="desk-b"))
+    await upgrade(first)
+    async with first.write() as connection:
+        await empty_every_table(connection)
+    url = make_url(postgres_url)
+    blocker = await asyncpg.connect(host=url.host, port=url.port or 5432, user=url.username, database=url.database)
+    try:
+        holding = blocker.transaction()
+        await holding.start()  # an uncommitted K3 makes the first writer wait in the middle of its claim
+        await blocker.execute(
+            "INSERT INTO trades (trade_id, symbol, direction, entry_time, entry_price, position_size, created_at, "
+            "updated_at) VALUES ('K3', 'X', 'BUY', now(), 1, 1, now(), now())"
+        )
+
+        async def write(database: Database, keys: list[str], delay: float) -> None:
+            await asyncio.sleep(delay)
+            async with database.write() as connection:
+                await Repositories(database).trades.upsert(connection, [make_trade(trade_id=key) for key in keys])
+
+        writers = [
+            asyncio.create_task(write(first, ["K1", "K3", "K2"], 0)),
+            asyncio.create_task(write(second, ["K2", "K1"], 0.3)),
+        ]
+        await asyncio.sleep(0.8)
+        await holding.rollback()
+        await asyncio.wait_for(asyncio.gather(*writers), 10)  # a deadlock would raise here
+        report = await verify(first)
+        assert report.ok, report.lines()
+        assert set(report.chains) == {"desk-a", "desk-b"}
+    finally:
+        await blocker.close()
+        await first.dispose()
+        await second.dispose()

@@ -12,14 +12,14 @@ Create Date: 2026-12-02
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
 
 from persistence.audit import BASELINE_INSTANCE, AuditHead, canonical_version, chain_entries
-from persistence.columns import UTCDateTime
-from persistence.models import ParameterChange, PerformanceSnapshot, Record, Signal, Trade, utc_now
-from persistence.schema import audit_log, parameter_history, performance_snapshots, signals, trades
+from persistence.columns import ExactNumeric, UTCDateTime
+from persistence.models import utc_now
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -71,20 +71,77 @@ def upgrade() -> None:
             )
 
 
+# The tables as this revision knows them (not as a later release's schema or records will): entity, key, columns.
+_D, _T, _S, _B, _I = ExactNumeric, UTCDateTime, sa.String, sa.Boolean, sa.BigInteger
+_RECORDS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "trades": (
+        "trade",
+        "trade_id",
+        {
+            **dict.fromkeys(("trade_id", "signal_id", "account_id", "symbol", "direction"), _S),
+            **dict.fromkeys(("entry_time", "exit_time", "created_at", "updated_at"), _T),
+            **dict.fromkeys(("session", "pattern_type"), _S),
+            **dict.fromkeys(
+                ("entry_price", "exit_price", "stop_loss", "take_profit", "position_size", "pnl", "pnl_percentage"),
+                _D,
+            ),
+            **dict.fromkeys(("confidence_score", "risk_reward_ratio"), _D),
+        },
+    ),
+    "signals": (
+        "signal",
+        "signal_id",
+        {
+            **dict.fromkeys(("signal_id", "symbol", "timeframe", "signal_type", "session", "pattern_type"), _S),
+            **dict.fromkeys(("confidence", "entry_price", "stop_loss", "take_profit"), _D),
+            **dict.fromkeys(("generated_at", "created_at"), _T),
+            "executed": _B,
+            "execution_status": _S,
+        },
+    ),
+    "performance_snapshots": (
+        "snapshot",
+        "id",
+        {
+            "id": _S,
+            **dict.fromkeys(("snapshot_time", "created_at"), _T),
+            **dict.fromkeys(("total_trades", "winning_trades", "losing_trades"), _I),
+            **dict.fromkeys(("win_rate", "total_pnl", "sharpe_ratio", "max_drawdown", "average_rr"), _D),
+            **dict.fromkeys(("session", "parameter_mode"), _S),
+        },
+    ),
+    "parameter_history": (
+        "parameter_change",
+        "id",
+        {
+            **dict.fromkeys(("id", "parameter_mode", "session", "reason", "changed_by"), _S),
+            **dict.fromkeys(("change_time", "created_at"), _T),
+            **dict.fromkeys(("confidence_threshold", "min_risk_reward"), _D),
+        },
+    ),
+}
+_AUDIT_LOG = sa.table(
+    "audit_log",
+    *(sa.column(name, _S) for name in ("instance_id", "entity", "natural_key", "payload", "prev_hash", "hash")),
+    sa.column("seq", _I),
+    sa.column("recorded_at", _T),
+)
+
+
 def _baseline() -> None:
     """One entry per existing row, in the ``pre-audit`` chain, and that instance id on the rows."""
     connection = op.get_bind()
     head: AuditHead | None = None
     now = utc_now()
-    tables: tuple[tuple[sa.Table, type[Record]], ...] = (
-        (trades, Trade),
-        (signals, Signal),
-        (performance_snapshots, PerformanceSnapshot),
-        (parameter_history, ParameterChange),
-    )
-    for table, record in tables:
-        fields = tuple(record.model_fields)
-        key = record.key_field
+    for name, (entity, key, columns) in _RECORDS.items():
+        fields = tuple(columns)
+        id_type = sa.String() if key == "id" else sa.BigInteger()
+        table = sa.table(
+            name,
+            *(sa.column(column, kind()) for column, kind in columns.items() if column != "id"),
+            sa.column("id", id_type),
+            sa.column("instance_id", sa.String()),
+        )
         order = table.c.id
         last: object = None
         while True:
@@ -95,9 +152,9 @@ def _baseline() -> None:
             if not rows:
                 break
             last = rows[-1]["id"]
-            versions = [(record.entity, str(row[key]), canonical_version(dict(row), fields)) for row in rows]
+            versions = [(entity, str(row[key]), canonical_version(dict(row), fields)) for row in rows]
             entries = chain_entries(head, BASELINE_INSTANCE, versions, now)
-            connection.execute(audit_log.insert(), entries)
+            connection.execute(_AUDIT_LOG.insert(), entries)
             head = AuditHead(BASELINE_INSTANCE, entries[-1]["seq"], entries[-1]["hash"])
         connection.execute(table.update().values(instance_id=BASELINE_INSTANCE))
 
