@@ -55,11 +55,15 @@ ENTRY_COLUMNS = ("instance_id", "seq", "entity", "natural_key", "payload", "reco
 
 @dataclass(frozen=True, slots=True)
 class Version:
-    """One version of a record as it was written: its entity, natural key and every field's value."""
+    """One version of a record as it was written: its entity, natural key and every field's value.
+
+    ``payload`` is its canonical JSON when the writer already made it (``None``: :class:`AuditLog` makes it).
+    """
 
     entity: str
     key: str
     values: Mapping[str, Any]
+    payload: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +356,7 @@ class AuditLog:
             if start:
                 await asyncio.sleep(0)
             payloads = [
-                (version.entity, version.key, encoders[version.entity](version.values))
+                (version.entity, version.key, version.payload or encoders[version.entity](version.values))
                 for version in versions[start : start + ENCODE_SLICE]
             ]
             rows += chain_entries(head, self.instance_id, payloads, recorded_at)

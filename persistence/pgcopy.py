@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
+from asyncpg import UniqueViolationError
 from sqlalchemy import Table
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -85,6 +86,43 @@ class CopyUpsert:
             return [(row(value),) for value in values]
         return [row(value) for value in values]
 
+    async def _driver(self, connection: AsyncConnection, rows: list[tuple[Any, ...]]) -> Any:
+        """The asyncpg connection under ``connection``, once the :data:`COPY_HOOKS` have seen ``rows``."""
+        raw = await connection.get_raw_connection()
+        driver = raw.driver_connection
+        if driver is None:
+            raise DatabaseUnavailableError("the connection has no driver connection (it was invalidated)")
+        try:
+            for hook in tuple(raw.info.get(COPY_HOOKS, ())):
+                delay = hook(self.announced_sql, rows, True)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        except Exception as error:
+            raise self._translate(self.announced_sql, error) from error
+        return driver
+
+    async def write_new(self, connection: AsyncConnection, values: Sequence[Mapping[str, Any]]) -> bool:
+        """Copy ``values`` straight into the table if none of their keys is there yet; ``False`` (nothing written) if
+        one is.
+
+        The common case of a batch of new records, at the cost of a plain ``COPY``: no stage, no second statement.
+        A savepoint keeps the caller's transaction when a key is already there (a replay, another process's row);
+        the caller then takes :meth:`write`. The transaction must have begun (a statement through SQLAlchemy).
+        """
+        rows = self.rows(values)
+        driver = await self._driver(connection, rows)
+        try:
+            await driver.execute("SAVEPOINT persistence_copy")
+            try:
+                await driver.copy_records_to_table(self.table, records=rows, columns=self.columns)
+            except UniqueViolationError:
+                await driver.execute("ROLLBACK TO SAVEPOINT persistence_copy")
+                return False
+            await driver.execute("RELEASE SAVEPOINT persistence_copy")
+            return True
+        except Exception as error:
+            raise self._translate(self.announced_sql, error) from error
+
     async def write(self, connection: AsyncConnection, values: Sequence[Mapping[str, Any]]) -> list[Any]:
         """Copy ``values`` into the stage and move them into the table, inside ``connection``'s transaction.
 
@@ -94,17 +132,10 @@ class CopyUpsert:
         # copy is only ever made after the caller's own statements in the transaction).
         if not self._direct:
             await connection.exec_driver_sql(self.prepare_sql)
-        raw = await connection.get_raw_connection()
-        driver = raw.driver_connection
-        if driver is None:
-            raise DatabaseUnavailableError("the connection has no driver connection (it was invalidated)")
         statement = self.announced_sql
         rows = self.rows(values)
+        driver = await self._driver(connection, rows)
         try:
-            for hook in tuple(raw.info.get(COPY_HOOKS, ())):
-                delay = hook(statement, rows, True)
-                if delay > 0:
-                    await asyncio.sleep(delay)
             if self._direct:
                 await driver.copy_records_to_table(self.table, records=rows, columns=self.columns)
                 return []

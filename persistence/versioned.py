@@ -22,6 +22,8 @@ On PostgreSQL, batches of :data:`~persistence.pgcopy.COPY_MIN_ROWS` rows or more
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
@@ -31,7 +33,7 @@ from sqlalchemy import String, Table, any_, bindparam, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from persistence.audit import Version
+from persistence.audit import Version, VersionEncoder, column_kinds
 from persistence.db import Database
 from persistence.models import Record
 from persistence.pgcopy import COPY_MIN_ROWS, CopyUpsert
@@ -44,6 +46,8 @@ Replaces = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
 Change = Callable[[Row], Row]
 
 _READ_CHUNK = 5000
+OVERLAP_SLICE = 32
+"""First versions encoded between two hand-backs of the loop while their claim runs."""
 
 
 def never(_new: Mapping[str, Any], _stored: Mapping[str, Any]) -> bool:
@@ -90,6 +94,13 @@ class _Statement:
         result = await connection.execute(self._statement, list(rows))
         return list(result.scalars()) if self._returning is not None else None
 
+    async def claim(self, connection: AsyncConnection, rows: Sequence[Mapping[str, Any]], key: str) -> list[Any] | None:
+        """:meth:`run` an ``INSERT … DO NOTHING`` of ``rows``; on PostgreSQL a batch of only new keys takes a plain
+        ``COPY`` into the table instead (:meth:`~persistence.pgcopy.CopyUpsert.write_new`)."""
+        if self._copy is not None and len(rows) >= COPY_MIN_ROWS and await self._copy.write_new(connection, rows):
+            return [row[key] for row in rows]
+        return await self.run(connection, rows)
+
 
 class VersionedTable(Generic[RecordT]):
     """The versioned writes of one table keyed by ``key``, under the rule ``replaces``; see the module docstring."""
@@ -103,6 +114,7 @@ class VersionedTable(Generic[RecordT]):
         self._replaces = replaces
         self.instance_id = database.settings.instance_id
         self.fields = tuple(record_type.model_fields)
+        self._encode = VersionEncoder(self.fields, column_kinds(table)).encode
         dialect = postgresql if database.dialect_name == "postgresql" else sqlite
         if database.dialect_name not in ("postgresql", "sqlite"):
             raise NotImplementedError(f"upserts are not implemented for {database.dialect_name}")
@@ -141,6 +153,26 @@ class VersionedTable(Generic[RecordT]):
         self._keys_parameter: Callable[[list[str]], Any] = (
             (lambda keys: keys) if database.dialect_name == "postgresql" else json.dumps
         )
+
+    async def _encode_meanwhile(self, claiming: asyncio.Future[Any], rows: Sequence[Row]) -> dict[int, str]:
+        """The canonical JSON of each new key's first version, made while the claim is under way; by ``id`` of row.
+
+        The claim's ``COPY`` runs in the PostgreSQL server while this encodes, a slice at a time, handing the loop back
+        between slices so the claim's own sending goes on. A failure or cancellation here stops the claim.
+        """
+        encode = self._encode
+        encoded: dict[int, str] = {}
+        try:
+            for start in range(0, len(rows), OVERLAP_SLICE):
+                await asyncio.sleep(0)
+                for row in rows[start : start + OVERLAP_SLICE]:
+                    encoded[id(row)] = encode(row)
+        except BaseException:
+            claiming.cancel()
+            with contextlib.suppress(BaseException):
+                await claiming
+            raise
+        return encoded
 
     def rows(self, records: Sequence[Record]) -> list[Row]:
         """The rows of ``records`` as this process writes them (its ``instance_id`` added)."""
@@ -186,14 +218,18 @@ class VersionedTable(Generic[RecordT]):
                 drawn = (await connection.execute(self._drawn_ids, {"count": len(claims)})).scalars()
                 claims = [{**row, "id": drawn_id} for row, drawn_id in zip(claims, drawn, strict=True)]
             claims.sort(key=itemgetter(key))
-            written_first = set(await self._claim.run(connection, claims) or ())
+            claiming = asyncio.ensure_future(self._claim.claim(connection, claims, key))
+            payloads = await self._encode_meanwhile(claiming, list(first.values()))
+            written_first = set(await claiming or ())
             state = await self.stored(connection, [identity for identity in keys if identity not in written_first])
         else:
             # SQLite: the write lock holds the whole database, so what is read now is what the claim will find.
             state = await self.stored(connection, keys)
+            # (Encoding meanwhile would not help here: sqlite3 needs the GIL for every row it binds.)
             fresh = [row for identity, row in first.items() if identity not in state]
             await self._claim.run(connection, fresh)
             written_first = {row[key] for row in fresh}
+            payloads = {}
         stored_now = dict(state)
         versions: list[Version] = []
         entity = self._entity
@@ -204,7 +240,7 @@ class VersionedTable(Generic[RecordT]):
             if kept is None:
                 if identity in written_first:
                     state[identity] = stored_now[identity] = row
-                    versions.append(Version(entity, identity, row))
+                    versions.append(Version(entity, identity, row, payloads.get(id(row))))
                 continue
             if not replaces(row, kept):
                 continue
