@@ -18,7 +18,9 @@ from persistence import PersistenceSidecar, Settings
 
 
 async def main(url: str, prefix: str, count: int, journal_dir: Path) -> dict[str, float]:
-    settings = Settings(_env_file=None, database_url=url, journal_dir=journal_dir)
+    # Each process is an orchestrator of its own, with its own audit chain (processes sharing an instance id take
+    # turns on theirs).
+    settings = Settings(_env_file=None, database_url=url, journal_dir=journal_dir, instance_id=f"bench-{prefix}")
     mappings = [trade_mapping(i, prefix) for i in range(count)]
     async with PersistenceSidecar(settings, log_events=False) as sidecar:
         started_wall, started = time.time(), time.perf_counter()
