@@ -6,7 +6,10 @@ project's own tests exercise exactly what users run in their CI."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
@@ -34,6 +37,7 @@ __all__ = [
     "eventually",
     "save_trade_before_the_trail",
     "sqlite_file",
+    "start_recorder_until_killed",
 ]
 
 
@@ -139,3 +143,20 @@ def save_trade_before_the_trail(path: Path, trade: Trade) -> None:
     marks = ", ".join("?" for _ in values)
     with sqlite3.connect(path) as connection:
         connection.execute(f"INSERT INTO trades ({names}) VALUES ({marks})", values)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_recorder_until_killed(*arguments: str) -> subprocess.Popen[str]:
+    """``python -m tests.children.record_until_killed ARGUMENTS``, started and READY: it prints each key persisted."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.children.record_until_killed", *arguments],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "READY"
+    return child

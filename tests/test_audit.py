@@ -47,7 +47,13 @@ from persistence.repositories import Repositories
 from persistence.transfer import copy_database
 from tests.conftest import empty_every_table, make_settings
 from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
-from tests.support import DatabaseLock, add_poison_trigger_postgres, add_poison_trigger_sqlite, sqlite_file
+from tests.support import (
+    DatabaseLock,
+    add_poison_trigger_postgres,
+    add_poison_trigger_sqlite,
+    sqlite_file,
+    start_recorder_until_killed,
+)
 
 SettingsFactory = Callable[..., Settings]
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -440,15 +446,8 @@ def audit_cli(database_url: str, *arguments: str) -> subprocess.CompletedProcess
 def test_a_kill_9_mid_stream_leaves_chains_that_verify_and_miss_nothing(fresh_url: str, tmp_path: Path) -> None:
     """kill -9 of a child writing trades (every third closed later): no gap, no fork, every persisted one audited."""
     journal = tmp_path / "journal"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "tests.children.record_until_killed", fresh_url, str(journal), "versions"],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    child = start_recorder_until_killed(fresh_url, str(journal), "versions")
     assert child.stdout is not None
-    assert child.stdout.readline().strip() == "READY"
     acknowledged = [child.stdout.readline().strip() for _ in range(600)]
     os.kill(child.pid, signal.SIGKILL)
     child.wait(timeout=30)

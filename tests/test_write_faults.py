@@ -41,6 +41,7 @@ from tests.support import (
     add_poison_trigger_sqlite,
     eventually,
     sqlite_file,
+    start_recorder_until_killed,
 )
 from tests.test_sidecar import build, stored_trade_ids
 
@@ -192,21 +193,8 @@ async def test_close_during_an_outage_returns_in_time_journals_the_backlog_and_a
 
 def test_kill_9_loses_nothing_whose_receipt_had_resolved(tmp_path: Path) -> None:
     database = tmp_path / "crash.db"
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.children.record_until_killed",
-            f"sqlite+aiosqlite:///{database}",
-            str(tmp_path / "journal"),
-        ],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    child = start_recorder_until_killed(f"sqlite+aiosqlite:///{database}", str(tmp_path / "journal"))
     assert child.stdout is not None
-    assert child.stdout.readline().strip() == "READY"
     acknowledged: list[str] = []
     deadline = time.monotonic() + 60
     while len(acknowledged) < 500 and time.monotonic() < deadline:
