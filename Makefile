@@ -25,7 +25,7 @@ test: $(STAMP)
 # Property and model tests with random seeds and 20x the examples (make test runs them derandomized).
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_breaker.py tests/test_journal.py tests/test_sidecar_model.py \
-		tests/test_models.py tests/test_columns.py
+		tests/test_models.py tests/test_columns.py tests/test_versions_model.py
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only -q
