@@ -86,7 +86,7 @@ def _export_filters(args: argparse.Namespace) -> dict[str, Any]:
         "pattern_type": args.pattern_type,
         "executed": args.executed,
         "instance_id": args.instance_id,
-        "entity": args.audited_entity,
+        "record": args.audited_entity,
     }
     return {name: value for name, value in given.items() if value is not None}
 

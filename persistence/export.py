@@ -157,7 +157,8 @@ EXPORTABLES: dict[str, Exportable] = {
         audit_log,
         tuple(column.name for column in audit_log.c),
         ("id",),
-        {**_time_filters("recorded_at"), "entity": ("entity", "equals")},
+        # "record" (not "entity", which names the table to export): the kind of record of the entries.
+        {**_time_filters("recorded_at"), "record": ("entity", "equals")},
     ),
 }
 """What ``export`` knows, by the name the command line uses."""

@@ -41,9 +41,11 @@ from persistence.audit import (
 from persistence.audit_verify import verify
 from persistence.config import Settings
 from persistence.db import Database, create_database
+from persistence.export import export
 from persistence.migrations import migrate_to, upgrade
 from persistence.models import SignalExecution, Trade
 from persistence.repositories import Repositories
+from persistence.schema import audit_log
 from persistence.transfer import copy_database
 from tests.conftest import empty_every_table, make_settings
 from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
@@ -745,3 +747,64 @@ async def test_two_instances_claiming_overlapping_new_keys_in_opposite_orders_qu
         await blocker.close()
         await first.dispose()
         await second.dispose()
+
+
+async def test_the_trail_exports_with_its_filters(sqlite_url: str, tmp_path: Path) -> None:
+    database = create_database(make_settings(database_url=sqlite_url, instance_id="desk-1"))
+    try:
+        await upgrade(database)
+        repos = Repositories(database)
+        trade = await _three_versions(database, repos)
+        await repos.signals.save_signal(make_signal())
+        everything = await export(database, "audit", tmp_path / "audit.jsonl", "jsonl")
+        assert everything.rows == 5
+        lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+        assert [line["seq"] for line in lines] == [1, 2, 3, 4, 5]
+        assert set(lines[0]) == {column.name for column in audit_log.c}
+        assert lines[0]["hash"] == lines[1]["prev_hash"] and lines[0]["prev_hash"] == GENESIS
+        only = await export(database, "audit", tmp_path / "trades.jsonl", "jsonl", record="trade", instance_id="desk-1")
+        assert only.rows == 4
+        assert (await export(database, "audit", tmp_path / "none.jsonl", "jsonl", instance_id="desk-2")).rows == 0
+        versions = [json.loads(line) for line in (tmp_path / "trades.jsonl").read_text().splitlines()]
+        assert [json.loads(line["payload"])["trade_id"] for line in versions[:3]] == [trade.trade_id] * 3
+    finally:
+        await database.dispose()
+
+
+def test_export_audit_on_the_command_line_filters_by_record_and_instance(sqlite_url: str, tmp_path: Path) -> None:
+    async def prepare() -> None:
+        database = create_database(make_settings(database_url=sqlite_url, instance_id="desk-1"))
+        try:
+            await upgrade(database)
+            repos = Repositories(database)
+            await _three_versions(database, repos)
+            await repos.signals.save_signal(make_signal())
+        finally:
+            await database.dispose()
+
+    asyncio.run(prepare())
+    output = tmp_path / "trail.csv"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": sqlite_url}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "persistence",
+            "export",
+            "audit",
+            "--output",
+            str(output),
+            "--entity",
+            "trade",
+            "--instance-id",
+            "desk-1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("exported 4 audit to trail.csv (csv, ")
+    assert len(output.read_text().splitlines()) == 1 + 4
