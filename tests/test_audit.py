@@ -806,5 +806,5 @@ def test_export_audit_on_the_command_line_filters_by_record_and_instance(sqlite_
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("exported 4 audit to trail.csv (csv, ")
+    assert done.stdout.startswith(f"exported 4 audit to {output} (csv, ")
     assert len(output.read_text().splitlines()) == 1 + 4
