@@ -16,8 +16,11 @@ The rule is applied here, in Python, against the stored rows read inside the wri
 3. apply every version in order; write the final state of each key that changed since 2, unconditionally (each of
    those rows is held by this transaction).
 
-On PostgreSQL, batches of :data:`~persistence.pgcopy.COPY_MIN_ROWS` rows or more go by binary ``COPY``
-(:mod:`persistence.pgcopy`); on SQLite rows are encoded straight to driver values (:mod:`persistence.rowcodec`).
+On PostgreSQL the claims go in key order (their surrogate ids drawn first, in batch order), like the ``FOR UPDATE``
+read, so two writers of overlapping keys queue instead of deadlocking; batches of
+:data:`~persistence.pgcopy.COPY_MIN_ROWS` rows or more go by binary ``COPY`` (:mod:`persistence.pgcopy`), straight into
+the table when every key is new, and the new versions' canonical JSON is made while the server works. On SQLite rows
+are encoded straight to driver values (:mod:`persistence.rowcodec`).
 """
 
 from __future__ import annotations
