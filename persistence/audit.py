@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.columns import ExactNumeric, UTCDateTime, to_sqlite_datetime
 from persistence.db import Database
-from persistence.models import utc_now
+from persistence.models import ParameterChange, PerformanceSnapshot, Signal, Trade, utc_now
 from persistence.pgcopy import COPY_MIN_ROWS, CopyUpsert
 from persistence.schema import audit_log, parameter_history, performance_snapshots, signals, trades
 
@@ -211,19 +211,9 @@ def entry_hash(prev_hash: str, header: str, payload: str) -> str:
     return hashlib.sha256(f"{prev_hash}\n{header}\n{payload}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def header_of(instance_id: str, seq: int, entity: str, natural_key: str, recorded_at: datetime) -> dict[str, Any]:
-    """The hashed header of an entry: every column but the payload and the two hashes."""
-    return {
-        "instance_id": instance_id,
-        "seq": seq,
-        "entity": entity,
-        "natural_key": natural_key,
-        "recorded_at": canonical_time(recorded_at),
-    }
-
-
 def header_text(instance_id: str, seq: int, entity: str, natural_key: str, recorded_at: str) -> str:
-    """The canonical JSON of :func:`header_of` (``recorded_at`` already canonical), written directly: keys sorted."""
+    """The hashed header of an entry, every column but the payload and the two hashes, as canonical JSON written
+    directly (keys sorted; ``recorded_at`` already canonical)."""
     return (
         f'{{"entity":{encode_basestring_ascii(entity)},"instance_id":{encode_basestring_ascii(instance_id)},'
         f'"natural_key":{encode_basestring_ascii(natural_key)},"recorded_at":"{recorded_at}","seq":{seq}}}'
@@ -257,6 +247,8 @@ def chain_entries(
     return rows
 
 
+AUDITED_RECORDS = (Trade, Signal, PerformanceSnapshot, ParameterChange)
+"""The records whose versions are audited."""
 TABLES_OF: dict[str, Table] = {
     "trade": trades,
     "signal": signals,
@@ -289,14 +281,15 @@ def chain_lock_key(instance_id: str) -> int:
 class AuditLog:
     """``audit_log`` over one database: append a transaction's versions, read a chain's head and a record's versions.
 
-    ``fields`` maps each entity to the record fields its versions hold (the JSON's keys), in any order.
+    A version's JSON holds its record's fields (the keys), encoded as its table's columns are.
     """
 
-    def __init__(self, database: Database, fields: Mapping[str, Sequence[str]]) -> None:
+    def __init__(self, database: Database) -> None:
         self._db = database
         self.instance_id = database.settings.instance_id
-        self._encoders = {
-            entity: VersionEncoder(names, column_kinds(TABLES_OF[entity])).encode for entity, names in fields.items()
+        self._encoders: dict[str, Callable[[Mapping[str, Any]], str]] = {
+            record.entity: VersionEncoder(tuple(record.model_fields), column_kinds(TABLES_OF[record.entity])).encode
+            for record in AUDITED_RECORDS
         }
         insert = (postgresql if database.dialect_name == "postgresql" else sqlite).insert(audit_log)
         self._insert = insert

@@ -25,7 +25,6 @@ from persistence.db import Database, create_database
 from persistence.migrations import current_revision, head_revision
 from persistence.models import ENTITIES
 from persistence.progress import ProgressBar
-from persistence.repositories import audit_fields
 
 _BEFORE_THE_TRAIL = ("0001", "0002")
 
@@ -87,7 +86,7 @@ async def versions_command(args: argparse.Namespace, settings: Settings) -> int:
     """``audit versions ENTITY KEY``."""
 
     async def listing(database: Database) -> int:
-        entries = await AuditLog(database, audit_fields()).versions(args.entity, args.key)
+        entries = await AuditLog(database).versions(args.entity, args.key)
         if not entries:
             return _fail(f"no audited version of {args.entity} {args.key!r}", 1)
         for entry in entries:

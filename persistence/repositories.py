@@ -118,12 +118,6 @@ def _columns(table: Table) -> list[Any]:
     return [column for column in table.c if column.name not in ("id", "instance_id")]
 
 
-def audit_fields() -> dict[str, tuple[str, ...]]:
-    """The fields of each entity's audited versions: its record's fields."""
-    records = (Trade, Signal, PerformanceSnapshot, ParameterChange)
-    return {record.entity: tuple(record.model_fields) for record in records}
-
-
 def _check_page(limit: int, offset: int) -> None:
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise InvalidQueryError("limit", f"must be between 1 and {MAX_PAGE_SIZE}")
@@ -158,7 +152,7 @@ class TradeRepository:
 
     def __init__(self, database: Database, audit: AuditLog | None = None) -> None:
         self._db = database
-        self._audit = audit if audit is not None else AuditLog(database, audit_fields())
+        self._audit = audit if audit is not None else AuditLog(database)
         self._versions = VersionedTable(database, trades, "trade_id", Trade, _newer_trade)
         self._reader = RowReader(_columns(trades), Trade, sqlite=database.is_sqlite)
         self._select = select(*self._reader.columns)
@@ -265,7 +259,7 @@ class SignalRepository:
 
     def __init__(self, database: Database, audit: AuditLog | None = None) -> None:
         self._db = database
-        self._audit = audit if audit is not None else AuditLog(database, audit_fields())
+        self._audit = audit if audit is not None else AuditLog(database)
         # A replay of the unexecuted version never undoes a recorded execution.
         self._versions = VersionedTable(database, signals, "signal_id", Signal, _signal_replaces)
         self._reader = RowReader(_columns(signals), Signal, sqlite=database.is_sqlite)
@@ -367,7 +361,7 @@ class _AppendOnlyRepository(Generic[RecordT]):
 
     def __init__(self, database: Database, audit: AuditLog | None = None) -> None:
         self._db = database
-        self._audit = audit if audit is not None else AuditLog(database, audit_fields())
+        self._audit = audit if audit is not None else AuditLog(database)
         self._versions = VersionedTable(database, self.table, "id", self.record_type, never)
         columns = [self.table.c[name] for name in self.record_type.model_fields]
         self._reader = RowReader(columns, self.record_type, sqlite=database.is_sqlite)
@@ -511,7 +505,7 @@ class Repositories:
 
     def __init__(self, database: Database) -> None:
         self.database = database
-        self.audit = AuditLog(database, audit_fields())
+        self.audit = AuditLog(database)
         self.trades = TradeRepository(database, self.audit)
         self.signals = SignalRepository(database, self.audit)
         self.snapshots = PerformanceSnapshotRepository(database, self.audit)

@@ -35,7 +35,6 @@ from persistence.audit import (
     canonical_version,
     chain_lock_key,
     column_kinds,
-    header_of,
     header_text,
 )
 from persistence.audit_verify import verify
@@ -551,7 +550,13 @@ def test_the_fast_encoder_writes_exactly_the_canonical_json(overrides: dict[str,
 def test_the_header_text_is_the_canonical_json_of_the_header() -> None:
     at = datetime(2026, 12, 2, 10, 0, 0, 5, tzinfo=UTC)
     for instance, key in (("desk-1", "T-1"), ('d"sk\\1', "T/é\n"), ("pre-audit", "x" * 64)):
-        header = header_of(instance, 42, "trade", key, at)
+        header = {
+            "instance_id": instance,
+            "seq": 42,
+            "entity": "trade",
+            "natural_key": key,
+            "recorded_at": canonical_time(at),
+        }
         assert header_text(instance, 42, "trade", key, canonical_time(at)) == canonical_json(header)
     assert canonical_time(at) == "2026-12-02T10:00:00.000005Z"
     assert (

@@ -49,6 +49,17 @@ def desk(
     return build(settings, sidecars, clock=clock)
 
 
+async def started_desks(
+    database_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
+) -> tuple[PersistenceSidecar, PersistenceSidecar]:
+    """Desk A and desk B on one database, both started."""
+    a = desk(DESK_A, database_url, sidecar_settings, sidecars)
+    b = desk(DESK_B, database_url, sidecar_settings, sidecars)
+    await a.start()
+    await b.start()
+    return a, b
+
+
 async def record_desk(current: PersistenceSidecar, prefix: str, count: int, *, hours: int = 0) -> list[str]:
     """``count`` trades and one signal per trade, recorded and committed by ``current``; the trade ids."""
     trade_ids = [f"{prefix}-{n}" for n in range(count)]
@@ -67,10 +78,7 @@ async def record_desk(current: PersistenceSidecar, prefix: str, count: int, *, h
 async def test_two_instances_on_one_database_each_filter_returns_only_its_rows(
     clean_database_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
 ) -> None:
-    a = desk(DESK_A, clean_database_url, sidecar_settings, sidecars)
-    b = desk(DESK_B, clean_database_url, sidecar_settings, sidecars)
-    await a.start()
-    await b.start()
+    a, b = await started_desks(clean_database_url, sidecar_settings, sidecars)
     a_ids = await record_desk(a, "A", 3)
     b_ids = await record_desk(b, "B", 2, hours=10)
     newest_first = [*reversed(b_ids), *reversed(a_ids)]
@@ -96,10 +104,7 @@ async def test_two_instances_on_one_database_each_filter_returns_only_its_rows(
 async def test_the_instance_filter_follows_the_orchestrator_that_wrote_the_row_last(
     clean_database_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
 ) -> None:
-    a = desk(DESK_A, clean_database_url, sidecar_settings, sidecars)
-    b = desk(DESK_B, clean_database_url, sidecar_settings, sidecars)
-    await a.start()
-    await b.start()
+    a, b = await started_desks(clean_database_url, sidecar_settings, sidecars)
     await record_desk(a, "A", 2)
     b.record_trade(make_trade(trade_id="A-1", entry_time=BASE_TIME, exit_price=Decimal("1.1")))
     await b.flush(10)
@@ -165,10 +170,7 @@ async def test_start_up_loads_only_this_instances_trades_and_those_from_before_t
     baseline = desk(BASELINE_INSTANCE, clean_database_url, sidecar_settings, sidecars)
     await baseline.start()
     await record_desk(baseline, "OLD", 2, hours=-10)
-    a = desk(DESK_A, clean_database_url, sidecar_settings, sidecars)
-    b = desk(DESK_B, clean_database_url, sidecar_settings, sidecars)
-    await a.start()
-    await b.start()
+    a, b = await started_desks(clean_database_url, sidecar_settings, sidecars)
     a_ids = await record_desk(a, "A", 3)
     b_ids = await record_desk(b, "B", 3, hours=10)
     assert b.database is not None
