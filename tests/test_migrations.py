@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from textwrap import dedent
 
@@ -275,3 +276,29 @@ def test_migrate_to_base_on_a_database_with_data_is_refused_without_force(tmp_pa
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "parameter_history" not in tables and "trades" not in tables
     assert len(list((tmp_path / "backups").glob("bot-*.db"))) == 2
+
+
+def test_migrate_waits_for_another_migrators_lock_longer_than_the_busy_timeout(tmp_path: Path) -> None:
+    """Another process holds the SQLite file's lock for 2 s (a migrator creating a new schema under load): the
+    revision read waits for it, as the migration itself would, instead of failing at the 1 s busy timeout."""
+    path = tmp_path / "bot.db"
+    env = {**os.environ, "DATABASE_URL": f"sqlite+aiosqlite:///{path}", "PYTHONPATH": str(REPO_ROOT)}
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("CREATE TABLE held (x)")
+    migrator = subprocess.Popen(
+        [sys.executable, "-m", "persistence", "migrate"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(2)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    out, err = migrator.communicate(timeout=120)
+    assert migrator.returncode == 0, err
+    assert f"schema at revision {head_revision()}" in out

@@ -124,7 +124,7 @@ async def upgrade(
     config = alembic_config(extra_version_locations)
     script = ScriptDirectory.from_config(config)
     if backup_dir is not None:
-        current = await _checked_revision(database, script)
+        current = await _checked_revision(database, script, lock_wait_seconds)
         if _pending(script, current, revision):
             await _backup_if_holding_data(database, backup_dir, current, keep_backups)
 
@@ -169,7 +169,7 @@ async def migrate_to(
     """
     config = alembic_config(extra_version_locations)
     script = ScriptDirectory.from_config(config)
-    current = await _checked_revision(database, script)
+    current = await _checked_revision(database, script, lock_wait_seconds)
     plan = plan_migration(script, current, revision)
     if plan.direction == "upgrade":
         await upgrade(
@@ -245,9 +245,21 @@ def _schema_of(sync_connection: Connection) -> dict[str, set[str]]:
     return {table: {c["name"] for c in inspector.get_columns(table)} for table in inspector.get_table_names()}
 
 
-async def _checked_revision(database: Database, script: ScriptDirectory) -> str | None:
+async def _checked_revision(database: Database, script: ScriptDirectory, lock_wait_seconds: float) -> str | None:
+    """The database's revision, refused if this release does not know it.
+
+    A migrator in another process may hold SQLite's lock for longer than a reader's busy timeout (creating the schema
+    of a new file); the read is retried for as long as the lock itself would be waited for.
+    """
     try:
-        current = await current_revision(database)
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_is_locked),
+            stop=stop_after_delay(lock_wait_seconds),
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            reraise=True,
+        ):
+            with attempt:
+                current = await current_revision(database)
     except Exception as exc:
         raise MigrationError(f"could not read the schema revision: {exc}") from exc
     check_known_revision(script, current)
