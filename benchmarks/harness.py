@@ -34,12 +34,12 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import registry as orm_registry
 
 from persistence import PersistenceSidecar, Settings
-from persistence.db import create_database
-from persistence.events import BatchCommitted
+from persistence.db.engine import create_database
+from persistence.db.rowcodec import DriverBatch
+from persistence.db.schema import trades
 from persistence.migrations import upgrade
-from persistence.models import Trade
-from persistence.rowcodec import DriverBatch
-from persistence.schema import trades
+from persistence.observe.events import BatchCommitted
+from persistence.records.models import Trade
 
 T = TypeVar("T")
 BASE = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)

@@ -29,11 +29,12 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from benchmarks.harness import BENCH_INSTANCE, migrated, run, sidecar_burst, sqlite_settings, trade_mapping
 from persistence import Settings
-from persistence.audit import AuditHead, AuditLog, VersionEncoder, chain_entries, column_kinds
-from persistence.models import Trade
-from persistence.rowcodec import DriverBatch
-from persistence.schema import audit_log, trades
-from persistence.versioned import VersionedTable
+from persistence.audit.chain import AuditHead, VersionEncoder, chain_entries
+from persistence.audit.trail import AuditLog, column_kinds
+from persistence.db.rowcodec import DriverBatch
+from persistence.db.schema import audit_log, trades
+from persistence.records.models import Trade
+from persistence.tables.versioned import VersionedTable
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 POSTGRES_URL = os.environ.get("PERSISTENCE_TEST_POSTGRES_URL")

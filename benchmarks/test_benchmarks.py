@@ -33,10 +33,10 @@ from benchmarks.harness import (
     user_steady,
 )
 from persistence import PersistenceSidecar, Settings
-from persistence.db import create_database
-from persistence.history import TradeHistory
-from persistence.models import Trade
-from persistence.repositories import Repositories
+from persistence.db.engine import create_database
+from persistence.records.history import TradeHistory
+from persistence.records.models import Trade
+from persistence.tables.repositories import Repositories
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 POSTGRES_URL = os.environ.get("PERSISTENCE_TEST_POSTGRES_URL")

@@ -27,11 +27,11 @@ from sqlalchemy import insert
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from benchmarks.harness import migrated, run, sqlite_settings, trade_mapping
-from persistence.db import create_database
-from persistence.export import DEFAULT_CHUNK_ROWS, EXPORTABLES, PARQUET_ROW_GROUP_ROWS, arrow_schema, export
-from persistence.models import Trade
-from persistence.rowcodec import DriverBatch
-from persistence.schema import trades
+from persistence.db.engine import create_database
+from persistence.db.rowcodec import DriverBatch
+from persistence.db.schema import trades
+from persistence.records.models import Trade
+from persistence.tools.export import DEFAULT_CHUNK_ROWS, EXPORTABLES, PARQUET_ROW_GROUP_ROWS, arrow_schema, export
 
 TRADES = int(os.environ.get("BENCH_EXPORT_TRADES", "1000000"))
 ROUNDS = min(int(os.environ.get("BENCH_ROUNDS", "5")), 3)

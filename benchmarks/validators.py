@@ -1,7 +1,7 @@
 """A msgspec ``Struct`` with the trade's fields, types and lengths: the compiled-validator baseline of the benchmarks.
 
-It checks less than :meth:`persistence.models.Trade.parse` (no eight-place check, no quantizing, no conversion to
-UTC, no NUL or surrogate check, no normalising of case), so it is the floor a compiled validator starts from, not a
+It checks less than :meth:`persistence.records.models.Trade.parse` (no eight-place check, no quantizing, no conversion
+to UTC, no NUL or surrogate check, no normalising of case), so it is the floor a compiled validator starts from, not a
 drop-in replacement.
 """
 

@@ -1,5 +1,5 @@
 """``python -m persistence``: the same command line as ``persistence-sidecar``."""
 
-from persistence.cli import main
+from persistence.app.cli.main import main
 
 raise SystemExit(main())

@@ -127,3 +127,88 @@ class ApiPortUnavailableError(PersistenceError):
         self.host = host
         self.port = port
         super().__init__(f"cannot listen on {host}:{port}: {reason} (set PERSISTENCE_API_PORT / PERSISTENCE_API_HOST)")
+
+
+class DowngradeDataLossError(MigrationError):
+    """A downgrade would drop tables or columns that hold data; ``losses`` names them (``table`` or
+    ``table.column``)."""
+
+    def __init__(self, target: str, losses: list[str]) -> None:
+        self.target = target
+        self.losses = losses
+        super().__init__(
+            f"downgrading to {target!r} would drop {', '.join(losses)}, which hold data; pass --force to drop them"
+            " (back the database up first)",
+            revision=target,
+            losses=losses,
+        )
+
+
+class SchemaNewerError(MigrationError):
+    """The database's schema revision is unknown to this release: most likely a newer release migrated it.
+
+    ``database_revision`` is the database's revision, ``release_revision`` the newest one this release knows.
+    Nothing was written.
+    """
+
+    def __init__(self, database_revision: str, release_revision: str) -> None:
+        self.database_revision = database_revision
+        self.release_revision = release_revision
+        super().__init__(
+            f"the database is at schema revision {database_revision!r}, which this release does not know (its newest"
+            f" is {release_revision!r}): a newer release migrated it; upgrade persistence-sidecar to write to it",
+            database_revision=database_revision,
+            release_revision=release_revision,
+        )
+
+
+ANALYSIS_EXTRA = "persistence-sidecar[analysis]"
+"""The extra that brings pyarrow, for exports."""
+
+
+class AnalysisExtraMissingError(PersistenceError, ImportError):
+    """pyarrow is not installed; ``extra`` names the extra that brings it."""
+
+    def __init__(self) -> None:
+        self.extra = ANALYSIS_EXTRA
+        super().__init__(f"export needs pyarrow, which is not installed: pip install '{ANALYSIS_EXTRA}'")
+
+
+class RestoreError(PersistenceError):
+    """A restore was refused or failed; ``backup`` and ``database`` say which files, ``reason`` why."""
+
+    def __init__(self, backup: Path, database: Path, reason: str) -> None:
+        self.backup = backup
+        self.database = database
+        self.reason = reason
+        super().__init__(f"cannot restore {database} from {backup}: {reason}; the database was not changed")
+
+
+class CopyMismatchError(PersistenceError):
+    """After a copy, the target differs from the source; ``tables`` names the tables that differ."""
+
+    def __init__(self, report: Any) -> None:  # a persistence.tools.copy.CopyReport
+        self.report = report
+        self.tables = report.mismatched
+        super().__init__(f"the copy differs from the source in table(s): {', '.join(self.tables)}")
+
+
+class BackupError(PersistenceError):
+    """A backup could not be made; ``path`` is the database it was made of."""
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class DatabaseInUseError(PersistenceError):
+    """The database's lock is held the other way: a sidecar has it open (or a restore is replacing it)."""
+
+    def __init__(self, database: Path, lock_file: Path, *, exclusive: bool) -> None:
+        self.database = database
+        self.lock_file = lock_file
+        if exclusive:
+            message = f"{database} is in use: a sidecar has it open (it holds {lock_file}); stop it first"
+        else:
+            message = f"{database} is being restored (another process holds {lock_file} exclusively)"
+        super().__init__(message)

@@ -1,11 +1,11 @@
 """``PersistenceSidecar``: the facade a trading orchestrator embeds in its event loop.
 
 It keeps the authoritative in-memory ``trade_history`` and hands every validated record to the backlog
-(:class:`~persistence.backlog.Backlog`), which exists whenever persistence is enabled, from construction on: a
+(:class:`~persistence.write.backlog.Backlog`), which exists whenever persistence is enabled, from construction on: a
 record made before :meth:`~PersistenceSidecar.start` is kept, persisted by ``start()``, or journaled by a
-``close()`` without it. ``start()`` builds the :class:`~persistence.runtime.Runtime` (database, repositories,
+``close()`` without it. ``start()`` builds the :class:`~persistence.write.runtime.Runtime` (database, repositories,
 writer). ``record_*`` are synchronous and O(1): they validate, update the history, append to the backlog and
-return a :class:`~persistence.receipts.Receipt`; they never await, never touch the database and never raise
+return a :class:`~persistence.records.receipts.Receipt`; they never await, never touch the database and never raise
 because of its state. With ``ENABLE_DATABASE_PERSISTENCE=false`` there is no engine,
 no file, no journal and no thread; the history still works and receipts resolve as ``disabled``. The flag can be
 flipped at run time with :meth:`PersistenceSidecar.set_enabled` (turning it off flushes first).
@@ -22,28 +22,26 @@ from typing import Any, Self
 
 from prometheus_client import CollectorRegistry
 
-from persistence.backlog import Backlog, Clock, ReceiptBook, Sleep
-from persistence.committer import RetryPolicy
 from persistence.config import Settings
-from persistence.db import Database
+from persistence.db.engine import Database
 from persistence.errors import (
     DatabaseUnavailableError,
     FlushTimeoutError,
     SidecarClosedError,
 )
-from persistence.events import (
+from persistence.observe.event_log import EventLogger
+from persistence.observe.events import (
     EventBus,
     PersistenceToggled,
     ShutdownComplete,
     SidecarStarted,
 )
-from persistence.exporter import MetricsExporter, start_exporter
-from persistence.history import TradeHistory
-from persistence.logs import EventLogger
-from persistence.metrics import SidecarMetrics
-from persistence.models import ParameterChange, PerformanceSnapshot, Record, Signal, SignalExecution, Trade
-from persistence.receipts import Receipt, disabled_receipt
-from persistence.repositories import (
+from persistence.observe.metrics import SidecarMetrics
+from persistence.observe.metrics_http import MetricsExporter, start_exporter
+from persistence.records.history import TradeHistory
+from persistence.records.models import ParameterChange, PerformanceSnapshot, Record, Signal, SignalExecution, Trade
+from persistence.records.receipts import Receipt, disabled_receipt
+from persistence.tables.repositories import (
     DeadLetterRepository,
     ParameterHistoryRepository,
     PerformanceSnapshotRepository,
@@ -51,8 +49,10 @@ from persistence.repositories import (
     SignalRepository,
     TradeRepository,
 )
-from persistence.runtime import Counts, DatabaseState, HealthReport, Runtime
-from persistence.writer import Writer
+from persistence.write.backlog import Backlog, Clock, ReceiptBook, Sleep
+from persistence.write.committer import RetryPolicy
+from persistence.write.runtime import Counts, DatabaseState, HealthReport, Runtime
+from persistence.write.writer import Writer
 
 
 class PersistenceSidecar:

@@ -31,9 +31,9 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import await_only
 
-from persistence.db import Database, sqlite_path
+from persistence.db.engine import Database, sqlite_path
+from persistence.db.pgcopy import COPY_HOOKS
 from persistence.errors import DatabaseUnavailableError
-from persistence.pgcopy import COPY_HOOKS
 
 if TYPE_CHECKING:
     from persistence.sidecar import PersistenceSidecar
@@ -126,7 +126,7 @@ class _StatementHook:
     Three doors, all removed on exit: the engine's ``before_cursor_execute`` event (every statement SQLAlchemy
     executes); on SQLite, the driver connection's ``executemany`` for batches sent straight to aiosqlite
     (wrapped on the connection object at pool checkout; SQLAlchemy's own adapter never calls it); on PostgreSQL, the
-    pooled connection's ``COPY`` hooks (:data:`persistence.pgcopy.COPY_HOOKS`, registered at checkout), which see
+    pooled connection's ``COPY`` hooks (:data:`persistence.db.pgcopy.COPY_HOOKS`, registered at checkout), which see
     each batch sent by ``COPY`` as an ``INSERT`` into its table with its rows.
     """
 
@@ -191,7 +191,7 @@ class _StatementHook:
 
     def _hook_driver(self, dbapi_connection: Any, connection_record: Any, *_: Any) -> None:
         if not self.database.is_sqlite:
-            # PostgreSQL batches go by COPY (persistence.pgcopy), which asks the connection's COPY_HOOKS first.
+            # PostgreSQL batches go by COPY (persistence.db.pgcopy), which asks the connection's COPY_HOOKS first.
             copy_hooks: list[Any] = connection_record.info.setdefault(COPY_HOOKS, [])
             if self._check not in copy_hooks:
                 copy_hooks.append(self._check)

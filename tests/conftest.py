@@ -18,10 +18,10 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.config import Settings
-from persistence.db import Database, create_database
+from persistence.db.engine import Database, create_database
+from persistence.db.schema import TABLES
 from persistence.migrations import upgrade
-from persistence.repositories import Repositories
-from persistence.schema import TABLES
+from persistence.tables.repositories import Repositories
 
 # Property and model tests: `make test` runs them derandomized (the same examples every run, no example database),
 # so CI is deterministic; `make fuzz` (HYPOTHESIS_PROFILE=fuzz) explores with random seeds and many more examples.

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from persistence.models import ParameterChange, PerformanceSnapshot, Signal, Trade
+from persistence.records.models import ParameterChange, PerformanceSnapshot, Signal, Trade
 
 BASE_TIME = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 _counter = itertools.count(1)

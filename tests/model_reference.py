@@ -17,7 +17,7 @@ import annotated_types
 from pydantic import AfterValidator, BeforeValidator
 from pydantic.fields import FieldInfo
 
-from persistence.models import (
+from persistence.records.models import (
     DECIMAL_PRECISION,
     DECIMAL_SCALE,
     ParameterChange,

@@ -11,11 +11,11 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from persistence.db import Database
-from persistence.models import SESSIONS, Trade
-from persistence.repositories import Repositories
-from persistence.rowcodec import DriverBatch
-from persistence.schema import trades as trades_table
+from persistence.db.engine import Database
+from persistence.db.rowcodec import DriverBatch
+from persistence.db.schema import trades as trades_table
+from persistence.records.models import SESSIONS, Trade
+from persistence.tables.repositories import Repositories
 from tests.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot
 
 SYMBOLS = ("EURUSD", "GBPUSD", "BTCUSD", "XAUUSD")

@@ -20,10 +20,10 @@ import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
-from persistence.columns import to_scaled_int, to_sqlite_datetime
-from persistence.db import Database
-from persistence.events import Event, EventBus
-from persistence.models import Trade
+from persistence.db.columns import to_scaled_int, to_sqlite_datetime
+from persistence.db.engine import Database
+from persistence.observe.events import Event, EventBus
+from persistence.records.models import Trade
 from persistence.testing import DatabaseLock, DiskLimit
 
 __all__ = [

@@ -19,11 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from persistence import PersistenceSidecar
-from persistence.api import HistoryEnvelope, create_app, create_router
+from persistence.app.api import HistoryEnvelope, create_app, create_router
 from persistence.config import Settings
 from persistence.migrations import head_revision
-from persistence.models import Trade
-from persistence.repositories import SIGNAL_SORT_COLUMNS, TRADE_SORT_COLUMNS
+from persistence.records.models import Trade
+from persistence.tables.repositories import SIGNAL_SORT_COLUMNS, TRADE_SORT_COLUMNS
 from persistence.testing import FakeClock
 from tests.api_support import ReadLock
 from tests.factories import BASE_TIME, make_signal, make_trade

@@ -25,27 +25,25 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from persistence import PersistenceSidecar
-from persistence.audit import (
+from persistence.audit.chain import (
     BASELINE_INSTANCE,
     GENESIS,
-    TABLES_OF,
     VersionEncoder,
     canonical_json,
     canonical_time,
     canonical_version,
-    chain_lock_key,
-    column_kinds,
     header_text,
 )
-from persistence.audit_verify import verify
+from persistence.audit.trail import TABLES_OF, chain_lock_key, column_kinds
+from persistence.audit.verify import verify
 from persistence.config import Settings
-from persistence.db import Database, create_database
-from persistence.export import export
+from persistence.db.engine import Database, create_database
+from persistence.db.schema import audit_log
 from persistence.migrations import migrate_to, upgrade
-from persistence.models import SignalExecution, Trade
-from persistence.repositories import Repositories
-from persistence.schema import audit_log
-from persistence.transfer import copy_database
+from persistence.records.models import SignalExecution, Trade
+from persistence.tables.repositories import Repositories
+from persistence.tools.copy import copy_database
+from persistence.tools.export import export
 from tests.conftest import empty_every_table, make_settings
 from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 from tests.support import (

@@ -22,13 +22,13 @@ import pytest
 from sqlalchemy import text
 
 from persistence import InvalidRecordError, PersistenceSidecar
-from persistence.audit_verify import verify
-from persistence.committer import DEAD_LETTER_FILE, RetryPolicy
+from persistence.audit.verify import verify
 from persistence.config import Settings
-from persistence.db import create_database
-from persistence.events import EventBus, RecordDeadLettered, RecordsDropped
-from persistence.journal import Journal
+from persistence.db.engine import create_database
 from persistence.migrations import upgrade
+from persistence.observe.events import EventBus, RecordDeadLettered, RecordsDropped
+from persistence.write.committer import DEAD_LETTER_FILE, RetryPolicy
+from persistence.write.journal import Journal
 from tests.conftest import make_settings
 from tests.factories import make_trade, trade_data
 from tests.support import DatabaseLock, Recorder, add_poison_trigger_postgres, add_poison_trigger_sqlite, eventually

@@ -1,4 +1,4 @@
-"""Tests for the pure circuit-breaker state machine in ``persistence.breaker``.
+"""Tests for the pure circuit-breaker state machine in ``persistence.write.breaker``.
 
 Time is a plain float that the tests advance by hand; nothing sleeps.
 """
@@ -14,7 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from persistence.breaker import Admission, BreakerState, CircuitBreaker, Transition
+from persistence.write.breaker import Admission, BreakerState, CircuitBreaker, Transition
 from tests.conftest import examples
 
 T0 = 1000.0  # arbitrary monotonic start time, deliberately not zero

@@ -15,11 +15,11 @@ from sqlalchemy import text
 from structlog.testing import capture_logs
 
 from persistence import PersistenceSidecar
-from persistence.checkpoint import CHECKPOINT_INTERVAL, WalCheckpointer
-from persistence.committer import RetryPolicy
-from persistence.db import WAL_AUTOCHECKPOINT_PAGES, Database, create_database
+from persistence.db.engine import WAL_AUTOCHECKPOINT_PAGES, Database, create_database
+from persistence.db.wal_checkpoint import CHECKPOINT_INTERVAL, WalCheckpointer
 from persistence.migrations import upgrade
 from persistence.testing import FakeClock
+from persistence.write.committer import RetryPolicy
 from tests.conftest import make_settings
 from tests.factories import make_trade
 from tests.support import eventually

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from persistence import PersistenceSidecar
-from persistence.journal import Journal
+from persistence.write.journal import Journal
 from tests.conftest import make_settings
 from tests.factories import BASE_TIME, make_trade
 

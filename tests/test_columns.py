@@ -10,8 +10,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from persistence.columns import decode_datetime, decode_decimal, to_scaled_int, to_sqlite_datetime
-from persistence.models import DECIMAL_LIMIT, DECIMAL_SCALE
+from persistence.db.columns import decode_datetime, decode_decimal, to_scaled_int, to_sqlite_datetime
+from persistence.records.models import DECIMAL_LIMIT, DECIMAL_SCALE
 
 zones = st.one_of(
     st.just(UTC),
@@ -66,9 +66,9 @@ async def test_the_host_decimal_context_never_rounds_a_stored_or_read_value(sqli
     from decimal import localcontext
 
     from persistence.config import Settings
-    from persistence.db import create_database
+    from persistence.db.engine import create_database
     from persistence.migrations import upgrade
-    from persistence.repositories import Repositories
+    from persistence.tables.repositories import Repositories
     from tests.factories import make_trade
 
     database = create_database(Settings(_env_file=None, database_url=sqlite_url))

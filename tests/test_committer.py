@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import exc as sa_exc
 
-from persistence.backlog import Pending
-from persistence.committer import DEAD_LETTER_FILE, Committer, RetryPolicy
-from persistence.db import Database
-from persistence.faults import classify
-from persistence.models import Record
-from persistence.repositories import Repositories
+from persistence.db.engine import Database
+from persistence.records.models import Record
+from persistence.tables.repositories import Repositories
+from persistence.write.backlog import Pending
+from persistence.write.committer import DEAD_LETTER_FILE, Committer, RetryPolicy
+from persistence.write.faults import classify
 from tests.factories import make_trade
 
 NO_WAIT = RetryPolicy(attempts=1, initial_wait=0.0, max_wait=0.0)

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
 
-from persistence.db import SQLITE_MAX_BUSY_MS, Database, create_database, sqlite_path
+from persistence.db.engine import SQLITE_MAX_BUSY_MS, Database, create_database, sqlite_path
 from persistence.errors import QueryTimeoutError
 from tests.conftest import make_settings
 
@@ -192,7 +192,7 @@ async def test_a_runaway_batch_write_on_the_driver_fast_path_is_interrupted_at_t
     sqlite_url: str,
 ) -> None:
     from persistence.migrations import upgrade
-    from persistence.repositories import Repositories
+    from persistence.tables.repositories import Repositories
     from tests.factories import make_trade
 
     database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=300))

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from persistence.demo import DEMO_OVERRIDES, demo_overrides, demo_settings, describe_overrides
-from persistence.events import (
+from persistence.app.demo.orchestrator import DEMO_OVERRIDES, demo_overrides, demo_settings, describe_overrides
+from persistence.app.demo.outages import OutageSummary
+from persistence.observe.events import (
     BatchCommitted,
     BreakerChanged,
     Event,
@@ -28,7 +29,6 @@ from persistence.events import (
     WriteFailed,
     WriteRetried,
 )
-from persistence.outages import OutageSummary
 from tests.conftest import make_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -21,13 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from persistence.db import Database, create_database
+from persistence.app.cli.progress import ProgressBar, render
+from persistence.db.engine import Database, create_database
 from persistence.errors import InvalidQueryError
-from persistence.export import iter_batches
 from persistence.migrations import upgrade
-from persistence.models import Trade
-from persistence.progress import ProgressBar, render
-from persistence.repositories import Repositories
+from persistence.records.models import Trade
+from persistence.tables.repositories import Repositories
+from persistence.tools.export import iter_batches
 from tests.conftest import make_settings
 from tests.portability_data import as_rows, fill_trades_fast, record_everything, varied_trades
 
@@ -189,8 +189,8 @@ KILLED_EXPORT = """
 import asyncio, os, sys, time
 from pathlib import Path
 from persistence.config import Settings
-from persistence.db import create_database
-from persistence.export import export
+from persistence.db.engine import create_database
+from persistence.tools.export import export
 
 def stall(rows):
     Path(sys.argv[2]).write_text(str(rows))
@@ -245,7 +245,7 @@ def test_without_pyarrow_the_export_command_names_the_extra_to_install(tmp_path:
         import sys
         sys.modules["pyarrow"] = None  # as if the extra were not installed
         import persistence
-        from persistence.cli import main
+        from persistence.app.cli.main import main
         sys.exit(main(["export", "trades", "--output", "trades.parquet"]))
         """
     )

@@ -9,8 +9,8 @@ from decimal import Decimal
 import pytest
 
 from persistence.errors import DeadLetteredError, RecordDroppedError
-from persistence.history import TradeHistory
-from persistence.receipts import Receipt
+from persistence.records.history import TradeHistory
+from persistence.records.receipts import Receipt
 from tests.factories import make_trade
 
 

@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import text
 
 from persistence import PersistenceSidecar
-from persistence.api import HistoryEnvelope, TradeVersion, create_app
-from persistence.audit import BASELINE_INSTANCE
+from persistence.app.api import HistoryEnvelope, TradeVersion, create_app
+from persistence.audit.chain import BASELINE_INSTANCE
 from persistence.config import Settings
 from persistence.errors import InvalidQueryError
-from persistence.queries import SignalQuery, TradeQuery
+from persistence.tables.queries import SignalQuery, TradeQuery
 from persistence.testing import FakeClock
 from tests.factories import BASE_TIME, make_signal, make_trade
 from tests.support import DatabaseLock, eventually

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from persistence.journal import Journal, JournalEntry, JournalError
+from persistence.write.journal import Journal, JournalEntry, JournalError
 from tests.conftest import examples
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +332,7 @@ def test_kill_9_of_a_writing_process_keeps_every_synced_record_in_order(tmp_path
         import sys
         sys.path.insert(0, sys.argv[1])
         from pathlib import Path
-        from persistence.journal import Journal
+        from persistence.write.journal import Journal
 
         journal = Journal(Path(sys.argv[2]), segment_max_bytes=4096)
         seq = 0
@@ -597,7 +597,7 @@ def test_disk_full_mid_write_raises_leaves_no_partial_line_and_journal_keeps_wor
         import json, resource, signal, sys
         sys.path.insert(0, sys.argv[1])
         from pathlib import Path
-        from persistence.journal import Journal, JournalError
+        from persistence.write.journal import Journal, JournalError
 
         directory = Path(sys.argv[2])
         segment = directory / "segment-00000001.jsonl"

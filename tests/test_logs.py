@@ -21,8 +21,8 @@ import structlog
 from structlog.testing import capture_logs
 
 from persistence.config import Settings
-from persistence.context import correlation_scope
-from persistence.logs import configure_logging, mask_secrets
+from persistence.observe.correlation import correlation_scope
+from persistence.observe.event_log import configure_logging, mask_secrets
 from persistence.testing import FakeClock
 from tests.conftest import make_settings
 from tests.factories import make_signal, make_trade
@@ -431,7 +431,7 @@ def test_stdlib_lines_carry_the_current_correlation_id(restore_logging: None) ->
 
 def test_importing_the_package_configures_no_logging() -> None:
     probe = (
-        "import logging, structlog, persistence, persistence.logs, persistence.sidecar;"
+        "import logging, structlog, persistence, persistence.observe.event_log, persistence.sidecar;"
         "assert logging.getLogger().handlers == [], logging.getLogger().handlers;"
         "assert not structlog.is_configured();"
         "print('clean')"
@@ -487,7 +487,7 @@ def test_a_host_that_configured_logging_at_debug_gets_the_batch_events_through_i
 def test_the_library_logger_honours_the_stdlib_level_and_formats_a_readable_message(
     restore_logging: None,
 ) -> None:
-    from persistence.logger import get_logger
+    from persistence.observe.logger import get_logger
 
     structlog.reset_defaults()
     records: list[logging.LogRecord] = []

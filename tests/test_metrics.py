@@ -22,9 +22,9 @@ from structlog.testing import capture_logs
 
 from persistence import DeadLetteredError, PersistenceSidecar
 from persistence.config import Settings
-from persistence.journal import Journal
-from persistence.metrics import SidecarMetrics, render
+from persistence.observe.metrics import SidecarMetrics, render
 from persistence.testing import FakeClock
+from persistence.write.journal import Journal
 from tests.factories import make_signal, make_trade
 from tests.support import DatabaseLock, add_poison_trigger_sqlite, eventually, sqlite_file
 from tests.test_sidecar import build

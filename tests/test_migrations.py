@@ -17,10 +17,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from persistence.db import Database, create_database
-from persistence.migrations import DowngradeDataLossError, current_revision, head_revision, migrate_to, upgrade
-from persistence.repositories import Repositories
-from persistence.schema import metadata
+from persistence.db.engine import Database, create_database
+from persistence.db.schema import metadata
+from persistence.errors import DowngradeDataLossError
+from persistence.migrations import current_revision, head_revision, migrate_to, upgrade
+from persistence.tables.repositories import Repositories
 from tests.conftest import make_settings
 from tests.factories import make_trade
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from persistence.errors import InvalidRecordError
-from persistence.models import (
+from persistence.records.models import (
     _FAST_PARSERS,
     DECIMAL_LIMIT,
     ParameterChange,

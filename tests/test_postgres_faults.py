@@ -28,10 +28,10 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from persistence import PersistenceSidecar
-from persistence.committer import RetryPolicy
-from persistence.events import BreakerChanged, WriteFailed
-from persistence.models import Signal, Trade
+from persistence.observe.events import BreakerChanged, WriteFailed
+from persistence.records.models import Signal, Trade
 from persistence.testing import DatabaseLock, FaultInjector, wait_for_breaker
+from persistence.write.committer import RetryPolicy
 from tests.conftest import (
     POSTGRES_ENV,
     POSTGRES_SKIP_REASON,

@@ -9,7 +9,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import persistence
-from persistence import errors, events
+from persistence import errors
+from persistence.observe import events
 from persistence.sidecar import PersistenceSidecar
 
 

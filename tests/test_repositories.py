@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import insert, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from persistence.db import Database
+from persistence.db.engine import Database
+from persistence.db.schema import trades
 from persistence.errors import InvalidQueryError
-from persistence.models import SignalExecution
-from persistence.repositories import TRADE_SORT_COLUMNS, Repositories
-from persistence.schema import trades
+from persistence.records.models import SignalExecution
+from persistence.tables.repositories import TRADE_SORT_COLUMNS, Repositories
 from tests.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot, make_trade
 
 EXACT_VALUES = [
@@ -299,7 +299,7 @@ async def test_the_sqlite_batch_fast_path_stores_exactly_what_the_column_types_s
     import sqlite3
 
     from persistence.config import Settings
-    from persistence.db import create_database
+    from persistence.db.engine import create_database
     from persistence.migrations import upgrade
 
     database = create_database(Settings(_env_file=None, database_url=sqlite_url))
@@ -323,10 +323,10 @@ async def test_the_sqlite_batch_fast_path_stores_exactly_what_the_column_types_s
 
 async def test_the_sqlite_row_reader_reads_exactly_what_the_column_types_read(sqlite_url: str) -> None:
     from persistence.config import Settings
-    from persistence.db import create_database
+    from persistence.db.engine import create_database
+    from persistence.db.schema import signals
     from persistence.migrations import upgrade
-    from persistence.models import Signal, Trade
-    from persistence.schema import signals
+    from persistence.records.models import Signal, Trade
 
     database = create_database(Settings(_env_file=None, database_url=sqlite_url))
     try:
@@ -367,7 +367,7 @@ async def test_the_sqlite_row_reader_reads_exactly_what_the_column_types_read(sq
 
 
 def test_decoded_decimals_are_shared_and_the_cache_stays_bounded() -> None:
-    from persistence import columns
+    from persistence.db import columns
 
     first = columns.decode_decimal(-123_456_789)
     assert str(first) == "-1.23456789"
@@ -384,7 +384,7 @@ BATCH = 40  # above COPY_MIN_ROWS, so PostgreSQL takes the COPY path
 
 
 async def test_a_large_batch_upsert_lands_every_row_exactly(repos: Repositories) -> None:
-    from persistence.pgcopy import COPY_MIN_ROWS
+    from persistence.db.pgcopy import COPY_MIN_ROWS
 
     assert BATCH >= COPY_MIN_ROWS
     from sqlalchemy import event
@@ -480,8 +480,8 @@ async def test_a_large_batch_rolls_back_with_its_transaction(repos: Repositories
 
 
 async def test_a_row_the_database_refuses_in_a_large_batch_is_a_data_error(repos: Repositories) -> None:
-    from persistence.faults import classify
-    from persistence.models import Trade
+    from persistence.records.models import Trade
+    from persistence.write.faults import classify
 
     good = [make_trade() for _ in range(BATCH)]
     # Built without validation, as no caller of the public API can: the table's CHECK refuses it.
@@ -496,11 +496,11 @@ async def test_a_row_the_database_refuses_in_a_large_batch_is_a_data_error(repos
 @pytest.mark.postgres
 async def test_a_large_batch_held_up_by_a_lock_times_out_as_a_transient_error(postgres_url: str) -> None:
     from persistence.config import Settings
-    from persistence.db import create_database
+    from persistence.db.engine import create_database
     from persistence.errors import QueryTimeoutError
-    from persistence.faults import classify
     from persistence.migrations import upgrade
     from persistence.testing import DatabaseLock
+    from persistence.write.faults import classify
 
     database = create_database(Settings(_env_file=None, database_url=postgres_url, query_timeout_ms=300))
     try:
@@ -520,7 +520,7 @@ async def test_a_large_batch_held_up_by_a_lock_times_out_as_a_transient_error(po
 
 
 async def test_a_record_from_a_row_mapping_equals_the_one_the_row_reader_makes(repos: Repositories) -> None:
-    from persistence.models import Trade
+    from persistence.records.models import Trade
 
     trade = make_trade(pnl=Decimal("-0.00000001"))
     await repos.trades.save_trade(trade)

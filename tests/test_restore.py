@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from persistence.backups import online_backup
-from persistence.db import create_database
-from persistence.dblock import DatabaseInUseError, DatabaseInUseLock
+from persistence.db.backups import online_backup
+from persistence.db.engine import create_database
+from persistence.db.inuse_lock import DatabaseInUseLock
+from persistence.errors import DatabaseInUseError, RestoreError
 from persistence.migrations import head_revision, upgrade
-from persistence.repositories import Repositories
-from persistence.restore import RestoreError, pre_restore_path, restore_sqlite
+from persistence.tables.repositories import Repositories
+from persistence.tools.restore import pre_restore_path, restore_sqlite
 from tests.conftest import make_settings
 from tests.portability_data import as_rows, record_everything, varied_trades
 
@@ -126,7 +127,7 @@ def test_a_bad_backup_is_refused_with_a_clear_error_and_the_database_left_untouc
 LOCK_HOLDER = """
 import sys
 from pathlib import Path
-from persistence.dblock import DatabaseInUseLock
+from persistence.db.inuse_lock import DatabaseInUseLock
 
 lock = DatabaseInUseLock(Path(sys.argv[1]))
 lock.acquire()

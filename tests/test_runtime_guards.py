@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import text
 
 from persistence import PersistenceSidecar
-from persistence.db import create_database
-from persistence.dblock import DatabaseInUseError
-from persistence.events import EventBus, SchemaNewerThanRelease
+from persistence.db.engine import create_database
+from persistence.errors import DatabaseInUseError
 from persistence.migrations import head_revision, upgrade
-from persistence.restore import restore_sqlite
+from persistence.observe.events import EventBus, SchemaNewerThanRelease
+from persistence.tools.restore import restore_sqlite
 from tests.conftest import make_settings
 from tests.factories import make_trade
 from tests.support import Recorder, save_trade_before_the_trail, sqlite_file

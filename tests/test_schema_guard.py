@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from persistence.backups import automatic_backups, backup_before_migration, backup_dir_for
-from persistence.db import Database, create_database
-from persistence.errors import MigrationError, PersistenceError
-from persistence.migrations import SchemaNewerError, current_revision, head_revision, migrate_to, upgrade
-from persistence.repositories import Repositories
+from persistence.db.backups import automatic_backups, backup_before_migration, backup_dir_for
+from persistence.db.engine import Database, create_database
+from persistence.errors import MigrationError, PersistenceError, SchemaNewerError
+from persistence.migrations import current_revision, head_revision, migrate_to, upgrade
+from persistence.tables.repositories import Repositories
 from tests.conftest import make_settings
 from tests.factories import make_trade
 from tests.support import save_trade_before_the_trail

@@ -23,11 +23,11 @@ from persistence import (
     Receipt,
     SidecarClosedError,
 )
-from persistence.committer import RetryPolicy
 from persistence.config import Settings
-from persistence.context import correlation_scope
-from persistence.events import BatchCommitted, DatabaseUnavailable, ShutdownComplete
+from persistence.observe.correlation import correlation_scope
+from persistence.observe.events import BatchCommitted, DatabaseUnavailable, ShutdownComplete
 from persistence.testing import FakeClock
+from persistence.write.committer import RetryPolicy
 from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 from tests.support import DatabaseLock, Recorder, eventually
 

@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from persistence import PersistenceSidecar
-from persistence.committer import RetryPolicy
 from persistence.config import Settings
-from persistence.receipts import Receipt
+from persistence.records.receipts import Receipt
 from persistence.testing import FakeClock
+from persistence.write.committer import RetryPolicy
 from tests.conftest import examples
 from tests.factories import trade_data
 from tests.support import add_poison_trigger_sqlite

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from persistence import DeadLetteredError, PersistenceSidecar
-from persistence.committer import RetryPolicy
 from persistence.config import Settings
 from persistence.errors import DatabaseUnavailableError
-from persistence.events import BatchCommitted, BreakerChanged, WriteFailed
+from persistence.observe.events import BatchCommitted, BreakerChanged, WriteFailed
 from persistence.testing import DiskLimit, FakeClock, FaultInjector, wait_for_breaker, written_table
+from persistence.write.committer import RetryPolicy
 from tests.conftest import make_settings
 from tests.factories import make_trade, trade_data
 from tests.support import Recorder, eventually

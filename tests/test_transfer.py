@@ -18,12 +18,12 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from persistence.db import Database, create_database
-from persistence.errors import MigrationError
+from persistence.db.engine import Database, create_database
+from persistence.db.schema import TABLES
+from persistence.errors import CopyMismatchError, MigrationError
 from persistence.migrations import upgrade
-from persistence.repositories import Repositories
-from persistence.schema import TABLES
-from persistence.transfer import CopyMismatchError, copy_database, table_checksum
+from persistence.tables.repositories import Repositories
+from persistence.tools.copy import copy_database, table_checksum
 from tests.conftest import create_postgres_database, drop_postgres_database, make_settings
 from tests.portability_data import record_everything, varied_trades
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from persistence.audit_verify import verify
-from persistence.db import create_database
+from persistence.audit.verify import verify
+from persistence.db.engine import create_database
 from persistence.migrations import upgrade
-from persistence.models import Trade
-from persistence.repositories import Repositories
+from persistence.records.models import Trade
+from persistence.tables.repositories import Repositories
 from tests.conftest import examples, make_settings
 from tests.factories import BASE_TIME, make_trade
 

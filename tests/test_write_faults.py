@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from persistence import DeadLetteredError, PersistenceSidecar, RecordDroppedError
 from persistence.config import Settings
-from persistence.events import (
+from persistence.observe.events import (
     BatchCommitted,
     BreakerChanged,
     EventBus,
@@ -29,8 +29,8 @@ from persistence.events import (
     RecordsDropped,
     WriteFailed,
 )
-from persistence.journal import Journal
 from persistence.testing import FakeClock
+from persistence.write.journal import Journal
 from tests.factories import make_signal, make_trade
 from tests.support import (
     DatabaseLock,

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from persistence.backlog import Backlog, Pending, ReceiptBook
-from persistence.breaker import CircuitBreaker
-from persistence.committer import DeadLetter, Outcome
 from persistence.config import Settings
-from persistence.events import BatchCommitted, BreakerChanged, EventBus, RecordDeadLettered, WriteFailed
-from persistence.history import TradeHistory
+from persistence.observe.events import BatchCommitted, BreakerChanged, EventBus, RecordDeadLettered, WriteFailed
+from persistence.records.history import TradeHistory
 from persistence.testing import FakeClock
-from persistence.writer import Writer
+from persistence.write.backlog import Backlog, Pending, ReceiptBook
+from persistence.write.breaker import CircuitBreaker
+from persistence.write.committer import DeadLetter, Outcome
+from persistence.write.writer import Writer
 from tests.conftest import make_settings
 from tests.factories import make_trade
 from tests.support import Recorder, eventually

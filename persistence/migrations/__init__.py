@@ -30,10 +30,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
-from persistence.backups import KEEP_BACKUPS, backup_before_migration, holds_data
-from persistence.db import Database, sqlite_path
-from persistence.errors import MigrationError
-from persistence.migrations.guard import SchemaNewerError, check_known_revision, is_known
+from persistence.db.backups import KEEP_BACKUPS, backup_before_migration, holds_data
+from persistence.db.engine import Database, sqlite_path
+from persistence.errors import DowngradeDataLossError, MigrationError, SchemaNewerError
+from persistence.migrations.guard import check_known_revision, is_known
 
 __all__ = [
     "MIGRATIONS_DIR",
@@ -54,20 +54,6 @@ T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent
 _PG_MIGRATION_LOCK = 0x5EC1DECA  # arbitrary, constant: the advisory lock key all migrators share
-
-
-class DowngradeDataLossError(MigrationError):
-    """A downgrade would drop tables or columns that hold data; ``losses`` names them (``table`` or ``table.column``)."""
-
-    def __init__(self, target: str, losses: list[str]) -> None:
-        self.target = target
-        self.losses = losses
-        super().__init__(
-            f"downgrading to {target!r} would drop {', '.join(losses)}, which hold data; pass --force to drop them"
-            " (back the database up first)",
-            revision=target,
-            losses=losses,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +265,7 @@ async def _backup_if_holding_data(database: Database, backup_dir: Path, current:
     path = sqlite_path(database.settings.url)
     if path is None:
         return
-    from persistence.schema import TABLES
+    from persistence.db.schema import TABLES
 
     names = [table.name for table in TABLES]
     if not await asyncio.to_thread(holds_data, path, names):

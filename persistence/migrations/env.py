@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from persistence.schema import metadata
+from persistence.db.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:

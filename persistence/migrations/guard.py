@@ -11,25 +11,7 @@ from __future__ import annotations
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
-from persistence.errors import MigrationError
-
-
-class SchemaNewerError(MigrationError):
-    """The database's schema revision is unknown to this release: most likely a newer release migrated it.
-
-    ``database_revision`` is the database's revision, ``release_revision`` the newest one this release knows.
-    Nothing was written.
-    """
-
-    def __init__(self, database_revision: str, release_revision: str) -> None:
-        self.database_revision = database_revision
-        self.release_revision = release_revision
-        super().__init__(
-            f"the database is at schema revision {database_revision!r}, which this release does not know (its newest"
-            f" is {release_revision!r}): a newer release migrated it; upgrade persistence-sidecar to write to it",
-            database_revision=database_revision,
-            release_revision=release_revision,
-        )
+from persistence.errors import SchemaNewerError
 
 
 def is_known(script: ScriptDirectory, revision: str) -> bool:

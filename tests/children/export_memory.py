@@ -11,8 +11,8 @@ import sys
 from datetime import datetime
 
 from persistence.config import Settings
-from persistence.db import create_database
-from persistence.export import export
+from persistence.db.engine import create_database
+from persistence.tools.export import export
 
 
 def kib(field: str) -> int:

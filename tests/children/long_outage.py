@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from persistence import PersistenceSidecar, Settings
-from persistence.committer import RetryPolicy
 from persistence.testing import FakeClock
+from persistence.write.committer import RetryPolicy
 
 
 def rss_bytes() -> int:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from persistence import PersistenceSidecar, Settings
-from persistence.receipts import Receipt
+from persistence.records.receipts import Receipt
 
 
 async def main(database_url: str, journal_dir: str, versions: bool) -> None:

@@ -10,9 +10,9 @@ import asyncio
 import sys
 import time
 
-from persistence.audit_verify import verify
+from persistence.audit.verify import verify
 from persistence.config import Settings
-from persistence.db import create_database
+from persistence.db.engine import create_database
 from tests.children.export_memory import kib
 
 

@@ -36,11 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from persistence import PersistenceSidecar, Settings
-from persistence.columns import to_scaled_int, to_sqlite_datetime
-from persistence.committer import RetryPolicy
-from persistence.events import BatchCommitted, BreakerChanged, Event, JournalSpilled, RecordDeadLettered, WriteFailed
-from persistence.models import Signal, Trade
+from persistence.db.columns import to_scaled_int, to_sqlite_datetime
+from persistence.observe.events import (
+    BatchCommitted,
+    BreakerChanged,
+    Event,
+    JournalSpilled,
+    RecordDeadLettered,
+    WriteFailed,
+)
+from persistence.records.models import Signal, Trade
 from persistence.testing import DatabaseLock, FaultInjector
+from persistence.write.committer import RetryPolicy
 
 TICK_SECONDS = 0.02
 POISON_PREFIX = "POISON-"

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from persistence import PersistenceSidecar
-from persistence.committer import RetryPolicy
 from persistence.config import Settings
-from persistence.events import BreakerChanged
+from persistence.observe.events import BreakerChanged
 from persistence.testing import FaultInjector, wait_for_breaker
+from persistence.write.committer import RetryPolicy
 from tests.factories import make_trade
 from tests.support import Recorder
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from persistence.columns import ExactNumeric, UTCDateTime
+from persistence.db.columns import ExactNumeric, UTCDateTime
 
 revision: str = "0001"
 down_revision: str | None = None

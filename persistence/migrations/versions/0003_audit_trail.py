@@ -17,9 +17,9 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from persistence.audit import BASELINE_INSTANCE, AuditHead, canonical_version, chain_entries
-from persistence.columns import ExactNumeric, UTCDateTime
-from persistence.models import utc_now
+from persistence.audit.chain import BASELINE_INSTANCE, AuditHead, canonical_version, chain_entries
+from persistence.db.columns import ExactNumeric, UTCDateTime
+from persistence.records.models import utc_now
 
 revision: str = "0003"
 down_revision: str | None = "0002"

@@ -1,0 +1,225 @@
+"""The audit chain, pure: a version's canonical JSON, an entry's header, and the SHA-256 that links it to the last.
+
+An entry holds a version as canonical JSON (:func:`canonical_version`: sorted keys, decimals as strings with exactly
+eight places, timestamps in UTC as ``YYYY-MM-DDTHH:MM:SS.ffffffZ``) and links to the one before it in its instance's
+chain::
+
+    hash = SHA-256(prev_hash "\\n" header "\\n" payload)
+
+where ``header`` is the canonical JSON of the entry's other columns (``instance_id``, ``seq``, ``entity``,
+``natural_key``, ``recorded_at``), so every stored column is covered. A chain starts at ``seq`` 1 with ``prev_hash``
+:data:`GENESIS`. Nothing here reads a database or a clock: :mod:`persistence.audit.trail` appends what this computes,
+and :mod:`persistence.audit.verify` recomputes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from json.encoder import encode_basestring_ascii
+from typing import Any
+
+from persistence.db.columns import to_sqlite_datetime
+
+GENESIS = "0" * 64
+"""The ``prev_hash`` of a chain's first entry."""
+BASELINE_INSTANCE = "pre-audit"
+"""The instance id that migration 0003 gives rows written before the trail, and the chain of their entries."""
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One version of a record as it was written: its entity, natural key and every field's value.
+
+    ``payload`` is its canonical JSON when the writer already made it (``None``: :class:`AuditLog` makes it).
+    """
+
+    entity: str
+    key: str
+    values: Mapping[str, Any]
+    payload: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditHead:
+    """Where a chain ends: its instance, the last ``seq`` and that entry's hash."""
+
+    instance_id: str
+    seq: int
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One entry of ``audit_log``, decoded; ``version`` is the parsed payload."""
+
+    id: int
+    instance_id: str
+    seq: int
+    entity: str
+    natural_key: str
+    payload: str
+    recorded_at: datetime
+    prev_hash: str
+    hash: str
+
+    @property
+    def version(self) -> dict[str, Any]:
+        """The version this entry records, as JSON values (decimals and timestamps as strings)."""
+        value: dict[str, Any] = json.loads(self.payload)
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as JSON values, the version parsed."""
+        return {
+            "seq": self.seq,
+            "instance_id": self.instance_id,
+            "entity": self.entity,
+            "natural_key": self.natural_key,
+            "recorded_at": canonical_time(self.recorded_at),
+            "version": self.version,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+def canonical_time(value: datetime) -> str:
+    """A timestamp's one canonical text: UTC, microseconds always present, ``Z``."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    elif value.utcoffset():
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def _canonical_value(value: Any) -> Any:
+    if value is None or value is True or value is False:
+        return value
+    kind = type(value)
+    if kind is Decimal:
+        return f"{value:.8f}"
+    if kind is datetime:
+        return canonical_time(value)
+    if kind is int or kind is str:
+        return value
+    if isinstance(value, Decimal):
+        return f"{value:.8f}"
+    if isinstance(value, datetime):
+        return canonical_time(value)
+    if isinstance(value, bool | int | str):
+        return value
+    raise TypeError(f"no canonical form for {kind.__name__}")
+
+
+def canonical_json(values: Mapping[str, Any]) -> str:
+    """Canonical JSON of a mapping of JSON-ready values: sorted keys, no spaces, ASCII only."""
+    return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def canonical_version(values: Mapping[str, Any], fields: Sequence[str]) -> str:
+    """The canonical JSON of a record version: ``fields`` of ``values``, decimals and timestamps as text."""
+    return canonical_json({name: _canonical_value(values[name]) for name in fields})
+
+
+def _text(value: Any) -> str:
+    """A value's canonical JSON text (what :func:`canonical_json` writes for :func:`_canonical_value` of it)."""
+    kind = type(value)
+    if kind is str:
+        return encode_basestring_ascii(value)
+    if kind is Decimal:
+        return f'"{value:.8f}"'
+    if kind is datetime:
+        return f'"{canonical_time(value)}"'
+    if value is None:
+        return "null"
+    return json.dumps(_canonical_value(value))
+
+
+def _utc_text(value: datetime) -> str:
+    """The quoted canonical text of a timestamp, from SQLite's stored form (the cheapest exact formatting there is)."""
+    stored = to_sqlite_datetime(value)  # YYYY-MM-DD HH:MM:SS.ffffff in UTC
+    return f'"{stored[:10]}T{stored[11:]}Z"'
+
+
+class VersionEncoder:
+    """:func:`canonical_version` for one set of fields, generated once: the same text, several times faster.
+
+    The keys are written in sorted order with their JSON text once; each value is encoded in place by an expression
+    chosen for its kind (``kinds`` maps a field to ``decimal``, ``datetime`` or ``text``; any other field takes the
+    general path). A test holds it to :func:`canonical_version` for every kind of value.
+    """
+
+    def __init__(self, fields: Sequence[str], kinds: Mapping[str, str] | None = None) -> None:
+        kinds = kinds or {}
+        pieces: list[str] = []
+        template = ""
+        for index, name in enumerate(sorted(fields)):
+            template += ("{" if index == 0 else ",") + json.dumps(name).replace("%", "%%") + ":%s"
+            value = f"values[{name!r}]"
+            kind = kinds.get(name)
+            if kind == "decimal":
+                text = f"('null' if (v := {value}) is None else f'\"{{v:.8f}}\"' if type(v) is _D else _t(v))"
+            elif kind == "datetime":
+                text = f"('null' if (v := {value}) is None else _u(v) if type(v) is _T else _t(v))"
+            elif kind == "text":
+                text = f"('null' if (v := {value}) is None else _e(v) if type(v) is str else _t(v))"
+            else:
+                text = f"_t({value})"
+            pieces.append(text)
+        # One %-format of the whole object: cheaper than concatenating a piece at a time.
+        source = f"def encode(values):\n    return {template + '}'!r} % (" + ", ".join(pieces) + ",)\n"
+        namespace: dict[str, Any] = {
+            "_t": _text,
+            "_u": _utc_text,
+            "_e": encode_basestring_ascii,
+            "_D": Decimal,
+            "_T": datetime,
+        }
+        exec(compile(source, "<VersionEncoder>", "exec"), namespace)  # noqa: S102
+        self.encode: Callable[[Mapping[str, Any]], str] = namespace["encode"]
+
+
+def entry_hash(prev_hash: str, header: str, payload: str) -> str:
+    """SHA-256 (hex) linking an entry to ``prev_hash``, over its header (:func:`header_text`) and its payload."""
+    # Entries are ASCII; UTF-8 hashes them the same and lets a tampered, non-ASCII one be reported, not crash.
+    return hashlib.sha256(f"{prev_hash}\n{header}\n{payload}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def header_text(instance_id: str, seq: int, entity: str, natural_key: str, recorded_at: str) -> str:
+    """The hashed header of an entry, every column but the payload and the two hashes, as canonical JSON written
+    directly (keys sorted; ``recorded_at`` already canonical)."""
+    return (
+        f'{{"entity":{encode_basestring_ascii(entity)},"instance_id":{encode_basestring_ascii(instance_id)},'
+        f'"natural_key":{encode_basestring_ascii(natural_key)},"recorded_at":"{recorded_at}","seq":{seq}}}'
+    )
+
+
+def chain_entries(
+    head: AuditHead | None, instance_id: str, versions: Sequence[tuple[str, str, str]], recorded_at: datetime
+) -> list[dict[str, Any]]:
+    """The rows that extend the chain ending at ``head`` by ``versions`` (entity, key, payload), in order."""
+    seq = head.seq if head is not None else 0
+    previous = head.hash if head is not None else GENESIS
+    at = canonical_time(recorded_at)
+    rows: list[dict[str, Any]] = []
+    for entity, key, payload in versions:
+        seq += 1
+        digest = entry_hash(previous, header_text(instance_id, seq, entity, key, at), payload)
+        rows.append(
+            {
+                "instance_id": instance_id,
+                "seq": seq,
+                "entity": entity,
+                "natural_key": key,
+                "payload": payload,
+                "recorded_at": recorded_at,
+                "prev_hash": previous,
+                "hash": digest,
+            }
+        )
+        previous = digest
+    return rows

@@ -1,0 +1,211 @@
+"""The audit trail: every version the sidecar writes, appended to ``audit_log`` as a hash chain per instance.
+
+Each committed version of a trade, a signal (an execution update included), a performance snapshot or a parameter
+change becomes one entry, in the same transaction as the row it describes. An entry holds the version as canonical
+JSON (:func:`canonical_version`: sorted keys, decimals as strings with exactly eight places, timestamps in UTC as
+``YYYY-MM-DDTHH:MM:SS.ffffffZ``) and links to the one before it in its instance's chain::
+
+    hash = SHA-256(prev_hash "\\n" header "\\n" payload)
+
+where ``header`` is the canonical JSON of the entry's other columns (``instance_id``, ``seq``, ``entity``,
+``natural_key``, ``recorded_at``), so every stored column is covered. A chain starts at ``seq`` 1 with ``prev_hash``
+:data:`GENESIS`. The chain's head is read inside the write transaction, under the database's lock for that chain
+(SQLite's write lock; ``pg_advisory_xact_lock`` on PostgreSQL, taken before the transaction's first row lock and held
+to the commit), so two processes sharing an instance id append one after the other and a chain never forks; a unique
+index on ``(instance_id, seq)`` refuses a fork outright.
+
+What the trail proves and what it does not is in the README ("Audit trail"). :mod:`persistence.audit.verify` walks
+the chains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import String, Table, bindparam, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from persistence.audit.chain import AuditEntry, AuditHead, Version, VersionEncoder, chain_entries
+from persistence.db.columns import ExactNumeric, UTCDateTime, to_sqlite_datetime
+from persistence.db.engine import Database
+from persistence.db.pgcopy import COPY_MIN_ROWS, CopyUpsert
+from persistence.db.schema import audit_log, parameter_history, performance_snapshots, signals, trades
+from persistence.records.models import ParameterChange, PerformanceSnapshot, Signal, Trade, utc_now
+
+ENCODE_SLICE = 128
+"""Entries encoded and hashed between two hand-backs of the event loop."""
+LOCK_INFO = "persistence.audit_lock"
+"""Key in a connection's ``info`` of the transaction that holds the chain lock (so it is taken once)."""
+HEAD_INFO = "persistence.audit_head"
+"""Key in a connection's ``info`` of the head after its transaction's last append (read by the committer)."""
+ENTRY_COLUMNS = ("instance_id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash")
+
+
+AUDITED_RECORDS = (Trade, Signal, PerformanceSnapshot, ParameterChange)
+"""The records whose versions are audited."""
+TABLES_OF: dict[str, Table] = {
+    "trade": trades,
+    "signal": signals,
+    "snapshot": performance_snapshots,
+    "parameter_change": parameter_history,
+}
+"""The table each audited entity lives in."""
+
+
+def column_kinds(table: Table) -> dict[str, str]:
+    """Each column's kind for :class:`VersionEncoder`: ``decimal``, ``datetime``, ``text`` or ``other``."""
+    kinds: dict[str, str] = {}
+    for column in table.c:
+        if isinstance(column.type, ExactNumeric):
+            kinds[column.name] = "decimal"
+        elif isinstance(column.type, UTCDateTime):
+            kinds[column.name] = "datetime"
+        elif isinstance(column.type, String):
+            kinds[column.name] = "text"
+        else:
+            kinds[column.name] = "other"
+    return kinds
+
+
+def chain_lock_key(instance_id: str) -> int:
+    """The PostgreSQL advisory lock key of an instance's chain (a signed 64-bit number)."""
+    return int.from_bytes(hashlib.sha256(b"persistence-audit:" + instance_id.encode()).digest()[:8], "big", signed=True)
+
+
+class AuditLog:
+    """``audit_log`` over one database: append a transaction's versions, read a chain's head and a record's versions.
+
+    A version's JSON holds its record's fields (the keys), encoded as its table's columns are.
+    """
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        self.instance_id = database.settings.instance_id
+        self._encoders: dict[str, Callable[[Mapping[str, Any]], str]] = {
+            record.entity: VersionEncoder(tuple(record.model_fields), column_kinds(TABLES_OF[record.entity])).encode
+            for record in AUDITED_RECORDS
+        }
+        insert = (postgresql if database.dialect_name == "postgresql" else sqlite).insert(audit_log)
+        self._insert = insert
+        self._sqlite_sql: str | None = None
+        if database.is_sqlite:
+            compiled = insert.compile(dialect=database.engine.dialect, column_keys=list(ENTRY_COLUMNS))
+            if list(compiled.positiontup or ()) != list(ENTRY_COLUMNS):
+                raise AssertionError("audit_log's insert does not take ENTRY_COLUMNS in order")
+            self._sqlite_sql = str(compiled)
+        self._copy: CopyUpsert | None = None
+        if database.dialect_name == "postgresql":
+            columns = [column.name for column in audit_log.c if column.name != "id"]
+            self._copy = CopyUpsert(audit_log, columns, None, database.settings.query_timeout_ms)
+        self._head = (
+            select(audit_log.c.seq, audit_log.c.hash)
+            .where(audit_log.c.instance_id == bindparam("instance"))
+            .order_by(audit_log.c.seq.desc())
+            .limit(1)
+        )
+
+    async def lock(self, connection: AsyncConnection) -> None:
+        """Take this instance's chain lock for the rest of the transaction (PostgreSQL; SQLite's write lock is it).
+
+        The repositories take it before their first row lock, so every writer takes the chain lock, then rows: a
+        second process on the same instance id waits here for the first one's commit instead of deadlocking with
+        it over rows. Taken once per transaction.
+        """
+        if self._db.dialect_name != "postgresql":
+            return
+        transaction = connection.sync_connection.get_transaction() if connection.sync_connection else None
+        if transaction is not None and connection.info.get(LOCK_INFO) is transaction:
+            return
+        await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": chain_lock_key(self.instance_id)})
+        connection.info[LOCK_INFO] = transaction
+
+    async def head(self, connection: AsyncConnection, instance_id: str | None = None) -> AuditHead | None:
+        """The last entry of a chain (this instance's by default), or ``None`` for an empty chain."""
+        instance = instance_id or self.instance_id
+        row = (await connection.execute(self._head, {"instance": instance})).first()
+        return AuditHead(instance, int(row[0]), str(row[1])) if row is not None else None
+
+    async def append(self, connection: AsyncConnection, versions: Sequence[Version]) -> AuditHead | None:
+        """Append one entry per version, in order, inside the caller's write transaction; the new head.
+
+        Nothing is appended (and ``None`` returned) when there are no versions.
+        """
+        if not versions:
+            return None
+        await self.lock(connection)  # normally taken already, before the rows: see lock()
+        head = await self.head(connection)
+        encoders = self._encoders
+        recorded_at = utc_now()
+        rows: list[dict[str, Any]] = []
+        # Encoding and hashing take a few microseconds an entry: in slices, handing the loop back between them, so
+        # the host's event loop never waits for a whole batch's worth.
+        for start in range(0, len(versions), ENCODE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            payloads = [
+                (version.entity, version.key, version.payload or encoders[version.entity](version.values))
+                for version in versions[start : start + ENCODE_SLICE]
+            ]
+            rows += chain_entries(head, self.instance_id, payloads, recorded_at)
+            head = AuditHead(self.instance_id, int(rows[-1]["seq"]), str(rows[-1]["hash"]))
+        if self._sqlite_sql is not None:
+            # The driver's values directly: every column is text or an integer but recorded_at, one value a batch.
+            at = to_sqlite_datetime(rows[0]["recorded_at"])
+            values = [
+                (
+                    row["instance_id"],
+                    row["seq"],
+                    row["entity"],
+                    row["natural_key"],
+                    row["payload"],
+                    at,
+                    row["prev_hash"],
+                    row["hash"],
+                )
+                for row in rows
+            ]
+            await self._db.executemany_on_driver(connection, self._sqlite_sql, values)
+        elif self._copy is not None and len(rows) >= COPY_MIN_ROWS:
+            await self._copy.write(connection, rows)
+        else:
+            await connection.execute(self._insert, rows)
+        last = rows[-1]
+        appended = AuditHead(self.instance_id, int(last["seq"]), str(last["hash"]))
+        connection.info[HEAD_INFO] = appended
+        return appended
+
+    @staticmethod
+    def appended_head(connection: AsyncConnection) -> AuditHead | None:
+        """The head after the last append on ``connection``'s current transaction, taken (``None`` if none)."""
+        head: AuditHead | None = connection.info.pop(HEAD_INFO, None)
+        return head
+
+    async def versions(self, entity: str, key: str) -> list[AuditEntry]:
+        """Every audited version of one record, oldest first, whichever instance wrote it."""
+        statement = (
+            select(audit_log)
+            .where(audit_log.c.entity == entity, audit_log.c.natural_key == key)
+            .order_by(audit_log.c.id)
+        )
+        async with self._db.read() as connection:
+            rows = (await connection.execute(statement)).mappings().all()
+        return [entry_of(row) for row in rows]
+
+
+def entry_of(row: Any) -> AuditEntry:
+    """An :class:`AuditEntry` from an ``audit_log`` row mapping (a result's ``mappings()`` row)."""
+    return AuditEntry(
+        id=int(row["id"]),
+        instance_id=str(row["instance_id"]),
+        seq=int(row["seq"]),
+        entity=str(row["entity"]),
+        natural_key=str(row["natural_key"]),
+        payload=str(row["payload"]),
+        recorded_at=row["recorded_at"],
+        prev_hash=str(row["prev_hash"]),
+        hash=str(row["hash"]),
+    )

@@ -1,0 +1,297 @@
+"""``audit verify``: walk every audit chain and hold every current row against its latest audited version.
+
+Three passes, each streamed in chunks (memory stays bounded whatever the size of the trail):
+
+1. **Chains.** Per instance, entries in ``seq`` order: no gap (``seq`` 1, 2, 3, …), each ``prev_hash`` equal to the
+   hash of the entry before (:data:`~persistence.audit.chain.GENESIS` for the first), each ``hash`` equal to the hash of
+   the entry's own columns. A changed payload, a deleted entry, a swapped pair or an inserted one breaks this.
+2. **Rows.** Each row of ``trades``, ``signals``, ``performance_snapshots`` and ``parameter_history`` equals the
+   latest audited version of its key (the entry with the highest ``id``, whichever instance wrote it), every field
+   and the ``instance_id``. A row edited by hand, or inserted by hand, breaks this.
+3. **Deletions.** Every audited key still has its row.
+
+The first problem found ends the walk: :class:`VerifyReport` names it (instance, ``seq``, entity, key and what
+differs). What a passing verify proves, and what it cannot, is in the README ("Audit trail").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Table, bindparam, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from persistence.audit.chain import GENESIS, VersionEncoder, canonical_time, entry_hash, header_text
+from persistence.audit.trail import column_kinds
+from persistence.db.engine import Database
+from persistence.db.rowcodec import RowReader
+from persistence.db.schema import audit_log, parameter_history, performance_snapshots, signals, trades
+from persistence.records.models import ParameterChange, PerformanceSnapshot, Record, Signal, Trade
+
+CHUNK = 5000
+_AUDITED: tuple[tuple[Table, type[Record]], ...] = (
+    (trades, Trade),
+    (signals, Signal),
+    (performance_snapshots, PerformanceSnapshot),
+    (parameter_history, ParameterChange),
+)
+
+Progress = Callable[[int], None]
+"""Told the number of entries and rows checked so far."""
+
+
+@dataclass(frozen=True, slots=True)
+class Break:
+    """The first problem found: where, and what is wrong."""
+
+    problem: str
+    entity: str | None = None
+    natural_key: str | None = None
+    instance_id: str | None = None
+    seq: int | None = None
+
+    def describe(self) -> str:
+        """One line for a human: the entry or row, then the problem."""
+        where: list[str] = []
+        if self.instance_id is not None and self.seq is not None:
+            where.append(f"entry seq {self.seq} of instance {self.instance_id!r}")
+        if self.entity is not None and self.natural_key is not None:
+            where.append(f"{self.entity} {self.natural_key!r}")
+        return f"{', '.join(where)}: {self.problem}" if where else self.problem
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """What ``verify`` checked, and the first break (``None`` when everything holds)."""
+
+    chains: dict[str, int] = field(default_factory=dict)
+    """Entries walked per instance."""
+    heads: dict[str, str] = field(default_factory=dict)
+    """Each chain's last hash."""
+    rows: dict[str, int] = field(default_factory=dict)
+    """Rows checked per table."""
+    broken: Break | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.broken is None
+
+    def lines(self) -> list[str]:
+        """The report for a terminal: one line per chain and per table, then the verdict."""
+        lines = [
+            f"chain {instance}: {count:,} entries, head {self.heads.get(instance, GENESIS)}"
+            for instance, count in self.chains.items()
+        ]
+        lines += [f"{table}: {count:,} rows match their latest audited version" for table, count in self.rows.items()]
+        lines.append("audit trail verified" if self.broken is None else f"BROKEN: {self.broken.describe()}")
+        return lines
+
+
+class _Verifier:
+    def __init__(self, database: Database, instance_id: str | None, progress: Progress, chunk: int) -> None:
+        self._db = database
+        self._instance = instance_id
+        self._progress = progress
+        self._chunk = chunk
+        self._done = 0
+        self.report = VerifyReport()
+
+    def _advance(self, count: int) -> None:
+        self._done += count
+        self._progress(self._done)
+
+    async def run(self) -> VerifyReport:
+        async with self._db.snapshot() as connection:
+            for instance in await self._instances(connection):
+                if not await self._chain(connection, instance):
+                    return self.report
+        for table, record in _AUDITED:
+            if not await self._rows(table, record) or not await self._deletions(table, record):
+                break
+        return self.report
+
+    async def _instances(self, connection: AsyncConnection) -> list[str]:
+        if self._instance is not None:
+            return [self._instance]
+        statement = select(audit_log.c.instance_id).distinct().order_by(audit_log.c.instance_id)
+        return [str(value) for value in (await connection.execute(statement)).scalars()]
+
+    async def _chain(self, connection: AsyncConnection, instance: str) -> bool:
+        statement = (
+            select(
+                audit_log.c.id,
+                audit_log.c.seq,
+                audit_log.c.entity,
+                audit_log.c.natural_key,
+                audit_log.c.payload,
+                audit_log.c.recorded_at,
+                audit_log.c.prev_hash,
+                audit_log.c.hash,
+            )
+            .where(audit_log.c.instance_id == instance, audit_log.c.seq > bindparam("after"))
+            .order_by(audit_log.c.seq)
+            .limit(self._chunk)
+        )
+        expected, previous, previous_id = 1, GENESIS, 0
+        self.report.chains[instance] = 0
+        while True:
+            rows = (await connection.execute(statement, {"after": expected - 1})).all()
+            if not rows:
+                break
+            for entry_id, seq, entity, key, payload, recorded_at, prev_hash, digest in rows:
+                problem = None
+                if seq != expected:
+                    missing = f"seq {expected}" if seq == expected + 1 else f"seq {expected} to {seq - 1}"
+                    problem = f"{missing} missing before it (a gap in the chain)"
+                elif prev_hash != previous:
+                    problem = f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
+                elif digest != entry_hash(
+                    previous, header_text(instance, seq, entity, key, canonical_time(recorded_at)), payload
+                ):
+                    problem = "hash does not match the entry's contents (the entry was changed)"
+                elif entry_id <= previous_id:
+                    # The id orders a key's versions across chains: within one chain it rises with seq.
+                    problem = f"its id {entry_id} is not after seq {seq - 1}'s ({previous_id}): the entry was moved"
+                if problem is not None:
+                    self.report.broken = Break(problem, entity, key, instance, seq)
+                    return False
+                expected, previous, previous_id = seq + 1, digest, entry_id
+            self.report.chains[instance] += len(rows)
+            self._advance(len(rows))
+        self.report.heads[instance] = previous
+        return True
+
+    async def _latest(
+        self, connection: AsyncConnection, entity: str, keys: Sequence[str]
+    ) -> dict[str, tuple[int, str, int, str]]:
+        """Per key: the latest entry's (id, instance_id, seq, payload); only those entries are read."""
+        newest = (
+            select(func.max(audit_log.c.id))
+            .where(audit_log.c.entity == entity, audit_log.c.natural_key.in_(bindparam("keys", expanding=True)))
+            .group_by(audit_log.c.natural_key)
+        )
+        statement = select(
+            audit_log.c.id, audit_log.c.natural_key, audit_log.c.instance_id, audit_log.c.seq, audit_log.c.payload
+        ).where(audit_log.c.id.in_(newest.scalar_subquery()))
+        rows = (await connection.execute(statement, {"keys": list(keys)})).all()
+        return {key: (entry_id, instance, seq, payload) for entry_id, key, instance, seq, payload in rows}
+
+    async def _rows(self, table: Table, record: type[Record]) -> bool:
+        fields = tuple(record.model_fields)
+        reader = RowReader([table.c[name] for name in fields], record, sqlite=self._db.is_sqlite)
+        encode = VersionEncoder(fields, column_kinds(table)).encode
+        key_column = table.c[record.key_field]
+        statement = select(*reader.columns, table.c.instance_id).where(key_column > bindparam("after"))
+        if self._instance is not None:
+            statement = statement.where(table.c.instance_id == self._instance)
+        statement = statement.order_by(key_column).limit(self._chunk)
+        after = ""
+        self.report.rows[table.name] = 0
+        while True:
+            async with self._db.snapshot() as connection:
+                rows = (await connection.execute(statement, {"after": after})).all()
+                if not rows:
+                    return True
+                decoded = []
+                for row in rows:
+                    try:
+                        decoded.append((reader.decode(row[:-1]).__dict__, row[-1]))
+                    except (ValueError, TypeError, OverflowError) as error:  # a stored value nothing writes
+                        key = str(row[fields.index(record.key_field)])
+                        self.report.broken = Break(f"the {table.name} row cannot be read: {error}", record.entity, key)
+                        return False
+                latest = await self._latest(
+                    connection, record.entity, [values[record.key_field] for values, _ in decoded]
+                )
+            for values, instance in decoded:
+                key = values[record.key_field]
+                entry = latest.get(key)
+                if entry is None:
+                    self.report.broken = Break(
+                        "the row has no audited version (it was written outside the sidecar)", record.entity, key
+                    )
+                    return False
+                _, audited_instance, seq, payload = entry
+                stored = encode(values)
+                if stored != payload:
+                    difference = _difference(json.loads(stored), json.loads(payload))
+                    self.report.broken = Break(
+                        f"the {table.name} row differs from its latest audited version: {difference}",
+                        record.entity,
+                        key,
+                        audited_instance,
+                        seq,
+                    )
+                    return False
+                if instance != audited_instance:
+                    self.report.broken = Break(
+                        f"the row's instance_id is {instance!r}, its latest audited version's {audited_instance!r}",
+                        record.entity,
+                        key,
+                        audited_instance,
+                        seq,
+                    )
+                    return False
+            after = str(rows[-1][fields.index(record.key_field)])
+            self.report.rows[table.name] += len(rows)
+            self._advance(len(rows))
+
+    async def _deletions(self, table: Table, record: type[Record]) -> bool:
+        key_column = table.c[record.key_field]
+        statement = (
+            select(audit_log.c.natural_key)
+            .distinct()
+            .where(audit_log.c.entity == record.entity, audit_log.c.natural_key > bindparam("after"))
+        )
+        if self._instance is not None:
+            statement = statement.where(audit_log.c.instance_id == self._instance)
+        statement = statement.order_by(audit_log.c.natural_key).limit(self._chunk)
+        present = select(key_column).where(key_column.in_(bindparam("keys", expanding=True)))
+        after = ""
+        while True:
+            async with self._db.snapshot() as connection:
+                keys = [str(key) for key in (await connection.execute(statement, {"after": after})).scalars()]
+                if not keys:
+                    return True
+                found = {str(key) for key in (await connection.execute(present, {"keys": keys})).scalars()}
+                missing = [key for key in keys if key not in found]
+                if missing:
+                    latest = await self._latest(connection, record.entity, missing[:1])
+                    _, instance, seq, _ = latest[missing[0]]
+                    self.report.broken = Break(
+                        f"audited, but the {table.name} row is gone (deleted)", record.entity, missing[0], instance, seq
+                    )
+                    return False
+            after = keys[-1]
+
+
+def _difference(stored: dict[str, Any], audited: dict[str, Any]) -> str:
+    fields = sorted(set(stored) | set(audited))
+    changed = [name for name in fields if stored.get(name) != audited.get(name)]
+    return "; ".join(f"{name} is {stored.get(name)!r}, audited {audited.get(name)!r}" for name in changed[:3])
+
+
+async def count_checks(database: Database, instance_id: str | None = None) -> int:
+    """How many entries and rows :func:`verify` walks (one instance's, with ``instance_id``): its progress total."""
+    total = 0
+    async with database.read() as connection:
+        for table in (audit_log, *(table for table, _ in _AUDITED)):
+            statement = select(func.count()).select_from(table)
+            if instance_id is not None:
+                statement = statement.where(table.c.instance_id == instance_id)
+            total += int((await connection.execute(statement)).scalar_one())
+    return total
+
+
+async def verify(
+    database: Database,
+    *,
+    instance_id: str | None = None,
+    progress: Progress = lambda done: None,
+    chunk: int = CHUNK,
+) -> VerifyReport:
+    """Check every chain (or ``instance_id``'s), every row against its latest audited version, and deletions."""
+    return await _Verifier(database, instance_id, progress, chunk).run()

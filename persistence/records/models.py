@@ -1,0 +1,442 @@
+"""Domain records: :class:`Trade`, :class:`Signal`, :class:`PerformanceSnapshot`, :class:`ParameterChange`.
+
+This module owns validation and nothing else: enumerations, signs, lengths, exact decimals and UTC
+timestamps. Money and ratios are :class:`~decimal.Decimal` with a fixed column shape (18 significant digits,
+8 after the point; see :data:`DECIMAL_SCALE`): floats are converted through their shortest ``repr``; NaN,
+infinities and values that do not fit are refused, never rounded. Accepted decimals are quantized to the
+column scale, so what is recorded is digit for digit what every backend gives back. Naive timestamps are taken
+as UTC and every timestamp comes out timezone-aware in UTC. Invalid input raises
+:class:`~persistence.errors.InvalidRecordError` naming the field and the reason. No SQLAlchemy here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from persistence.errors import InvalidRecordError
+from persistence.records import parser as rules
+from persistence.records.parser import (
+    DECIMAL_CONTEXT,
+    DECIMAL_LIMIT,
+    DECIMAL_PRECISION,
+    DECIMAL_QUANTUM,
+    DECIMAL_SCALE,
+    FastParser,
+    check_text,
+    to_exact_decimal,
+    to_utc,
+)
+
+__all__ = [
+    "CHANGED_BY",
+    "DECIMAL_CONTEXT",
+    "DECIMAL_LIMIT",
+    "DECIMAL_PRECISION",
+    "DECIMAL_QUANTUM",
+    "DECIMAL_SCALE",
+    "DIRECTIONS",
+    "ENTITIES",
+    "SESSIONS",
+    "Entity",
+    "ParameterChange",
+    "PerformanceSnapshot",
+    "Record",
+    "Signal",
+    "SignalExecution",
+    "Trade",
+    "to_exact_decimal",
+    "to_utc",
+    "utc_now",
+]
+
+Entity = Literal["trade", "signal", "snapshot", "parameter_change"]
+ENTITIES: tuple[Entity, ...] = ("trade", "signal", "snapshot", "parameter_change")
+
+Direction = Literal["BUY", "SELL"]
+TradingSession = Literal["TOKYO", "LONDON", "NY", "SYDNEY", "OVERLAP"]
+ChangedBy = Literal["system_auto", "learning_agent", "manual", "emergency"]
+DIRECTIONS: tuple[str, ...] = ("BUY", "SELL")
+SESSIONS: tuple[str, ...] = ("TOKYO", "LONDON", "NY", "SYDNEY", "OVERLAP")
+CHANGED_BY: tuple[str, ...] = ("system_auto", "learning_agent", "manual", "emergency")
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+def _positive(value: Decimal) -> Decimal:
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _non_negative(value: Decimal) -> Decimal:
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _upper(value: object) -> object:
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+def _lower(value: object) -> object:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _no_surrounding_space(value: str) -> str:
+    if value != value.strip():
+        raise ValueError("must not start or end with whitespace")
+    return value
+
+
+ExactDecimal = Annotated[Decimal, BeforeValidator(to_exact_decimal)]
+"""Any exact decimal that fits the column (negatives allowed: P&L, percentages, drawdowns)."""
+Price = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(_positive)]
+PositiveSize = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(_positive)]
+NonNegativeDecimal = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(_non_negative)]
+UtcDatetime = Annotated[datetime, AfterValidator(to_utc)]
+
+
+def _now_if_missing(value: object) -> object:
+    return utc_now() if value is None else value
+
+
+Stamp = Annotated[datetime, BeforeValidator(_now_if_missing), AfterValidator(to_utc)]
+"""A record-keeping timestamp: ``None`` or absent means now."""
+
+
+def _clean(value: object) -> object:
+    return check_text(value) if isinstance(value, str) else value
+
+
+Clean = BeforeValidator(_clean)
+"""Every text field: no NUL, no unpaired surrogate (checked before pydantic, whose own message says less)."""
+Identifier = Annotated[str, Field(min_length=1, max_length=64), Clean, AfterValidator(_no_surrounding_space)]
+Symbol = Annotated[str, Field(min_length=1, max_length=32), Clean, AfterValidator(_no_surrounding_space)]
+Label = Annotated[str, Field(min_length=1, max_length=64), Clean]
+GeneratedId = Annotated[str, Field(min_length=1, max_length=36), Clean]
+Timeframe = Annotated[str, Field(min_length=1, max_length=16), Clean]
+ExecutionStatus = Annotated[str, Field(min_length=1, max_length=32), Clean]
+Reason = Annotated[str, Field(max_length=2000), Clean]
+UpperDirection = Annotated[Direction, BeforeValidator(_upper)]
+UpperSession = Annotated[TradingSession, BeforeValidator(_upper)]
+LowerChangedBy = Annotated[ChangedBy, BeforeValidator(_lower)]
+Count = Annotated[int, Field(ge=0, le=2**62)]
+
+RecordT = TypeVar("RecordT", bound="Record")
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+_FIELDS_SETS: dict[tuple[str, ...], set[str]] = {}
+_FIELDS_SETS_MAX = 256
+
+
+def _fields_set(data: dict[str, Any]) -> set[str]:
+    """The names given in ``data``, as one set shared by every record given the same names.
+
+    A host's mappings come in a few shapes; sharing the set saves one long-lived object per record, which the
+    garbage collector's youngest generation counts (its passes set the tail of ``record_trade``). Sharing is safe
+    because records are frozen: pydantic only ever copies this set (``model_copy``), never changes it.
+    """
+    names = tuple(data)
+    shared = _FIELDS_SETS.get(names)
+    if shared is None:
+        if len(_FIELDS_SETS) >= _FIELDS_SETS_MAX:
+            _FIELDS_SETS.clear()
+        shared = _FIELDS_SETS[names] = set(names)
+    return shared
+
+
+class Record(BaseModel):
+    """Common behaviour of the four records: validation errors, natural key, row and JSON forms."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    entity: ClassVar[Entity]
+    key_field: ClassVar[str]
+
+    @classmethod
+    def parse(cls, data: Self | Mapping[str, Any]) -> Self:
+        """Return ``data`` if it is already this record type, else validate the mapping into one.
+
+        Raises :class:`InvalidRecordError` naming each bad field and the reason.
+        """
+        if type(data) is dict:  # the common case first: pydantic's isinstance() goes through Python code
+            fast = _FAST_PARSERS.get(cls)
+            values = fast(data) if fast is not None else None
+            if values is not None:
+                return cls._build(values, _fields_set(data))
+        elif isinstance(data, cls):
+            return data
+        if not isinstance(data, Mapping):
+            raise InvalidRecordError(cls.entity, [("", f"expected a {cls.__name__} or a mapping")])
+        # The slow path: pydantic, for the uncommon forms the compiled parser leaves alone and for every refusal.
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidRecordError(cls.entity, _field_errors(exc)) from None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Self:
+        """A record from a mapping of already-decoded column values (a result row's ``mappings()``), unvalidated.
+
+        The repositories decode rows with :class:`persistence.db.rowcodec.RowReader`; this is for a mapping at hand.
+        """
+        names = tuple(cls.model_fields)
+        return cls._build({name: row[name] for name in names}, set(names))
+
+    @classmethod
+    def _build(cls, values: dict[str, Any], fields_set: set[str]) -> Self:
+        """A record from field values that are already valid, as pydantic's ``model_construct`` makes one.
+
+        The one place records are made without validation: from the compiled parser's output and from database rows
+        (:class:`persistence.db.rowcodec.RowReader`), whose column types already produced the right values.
+        """
+        record = _new_object(cls)
+        _set_attribute(record, "__dict__", values)
+        _set_attribute(record, "__pydantic_fields_set__", fields_set)
+        _set_attribute(record, "__pydantic_extra__", None)
+        _set_attribute(record, "__pydantic_private__", None)
+        return record
+
+    @property
+    def key(self) -> str:
+        """The natural key that identifies this record in its table."""
+        return str(getattr(self, self.key_field))
+
+    def to_row(self) -> dict[str, Any]:
+        """The record as a column → value mapping for its table."""
+        return dict(self.__dict__)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe form (decimals and timestamps as strings) that :meth:`parse` accepts back."""
+        return self.model_dump(mode="json")
+
+
+class Trade(Record):
+    """One trade. A later record with the same ``trade_id`` is a newer version of it (e.g. when it closes)."""
+
+    entity: ClassVar[Entity] = "trade"
+    key_field: ClassVar[str] = "trade_id"
+
+    trade_id: Identifier
+    symbol: Symbol
+    direction: UpperDirection
+    entry_time: UtcDatetime
+    entry_price: Price
+    position_size: PositiveSize
+    signal_id: Identifier | None = None
+    account_id: Identifier | None = None
+    exit_time: UtcDatetime | None = None
+    exit_price: Price | None = None
+    stop_loss: Price | None = None
+    take_profit: Price | None = None
+    pnl: ExactDecimal | None = None
+    pnl_percentage: ExactDecimal | None = None
+    session: UpperSession | None = None
+    pattern_type: Label | None = None
+    confidence_score: NonNegativeDecimal | None = None
+    risk_reward_ratio: NonNegativeDecimal | None = None
+    created_at: Stamp = Field(default_factory=utc_now)
+    updated_at: Stamp = Field(default_factory=utc_now)
+
+    @model_validator(mode="after")
+    def _exit_not_before_entry(self) -> Self:
+        if self.exit_time is not None and self.exit_time < self.entry_time:
+            raise ValueError("exit_time is before entry_time")
+        return self
+
+
+class Signal(Record):
+    """One trading signal; ``executed`` and ``execution_status`` change when the orchestrator acts on it."""
+
+    entity: ClassVar[Entity] = "signal"
+    key_field: ClassVar[str] = "signal_id"
+
+    signal_id: Identifier
+    symbol: Symbol
+    timeframe: Timeframe
+    signal_type: UpperDirection
+    confidence: NonNegativeDecimal
+    entry_price: Price
+    generated_at: UtcDatetime
+    stop_loss: Price | None = None
+    take_profit: Price | None = None
+    session: UpperSession | None = None
+    pattern_type: Label | None = None
+    executed: bool = False
+    execution_status: ExecutionStatus | None = None
+    created_at: Stamp = Field(default_factory=utc_now)
+
+
+class SignalExecution(Record):
+    """A change to a recorded signal's execution fields (``update_signal_execution``)."""
+
+    entity: ClassVar[Entity] = "signal"
+    key_field: ClassVar[str] = "signal_id"
+
+    signal_id: Identifier
+    executed: bool
+    execution_status: ExecutionStatus | None = None
+
+
+class PerformanceSnapshot(Record):
+    """Aggregate performance at a point in time. ``id`` is generated when absent, so replays are idempotent."""
+
+    entity: ClassVar[Entity] = "snapshot"
+    key_field: ClassVar[str] = "id"
+
+    id: GeneratedId = Field(default_factory=lambda: str(uuid.uuid4()))
+    snapshot_time: UtcDatetime
+    total_trades: Count
+    winning_trades: Count
+    losing_trades: Count
+    win_rate: NonNegativeDecimal | None = None
+    total_pnl: ExactDecimal | None = None
+    sharpe_ratio: ExactDecimal | None = None
+    max_drawdown: ExactDecimal | None = None
+    average_rr: NonNegativeDecimal | None = None
+    session: UpperSession | None = None
+    parameter_mode: Label | None = None
+    created_at: Stamp = Field(default_factory=utc_now)
+
+    @model_validator(mode="after")
+    def _outcomes_within_total(self) -> Self:
+        if self.winning_trades + self.losing_trades > self.total_trades:
+            raise ValueError("winning_trades + losing_trades exceeds total_trades")
+        return self
+
+
+class ParameterChange(Record):
+    """A change of the strategy's parameters, and who made it."""
+
+    entity: ClassVar[Entity] = "parameter_change"
+    key_field: ClassVar[str] = "id"
+
+    id: GeneratedId = Field(default_factory=lambda: str(uuid.uuid4()))
+    change_time: UtcDatetime
+    parameter_mode: Label
+    changed_by: LowerChangedBy
+    session: UpperSession | None = None
+    confidence_threshold: NonNegativeDecimal | None = None
+    min_risk_reward: NonNegativeDecimal | None = None
+    reason: Reason | None = None
+    created_at: Stamp = Field(default_factory=utc_now)
+
+
+def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for error in exc.errors(include_url=False):
+        loc = error.get("loc") or ()
+        field = ".".join(str(part) for part in loc if not isinstance(part, int) or len(loc) == 1)
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if error.get("type") == "extra_forbidden":
+            message = "unknown field"
+        problems.append((field, message))
+    return problems
+
+
+_FAST_PARSERS: dict[type[Record], FastParser] = {
+    Trade: rules.compile_parser(
+        "Trade",
+        [
+            rules.text("trade_id", required=True, strip=True),
+            rules.text("symbol", required=True, max_length=32, strip=True),
+            rules.choice("direction", DIRECTIONS, required=True),
+            rules.time("entry_time", required=True),
+            rules.decimal("entry_price", required=True, sign="positive"),
+            rules.decimal("position_size", required=True, sign="positive"),
+            rules.text("signal_id", strip=True),
+            rules.text("account_id", strip=True),
+            rules.time("exit_time"),
+            rules.decimal("exit_price", sign="positive"),
+            rules.decimal("stop_loss", sign="positive"),
+            rules.decimal("take_profit", sign="positive"),
+            rules.decimal("pnl"),
+            rules.decimal("pnl_percentage"),
+            rules.choice("session", SESSIONS),
+            rules.text("pattern_type"),
+            rules.decimal("confidence_score", sign="non_negative"),
+            rules.decimal("risk_reward_ratio", sign="non_negative"),
+            rules.stamp("created_at"),
+            rules.stamp("updated_at"),
+        ],
+        checks=["f_exit_time is None or f_exit_time >= f_entry_time"],
+    ),
+    Signal: rules.compile_parser(
+        "Signal",
+        [
+            rules.text("signal_id", required=True, strip=True),
+            rules.text("symbol", required=True, max_length=32, strip=True),
+            rules.text("timeframe", required=True, max_length=16),
+            rules.choice("signal_type", DIRECTIONS, required=True),
+            rules.decimal("confidence", required=True, sign="non_negative"),
+            rules.decimal("entry_price", required=True, sign="positive"),
+            rules.time("generated_at", required=True),
+            rules.decimal("stop_loss", sign="positive"),
+            rules.decimal("take_profit", sign="positive"),
+            rules.choice("session", SESSIONS),
+            rules.text("pattern_type"),
+            rules.flag("executed"),
+            rules.text("execution_status", max_length=32),
+            rules.stamp("created_at"),
+        ],
+    ),
+    SignalExecution: rules.compile_parser(
+        "SignalExecution",
+        [
+            rules.text("signal_id", required=True, strip=True),
+            rules.flag("executed", required=True),
+            rules.text("execution_status", max_length=32),
+        ],
+    ),
+    PerformanceSnapshot: rules.compile_parser(
+        "PerformanceSnapshot",
+        [
+            rules.generated_id("id"),
+            rules.time("snapshot_time", required=True),
+            rules.count("total_trades"),
+            rules.count("winning_trades"),
+            rules.count("losing_trades"),
+            rules.decimal("win_rate", sign="non_negative"),
+            rules.decimal("total_pnl"),
+            rules.decimal("sharpe_ratio"),
+            rules.decimal("max_drawdown"),
+            rules.decimal("average_rr", sign="non_negative"),
+            rules.choice("session", SESSIONS),
+            rules.text("parameter_mode"),
+            rules.stamp("created_at"),
+        ],
+        checks=["f_winning_trades + f_losing_trades <= f_total_trades"],
+    ),
+    ParameterChange: rules.compile_parser(
+        "ParameterChange",
+        [
+            rules.generated_id("id"),
+            rules.time("change_time", required=True),
+            rules.text("parameter_mode", required=True),
+            rules.choice("changed_by", CHANGED_BY, required=True, case="lower"),
+            rules.choice("session", SESSIONS),
+            rules.decimal("confidence_threshold", sign="non_negative"),
+            rules.decimal("min_risk_reward", sign="non_negative"),
+            rules.text("reason", min_length=0, max_length=2000),
+            rules.stamp("created_at"),
+        ],
+    ),
+}
+"""The compiled fast path of :meth:`Record.parse`, one per record type; a test holds each to its pydantic model."""

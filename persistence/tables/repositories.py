@@ -1,0 +1,534 @@
+"""Reads and batched upserts for the five tables.
+
+Repositories take a :class:`~persistence.db.engine.Database` (the engine factory's product), never a URL. Each write
+method has two forms: ``save_*`` opens its own write transaction, and ``upsert`` / ``insert`` take an open
+connection so the writer can put a whole batch of mixed records into one transaction. Upserts are keyed by the
+natural id, so a replay never creates a second row; a trade's ``updated_at`` guards the update, so an older version
+never overwrites a newer one, and a signal that is already ``executed`` is never reset by a replay of its earlier,
+unexecuted version (:mod:`persistence.tables.versioned` applies the rules). Every version written, by either form, is
+appended to the audit trail in the same transaction (:mod:`persistence.audit.trail`), and every row carries the
+``instance_id`` of the process that wrote it.
+
+Sorting is only ever by a column from a fixed set; anything else raises
+:class:`~persistence.errors.InvalidQueryError` before any SQL is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import ColumnElement, Select, Table, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from persistence.audit.chain import BASELINE_INSTANCE, Version
+from persistence.audit.trail import AuditLog
+from persistence.db.engine import Database
+from persistence.db.rowcodec import RowReader
+from persistence.db.schema import audit_log, dead_letters, parameter_history, performance_snapshots, signals, trades
+from persistence.errors import InvalidQueryError
+from persistence.records.models import (
+    SESSIONS,
+    ParameterChange,
+    PerformanceSnapshot,
+    Record,
+    Signal,
+    SignalExecution,
+    Trade,
+    to_utc,
+    utc_now,
+)
+
+# The sort whitelists and the query objects live in persistence.tables.queries; their names stay importable from here.
+from persistence.tables.queries import (  # noqa: F401
+    MAX_PAGE_SIZE,
+    SIGNAL_SORT_COLUMNS,
+    TRADE_SORT_COLUMNS,
+    SignalQuery,
+    SignalSortColumn,
+    SortOrder,
+    TradeQuery,
+    TradeSortColumn,
+)
+from persistence.tables.versioned import VersionedTable, never
+from persistence.tools import export as history_export
+from persistence.tools.export import ExportResult
+
+RecordT = TypeVar("RecordT", bound=Record)
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[RecordT]):
+    """One page of a query: the records, and the total number matching when it was asked for."""
+
+    items: list[RecordT]
+    limit: int
+    offset: int
+    total: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record that can never be written, with the error that condemned it."""
+
+    entity: str
+    natural_key: str
+    payload: dict[str, Any]
+    error: str
+    error_class: str
+    created_at: datetime
+
+
+def _newer_trade(new: Mapping[str, Any], kept: Mapping[str, Any]) -> bool:
+    return bool(kept["updated_at"] <= new["updated_at"])
+
+
+def _signal_replaces(new: Mapping[str, Any], kept: Mapping[str, Any]) -> bool:
+    return bool(not kept["executed"] or new["executed"])
+
+
+async def _write_audited(
+    audit: AuditLog,
+    table: VersionedTable[Any],
+    connection: AsyncConnection,
+    records: Sequence[Record],
+    changes: Sequence[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = (),
+) -> tuple[list[Version], list[int]]:
+    """Write ``records`` (then ``changes``) through ``table`` and audit every version written, in one transaction.
+
+    The chain lock comes first (before any row lock); returns the versions and the changes whose key has no row.
+    """
+    if not records and not changes:
+        return [], []
+    await audit.lock(connection)
+    versions, missing = await table.write(connection, table.rows(records), changes)
+    await audit.append(connection, versions)
+    return versions, missing
+
+
+def _executed(change: SignalExecution, stored: dict[str, Any]) -> dict[str, Any]:
+    return {**stored, "executed": change.executed, "execution_status": change.execution_status}
+
+
+def _columns(table: Table) -> list[Any]:
+    return [column for column in table.c if column.name not in ("id", "instance_id")]
+
+
+def _check_page(limit: int, offset: int) -> None:
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidQueryError("limit", f"must be between 1 and {MAX_PAGE_SIZE}")
+    if offset < 0:
+        raise InvalidQueryError("offset", "must not be negative")
+
+
+def _order(table: Table, allowed: tuple[str, ...], sort_by: str, sort_order: str) -> list[Any]:
+    if sort_by not in allowed:
+        raise InvalidQueryError("sort_by", f"must be one of {', '.join(allowed)}")
+    if sort_order not in ("asc", "desc"):
+        raise InvalidQueryError("sort_order", "must be asc or desc")
+    column = table.c[sort_by]
+    if sort_order == "asc":
+        return [column.asc().nulls_last(), table.c.id.asc()]
+    return [column.desc().nulls_last(), table.c.id.desc()]
+
+
+def _date_range(column: Any, start_date: datetime | None, end_date: datetime | None) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if start_date is not None:
+        conditions.append(column >= to_utc(start_date))
+    if end_date is not None:
+        conditions.append(column <= to_utc(end_date))
+    if start_date is not None and end_date is not None and to_utc(start_date) > to_utc(end_date):
+        raise InvalidQueryError("start_date", "is after end_date")
+    return conditions
+
+
+class TradeRepository:
+    """Trades: batched upserts for the writer, and the read queries the API and users need."""
+
+    def __init__(self, database: Database, audit: AuditLog | None = None) -> None:
+        self._db = database
+        self._audit = audit if audit is not None else AuditLog(database)
+        self._versions = VersionedTable(database, trades, "trade_id", Trade, _newer_trade)
+        self._reader = RowReader(_columns(trades), Trade, sqlite=database.is_sqlite)
+        self._select = select(*self._reader.columns)
+
+    async def upsert(self, connection: AsyncConnection, batch: Sequence[Trade]) -> list[Version]:
+        """Insert or update ``batch``, in order, inside the caller's transaction; the versions written (and audited)."""
+        versions, _ = await _write_audited(self._audit, self._versions, connection, batch)
+        return versions
+
+    async def save_trade(self, trade: Trade | Mapping[str, Any]) -> None:
+        """Insert or update one trade in its own transaction (the writer batches instead)."""
+        record = Trade.parse(trade)
+        async with self._db.write() as connection:
+            await self.upsert(connection, [record])
+
+    async def get_trade_by_id(self, trade_id: str) -> Trade | None:
+        """The trade with this ``trade_id``, or ``None``."""
+        rows = await self._fetch(self._select.where(trades.c.trade_id == trade_id))
+        return rows[0] if rows else None
+
+    async def get_recent_trades(self, limit: int = 100) -> list[Trade]:
+        """The ``limit`` most recent trades by entry time, newest first."""
+        _check_page(limit, 0)
+        return await self._fetch(
+            self._select.order_by(*_order(trades, TRADE_SORT_COLUMNS, "entry_time", "desc")).limit(limit)
+        )
+
+    async def get_latest_trades(self, limit: int, instance_id: str | None = None) -> list[Trade]:
+        """The ``limit`` most recently recorded trades (by ``updated_at``), oldest first, for history loading.
+
+        With ``instance_id``, only the trades that orchestrator wrote last, and those no orchestrator is known to
+        have written: the ``pre-audit`` rows from before the audit trail and rows with no instance id (written by
+        something other than the sidecar). Another orchestrator's trades on a shared database are left out.
+        """
+        statement = self._select
+        if instance_id is not None:
+            column = trades.c.instance_id
+            statement = statement.where(
+                or_(column == instance_id, column == BASELINE_INSTANCE, column.is_(None)),
+            )
+        # Walking idx_trades_updated_at backwards and reversing here avoids sorting the whole window in SQL.
+        newest = await self._fetch(statement.order_by(trades.c.updated_at.desc(), trades.c.id.desc()).limit(limit))
+        newest.reverse()
+        return newest
+
+    async def get_trades_by_session(
+        self, session: str, start_date: datetime | None = None, end_date: datetime | None = None
+    ) -> list[Trade]:
+        """Trades of one trading session (TOKYO, LONDON, …), optionally within an entry-time range, oldest first."""
+        if session.upper() not in SESSIONS:
+            raise InvalidQueryError("session", f"must be one of {', '.join(SESSIONS)}")
+        conditions = [
+            trades.c.session == session.upper(),
+            *_date_range(trades.c.entry_time, start_date, end_date),
+        ]
+        return await self._fetch(self._select.where(*conditions).order_by(trades.c.entry_time, trades.c.id))
+
+    async def get_trades_by_pattern(
+        self, pattern_type: str, start_date: datetime | None = None, end_date: datetime | None = None
+    ) -> list[Trade]:
+        """Trades of one pattern type, optionally within an entry-time range, oldest first."""
+        conditions = [
+            trades.c.pattern_type == pattern_type,
+            *_date_range(trades.c.entry_time, start_date, end_date),
+        ]
+        return await self._fetch(self._select.where(*conditions).order_by(trades.c.entry_time, trades.c.id))
+
+    async def query(
+        self, query: TradeQuery | None = None, /, *, with_total: bool = False, **filters: Any
+    ) -> Page[Trade]:
+        """Trades matching a :class:`~persistence.tables.queries.TradeQuery` (or its fields given as keywords), one
+        page.
+
+        ``with_total`` also counts every matching trade over all pages.
+        """
+        query = query if query is not None else TradeQuery(**filters)
+        conditions = query.conditions()
+        statement = self._select.where(*conditions).order_by(*query.order_by()).limit(query.limit)
+        items = await self._fetch(statement.offset(query.offset))
+        total = await _count(self._db, trades, conditions) if with_total else None
+        return Page(items=items, limit=query.limit, offset=query.offset, total=total)
+
+    async def count(self) -> int:
+        """How many trades the table holds."""
+        return await _count(self._db, trades, [])
+
+    async def _fetch(self, statement: Select[Any]) -> list[Trade]:
+        async with self._db.read() as connection:
+            rows = (await connection.execute(statement)).all()
+        return self._reader.records(rows)
+
+    # ------------------------------------------------------------------ export (persistence.tools.export)
+
+    def iter_batches(self, **filters: Any) -> AsyncGenerator[Any, None]:
+        """Stream the matching trades as pyarrow ``RecordBatch``\\ es (needs ``persistence-sidecar[analysis]``)."""
+        return history_export.iter_batches(self._db, "trades", **filters)
+
+    async def export(self, path: str | os.PathLike[str], format: str | None = None, **filters: Any) -> ExportResult:
+        """Write the matching trades to ``path`` as Parquet, CSV or JSONL, atomically."""
+        return await history_export.export(self._db, "trades", path, format, **filters)
+
+
+class SignalRepository:
+    """Signals: batched upserts, execution updates, and reads."""
+
+    def __init__(self, database: Database, audit: AuditLog | None = None) -> None:
+        self._db = database
+        self._audit = audit if audit is not None else AuditLog(database)
+        # A replay of the unexecuted version never undoes a recorded execution.
+        self._versions = VersionedTable(database, signals, "signal_id", Signal, _signal_replaces)
+        self._reader = RowReader(_columns(signals), Signal, sqlite=database.is_sqlite)
+        self._select = select(*self._reader.columns)
+
+    async def upsert(self, connection: AsyncConnection, batch: Sequence[Signal]) -> list[Version]:
+        """Insert or update ``batch``, in order, inside the caller's transaction; the versions written (and audited)."""
+        versions, _ = await _write_audited(self._audit, self._versions, connection, batch)
+        return versions
+
+    async def apply_executions(
+        self, connection: AsyncConnection, batch: Sequence[SignalExecution]
+    ) -> list[SignalExecution]:
+        """Apply execution updates in order (each audited); return those whose signal is not in the table."""
+        return await self.upsert_and_execute(connection, (), batch)
+
+    async def upsert_and_execute(
+        self, connection: AsyncConnection, batch: Sequence[Signal], executions: Sequence[SignalExecution]
+    ) -> list[SignalExecution]:
+        """:meth:`upsert` ``batch``, then apply ``executions``, in one pass over the stored rows; the unknown ones.
+
+        One pass reads (and on PostgreSQL locks) every signal it touches at once, in key order, so two writers of
+        overlapping signals queue instead of deadlocking.
+        """
+        changes = [(change.signal_id, partial(_executed, change)) for change in executions]
+        _, missing = await _write_audited(self._audit, self._versions, connection, batch, changes)
+        return [executions[index] for index in missing]
+
+    async def save_signal(self, signal: Signal | Mapping[str, Any]) -> None:
+        """Insert or update one signal in its own transaction."""
+        record = Signal.parse(signal)
+        async with self._db.write() as connection:
+            await self.upsert(connection, [record])
+
+    async def update_signal_execution(
+        self, signal_id: str, executed: bool, execution_status: str | None = None
+    ) -> bool:
+        """Record that a signal was (or was not) executed; ``False`` when no such signal exists."""
+        change = SignalExecution.parse(
+            {"signal_id": signal_id, "executed": executed, "execution_status": execution_status}
+        )
+        async with self._db.write() as connection:
+            return not await self.apply_executions(connection, [change])
+
+    async def get_signal_by_id(self, signal_id: str) -> Signal | None:
+        """The signal with this ``signal_id``, or ``None``."""
+        rows = await self._fetch(self._select.where(signals.c.signal_id == signal_id))
+        return rows[0] if rows else None
+
+    async def get_recent_signals(self, limit: int = 100) -> list[Signal]:
+        """The ``limit`` most recently generated signals, newest first."""
+        _check_page(limit, 0)
+        order = _order(signals, SIGNAL_SORT_COLUMNS, "generated_at", "desc")
+        return await self._fetch(self._select.order_by(*order).limit(limit))
+
+    async def get_signals_by_status(self, executed: bool, limit: int = MAX_PAGE_SIZE) -> list[Signal]:
+        """Signals that were (or were not) executed, newest first."""
+        _check_page(limit, 0)
+        order = _order(signals, SIGNAL_SORT_COLUMNS, "generated_at", "desc")
+        return await self._fetch(self._select.where(signals.c.executed == executed).order_by(*order).limit(limit))
+
+    async def query(
+        self, query: SignalQuery | None = None, /, *, with_total: bool = False, **filters: Any
+    ) -> Page[Signal]:
+        """Signals matching a :class:`~persistence.tables.queries.SignalQuery` (or its fields given as keywords), one
+        page.
+
+        ``with_total`` also counts every matching signal over all pages.
+        """
+        query = query if query is not None else SignalQuery(**filters)
+        conditions = query.conditions()
+        statement = self._select.where(*conditions).order_by(*query.order_by()).limit(query.limit)
+        items = await self._fetch(statement.offset(query.offset))
+        total = await _count(self._db, signals, conditions) if with_total else None
+        return Page(items=items, limit=query.limit, offset=query.offset, total=total)
+
+    async def _fetch(self, statement: Select[Any]) -> list[Signal]:
+        async with self._db.read() as connection:
+            rows = (await connection.execute(statement)).all()
+        return self._reader.records(rows)
+
+    # ------------------------------------------------------------------ export (persistence.tools.export)
+
+    def iter_batches(self, **filters: Any) -> AsyncGenerator[Any, None]:
+        """Stream the matching signals as pyarrow ``RecordBatch``\\ es (needs ``persistence-sidecar[analysis]``)."""
+        return history_export.iter_batches(self._db, "signals", **filters)
+
+    async def export(self, path: str | os.PathLike[str], format: str | None = None, **filters: Any) -> ExportResult:
+        """Write the matching signals to ``path`` as Parquet, CSV or JSONL, atomically."""
+        return await history_export.export(self._db, "signals", path, format, **filters)
+
+
+class _AppendOnlyRepository(Generic[RecordT]):
+    """Immutable events keyed by a generated ``id``: an insert that ignores a replay of the same id."""
+
+    table: Table
+    record_type: type[RecordT]
+    time_column: str
+    export_entity: str
+
+    def __init__(self, database: Database, audit: AuditLog | None = None) -> None:
+        self._db = database
+        self._audit = audit if audit is not None else AuditLog(database)
+        self._versions = VersionedTable(database, self.table, "id", self.record_type, never)
+        columns = [self.table.c[name] for name in self.record_type.model_fields]
+        self._reader = RowReader(columns, self.record_type, sqlite=database.is_sqlite)
+        self._select = select(*self._reader.columns)
+
+    async def insert(self, connection: AsyncConnection, batch: Sequence[RecordT]) -> list[Version]:
+        """Insert ``batch`` inside the caller's transaction (known ids are skipped); the versions written (audited)."""
+        versions, _ = await _write_audited(self._audit, self._versions, connection, batch)
+        return versions
+
+    async def _save(self, record: RecordT) -> None:
+        async with self._db.write() as connection:
+            await self.insert(connection, [record])
+
+    async def _between(
+        self, start_date: datetime | None, end_date: datetime | None, session: str | None, limit: int
+    ) -> list[RecordT]:
+        _check_page(limit, 0)
+        column = self.table.c[self.time_column]
+        conditions = _date_range(column, start_date, end_date)
+        if session is not None:
+            conditions.append(self.table.c.session == session.upper())
+        statement = self._select.where(*conditions).order_by(column.desc(), self.table.c.id).limit(limit)
+        async with self._db.read() as connection:
+            rows = (await connection.execute(statement)).all()
+        return self._reader.records(rows)
+
+    # ------------------------------------------------------------------ export (persistence.tools.export)
+
+    def iter_batches(self, **filters: Any) -> AsyncGenerator[Any, None]:
+        """Stream the matching records as pyarrow ``RecordBatch``\\ es (needs ``persistence-sidecar[analysis]``)."""
+        return history_export.iter_batches(self._db, self.export_entity, **filters)
+
+    async def export(self, path: str | os.PathLike[str], format: str | None = None, **filters: Any) -> ExportResult:
+        """Write the matching records to ``path`` as Parquet, CSV or JSONL, atomically."""
+        return await history_export.export(self._db, self.export_entity, path, format, **filters)
+
+
+class PerformanceSnapshotRepository(_AppendOnlyRepository[PerformanceSnapshot]):
+    """Performance snapshots."""
+
+    table = performance_snapshots
+    record_type = PerformanceSnapshot
+    time_column = "snapshot_time"
+    export_entity = "snapshots"
+
+    async def save_snapshot(self, snapshot: PerformanceSnapshot | Mapping[str, Any]) -> None:
+        """Insert one snapshot in its own transaction."""
+        await self._save(PerformanceSnapshot.parse(snapshot))
+
+    async def get_snapshots(
+        self,
+        start_date: datetime | None = None,
+        end_date: datetime | None = None,
+        session: str | None = None,
+        limit: int = 100,
+    ) -> list[PerformanceSnapshot]:
+        """Snapshots in a time range (inclusive), newest first."""
+        return await self._between(start_date, end_date, session, limit)
+
+
+class ParameterHistoryRepository(_AppendOnlyRepository[ParameterChange]):
+    """The history of parameter changes."""
+
+    table = parameter_history
+    record_type = ParameterChange
+    time_column = "change_time"
+    export_entity = "parameters"
+
+    async def save_change(self, change: ParameterChange | Mapping[str, Any]) -> None:
+        """Insert one parameter change in its own transaction."""
+        await self._save(ParameterChange.parse(change))
+
+    async def get_changes(
+        self,
+        start_date: datetime | None = None,
+        end_date: datetime | None = None,
+        session: str | None = None,
+        limit: int = 100,
+    ) -> list[ParameterChange]:
+        """Parameter changes in a time range (inclusive), newest first."""
+        return await self._between(start_date, end_date, session, limit)
+
+
+class DeadLetterRepository:
+    """Records that can never be written, kept with their error for a human to look at."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def insert(self, connection: AsyncConnection, entries: Sequence[tuple[Record, BaseException | str]]) -> None:
+        """Put each (record, error) into ``dead_letters`` inside the caller's transaction."""
+        if not entries:
+            return
+        now = utc_now()
+        rows = [
+            {
+                "entity": record.entity,
+                "natural_key": record.key[:64],
+                "payload": json.dumps(record.to_json(), separators=(",", ":")),
+                "error": str(error)[:4000],
+                "error_class": (type(error).__name__ if isinstance(error, BaseException) else "Error")[:128],
+                "created_at": now,
+            }
+            for record, error in entries
+        ]
+        await connection.execute(dead_letters.insert(), rows)
+
+    async def add(self, record: Record, error: BaseException | str) -> None:
+        """Dead-letter one record in its own transaction."""
+        async with self._db.write() as connection:
+            await self.insert(connection, [(record, error)])
+
+    async def list(self, limit: int = 100, entity: str | None = None) -> list[DeadLetter]:
+        """The most recent dead letters, newest first."""
+        _check_page(limit, 0)
+        statement = select(dead_letters).order_by(dead_letters.c.id.desc()).limit(limit)
+        if entity is not None:
+            statement = statement.where(dead_letters.c.entity == entity)
+        async with self._db.read() as connection:
+            result = await connection.execute(statement)
+            return [
+                DeadLetter(
+                    entity=row["entity"],
+                    natural_key=row["natural_key"],
+                    payload=json.loads(row["payload"]),
+                    error=row["error"],
+                    error_class=row["error_class"],
+                    created_at=row["created_at"],
+                )
+                for row in result.mappings()
+            ]
+
+    async def count(self) -> int:
+        """How many dead letters there are."""
+        return await _count(self._db, dead_letters, [])
+
+
+class Repositories:
+    """Every repository over one database."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.audit = AuditLog(database)
+        self.trades = TradeRepository(database, self.audit)
+        self.signals = SignalRepository(database, self.audit)
+        self.snapshots = PerformanceSnapshotRepository(database, self.audit)
+        self.parameters = ParameterHistoryRepository(database, self.audit)
+        self.dead_letters = DeadLetterRepository(database)
+
+    async def table_counts(self) -> dict[str, int]:
+        """Row counts of the six tables."""
+        counts: dict[str, int] = {}
+        for table in (trades, signals, performance_snapshots, parameter_history, dead_letters, audit_log):
+            counts[table.name] = await _count(self.database, table, [])
+        return counts
+
+
+async def _count(database: Database, table: Table, conditions: Sequence[ColumnElement[bool]]) -> int:
+    async with database.read() as connection:
+        result = await connection.execute(select(func.count()).select_from(table).where(*conditions))
+        return int(result.scalar_one())
+
+
+def rows_as_dicts(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Plain dict copies of result rows (handy in tests and the CLI)."""
+    return [dict(row) for row in rows]

@@ -1,0 +1,268 @@
+"""Versioned writes: what a batch really changes, decided under the write lock, then written.
+
+A batch may hold several versions of one record (a trade opened and closed within a second), replays of versions
+already stored, and versions older than the stored one. Applying them in order under the table's rule (a trade's
+newer ``updated_at`` wins; a signal that is ``executed`` is never reset by a replay of its unexecuted version) gives
+the rows to store and the versions that were really written, one by one: the audit trail's entries. A version
+identical to what is stored writes nothing and adds no entry.
+
+The rule is applied here, in Python, against the stored rows read inside the write transaction and held by it:
+
+1. read the batch's keys that exist (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite's write lock holds the whole
+   database);
+2. insert the first version of each new key with ``ON CONFLICT DO NOTHING``. On PostgreSQL this comes first, for
+   the first version of every key: the keys inserted come back (``RETURNING``), and only the others are read (and
+   locked) as in 1, so a batch of new keys reads nothing;
+3. apply every version in order; write the final state of each key that changed since 2, unconditionally (each of
+   those rows is held by this transaction).
+
+On PostgreSQL the claims go in key order (their surrogate ids drawn first, in batch order), like the ``FOR UPDATE``
+read, so two writers of overlapping keys queue instead of deadlocking; batches of
+:data:`~persistence.db.pgcopy.COPY_MIN_ROWS` rows or more go by binary ``COPY`` (:mod:`persistence.db.pgcopy`),
+straight into the table when every key is new, and the new versions' canonical JSON is made while the server works. On
+SQLite rows are encoded straight to driver values (:mod:`persistence.db.rowcodec`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import String, Table, any_, bindparam, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from persistence.audit.chain import Version, VersionEncoder
+from persistence.audit.trail import column_kinds
+from persistence.db.engine import Database
+from persistence.db.pgcopy import COPY_MIN_ROWS, CopyUpsert
+from persistence.db.rowcodec import DriverBatch, RowReader
+from persistence.records.models import Record
+
+RecordT = TypeVar("RecordT", bound=Record)
+Row = dict[str, Any]
+Replaces = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
+"""``replaces(new, stored)``: whether ``new`` may overwrite ``stored`` (both rows of the same key)."""
+Change = Callable[[Row], Row]
+
+_READ_CHUNK = 5000
+OVERLAP_SLICE = 32
+"""First versions encoded between two hand-backs of the loop while their claim runs."""
+
+
+def never(_new: Mapping[str, Any], _stored: Mapping[str, Any]) -> bool:
+    """The rule of immutable records: the first version stays."""
+    return False
+
+
+class _Statement:
+    """One batch statement in its fastest form per backend: driver rows on SQLite, ``COPY`` on PostgreSQL."""
+
+    def __init__(
+        self,
+        database: Database,
+        table: Table,
+        statement: Any,
+        conflict: str,
+        returning: str | None,
+        *,
+        with_id: bool = False,
+    ) -> None:
+        self._db = database
+        self._statement = statement
+        self._returning = returning
+        self._fast = DriverBatch(statement, table, database.engine.dialect) if database.is_sqlite else None
+        self._copy: CopyUpsert | None = None
+        if database.dialect_name == "postgresql":
+            names = [
+                column.name for column in table.c if column.name != "id" or with_id or isinstance(column.type, String)
+            ]
+            self._copy = CopyUpsert(table, names, conflict, database.settings.query_timeout_ms, returning=returning)
+            if returning is not None:
+                self._statement = statement.returning(table.c[returning])
+
+    async def run(self, connection: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> list[Any] | None:
+        """Execute for ``rows``; the ``returning`` values of the rows written, or ``None`` where all were."""
+        if not rows:
+            return []
+        if self._fast is not None:
+            await self._db.executemany_on_driver(connection, self._fast.sql, self._fast.encode(rows))
+            return None
+        if self._copy is not None and len(rows) >= COPY_MIN_ROWS:
+            written = await self._copy.write(connection, rows)
+            return written if self._returning is not None else None
+        result = await connection.execute(self._statement, list(rows))
+        return list(result.scalars()) if self._returning is not None else None
+
+    async def claim(self, connection: AsyncConnection, rows: Sequence[Mapping[str, Any]], key: str) -> list[Any] | None:
+        """:meth:`run` an ``INSERT … DO NOTHING`` of ``rows``; on PostgreSQL a batch of only new keys takes a plain
+        ``COPY`` into the table instead (:meth:`~persistence.db.pgcopy.CopyUpsert.write_new`)."""
+        if self._copy is not None and len(rows) >= COPY_MIN_ROWS and await self._copy.write_new(connection, rows):
+            return [row[key] for row in rows]
+        return await self.run(connection, rows)
+
+
+class VersionedTable(Generic[RecordT]):
+    """The versioned writes of one table keyed by ``key``, under the rule ``replaces``; see the module docstring."""
+
+    def __init__(
+        self, database: Database, table: Table, key: str, record_type: type[RecordT], replaces: Replaces
+    ) -> None:
+        self._db = database
+        self._key = key
+        self._entity = record_type.entity
+        self._replaces = replaces
+        self.instance_id = database.settings.instance_id
+        self.fields = tuple(record_type.model_fields)
+        self._encode = VersionEncoder(self.fields, column_kinds(table)).encode
+        dialect = postgresql if database.dialect_name == "postgresql" else sqlite
+        if database.dialect_name not in ("postgresql", "sqlite"):
+            raise NotImplementedError(f"upserts are not implemented for {database.dialect_name}")
+        claim = dialect.insert(table).on_conflict_do_nothing(index_elements=[table.c[key]])
+        # PostgreSQL claims in key order (see write()); an integer surrogate id is drawn first, in batch order.
+        self._drawn_ids: Any = None
+        if database.dialect_name == "postgresql" and not isinstance(table.c.id.type, String):
+            # The table's name comes from the schema, never from input.
+            self._drawn_ids = text(
+                f"SELECT nextval(pg_get_serial_sequence('{table.name}', 'id'))"  # noqa: S608
+                " FROM generate_series(1, :count) ORDER BY 1"
+            )
+        self._claim = _Statement(
+            database, table, claim, f"ON CONFLICT ({key}) DO NOTHING", key, with_id=self._drawn_ids is not None
+        )
+        upsert = dialect.insert(table)
+        kept = [column.name for column in table.c if column.name not in ("id", key)]
+        overwrite = upsert.on_conflict_do_update(
+            index_elements=[table.c[key]], set_={name: upsert.excluded[name] for name in kept}
+        )
+        conflict = f"ON CONFLICT ({key}) DO UPDATE SET " + ", ".join(f"{name} = EXCLUDED.{name}" for name in kept)
+        self._overwrite = _Statement(database, table, overwrite, conflict, None)
+        columns = [table.c[name] for name in self.fields]
+        self._reader = RowReader(columns, record_type, sqlite=database.is_sqlite)
+        # The keys go as one parameter (an array; a JSON list on SQLite), so the statement is compiled once.
+        stored = select(*self._reader.columns, table.c.instance_id)
+        if database.dialect_name == "postgresql":
+            keys = bindparam("keys", type_=postgresql.ARRAY(String()))
+            # Locked in key order, so two writers of overlapping batches queue instead of deadlocking.
+            stored = stored.where(table.c[key] == any_(keys)).order_by(table.c[key]).with_for_update()
+        else:
+            listed = func.json_each(bindparam("keys", type_=String())).table_valued("value")
+            stored = stored.where(table.c[key].in_(select(listed.c.value).scalar_subquery()))
+        self._stored = stored
+        self._claim_first = database.dialect_name == "postgresql"
+        self._keys_parameter: Callable[[list[str]], Any] = (
+            (lambda keys: keys) if database.dialect_name == "postgresql" else json.dumps
+        )
+
+    async def _encode_meanwhile(self, claiming: asyncio.Future[Any], rows: Sequence[Row]) -> dict[int, str]:
+        """The canonical JSON of each new key's first version, made while the claim is under way; by ``id`` of row.
+
+        The claim's ``COPY`` runs in the PostgreSQL server while this encodes, a slice at a time, handing the loop back
+        between slices so the claim's own sending goes on. A failure or cancellation here stops the claim.
+        """
+        encode = self._encode
+        encoded: dict[int, str] = {}
+        try:
+            for start in range(0, len(rows), OVERLAP_SLICE):
+                await asyncio.sleep(0)
+                for row in rows[start : start + OVERLAP_SLICE]:
+                    encoded[id(row)] = encode(row)
+        except BaseException:
+            claiming.cancel()
+            with contextlib.suppress(BaseException):
+                await claiming
+            raise
+        return encoded
+
+    def rows(self, records: Sequence[Record]) -> list[Row]:
+        """The rows of ``records`` as this process writes them (its ``instance_id`` added)."""
+        instance = self.instance_id
+        return [{**record.__dict__, "instance_id": instance} for record in records]
+
+    async def stored(self, connection: AsyncConnection, keys: Sequence[str]) -> dict[str, Row]:
+        """The stored rows of ``keys`` that exist, read (and on PostgreSQL locked) inside the transaction."""
+        found: dict[str, Row] = {}
+        decode = self._reader.decode
+        key = self._key
+        for start in range(0, len(keys), _READ_CHUNK):
+            chunk = list(keys[start : start + _READ_CHUNK])
+            parameter = self._keys_parameter(chunk)
+            for row in (await connection.execute(self._stored, {"keys": parameter})).all():
+                values = dict(decode(row[:-1]).__dict__)
+                values["instance_id"] = row[-1]
+                found[values[key]] = values
+        return found
+
+    async def write(
+        self, connection: AsyncConnection, rows: Sequence[Row], changes: Sequence[tuple[str, Change]] = ()
+    ) -> tuple[list[Version], list[int]]:
+        """Apply ``rows`` in order, then ``changes`` (key, change of the stored row) in order, inside the transaction.
+
+        Returns the versions written, in order, and the indexes of the changes whose key has no row.
+        """
+        key = self._key
+        keys = list(dict.fromkeys([row[key] for row in rows] + [change_key for change_key, _ in changes]))
+        if not keys:
+            return [], []
+        # Each key's first version, in batch order: new rows take their surrogate ids in the order recorded.
+        first: dict[str, Row] = {}
+        for row in rows:
+            first.setdefault(row[key], row)
+        if self._claim_first:
+            # PostgreSQL: claim first; RETURNING names the keys that were new. Every other key has a committed row
+            # (an insert that conflicts waits for the other transaction), read and locked now. A batch of new keys,
+            # the common case, needs no read at all. Claims go in key order, like the read, so two writers of
+            # overlapping keys queue instead of deadlocking; the ids they take were drawn in batch order.
+            claims = list(first.values())
+            if self._drawn_ids is not None:
+                drawn = (await connection.execute(self._drawn_ids, {"count": len(claims)})).scalars()
+                claims = [{**row, "id": drawn_id} for row, drawn_id in zip(claims, drawn, strict=True)]
+            claims.sort(key=itemgetter(key))
+            claiming = asyncio.ensure_future(self._claim.claim(connection, claims, key))
+            payloads = await self._encode_meanwhile(claiming, list(first.values()))
+            written_first = set(await claiming or ())
+            state = await self.stored(connection, [identity for identity in keys if identity not in written_first])
+        else:
+            # SQLite: the write lock holds the whole database, so what is read now is what the claim will find.
+            state = await self.stored(connection, keys)
+            # (Encoding meanwhile would not help here: sqlite3 needs the GIL for every row it binds.)
+            fresh = [row for identity, row in first.items() if identity not in state]
+            await self._claim.run(connection, fresh)
+            written_first = {row[key] for row in fresh}
+            payloads = {}
+        stored_now = dict(state)
+        versions: list[Version] = []
+        entity = self._entity
+        replaces = self._replaces
+        for row in rows:
+            identity = row[key]
+            kept = state.get(identity)
+            if kept is None:
+                if identity in written_first:
+                    state[identity] = stored_now[identity] = row
+                    versions.append(Version(entity, identity, row, payloads.get(id(row))))
+                continue
+            if not replaces(row, kept):
+                continue
+            new = row if row["created_at"] == kept["created_at"] else {**row, "created_at": kept["created_at"]}
+            if new != kept:
+                state[identity] = new
+                versions.append(Version(entity, identity, new))
+        missing: list[int] = []
+        for index, (identity, change) in enumerate(changes):
+            kept = state.get(identity)
+            if kept is None:
+                missing.append(index)
+                continue
+            new = change(kept)
+            new["instance_id"] = self.instance_id
+            if new != kept:
+                state[identity] = new
+                versions.append(Version(entity, identity, new))
+        finals = [state[identity] for identity in sorted(state) if state[identity] is not stored_now.get(identity)]
+        await self._overwrite.run(connection, finals)
+        return versions, missing

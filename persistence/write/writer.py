@@ -1,0 +1,326 @@
+"""The writer: the one background task that moves the backlog into the database, behind the circuit breaker.
+
+Each turn of the loop is admit → commit → publish → settle:
+
+* **admit**: the breaker decides whether a database call may be made now (closed, or the one half-open probe);
+  while it refuses, the writer sleeps until it may ask again, or until new work arrives.
+* **commit**: before the database is ready it prepares it (migrations, the history); then it takes the head of the
+  backlog (up to ``PERSISTENCE_BATCH_SIZE`` records, oldest first, from the journal or RAM) and hands it to the
+  committer, which returns an outcome.
+* **publish**: receipts resolve, events say what happened, and the outcome goes to the breaker (a transient
+  failure counts once, data errors never).
+* **settle**: the handled prefix leaves the backlog (and the journal); the history may evict what is safe.
+
+Everything else lives elsewhere: the backlog (RAM and journal), the committer (transactions, retries, dead letters)
+and the runtime (database, repositories, start-up). Tests drive the loop with a fake target and a fake clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+from collections.abc import Sequence
+from typing import Protocol
+
+from persistence.observe.events import (
+    BatchCommitted,
+    BreakerChanged,
+    EventBus,
+    JournalReplayed,
+    RecordDeadLettered,
+    WriteFailed,
+)
+from persistence.records.models import Entity
+from persistence.write.backlog import Backlog, Batch, Clock, Pending, ReceiptBook, Sleep
+from persistence.write.breaker import Admission, CircuitBreaker, Transition
+from persistence.write.committer import Outcome, short_error
+from persistence.write.faults import needs_schema
+
+
+class Target(Protocol):
+    """What the writer writes to: the runtime in production, a fake in tests."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether the database is prepared (migrated, history loaded)."""
+
+    async def prepare(self) -> None:
+        """Make the database ready; raises when it cannot be reached."""
+
+    async def commit(self, records: Sequence[Pending]) -> Outcome:
+        """Write a batch; see :class:`~persistence.write.committer.Committer`."""
+
+    def committed(self, now: float, outcome: Outcome) -> None:
+        """Told after every batch (the runtime starts background checkpoints, notes a lost schema)."""
+
+
+class Writer:
+    """Drains a :class:`~persistence.write.backlog.Backlog` into a :class:`Target`; see the module docstring."""
+
+    def __init__(
+        self,
+        backlog: Backlog,
+        target: Target,
+        *,
+        breaker: CircuitBreaker,
+        book: ReceiptBook,
+        bus: EventBus,
+        clock: Clock,
+        sleep: Sleep,
+        batch_size: int,
+    ) -> None:
+        self._backlog = backlog
+        self._target = target
+        self._breaker = breaker
+        self._book = book
+        self._bus = bus
+        self._clock = clock
+        self._sleep = sleep
+        self._batch_size = batch_size
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.database_ok = False
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The circuit breaker guarding every write."""
+        return self._breaker
+
+    @property
+    def running(self) -> bool:
+        """Whether the loop's task is alive."""
+        return self._task is not None and not self._task.done()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the loop's task, in a fresh context (no caller's correlation id leaks into it)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="persistence-writer", context=contextvars.Context())
+
+    async def stop(self, timeout: float) -> None:
+        """Let the loop drain what it can within ``timeout``, then cancel it."""
+        self._stopping = True
+        self._backlog.work.set()
+        task = self._task
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), max(timeout, 0.0))
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+
+    async def drain_journal(self) -> None:
+        """Replay the records on disk now (start-up), while the database takes them; the loop goes on later."""
+        while self._backlog.on_disk_only and self._target.ready and not self._stopping:
+            admission, transition = self._breaker.admit(self._clock())
+            self._publish_transition(transition)
+            if not admission.allowed:
+                return
+            failures_before = self._breaker.consecutive_failures
+            await self._write_next_batch(admission)
+            if self._breaker.consecutive_failures > failures_before:
+                return  # the database failed; the loop carries on when it can
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        backlog, breaker = self._backlog, self._breaker
+        while True:
+            backlog.work.clear()
+            has_work = len(backlog) > 0
+            if self._stopping and not has_work:
+                return
+            if self._target.ready and not has_work:
+                await self._idle(None)
+                continue
+            now = self._clock()
+            admission, transition = breaker.admit(now)
+            self._publish_transition(transition)
+            if not admission.allowed:
+                if self._stopping:
+                    return  # nothing can be written now; the backlog journals the rest at close
+                await self._idle(breaker.seconds_until_half_open(now))
+                continue
+            try:
+                if self._target.ready:
+                    await self._write_next_batch(admission)
+                else:
+                    await self._prepare(admission)
+            except asyncio.CancelledError:
+                breaker.record_cancelled(admission)
+                raise
+            except Exception as error:
+                # The only writer must outlive any fault it did not foresee: report it, and count it against the
+                # breaker so that a fault that persists backs off.
+                self.database_ok = False
+                self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"writer: {short_error(error)}", True, 1))
+                self._publish_transition(breaker.record_failure(admission, self._clock()))
+
+    async def _idle(self, timeout: float | None) -> None:
+        work = self._backlog.work
+        if work.is_set():
+            return
+        waiter = asyncio.ensure_future(work.wait())
+        if timeout is None:
+            try:
+                await waiter
+            finally:
+                waiter.cancel()
+            return
+        # The deadline is fixed now: the sleep only starts when its task first runs, and time may move before that.
+        sleeper = asyncio.ensure_future(self._sleep_until(self._clock() + max(timeout, 0.0)))
+        try:
+            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            sleeper.cancel()
+
+    async def _sleep_until(self, deadline: float) -> None:
+        await self._sleep(max(deadline - self._clock(), 0.0))
+
+    async def _prepare(self, admission: Admission) -> None:
+        try:
+            await self._target.prepare()
+        except Exception as error:
+            self.database_ok = False
+            self._bus.publish(WriteFailed(0, {}, type(error).__name__, short_error(error), True, 1))
+            self._publish_transition(self._breaker.record_failure(admission, self._clock()))
+        else:
+            self.database_ok = True
+            self._publish_transition(self._breaker.record_success(admission, self._clock()))
+
+    async def _write_next_batch(self, admission: Admission) -> None:
+        batch = await self._backlog.take(self._batch_size)
+        if not batch.slots:
+            self._breaker.record_cancelled(admission)
+            return
+        started = self._clock()
+        outcome = await self._target.commit(batch.records)
+        now = self._clock()
+        handled = self._publish(batch, outcome, started, now)
+        self._target.committed(now, outcome)
+        if outcome.failure is not None:
+            self.database_ok = False
+            self._publish_transition(self._breaker.record_failure(admission, now))
+        elif outcome.dead or outcome.lost:
+            self.database_ok = True
+            self._breaker.record_cancelled(admission)  # data errors neither trip nor reset the breaker
+        else:
+            self.database_ok = True
+            self._publish_transition(self._breaker.record_success(admission, now))
+        # Last, the only await: receipts, events and the breaker already say what the database holds, whatever
+        # happens to this task now. A stop that cancels it here leaves committed records in the backlog; they are
+        # journaled at close and replayed later, which is idempotent.
+        await self._backlog.settle(batch, handled)
+
+    # ------------------------------------------------------------------ settle and publish
+
+    def _publish(self, batch: Batch, outcome: Outcome, started: float, now: float) -> int:
+        """Resolve receipts and publish events; return how many slots, from the batch's head, are handled."""
+        handled_ids = {id(item) for item in outcome.committed}
+        handled_ids.update(id(dead.item) for dead in outcome.dead)
+        handled_ids.update(id(item) for item, _ in outcome.lost)
+        prefix = 0
+        for slot in batch.slots:
+            if slot is None or id(slot) in handled_ids:
+                prefix += 1
+            else:
+                break
+        backlog, tally = self._backlog, self._book.tally
+        for item in outcome.committed:
+            receipt = backlog.resolve(item)
+            if receipt is not None:
+                receipt.mark_persisted()
+            backlog.mark_safe(item)
+        for dead in outcome.dead:
+            item = dead.item
+            receipt = backlog.resolve(item)
+            if receipt is not None:
+                receipt.mark_dead_lettered(dead.error)
+            backlog.mark_safe(item)
+            self._bus.publish(
+                RecordDeadLettered(
+                    entity=item.record.entity,
+                    key=item.record.key,
+                    error_class=dead.error_class,
+                    error=dead.error if dead.kept_in == "table" else f"{dead.error} (kept in the dead-letter file)",
+                    correlation_id=item.correlation_id,
+                )
+            )
+        for item, error in outcome.lost:
+            backlog.drop([item], "dead_letter_refused", error)
+        tally.persisted += len(outcome.committed)
+        tally.dead_lettered += len(outcome.dead)
+        if outcome.committed:
+            self._bus.publish(
+                BatchCommitted(
+                    records=len(outcome.committed),
+                    by_entity=_by_entity(outcome.committed),
+                    duration=now - started,
+                    from_journal=batch.from_journal,
+                    latencies=tuple(
+                        (item.record.entity, now - item.recorded_at)
+                        for item in outcome.committed
+                        if item.recorded_at is not None
+                    ),
+                    correlation_ids=_correlation_ids(outcome.committed),
+                    audit_seq=outcome.audit_head.seq if outcome.audit_head is not None else None,
+                    audit_hash=outcome.audit_head.hash if outcome.audit_head is not None else None,
+                )
+            )
+            if batch.from_journal:
+                tally.replayed += len(outcome.committed)
+                self._bus.publish(
+                    JournalReplayed(records=len(outcome.committed), journal_pending=backlog.journal_pending)
+                )
+        if outcome.failure is not None:
+            failed = [slot for slot in batch.slots[prefix:] if slot is not None]
+            self._bus.publish(
+                WriteFailed(
+                    records=len(failed),
+                    by_entity=_by_entity(failed),
+                    error_class=type(outcome.failure).__name__,
+                    error=short_error(outcome.failure),
+                    transient=True,
+                    attempts=outcome.attempts,
+                    correlation_ids=_correlation_ids(failed),
+                )
+            )
+            if needs_schema(outcome.failure):
+                self.database_ok = False
+        return prefix
+
+    def _publish_transition(self, transition: Transition | None) -> None:
+        if transition is not None:
+            self._bus.publish(
+                BreakerChanged(
+                    from_state=str(transition.from_state),
+                    to_state=str(transition.to_state),
+                    consecutive_failures=transition.consecutive_failures,
+                )
+            )
+
+
+def _by_entity(items: Sequence[Pending]) -> dict[Entity, int]:
+    counts: dict[Entity, int] = {}
+    for item in items:
+        entity = item.record.entity
+        counts[entity] = counts.get(entity, 0) + 1
+    return counts
+
+
+def _correlation_ids(items: Sequence[Pending], limit: int = 20) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for item in items:
+        if item.correlation_id is not None:
+            seen[item.correlation_id] = None
+            if len(seen) >= limit:
+                break
+    return tuple(seen)
