@@ -62,6 +62,7 @@ def test_the_site_builds_strictly_without_the_internet(tmp_path: Path) -> None:
     assert "fonts.googleapis.com" not in html and "fonts.gstatic.com" not in html, "web fonts would need the internet"
     reference = (site / "reference" / "sidecar" / "index.html").read_text()
     assert "record_trade" in reference, "the API reference was not generated from the docstrings"
+    assert not re.search(r":(class|meth|func|mod|attr):<code>", html), "docs/hooks/roles.py left a Sphinx role"
     guarantees = (site / "guarantees" / "index.html").read_text()
     assert "PERSISTENCE_JOURNAL_SYNC_SECONDS" in guarantees, "the README's guarantees were not included"
 
