@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@echo "==> upgrading pip"
 	$(PY) -m pip install --progress-bar on --upgrade pip
 	@echo "==> installing persistence-sidecar and its dependencies into $(VENV) (about a minute on a fresh machine)"
-	$(PY) -m pip install --progress-bar on -e '.[dev,analysis]'
+	$(PY) -m pip install --progress-bar on -e '.[dev,analysis,docs]'
 	@echo "==> $(VENV) is ready"
 	touch $(STAMP)
 

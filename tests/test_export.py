@@ -346,10 +346,9 @@ def test_exporting_300000_trades_in_a_child_process_grows_rss_by_at_most_150_mib
     assert pq.ParquetFile(tmp_path / "big.parquet").metadata.num_rows == count
 
 
-def test_the_readme_export_example_runs(tmp_path: Path) -> None:
-    readme = (REPO_ROOT / "README.md").read_text()
-    section = readme.split("## Export", 1)[1].split("\n## ", 1)[0]
-    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+def test_the_docs_export_example_runs(tmp_path: Path) -> None:
+    page = (REPO_ROOT / "docs" / "export.md").read_text()
+    example = page.split("```python\n", 1)[1].split("```", 1)[0]
     url = f"sqlite+aiosqlite:///{tmp_path / 'readme.db'}"
 
     async def prepare() -> None:

@@ -1,7 +1,8 @@
-"""Every ```python block of the README runs as written, and its table of the records' fields matches the models.
+"""Every ```python block of the README and of docs/ runs as written; the README says what SPEC promises it says.
 
 Each block runs in a fresh temporary directory with the database and the journal pointed there: a block holding a
-test (the fault-kit example) is run by pytest, any other by the interpreter.
+test (the fault-kit example) is run by pytest, any other by the interpreter. The records' field table in
+``docs/records.md`` is checked against the models.
 """
 
 from __future__ import annotations
@@ -18,16 +19,28 @@ from tests.model_reference import END, START, model_reference
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = REPO_ROOT / "README.md"
+DOCS = REPO_ROOT / "docs"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
-def python_blocks() -> list[str]:
+def pages() -> list[Path]:
+    """The README and every Markdown page of the documentation, in a stable order."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    """Every ```python block as (page relative to the repository, block)."""
+    return [(str(page.relative_to(REPO_ROOT)), block) for page in pages() for block in BLOCK.findall(page.read_text())]
+
+
+def readme_blocks() -> list[str]:
     return BLOCK.findall(README.read_text())
 
 
-def block_id(block: str) -> str:
+def block_id(item: tuple[str, str]) -> str:
+    page, block = item
     first = next(line for line in block.splitlines() if line.startswith(("from ", "import ")))
-    return f"{python_blocks().index(block)}:{first[:40]}"
+    return f"{page}:{python_blocks().index(item)}:{first[:40]}"
 
 
 def run_block(block: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -51,22 +64,35 @@ def run_block(block: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
 
 
-def test_the_readme_has_the_examples_this_test_runs() -> None:
-    blocks = python_blocks()
-    assert len(blocks) >= 4
-    assert any("record_snapshot" in block and "asyncio.run(main())" in block for block in blocks)
+def test_the_readme_starts_with_the_two_commands() -> None:
+    # SPEC, "Set-up on a fresh machine": the README starts with exactly these.
+    lines = README.read_text().splitlines()
+    assert lines[0] == "# persistence-sidecar"
+    body = [line for line in lines[1:] if line.strip()]
+    assert body[:2] == [
+        "    make run     # creates .venv, installs, runs the demo orchestrator on SQLite (the main job)",
+        "    make test    # creates .venv if needed, installs, runs the whole test suite",
+    ]
+
+
+def test_the_pages_have_the_examples_this_test_runs() -> None:
+    blocks = [block for _, block in python_blocks()]
+    assert len(blocks) >= 8
+    assert any("record_snapshot" in block and "asyncio.run(main())" in block for block in readme_blocks())
     assert any("import pytest" in block and "def test_" in block for block in blocks)
+    assert {page for page, _ in python_blocks()} >= {"README.md", "docs/testing.md", "docs/export.md"}
 
 
-@pytest.mark.parametrize("block", python_blocks(), ids=block_id)
-def test_every_python_block_of_the_readme_runs_as_written(block: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("item", python_blocks(), ids=block_id)
+def test_every_python_block_of_the_readme_and_the_docs_runs_as_written(item: tuple[str, str], tmp_path: Path) -> None:
+    _, block = item
     result = run_block(block, tmp_path)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     assert "Traceback" not in result.stderr
 
 
 def test_the_embedding_example_persists_every_record_and_prints_only_the_hosts_own_lines(tmp_path: Path) -> None:
-    [block] = [block for block in python_blocks() if "record_snapshot" in block]
+    [block] = [block for block in readme_blocks() if "record_snapshot" in block]
     result = run_block(block, tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -77,13 +103,12 @@ def test_the_embedding_example_persists_every_record_and_prints_only_the_hosts_o
 
 
 def test_the_fault_kit_example_says_it_needs_pytest_asyncio() -> None:
-    text = README.read_text()
-    kit = text[text.index("## Fault kit for your CI") : text.index("## History API")]
-    assert "pytest-asyncio" in kit
+    kit = (DOCS / "testing.md").read_text()
+    assert "pytest-asyncio" in kit[: kit.index("```python")]
 
 
 def test_the_field_reference_table_matches_the_models() -> None:
-    text = README.read_text()
-    assert START in text and END in text, "the README lost its model-reference markers"
+    text = (DOCS / "records.md").read_text()
+    assert START in text and END in text, "docs/records.md lost its model-reference markers"
     table = text[text.index(START) : text.index(END) + len(END)]
     assert table == model_reference(), "regenerate it with: python -m tests.model_reference"
