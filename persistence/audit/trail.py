@@ -14,7 +14,7 @@ where ``header`` is the canonical JSON of the entry's other columns (``instance_
 to the commit), so two processes sharing an instance id append one after the other and a chain never forks; a unique
 index on ``(instance_id, seq)`` refuses a fork outright.
 
-What the trail proves and what it does not is in the README ("Audit trail"). :mod:`persistence.audit.verify` walks
+What the trail proves and what it does not is in docs/audit.md. :mod:`persistence.audit.verify` walks
 the chains.
 """
 

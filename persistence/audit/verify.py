@@ -11,7 +11,7 @@ Three passes, each streamed in chunks (memory stays bounded whatever the size of
 3. **Deletions.** Every audited key still has its row.
 
 The first problem found ends the walk: :class:`VerifyReport` names it (instance, ``seq``, entity, key and what
-differs). What a passing verify proves, and what it cannot, is in the README ("Audit trail").
+differs). What a passing verify proves, and what it cannot, is in docs/audit.md.
 """
 
 from __future__ import annotations
