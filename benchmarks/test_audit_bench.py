@@ -52,7 +52,19 @@ def without_the_trail() -> Iterator[None]:
     async def nothing_stored(self: VersionedTable[Any], connection: Any, keys: Any) -> dict[str, Any]:
         return {}
 
-    with mock.patch.object(AuditLog, "append", no_entries), mock.patch.object(VersionedTable, "stored", nothing_stored):
+    # SQLite's transaction runs on the driver's thread: its head read and entries are these two.
+    def no_head(self: AuditLog, session: Any) -> None:
+        return None
+
+    def no_entries_on(self: AuditLog, session: Any, versions: Any, head: Any) -> Any:
+        return head
+
+    with (
+        mock.patch.object(AuditLog, "append", no_entries),
+        mock.patch.object(VersionedTable, "stored", nothing_stored),
+        mock.patch.object(AuditLog, "head_on", no_head),
+        mock.patch.object(AuditLog, "append_on", no_entries_on),
+    ):
         yield
 
 

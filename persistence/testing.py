@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import await_only
 
+from persistence.db.driver import DRIVER_HOOKS
 from persistence.db.engine import Database, sqlite_path
 from persistence.db.pgcopy import COPY_HOOKS
 from persistence.errors import DatabaseUnavailableError
@@ -117,24 +118,21 @@ def written_table(statement: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
-_DRIVER_HOOKS = "_persistence_testing_hooks"
-
-
 class _StatementHook:
     """Sees every statement the sidecar sends, wherever it is sent from, and may delay it or make it fail.
 
     Three doors, all removed on exit: the engine's ``before_cursor_execute`` event (every statement SQLAlchemy
-    executes); on SQLite, the driver connection's ``executemany`` for batches sent straight to aiosqlite
-    (wrapped on the connection object at pool checkout; SQLAlchemy's own adapter never calls it); on PostgreSQL, the
-    pooled connection's ``COPY`` hooks (:data:`persistence.db.pgcopy.COPY_HOOKS`, registered at checkout), which see
-    each batch sent by ``COPY`` as an ``INSERT`` into its table with its rows.
+    executes); on SQLite, the pooled connection's driver hooks (:data:`persistence.db.driver.DRIVER_HOOKS`,
+    registered at checkout), which see every statement of a transaction run on the driver's thread, the writer's
+    included, and delay it there (the event loop is never blocked); on PostgreSQL, the pooled connection's ``COPY``
+    hooks (:data:`persistence.db.pgcopy.COPY_HOOKS`), which see each batch sent by ``COPY`` as an ``INSERT`` into
+    its table with its rows.
     """
 
     def __init__(self, database: Database) -> None:
         self.database = database
         self._installed = False
-        self._drivers: list[Any] = []
-        self._copy_doors: list[list[Any]] = []
+        self._doors: list[list[Any]] = []
 
     def _check(self, statement: str, parameters: Any, executemany: bool) -> float:
         """Raise to fail the statement; return seconds to delay it (0 for none)."""
@@ -158,18 +156,10 @@ class _StatementHook:
         event.remove(engine, "before_cursor_execute", self._before)
         if self.database.is_sqlite or self.database.dialect_name == "postgresql":
             event.remove(engine.pool, "checkout", self._hook_driver)
-        for copy_hooks in self._copy_doors:
-            if self._check in copy_hooks:
-                copy_hooks.remove(self._check)
-        self._copy_doors.clear()
-        for driver in self._drivers:
-            hooks: list[_StatementHook] = vars(driver).get(_DRIVER_HOOKS, [])
-            if self in hooks:
-                hooks.remove(self)
-            if not hooks:
-                vars(driver).pop(_DRIVER_HOOKS, None)
-                vars(driver).pop("executemany", None)  # back to the class's own method
-        self._drivers.clear()
+        for hooks in self._doors:
+            if self._check in hooks:
+                hooks.remove(self._check)
+        self._doors.clear()
         self._installed = False
 
     def __enter__(self) -> Self:
@@ -189,34 +179,14 @@ class _StatementHook:
             # Runs in SQLAlchemy's greenlet on the loop thread: await through the bridge, never block the loop.
             await_only(asyncio.sleep(delay))
 
-    def _hook_driver(self, dbapi_connection: Any, connection_record: Any, *_: Any) -> None:
-        if not self.database.is_sqlite:
-            # PostgreSQL batches go by COPY (persistence.db.pgcopy), which asks the connection's COPY_HOOKS first.
-            copy_hooks: list[Any] = connection_record.info.setdefault(COPY_HOOKS, [])
-            if self._check not in copy_hooks:
-                copy_hooks.append(self._check)
-                self._copy_doors.append(copy_hooks)
-            return
-        driver = getattr(dbapi_connection, "driver_connection", None)
-        if driver is None or not hasattr(driver, "__dict__"):
-            return
-        state = vars(driver)
-        if _DRIVER_HOOKS not in state:
-            hooks: list[_StatementHook] = []
-            original = driver.executemany
-
-            async def executemany(sql: str, rows: Any) -> Any:
-                for hook in tuple(hooks):
-                    delay = hook._check(sql, rows, True)
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                return await original(sql, rows)
-
-            state[_DRIVER_HOOKS] = hooks
-            state["executemany"] = executemany
-        if self not in state[_DRIVER_HOOKS]:
-            state[_DRIVER_HOOKS].append(self)
-            self._drivers.append(driver)
+    def _hook_driver(self, _dbapi_connection: Any, connection_record: Any, *_: Any) -> None:
+        # SQLite's write transactions run on the driver's thread (persistence.db.driver) and PostgreSQL's batches go by
+        # COPY (persistence.db.pgcopy): each asks the pooled connection's hooks first.
+        key = DRIVER_HOOKS if self.database.is_sqlite else COPY_HOOKS
+        hooks: list[Any] = connection_record.info.setdefault(key, [])
+        if self._check not in hooks:
+            hooks.append(self._check)
+            self._doors.append(hooks)
 
 
 class WriteFaults(_StatementHook):
@@ -312,8 +282,9 @@ class StatementLatency(_StatementHook):
     """Delays statements by ``seconds`` without blocking the event loop.
 
     The delay is an ``await asyncio.sleep`` (from the engine's ``before_cursor_execute`` event through SQLAlchemy's
-    greenlet bridge, the way the async drivers themselves are awaited), so other tasks, the hot path included,
-    keep running while the writer's statement waits. The delay comes *before* the statement reaches the driver:
+    greenlet bridge, the way the async drivers themselves are awaited), or for a statement run on SQLite's driver
+    thread a wait on that thread, so other tasks, the hot path included, keep running while the writer's statement
+    waits. The delay comes *before* the statement reaches the driver:
     it adds to the write latency the sidecar measures, but not to ``DATABASE_QUERY_TIMEOUT`` (that bounds the
     statement inside the database). ``writes_only`` limits it to ``INSERT``/``UPDATE``/``DELETE`` on the sidecar's
     tables; otherwise every statement, reads and ``BEGIN`` included, is delayed.

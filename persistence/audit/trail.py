@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from sqlalchemy import String, Table, bindparam, select, text
@@ -31,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.audit.chain import AuditEntry, AuditHead, Version, VersionEncoder, chain_entries
 from persistence.db.columns import ExactNumeric, UTCDateTime, to_sqlite_datetime
+from persistence.db.driver import DriverSession
 from persistence.db.engine import Database
 from persistence.db.pgcopy import COPY_MIN_ROWS, CopyUpsert
 from persistence.db.schema import audit_log, parameter_history, performance_snapshots, signals, trades
@@ -40,8 +42,8 @@ ENCODE_SLICE = 128
 """Entries encoded and hashed between two hand-backs of the event loop."""
 LOCK_INFO = "persistence.audit_lock"
 """Key in a connection's ``info`` of the transaction that holds the chain lock (so it is taken once)."""
-HEAD_INFO = "persistence.audit_head"
-"""Key in a connection's ``info`` of the head after its transaction's last append (read by the committer)."""
+HEAD_SQL = "SELECT seq, hash FROM audit_log WHERE instance_id = ? ORDER BY seq DESC LIMIT 1"
+"""This instance's chain head, on SQLite's driver (the same query as :meth:`AuditLog.head`)."""
 ENTRY_COLUMNS = ("instance_id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash")
 
 
@@ -83,7 +85,7 @@ class AuditLog:
     """
 
     def __init__(self, database: Database) -> None:
-        self._db = database
+        self._db = self.database = database
         self.instance_id = database.settings.instance_id
         self._encoders: dict[str, Callable[[Mapping[str, Any]], str]] = {
             record.entity: VersionEncoder(tuple(record.model_fields), column_kinds(TABLES_OF[record.entity])).encode
@@ -91,7 +93,7 @@ class AuditLog:
         }
         insert = (postgresql if database.dialect_name == "postgresql" else sqlite).insert(audit_log)
         self._insert = insert
-        self._sqlite_sql: str | None = None
+        self._sqlite_sql = ""
         if database.is_sqlite:
             compiled = insert.compile(dialect=database.engine.dialect, column_keys=list(ENTRY_COLUMNS))
             if list(compiled.positiontup or ()) != list(ENTRY_COLUMNS):
@@ -129,6 +131,11 @@ class AuditLog:
         row = (await connection.execute(self._head, {"instance": instance})).first()
         return AuditHead(instance, int(row[0]), str(row[1])) if row is not None else None
 
+    def head_on(self, session: DriverSession) -> AuditHead | None:
+        """This instance's chain head, read on SQLite's driver thread inside the caller's transaction."""
+        rows = session.execute(HEAD_SQL, (self.instance_id,))
+        return AuditHead(self.instance_id, int(rows[0][0]), str(rows[0][1])) if rows else None
+
     async def append(self, connection: AsyncConnection, versions: Sequence[Version]) -> AuditHead | None:
         """Append one entry per version, in order, inside the caller's write transaction; the new head.
 
@@ -136,6 +143,8 @@ class AuditLog:
         """
         if not versions:
             return None
+        if self._db.is_sqlite:
+            return await self._db.on_driver(connection, partial(self._append_on, versions=versions))
         await self.lock(connection)  # normally taken already, before the rows: see lock()
         head = await self.head(connection)
         encoders = self._encoders
@@ -152,10 +161,40 @@ class AuditLog:
             ]
             rows += chain_entries(head, self.instance_id, payloads, recorded_at)
             head = AuditHead(self.instance_id, int(rows[-1]["seq"]), str(rows[-1]["hash"]))
-        if self._sqlite_sql is not None:
-            # The driver's values directly: every column is text or an integer but recorded_at, one value a batch.
-            at = to_sqlite_datetime(rows[0]["recorded_at"])
-            values = [
+        if self._copy is not None and len(rows) >= COPY_MIN_ROWS:
+            await self._copy.write(connection, rows)
+        else:
+            await connection.execute(self._insert, rows)
+        return head
+
+    def _append_on(self, session: DriverSession, versions: Sequence[Version]) -> AuditHead | None:
+        appender = self.appender_on(session)
+        appender.append(versions)
+        return appender.appended
+
+    def appender_on(self, session: DriverSession) -> DriverAppender:
+        """Appends for one transaction on SQLite's driver thread, reading the chain's head once, at the first entry."""
+        return DriverAppender(self, session)
+
+    def append_on(
+        self, session: DriverSession, versions: Sequence[Version], head: AuditHead | None
+    ) -> AuditHead | None:
+        """:meth:`append`, on SQLite's driver thread, after ``head``: the chain's head read in this transaction
+        (:meth:`head_on`), so a transaction that appends for several tables reads it once. The new head."""
+        if not versions:
+            return head
+        encoders = self._encoders
+        recorded_at = utc_now()
+        payloads = [
+            (version.entity, version.key, version.payload or encoders[version.entity](version.values))
+            for version in versions
+        ]
+        rows = chain_entries(head, self.instance_id, payloads, recorded_at)
+        # The driver's values directly: every column is text or an integer but recorded_at, one value a batch.
+        at = to_sqlite_datetime(recorded_at)
+        session.executemany(
+            self._sqlite_sql,
+            [
                 (
                     row["instance_id"],
                     row["seq"],
@@ -167,22 +206,10 @@ class AuditLog:
                     row["hash"],
                 )
                 for row in rows
-            ]
-            await self._db.executemany_on_driver(connection, self._sqlite_sql, values)
-        elif self._copy is not None and len(rows) >= COPY_MIN_ROWS:
-            await self._copy.write(connection, rows)
-        else:
-            await connection.execute(self._insert, rows)
+            ],
+        )
         last = rows[-1]
-        appended = AuditHead(self.instance_id, int(last["seq"]), str(last["hash"]))
-        connection.info[HEAD_INFO] = appended
-        return appended
-
-    @staticmethod
-    def appended_head(connection: AsyncConnection) -> AuditHead | None:
-        """The head after the last append on ``connection``'s current transaction, taken (``None`` if none)."""
-        head: AuditHead | None = connection.info.pop(HEAD_INFO, None)
-        return head
+        return AuditHead(self.instance_id, int(last["seq"]), str(last["hash"]))
 
     async def versions(self, entity: str, key: str) -> list[AuditEntry]:
         """Every audited version of one record, oldest first, whichever instance wrote it."""
@@ -194,6 +221,30 @@ class AuditLog:
         async with self._db.read() as connection:
             rows = (await connection.execute(statement)).mappings().all()
         return [entry_of(row) for row in rows]
+
+
+class DriverAppender:
+    """The entries of one transaction on SQLite's driver thread (:meth:`AuditLog.appender_on`).
+
+    ``appended`` is the chain's head after the last entry appended, or ``None`` while none was: a value the writer
+    gets back, not a slot on the connection.
+    """
+
+    def __init__(self, audit: AuditLog, session: DriverSession) -> None:
+        self._audit = audit
+        self._session = session
+        self.appended: AuditHead | None = None
+        self._head_read = False
+
+    def append(self, versions: Sequence[Version]) -> None:
+        """Append one entry per version, in order, after this transaction's earlier entries."""
+        if not versions:
+            return
+        head = self.appended
+        if not self._head_read:
+            head = self._audit.head_on(self._session)
+            self._head_read = True
+        self.appended = self._audit.append_on(self._session, versions, head)
 
 
 def entry_of(row: Any) -> AuditEntry:

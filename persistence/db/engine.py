@@ -9,7 +9,9 @@ database keeps a small pool, ``:memory:`` one static connection, PostgreSQL the 
 Every statement is bounded by ``DATABASE_QUERY_TIMEOUT``. PostgreSQL enforces it on the server
 (``statement_timeout``). On SQLite cancelling an ``await`` does not stop a statement that is running in the
 driver's thread, so a timer calls ``sqlite3.Connection.interrupt()`` when the statement overruns; the
-interrupted statement raises :class:`~persistence.errors.QueryTimeoutError`.
+interrupted statement raises :class:`~persistence.errors.QueryTimeoutError`. A SQLite write transaction of the writer
+runs as one call on the driver's thread (:meth:`Database.write_on_driver`, :mod:`persistence.db.driver`), its
+statements bounded the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 from persistence.config import Settings
+from persistence.db.driver import DRIVER_HOOKS, DriverSession, on_driver_thread, transaction
 from persistence.errors import DatabaseUnavailableError, QueryTimeoutError
 from persistence.observe.logger import get_logger
 
@@ -124,15 +128,24 @@ class Database:
         """Close every pooled connection."""
         await self.engine.dispose()
 
-    async def executemany_on_driver(self, connection: AsyncConnection, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        """Run one SQLite ``executemany`` straight on aiosqlite, inside ``connection``'s transaction.
+    async def on_driver(self, connection: AsyncConnection, work: Callable[[DriverSession], T]) -> T:
+        """Run ``work`` as one call on SQLite's driver thread, inside ``connection``'s transaction.
 
-        One hop into the driver's thread instead of SQLAlchemy's three (cursor, execute, close), for the writer's
-        batches. What SQLAlchemy would add is kept: the statement is bounded by ``DATABASE_QUERY_TIMEOUT`` (the same
-        interrupt timer) and a driver error is raised as SQLAlchemy's exception type, so it is classified the same.
+        One hop into aiosqlite's thread for all of ``work``'s statements (:mod:`persistence.db.driver`); each
+        statement is still bounded by ``DATABASE_QUERY_TIMEOUT`` and a driver error is raised as SQLAlchemy's type.
         """
-        driver = await _driver_of(connection)
-        await self._bounded(driver, sql, lambda: driver.executemany(sql, rows))
+        raw = await connection.get_raw_connection()
+        return await on_driver_thread(
+            _driver_of_raw(raw), work, hooks=raw.info.get(DRIVER_HOOKS, ()), timeout_ms=self.settings.query_timeout_ms
+        )
+
+    async def write_on_driver(self, work: Callable[[DriverSession], T]) -> T:
+        """One SQLite write transaction as one call on the driver's thread: ``BEGIN IMMEDIATE``, ``work``, ``COMMIT``.
+
+        Rolled back on error, like :meth:`write`; the event loop waits once for the whole transaction.
+        """
+        async with self.engine.connect() as connection:
+            return await self.on_driver(connection, partial(transaction, "BEGIN IMMEDIATE", work))
 
     async def _bounded(self, driver: Any, sql: str, call: Callable[[], Awaitable[T]]) -> T:
         """Await ``call`` (one statement on the aiosqlite ``driver``), interrupting it past the query timeout."""
@@ -148,7 +161,10 @@ class Database:
 
 
 async def _driver_of(connection: AsyncConnection) -> Any:
-    raw = await connection.get_raw_connection()
+    return _driver_of_raw(await connection.get_raw_connection())
+
+
+def _driver_of_raw(raw: Any) -> Any:
     driver = raw.driver_connection
     if driver is None:
         raise DatabaseUnavailableError("the connection has no driver connection (it was invalidated)")

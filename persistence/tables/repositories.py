@@ -26,10 +26,11 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import ColumnElement, Select, Table, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from persistence.audit.chain import BASELINE_INSTANCE, Version
-from persistence.audit.trail import AuditLog
+from persistence.audit.chain import BASELINE_INSTANCE, AuditHead, Version
+from persistence.audit.trail import AuditLog, DriverAppender
+from persistence.db.driver import DriverSession
 from persistence.db.engine import Database
-from persistence.db.rowcodec import RowReader
+from persistence.db.rowcodec import DriverBatch, RowReader
 from persistence.db.schema import audit_log, dead_letters, parameter_history, performance_snapshots, signals, trades
 from persistence.errors import InvalidQueryError
 from persistence.records.models import (
@@ -73,6 +74,15 @@ class Page(Generic[RecordT]):
 
 
 @dataclass(frozen=True, slots=True)
+class BatchWritten:
+    """What one batch's transaction did: the execution updates whose signal does not exist (dead-lettered in the
+    same transaction), and the audit chain's head after its last entry (``None``: it appended none)."""
+
+    unknown: list[SignalExecution]
+    audit_head: AuditHead | None
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A record that can never be written, with the error that condemned it."""
 
@@ -97,18 +107,43 @@ async def _write_audited(
     table: VersionedTable[Any],
     connection: AsyncConnection,
     records: Sequence[Record],
-    changes: Sequence[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = (),
-) -> tuple[list[Version], list[int]]:
+    changes: Sequence[tuple[str, Change]] = (),
+) -> tuple[list[Version], list[int], AuditHead | None]:
     """Write ``records`` (then ``changes``) through ``table`` and audit every version written, in one transaction.
 
-    The chain lock comes first (before any row lock); returns the versions and the changes whose key has no row.
+    The chain lock comes first (before any row lock); returns the versions, the changes whose key has no row, and the
+    chain's head after the entries (``None`` when nothing was appended). On SQLite it is one call on the driver's
+    thread (:func:`_write_audited_on`).
     """
     if not records and not changes:
-        return [], []
+        return [], [], None
+    if audit.database.is_sqlite:
+        return await audit.database.on_driver(
+            connection, partial(_write_audited_on, audit, table, records=records, changes=changes)
+        )
     await audit.lock(connection)
     versions, missing = await table.write(connection, table.rows(records), changes)
-    await audit.append(connection, versions)
-    return versions, missing
+    return versions, missing, await audit.append(connection, versions)
+
+
+def _write_audited_on(
+    audit: AuditLog,
+    table: VersionedTable[Any],
+    session: DriverSession,
+    records: Sequence[Record],
+    changes: Sequence[tuple[str, Change]],
+    appender: DriverAppender | None = None,
+) -> tuple[list[Version], list[int], AuditHead | None]:
+    """:func:`_write_audited` on SQLite's driver thread; ``appender`` carries the chain through a longer transaction."""
+    appender = appender if appender is not None else audit.appender_on(session)
+    if not records and not changes:
+        return [], [], appender.appended
+    versions, missing = table.write_on(session, table.rows(records), changes)
+    appender.append(versions)
+    return versions, missing, appender.appended
+
+
+Change = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def _executed(change: SignalExecution, stored: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +195,7 @@ class TradeRepository:
 
     async def upsert(self, connection: AsyncConnection, batch: Sequence[Trade]) -> list[Version]:
         """Insert or update ``batch``, in order, inside the caller's transaction; the versions written (and audited)."""
-        versions, _ = await _write_audited(self._audit, self._versions, connection, batch)
+        versions, _, _ = await _write_audited(self._audit, self._versions, connection, batch)
         return versions
 
     async def save_trade(self, trade: Trade | Mapping[str, Any]) -> None:
@@ -269,7 +304,7 @@ class SignalRepository:
 
     async def upsert(self, connection: AsyncConnection, batch: Sequence[Signal]) -> list[Version]:
         """Insert or update ``batch``, in order, inside the caller's transaction; the versions written (and audited)."""
-        versions, _ = await _write_audited(self._audit, self._versions, connection, batch)
+        versions, _, _ = await _write_audited(self._audit, self._versions, connection, batch)
         return versions
 
     async def apply_executions(
@@ -287,7 +322,7 @@ class SignalRepository:
         overlapping signals queue instead of deadlocking.
         """
         changes = [(change.signal_id, partial(_executed, change)) for change in executions]
-        _, missing = await _write_audited(self._audit, self._versions, connection, batch, changes)
+        _, missing, _ = await _write_audited(self._audit, self._versions, connection, batch, changes)
         return [executions[index] for index in missing]
 
     async def save_signal(self, signal: Signal | Mapping[str, Any]) -> None:
@@ -372,7 +407,7 @@ class _AppendOnlyRepository(Generic[RecordT]):
 
     async def insert(self, connection: AsyncConnection, batch: Sequence[RecordT]) -> list[Version]:
         """Insert ``batch`` inside the caller's transaction (known ids are skipped); the versions written (audited)."""
-        versions, _ = await _write_audited(self._audit, self._versions, connection, batch)
+        versions, _, _ = await _write_audited(self._audit, self._versions, connection, batch)
         return versions
 
     async def _save(self, record: RecordT) -> None:
@@ -454,13 +489,24 @@ class DeadLetterRepository:
 
     def __init__(self, database: Database) -> None:
         self._db = database
+        self._driver_batch = (
+            DriverBatch(dead_letters.insert(), dead_letters, database.engine.dialect) if database.is_sqlite else None
+        )
 
     async def insert(self, connection: AsyncConnection, entries: Sequence[tuple[Record, BaseException | str]]) -> None:
         """Put each (record, error) into ``dead_letters`` inside the caller's transaction."""
-        if not entries:
-            return
+        if entries:
+            await connection.execute(dead_letters.insert(), self._rows(entries))
+
+    def insert_on(self, session: DriverSession, entries: Sequence[tuple[Record, BaseException | str]]) -> None:
+        """:meth:`insert`, on SQLite's driver thread."""
+        if entries and self._driver_batch is not None:
+            session.executemany(self._driver_batch.sql, self._driver_batch.encode(self._rows(entries)))
+
+    @staticmethod
+    def _rows(entries: Sequence[tuple[Record, BaseException | str]]) -> list[dict[str, Any]]:
         now = utc_now()
-        rows = [
+        return [
             {
                 "entity": record.entity,
                 "natural_key": record.key[:64],
@@ -471,7 +517,6 @@ class DeadLetterRepository:
             }
             for record, error in entries
         ]
-        await connection.execute(dead_letters.insert(), rows)
 
     async def add(self, record: Record, error: BaseException | str) -> None:
         """Dead-letter one record in its own transaction."""
@@ -514,6 +559,75 @@ class Repositories:
         self.snapshots = PerformanceSnapshotRepository(database, self.audit)
         self.parameters = ParameterHistoryRepository(database, self.audit)
         self.dead_letters = DeadLetterRepository(database)
+
+    async def write_batch(
+        self,
+        trades: Sequence[Trade],
+        signals: Sequence[Signal],
+        executions: Sequence[SignalExecution],
+        snapshots: Sequence[PerformanceSnapshot],
+        changes: Sequence[ParameterChange],
+        *,
+        unknown_signal: str,
+    ) -> BatchWritten:
+        """Write a writer's batch in one transaction, every version audited: the trades, the signals and then the
+        execution updates, the snapshots, the parameter changes; an execution whose signal does not exist goes to
+        ``dead_letters`` with the reason ``unknown_signal``, in the same transaction.
+
+        On SQLite the whole transaction is one call on the driver's thread (the event loop waits once).
+        """
+        if self.database.is_sqlite:
+            return await self.database.write_on_driver(
+                partial(self._write_batch_on, trades, signals, executions, snapshots, changes, unknown_signal)
+            )
+        head: AuditHead | None = None
+        unknown: list[SignalExecution] = []
+        async with self.database.write() as connection:
+            for table, records, updates in self._batch_parts(trades, signals, executions, snapshots, changes):
+                _, missing, appended = await _write_audited(self.audit, table, connection, records, updates)
+                head = appended or head
+                if updates:
+                    unknown = [executions[index] for index in missing]
+            if unknown:
+                await self.dead_letters.insert(connection, [(change, unknown_signal) for change in unknown])
+        return BatchWritten(unknown, head)
+
+    def _write_batch_on(
+        self,
+        trades: Sequence[Trade],
+        signals: Sequence[Signal],
+        executions: Sequence[SignalExecution],
+        snapshots: Sequence[PerformanceSnapshot],
+        changes: Sequence[ParameterChange],
+        unknown_signal: str,
+        session: DriverSession,
+    ) -> BatchWritten:
+        appender = self.audit.appender_on(session)
+        unknown: list[SignalExecution] = []
+        for table, records, updates in self._batch_parts(trades, signals, executions, snapshots, changes):
+            _, missing, _ = _write_audited_on(self.audit, table, session, records, updates, appender)
+            if updates:
+                unknown = [executions[index] for index in missing]
+        if unknown:
+            self.dead_letters.insert_on(session, [(change, unknown_signal) for change in unknown])
+        return BatchWritten(unknown, appender.appended)
+
+    def _batch_parts(
+        self,
+        trades: Sequence[Trade],
+        signals: Sequence[Signal],
+        executions: Sequence[SignalExecution],
+        snapshots: Sequence[PerformanceSnapshot],
+        changes: Sequence[ParameterChange],
+    ) -> list[tuple[VersionedTable[Any], Sequence[Record], list[tuple[str, Change]]]]:
+        """Each table's records and changes, in the order a batch writes them."""
+        executed: list[tuple[str, Change]] = [(change.signal_id, partial(_executed, change)) for change in executions]
+        return [
+            (self.trades._versions, trades, []),
+            (self.signals._versions, signals, executed),
+            (self.snapshots._versions, snapshots, []),
+            (self.parameters._versions, changes, []),
+        ]
 
     async def table_counts(self) -> dict[str, int]:
         """Row counts of the six tables."""

@@ -10,9 +10,11 @@ The rule is applied here, in Python, against the stored rows read inside the wri
 
 1. read the batch's keys that exist (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite's write lock holds the whole
    database);
-2. insert the first version of each new key with ``ON CONFLICT DO NOTHING``. On PostgreSQL this comes first, for
-   the first version of every key: the keys inserted come back (``RETURNING``), and only the others are read (and
-   locked) as in 1, so a batch of new keys reads nothing;
+2. insert the first version of each new key with ``ON CONFLICT DO NOTHING``. This comes first, for the first version
+   of every key, so a batch of new keys (the common case) reads nothing: on PostgreSQL the keys inserted come back
+   (``RETURNING``), and only the others are read (and locked) as in 1; on SQLite the claims go under a savepoint, and
+   when one of them finds its key taken the savepoint is rolled back, the stored rows are read, and only the new keys
+   are claimed;
 3. apply every version in order; write the final state of each key that changed since 2, unconditionally (each of
    those rows is held by this transaction).
 
@@ -20,7 +22,8 @@ On PostgreSQL the claims go in key order (their surrogate ids drawn first, in ba
 read, so two writers of overlapping keys queue instead of deadlocking; batches of
 :data:`~persistence.db.pgcopy.COPY_MIN_ROWS` rows or more go by binary ``COPY`` (:mod:`persistence.db.pgcopy`),
 straight into the table when every key is new, and the new versions' canonical JSON is made while the server works. On
-SQLite rows are encoded straight to driver values (:mod:`persistence.db.rowcodec`).
+SQLite the statements run on the driver's thread (:meth:`VersionedTable.write_on`, one call for the whole transaction,
+:mod:`persistence.db.driver`) with rows encoded straight to driver values (:mod:`persistence.db.rowcodec`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
@@ -38,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.audit.chain import Version, VersionEncoder
 from persistence.audit.trail import column_kinds
+from persistence.db.driver import DriverSession
 from persistence.db.engine import Database
 from persistence.db.pgcopy import COPY_MIN_ROWS, CopyUpsert
 from persistence.db.rowcodec import DriverBatch, RowReader
@@ -85,13 +90,16 @@ class _Statement:
             if returning is not None:
                 self._statement = statement.returning(table.c[returning])
 
+    def run_on(self, session: DriverSession, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Execute for ``rows`` on SQLite's driver thread; how many rows it changed."""
+        if self._fast is None:
+            raise NotImplementedError("driver statements are SQLite's")
+        return session.executemany(self._fast.sql, self._fast.encode(rows)) if rows else 0
+
     async def run(self, connection: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> list[Any] | None:
-        """Execute for ``rows``; the ``returning`` values of the rows written, or ``None`` where all were."""
+        """Execute for ``rows`` (PostgreSQL); the ``returning`` values of the rows written, or ``None`` if all were."""
         if not rows:
             return []
-        if self._fast is not None:
-            await self._db.executemany_on_driver(connection, self._fast.sql, self._fast.encode(rows))
-            return None
         if self._copy is not None and len(rows) >= COPY_MIN_ROWS:
             written = await self._copy.write(connection, rows)
             return written if self._returning is not None else None
@@ -153,10 +161,12 @@ class VersionedTable(Generic[RecordT]):
             listed = func.json_each(bindparam("keys", type_=String())).table_valued("value")
             stored = stored.where(table.c[key].in_(select(listed.c.value).scalar_subquery()))
         self._stored = stored
-        self._claim_first = database.dialect_name == "postgresql"
-        self._keys_parameter: Callable[[list[str]], Any] = (
-            (lambda keys: keys) if database.dialect_name == "postgresql" else json.dumps
-        )
+        self._stored_sql = ""
+        if database.is_sqlite:
+            compiled = stored.compile(dialect=database.engine.dialect)
+            if list(compiled.positiontup or ()) != ["keys"]:
+                raise AssertionError("the stored rows' query does not take one parameter, the keys")
+            self._stored_sql = str(compiled)
 
     async def _encode_meanwhile(self, claiming: asyncio.Future[Any], rows: Sequence[Row]) -> dict[int, str]:
         """The canonical JSON of each new key's first version, made while the claim is under way; by ``id`` of row.
@@ -185,13 +195,26 @@ class VersionedTable(Generic[RecordT]):
 
     async def stored(self, connection: AsyncConnection, keys: Sequence[str]) -> dict[str, Row]:
         """The stored rows of ``keys`` that exist, read (and on PostgreSQL locked) inside the transaction."""
+        if self._db.is_sqlite:
+            return await self._db.on_driver(connection, partial(self.stored_on, keys=keys))
         found: dict[str, Row] = {}
         decode = self._reader.decode
         key = self._key
         for start in range(0, len(keys), _READ_CHUNK):
             chunk = list(keys[start : start + _READ_CHUNK])
-            parameter = self._keys_parameter(chunk)
-            for row in (await connection.execute(self._stored, {"keys": parameter})).all():
+            for row in (await connection.execute(self._stored, {"keys": chunk})).all():
+                values = dict(decode(row[:-1]).__dict__)
+                values["instance_id"] = row[-1]
+                found[values[key]] = values
+        return found
+
+    def stored_on(self, session: DriverSession, keys: Sequence[str]) -> dict[str, Row]:
+        """:meth:`stored`, on SQLite's driver thread."""
+        found: dict[str, Row] = {}
+        decode = self._reader.decode
+        key = self._key
+        for start in range(0, len(keys), _READ_CHUNK):
+            for row in session.execute(self._stored_sql, (json.dumps(keys[start : start + _READ_CHUNK]),)):
                 values = dict(decode(row[:-1]).__dict__)
                 values["instance_id"] = row[-1]
                 found[values[key]] = values
@@ -204,6 +227,8 @@ class VersionedTable(Generic[RecordT]):
 
         Returns the versions written, in order, and the indexes of the changes whose key has no row.
         """
+        if self._db.is_sqlite:
+            return await self._db.on_driver(connection, partial(self.write_on, rows=rows, changes=changes))
         key = self._key
         keys = list(dict.fromkeys([row[key] for row in rows] + [change_key for change_key, _ in changes]))
         if not keys:
@@ -212,28 +237,74 @@ class VersionedTable(Generic[RecordT]):
         first: dict[str, Row] = {}
         for row in rows:
             first.setdefault(row[key], row)
-        if self._claim_first:
-            # PostgreSQL: claim first; RETURNING names the keys that were new. Every other key has a committed row
-            # (an insert that conflicts waits for the other transaction), read and locked now. A batch of new keys,
-            # the common case, needs no read at all. Claims go in key order, like the read, so two writers of
-            # overlapping keys queue instead of deadlocking; the ids they take were drawn in batch order.
-            claims = list(first.values())
-            if self._drawn_ids is not None:
-                drawn = (await connection.execute(self._drawn_ids, {"count": len(claims)})).scalars()
-                claims = [{**row, "id": drawn_id} for row, drawn_id in zip(claims, drawn, strict=True)]
-            claims.sort(key=itemgetter(key))
-            claiming = asyncio.ensure_future(self._claim.claim(connection, claims, key))
-            payloads = await self._encode_meanwhile(claiming, list(first.values()))
-            written_first = set(await claiming or ())
-            state = await self.stored(connection, [identity for identity in keys if identity not in written_first])
-        else:
-            # SQLite: the write lock holds the whole database, so what is read now is what the claim will find.
-            state = await self.stored(connection, keys)
-            # (Encoding meanwhile would not help here: sqlite3 needs the GIL for every row it binds.)
-            fresh = [row for identity, row in first.items() if identity not in state]
-            await self._claim.run(connection, fresh)
-            written_first = {row[key] for row in fresh}
-            payloads = {}
+        # Claim first; RETURNING names the keys that were new. Every other key has a committed row (an insert that
+        # conflicts waits for the other transaction), read and locked now. A batch of new keys, the common case,
+        # needs no read at all. Claims go in key order, like the read, so two writers of overlapping keys queue
+        # instead of deadlocking; the ids they take were drawn in batch order.
+        claims = list(first.values())
+        if self._drawn_ids is not None:
+            drawn = (await connection.execute(self._drawn_ids, {"count": len(claims)})).scalars()
+            claims = [{**row, "id": drawn_id} for row, drawn_id in zip(claims, drawn, strict=True)]
+        claims.sort(key=itemgetter(key))
+        claiming = asyncio.ensure_future(self._claim.claim(connection, claims, key))
+        payloads = await self._encode_meanwhile(claiming, list(first.values()))
+        written_first = set(await claiming or ())
+        state = await self.stored(connection, [identity for identity in keys if identity not in written_first])
+        versions, missing, finals = self._apply(rows, changes, state, written_first, payloads)
+        await self._overwrite.run(connection, finals)
+        return versions, missing
+
+    def write_on(
+        self, session: DriverSession, rows: Sequence[Row], changes: Sequence[tuple[str, Change]] = ()
+    ) -> tuple[list[Version], list[int]]:
+        """:meth:`write`, on SQLite's driver thread (inside the caller's transaction).
+
+        SQLite's write lock holds the whole database, so nothing changes between the statements here. The first
+        version of every key is claimed at once under a savepoint: when every claim lands (a batch of new records,
+        the common case) nothing is read; when one does not, the savepoint is rolled back and the stored rows of
+        the batch's keys are read first, so that only the new keys are claimed.
+        """
+        key = self._key
+        keys = list(dict.fromkeys([row[key] for row in rows] + [change_key for change_key, _ in changes]))
+        if not keys:
+            return [], []
+        first: dict[str, Row] = {}
+        for row in rows:
+            first.setdefault(row[key], row)
+        fresh = list(first.values())
+        state: dict[str, Row] = {}
+        if fresh:
+            session.execute("SAVEPOINT persistence_claim")
+            if self._claim.run_on(session, fresh) == len(fresh):
+                session.execute("RELEASE persistence_claim")
+            else:
+                session.execute("ROLLBACK TO persistence_claim")
+                session.execute("RELEASE persistence_claim")
+                state = self.stored_on(session, list(first))
+                fresh = [row for identity, row in first.items() if identity not in state]
+                self._claim.run_on(session, fresh)
+        written_first = {row[key] for row in fresh}
+        others = [identity for identity in keys if identity not in first]
+        if others:  # keys that only changes name
+            state.update(self.stored_on(session, others))
+        versions, missing, finals = self._apply(rows, changes, state, written_first, {})
+        self._overwrite.run_on(session, finals)
+        return versions, missing
+
+    def _apply(
+        self,
+        rows: Sequence[Row],
+        changes: Sequence[tuple[str, Change]],
+        state: dict[str, Row],
+        written_first: set[str],
+        payloads: Mapping[int, str],
+    ) -> tuple[list[Version], list[int], list[Row]]:
+        """Apply every version in order to ``state`` (the stored rows; the claimed ones are ``written_first``).
+
+        Returns the versions written, the indexes of the changes whose key has no row, and the final rows to store
+        over what the table holds now.
+        """
+        key = self._key
         stored_now = dict(state)
         versions: list[Version] = []
         entity = self._entity
@@ -264,5 +335,4 @@ class VersionedTable(Generic[RecordT]):
                 state[identity] = new
                 versions.append(Version(entity, identity, new))
         finals = [state[identity] for identity in sorted(state) if state[identity] is not stored_now.get(identity)]
-        await self._overwrite.run(connection, finals)
-        return versions, missing
+        return versions, missing, finals

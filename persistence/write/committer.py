@@ -32,7 +32,6 @@ from tenacity import (
 )
 
 from persistence.audit.chain import AuditHead
-from persistence.audit.trail import AuditLog
 from persistence.db.engine import Database
 from persistence.records.models import ParameterChange, PerformanceSnapshot, Signal, SignalExecution, Trade
 from persistence.tables.repositories import Repositories
@@ -211,7 +210,6 @@ class Committer:
         Every version of a record in the segment is applied in order, and each one written is audited.
         """
         self._check()
-        repos = self._repos
         trades: list[Trade] = []
         signals: list[Signal] = []
         executions: list[tuple[Pending, SignalExecution]] = []
@@ -229,20 +227,13 @@ class Committer:
                 snapshots.append(record)
             elif isinstance(record, ParameterChange):
                 changes.append(record)
-        async with self._database.write() as connection:
-            AuditLog.appended_head(connection)  # nothing left over from an earlier transaction on this connection
-            await repos.trades.upsert(connection, trades)
-            missing = await repos.signals.upsert_and_execute(connection, signals, [change for _, change in executions])
-            await repos.snapshots.insert(connection, snapshots)
-            await repos.parameters.insert(connection, changes)
-            missing_ids = {id(change) for change in missing}
-            unknown = [item for item, change in executions if id(change) in missing_ids]
-            if unknown:
-                await repos.dead_letters.insert(connection, [(item.record, UNKNOWN_SIGNAL) for item in unknown])
-            head = AuditLog.appended_head(connection)
-        if head is not None:
-            outcome.audit_head = head
-        return unknown
+        written = await self._repos.write_batch(
+            trades, signals, [change for _, change in executions], snapshots, changes, unknown_signal=UNKNOWN_SIGNAL
+        )
+        if written.audit_head is not None:
+            outcome.audit_head = written.audit_head
+        missing_ids = {id(change) for change in written.unknown}
+        return [item for item, change in executions if id(change) in missing_ids]
 
     async def _dead_letter_row(self, item: Pending, error: BaseException) -> None:
         self._check()
