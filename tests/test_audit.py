@@ -30,10 +30,13 @@ from persistence import PersistenceSidecar
 from persistence.audit.chain import (
     BASELINE_INSTANCE,
     GENESIS,
+    AuditHead,
     VersionEncoder,
     canonical_json,
     canonical_time,
     canonical_version,
+    chain_entries,
+    entry_hash,
     header_text,
 )
 from persistence.audit.trail import TABLES_OF, chain_lock_key, column_kinds
@@ -601,6 +604,22 @@ def test_the_header_text_is_the_canonical_json_of_the_header() -> None:
     assert (
         canonical_time(datetime(2026, 12, 2, 12, tzinfo=timezone(timedelta(hours=2)))) == "2026-12-02T10:00:00.000000Z"
     )
+
+
+def test_chain_entries_hash_each_entry_as_entry_hash_of_its_header_text() -> None:
+    """chain_entries writes the hashed text in one piece; verify recomputes it with entry_hash and header_text."""
+    at = datetime(2026, 12, 2, 10, 0, 0, 5, tzinfo=UTC)
+    versions = [("trade", "T-1", '{"a":1}'), ("signal", 'S"\\é\n', '{"b":"\\u00e9"}'), ("trade", "T-2", "{}")]
+    for head in (None, AuditHead('d"sk\\1', 41, "ab" * 32)):
+        instance = head.instance_id if head is not None else "desk-1"
+        rows = chain_entries(head, instance, versions, at)
+        previous = head.hash if head is not None else GENESIS
+        for seq, (row, (entity, key, payload)) in enumerate(zip(rows, versions, strict=True), start=rows[0]["seq"]):
+            header = header_text(instance, seq, entity, key, canonical_time(at))
+            assert (row["seq"], row["prev_hash"]) == (seq, previous)
+            assert row["hash"] == entry_hash(previous, header, payload)
+            previous = row["hash"]
+        assert rows[0]["seq"] == (head.seq + 1 if head is not None else 1)
 
 
 async def _fill(database: Database, count: int) -> None:

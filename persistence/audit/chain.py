@@ -212,9 +212,21 @@ def chain_entries(
     previous = head.hash if head is not None else GENESIS
     at = canonical_time(recorded_at)
     rows: list[dict[str, Any]] = []
+    # entry_hash(previous, header_text(...), payload) in one piece of text: the header's constant parts (the entity's,
+    # the instance's, the time's) are encoded once per batch, not once per entry. A test holds it to entry_hash.
+    sha256 = hashlib.sha256
+    quote = encode_basestring_ascii
+    heads: dict[str, str] = {}
+    instance = quote(instance_id)
+    middle = f',"recorded_at":"{at}","seq":'
     for entity, key, payload in versions:
         seq += 1
-        digest = entry_hash(previous, header_text(instance_id, seq, entity, key, at), payload)
+        head_text = heads.get(entity)
+        if head_text is None:
+            head_text = heads[entity] = f'\n{{"entity":{quote(entity)},"instance_id":{instance},"natural_key":'
+        digest = sha256(
+            f"{previous}{head_text}{quote(key)}{middle}{seq}}}\n{payload}".encode("utf-8", "surrogatepass")
+        ).hexdigest()
         rows.append(
             {
                 "instance_id": instance_id,
