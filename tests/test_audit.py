@@ -14,13 +14,15 @@ import sys
 import tracemalloc
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -28,17 +30,22 @@ from persistence import PersistenceSidecar
 from persistence.audit.chain import (
     BASELINE_INSTANCE,
     GENESIS,
+    AuditHead,
     VersionEncoder,
     canonical_json,
     canonical_time,
     canonical_version,
+    chain_entries,
+    entry_hash,
     header_text,
 )
 from persistence.audit.trail import TABLES_OF, chain_lock_key, column_kinds
 from persistence.audit.verify import verify
 from persistence.config import Settings
+from persistence.db.columns import take_sqlite_datetime
 from persistence.db.engine import Database, create_database
-from persistence.db.schema import audit_log
+from persistence.db.rowcodec import DriverBatch
+from persistence.db.schema import audit_log, trades
 from persistence.migrations import migrate_to, upgrade
 from persistence.records.models import SignalExecution, Trade
 from persistence.tables.repositories import Repositories
@@ -525,6 +532,9 @@ def test_the_audit_commands_refuse_a_database_from_before_the_trail(tmp_path: Pa
         {"pnl": None, "exit_time": None, "exit_price": None, "session": None, "pattern_type": None},
         {"pnl": Decimal("-0.00000001"), "pattern_type": 'quote " backslash \\ tab \t é € 😀'},
         {"pnl": Decimal("9999999999.99999999"), "position_size": Decimal("0.00000001")},
+        # Decimals without exactly eight places (unvalidated): the encoder's str() shortcut must not take them.
+        {"pnl": Decimal("1.2345E-10"), "stop_loss": Decimal("1.5"), "take_profit": Decimal("-0E-8")},
+        {"pnl": Decimal("1.2345E+3"), "stop_loss": Decimal("123456.1234567"), "take_profit": Decimal("0E-16")},
         {"entry_time": datetime(2026, 3, 29, 1, 30, tzinfo=timezone(timedelta(hours=2)))},
         {
             "entry_time": datetime(1, 1, 1, tzinfo=UTC),
@@ -545,6 +555,40 @@ def test_the_fast_encoder_writes_exactly_the_canonical_json(overrides: dict[str,
         assert encoder.encode(record.__dict__) == canonical_version(record.__dict__, names)
 
 
+def test_the_fast_encoder_ignores_the_hosts_decimal_context() -> None:
+    """str() of a decimal follows the thread's context (a lower-case exponent with ``capitals=0``)."""
+    values = {**make_trade().__dict__, "pnl": Decimal("1.2345E-10"), "stop_loss": Decimal("0.00000001")}
+    fields = tuple(Trade.model_fields)
+    encoder = VersionEncoder(fields, column_kinds(TABLES_OF["trade"]))
+    with localcontext() as context:
+        context.capitals = 0
+        context.prec = 3
+        assert encoder.encode(values) == canonical_version(values, fields)
+    assert json.loads(encoder.encode(values))["pnl"] == "0.00000000"
+
+
+def test_a_payload_takes_the_timestamps_the_row_encoding_kept() -> None:
+    """On SQLite the row's stored text of a timestamp is kept for the version's payload: the same text with T, Z."""
+    trade = make_trade(entry_time=datetime(2026, 3, 29, 1, 30, 0, 7, tzinfo=UTC))
+    row = {**trade.__dict__, "instance_id": "desk-1"}
+    batch = DriverBatch(insert(trades), trades, sqlite_dialect.dialect(paramstyle="qmark"))
+    fields = tuple(Trade.model_fields)
+    encoder = VersionEncoder(fields, column_kinds(TABLES_OF["trade"]))
+    (encoded,) = batch.encode([row])
+    assert "2026-03-29 01:30:00.000007" in encoded
+    assert take_sqlite_datetime(trade.entry_time) == "2026-03-29 01:30:00.000007"
+    assert take_sqlite_datetime(trade.entry_time) is None  # taken once
+    batch.encode([row])
+    assert encoder.encode(row) == canonical_version(row, fields)
+    assert take_sqlite_datetime(trade.created_at) is None  # the payload took it
+    # Only UTC values are kept: equal times in another zone may differ by their fold, not their instant.
+    local = datetime(2026, 10, 25, 2, 30, tzinfo=ZoneInfo("Europe/Berlin"), fold=1)
+    batch.encode([{**row, "exit_time": local}])
+    assert take_sqlite_datetime(local) is None
+    later = {**row, "exit_time": local.replace(fold=0)}
+    assert encoder.encode(later) == canonical_version(later, fields)
+
+
 def test_the_header_text_is_the_canonical_json_of_the_header() -> None:
     at = datetime(2026, 12, 2, 10, 0, 0, 5, tzinfo=UTC)
     for instance, key in (("desk-1", "T-1"), ('d"sk\\1', "T/é\n"), ("pre-audit", "x" * 64)):
@@ -560,6 +604,22 @@ def test_the_header_text_is_the_canonical_json_of_the_header() -> None:
     assert (
         canonical_time(datetime(2026, 12, 2, 12, tzinfo=timezone(timedelta(hours=2)))) == "2026-12-02T10:00:00.000000Z"
     )
+
+
+def test_chain_entries_hash_each_entry_as_entry_hash_of_its_header_text() -> None:
+    """chain_entries writes the hashed text in one piece; verify recomputes it with entry_hash and header_text."""
+    at = datetime(2026, 12, 2, 10, 0, 0, 5, tzinfo=UTC)
+    versions = [("trade", "T-1", '{"a":1}'), ("signal", 'S"\\é\n', '{"b":"\\u00e9"}'), ("trade", "T-2", "{}")]
+    for head in (None, AuditHead('d"sk\\1', 41, "ab" * 32)):
+        instance = head.instance_id if head is not None else "desk-1"
+        rows = chain_entries(head, instance, versions, at)
+        previous = head.hash if head is not None else GENESIS
+        for seq, (row, (entity, key, payload)) in enumerate(zip(rows, versions, strict=True), start=rows[0]["seq"]):
+            header = header_text(instance, seq, entity, key, canonical_time(at))
+            assert (row["seq"], row["prev_hash"]) == (seq, previous)
+            assert row["hash"] == entry_hash(previous, header, payload)
+            previous = row["hash"]
+        assert rows[0]["seq"] == (head.seq + 1 if head is not None else 1)
 
 
 async def _fill(database: Database, count: int) -> None:

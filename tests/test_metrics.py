@@ -15,14 +15,14 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from structlog.testing import capture_logs
 
 from persistence import DeadLetteredError, PersistenceSidecar
 from persistence.config import Settings
-from persistence.observe.metrics import SidecarMetrics, render
+from persistence.observe.metrics import LATENCY_BUCKETS, SidecarMetrics, observe_all, render
 from persistence.testing import FakeClock
 from persistence.write.journal import Journal
 from tests.factories import make_signal, make_trade
@@ -554,3 +554,28 @@ async def test_promtool_check_metrics_passes_on_a_scrape_after_traffic(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == "", "promtool lint findings:\n" + result.stderr
+
+
+def test_a_batch_of_latencies_moves_the_histogram_as_observing_each_one_does() -> None:
+    """observe_all (one update per bucket for a batch) against prometheus_client's own observe, bound by bound."""
+    amounts = [0.0, 0.0001, *LATENCY_BUCKETS, *(bound * 1.0001 for bound in LATENCY_BUCKETS), 11.0, 1e9, 0.03] * 3
+
+    def exposition(observe: Callable[[Any, list[float]], None]) -> dict[tuple[str, str], float]:
+        registry = CollectorRegistry()
+        histogram = Histogram("latency", "", ["entity"], buckets=LATENCY_BUCKETS, registry=registry)
+        observe(histogram.labels(entity="trade"), amounts)
+        return {
+            (sample.name, sample.labels.get("le", "")): sample.value
+            for family in text_string_to_metric_families(render(registry)[0].decode())
+            for sample in family.samples
+            if not sample.name.endswith("_created")
+        }
+
+    def one_by_one(child: Any, values: list[float]) -> None:
+        for value in values:
+            child.observe(value)
+
+    expected, batched = exposition(one_by_one), exposition(observe_all)
+    assert batched.pop(("latency_sum", "")) == pytest.approx(expected.pop(("latency_sum", "")), rel=1e-12)
+    assert batched == expected
+    assert expected[("latency_count", "")] == len(amounts)

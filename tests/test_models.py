@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any, Literal
 
 import pytest
@@ -58,6 +58,32 @@ def test_nan_and_infinities_are_refused(bad: Any) -> None:
     error = invalid(trade_data(pnl=bad))
     assert error.field == "pnl"
     assert "NaN and infinities" in error.reason
+
+
+@pytest.mark.parametrize("field", ["pnl", "stop_loss", "confidence_score"])
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (Decimal("NaN"), "NaN and infinities"),
+        (Decimal("-sNaN"), "NaN and infinities"),
+        (Decimal("Infinity"), "NaN and infinities"),
+        (Decimal("1.123456789"), "more than 8 digits after the point"),
+        (Decimal("10000000000"), "does not fit"),
+    ],
+)
+def test_a_value_that_does_not_fit_is_refused_whatever_the_hosts_decimal_context(
+    field: str, bad: Decimal, reason: str
+) -> None:
+    """The fast path checks a decimal with its own context: a host that traps nothing gets the same refusals."""
+    with localcontext() as context:
+        context.traps = dict.fromkeys(context.traps, False)
+        context.prec = 4
+        error = invalid(trade_data(**{field: bad}))
+        assert make_trade(**{field: Decimal("9999999999.99999999")}).model_dump()[field] == Decimal(
+            "9999999999.99999999"
+        )
+    assert error.field == field
+    assert reason in error.reason
 
 
 def test_more_decimal_places_than_the_column_holds_is_refused_not_rounded() -> None:

@@ -23,7 +23,7 @@ from decimal import Decimal
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from persistence.db.columns import to_sqlite_datetime
+from persistence.db.columns import take_sqlite_datetime, to_sqlite_datetime
 
 GENESIS = "0" * 64
 """The ``prev_hash`` of a chain's first entry."""
@@ -141,7 +141,8 @@ def _text(value: Any) -> str:
 
 def _utc_text(value: datetime) -> str:
     """The quoted canonical text of a timestamp, from SQLite's stored form (the cheapest exact formatting there is)."""
-    stored = to_sqlite_datetime(value)  # YYYY-MM-DD HH:MM:SS.ffffff in UTC
+    # YYYY-MM-DD HH:MM:SS.ffffff in UTC; on SQLite the row's encoding of this very value has just made it.
+    stored = take_sqlite_datetime(value) or to_sqlite_datetime(value)
     return f'"{stored[:10]}T{stored[11:]}Z"'
 
 
@@ -162,7 +163,12 @@ class VersionEncoder:
             value = f"values[{name!r}]"
             kind = kinds.get(name)
             if kind == "decimal":
-                text = f"('null' if (v := {value}) is None else f'\"{{v:.8f}}\"' if type(v) is _D else _t(v))"
+                # A decimal with exactly eight places (every validated one) is its own str(), which has no exponent
+                # then: cheaper than formatting it.
+                text = (
+                    f"('null' if (v := {value}) is None else (f'\"{{d}}\"' if (d := str(v))[-9:-8] == '.' and "
+                    f"'E' not in d and 'e' not in d else f'\"{{v:.8f}}\"') if type(v) is _D else _t(v))"
+                )
             elif kind == "datetime":
                 text = f"('null' if (v := {value}) is None else _u(v) if type(v) is _T else _t(v))"
             elif kind == "text":
@@ -206,9 +212,21 @@ def chain_entries(
     previous = head.hash if head is not None else GENESIS
     at = canonical_time(recorded_at)
     rows: list[dict[str, Any]] = []
+    # entry_hash(previous, header_text(...), payload) in one piece of text: the header's constant parts (the entity's,
+    # the instance's, the time's) are encoded once per batch, not once per entry. A test holds it to entry_hash.
+    sha256 = hashlib.sha256
+    quote = encode_basestring_ascii
+    heads: dict[str, str] = {}
+    instance = quote(instance_id)
+    middle = f',"recorded_at":"{at}","seq":'
     for entity, key, payload in versions:
         seq += 1
-        digest = entry_hash(previous, header_text(instance_id, seq, entity, key, at), payload)
+        head_text = heads.get(entity)
+        if head_text is None:
+            head_text = heads[entity] = f'\n{{"entity":{quote(entity)},"instance_id":{instance},"natural_key":'
+        digest = sha256(
+            f"{previous}{head_text}{quote(key)}{middle}{seq}}}\n{payload}".encode("utf-8", "surrogatepass")
+        ).hexdigest()
         rows.append(
             {
                 "instance_id": instance_id,

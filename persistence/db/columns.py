@@ -63,6 +63,40 @@ def to_sqlite_datetime(value: datetime) -> str:
     )
 
 
+_KEPT_DATETIMES_MAX = 8192
+"""A few batches' worth of timestamps (three or four a record); the table is emptied when it fills."""
+_kept_datetimes: dict[datetime, str] = {}
+
+
+def to_sqlite_datetime_kept(value: datetime) -> str:
+    """:func:`to_sqlite_datetime`, the text also kept until :func:`take_sqlite_datetime` takes it.
+
+    The writer stores a row's timestamps, then hashes the same version into the audit trail, whose canonical text
+    of a timestamp is the stored one with ``T`` and ``Z``: the second encoding of the value becomes a lookup. Only
+    UTC values are kept (records hold nothing else): two equal UTC datetimes are one instant, so one text.
+    """
+    if value.tzinfo is not UTC:
+        return to_sqlite_datetime(value)
+    text = "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (  # noqa: UP031 - see to_sqlite_datetime
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+    )
+    if len(_kept_datetimes) >= _KEPT_DATETIMES_MAX:
+        _kept_datetimes.clear()
+    _kept_datetimes[value] = text
+    return text
+
+
+def take_sqlite_datetime(value: datetime) -> str | None:
+    """The stored text of a UTC ``value`` kept by :func:`to_sqlite_datetime_kept`, forgotten now; else ``None``."""
+    return _kept_datetimes.pop(value, None) if value.tzinfo is UTC else None
+
+
 def decimal_cache() -> dict[int, Decimal]:
     """The cache behind :func:`decode_decimal` (stored scaled integer → Decimal), for decoders that look up inline."""
     return _decimals

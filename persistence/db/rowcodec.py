@@ -24,7 +24,7 @@ from persistence.db.columns import (
     decode_datetime,
     decode_decimal,
     to_scaled_int,
-    to_sqlite_datetime,
+    to_sqlite_datetime_kept,
 )
 from persistence.records.models import Record
 from persistence.records.parser import DECIMAL_CONTEXT, DECIMAL_PRECISION, DECIMAL_SCALE
@@ -139,7 +139,7 @@ def _sqlite_encoder(column_type: Any) -> Callable[[Any], Any] | None:
     if isinstance(column_type, ExactNumeric):
         return to_scaled_int
     if isinstance(column_type, UTCDateTime):
-        return to_sqlite_datetime
+        return to_sqlite_datetime_kept  # kept for the audit payload of the same version (chain._utc_text)
     if isinstance(column_type, Boolean):
         return int
     return None

@@ -24,7 +24,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Context, Decimal, DivisionByZero, InvalidOperation, Overflow
+from decimal import ROUND_HALF_EVEN, Context, Decimal, DivisionByZero, Inexact, InvalidOperation, Overflow
+from functools import partial
 from typing import Any
 
 DECIMAL_PRECISION = 18
@@ -45,6 +46,19 @@ DECIMAL_CONTEXT = Context(
     traps=[InvalidOperation, DivisionByZero, Overflow],
 )
 """The arithmetic context of every conversion here: the host's thread context (say, a low ``prec``) never applies."""
+_FIT_CONTEXT = Context(
+    prec=DECIMAL_PRECISION,
+    rounding=ROUND_HALF_EVEN,
+    Emin=-999_999,
+    Emax=999_999,
+    capitals=1,
+    clamp=0,
+    flags=[],
+    traps=[InvalidOperation, DivisionByZero, Overflow, Inexact],
+)
+"""The fast path's quantize context: quantizing to the column's eight places raises for a value that does not fit
+(``Inexact``: more places than eight; ``InvalidOperation``: more than 18 digits, an infinity, a signalling NaN), so
+one call checks what a comparison and ``adjusted()`` checked after it. A quiet NaN passes and is checked apart."""
 DECIMAL_LIMIT = Decimal(10) ** (DECIMAL_PRECISION - DECIMAL_SCALE)
 """Decimal columns hold values strictly between ``-DECIMAL_LIMIT`` and ``DECIMAL_LIMIT``."""
 
@@ -204,7 +218,8 @@ def compile_parser(
         "_Q": DECIMAL_QUANTUM,
         "_Z": DECIMAL_ZERO,
         "_C": DECIMAL_CONTEXT,
-        "_now": now or (lambda: datetime.now(UTC)),
+        "_F": _FIT_CONTEXT,
+        "_now": now or partial(datetime.now, UTC),  # called in C: no Python frame per stamp
         "_uuid4": uuid.uuid4,
         "_iso": _RFC3339,
         "_fromiso": datetime.fromisoformat,
@@ -311,7 +326,8 @@ def _text_code(target: str, rule: FieldRule) -> list[str]:
 
 
 def _decimal_code(target: str, rule: FieldRule) -> list[str]:
-    sign = {"positive": "q <= 0 or ", "non_negative": "q < 0 or ", "": ""}[rule.sign]
+    # is_nan() first: ordering a NaN raises only under the host thread's context, whose traps are the host's.
+    refused = {"positive": "q.is_nan() or q <= 0", "non_negative": "q.is_nan() or q < 0", "": "q.is_nan()"}[rule.sign]
     return [
         "t = type(v)",
         "if t is _Decimal:",
@@ -324,10 +340,11 @@ def _decimal_code(target: str, rule: FieldRule) -> list[str]:
         "    x = _Decimal(v.strip())",
         "else:",
         "    return None",
-        # Quantizing never rounds an accepted value: it only gives every value the column's eight places. NaN is
-        # unequal to itself and an infinity raises, so both go to the slow path, which names the reason.
-        "q = x.quantize(_Q, None, _C)",
-        f"if {sign}q != x or q.adjusted() >= {DECIMAL_PRECISION - DECIMAL_SCALE}:",
+        # Quantizing never rounds an accepted value: it only gives every value the column's eight places. A value
+        # with more places, too many digits or an infinity raises (see _FIT_CONTEXT); a quiet NaN comes through and
+        # is refused here. All of them go to the slow path, which names the reason.
+        "q = x.quantize(_Q, None, _F)",
+        f"if {refused}:",
         "    return None",
         f"{target} = q if q else _Z",  # a zero without its sign, as every database stores it
     ]
