@@ -25,10 +25,10 @@ from persistence.migrations import head_revision
 from persistence.records.models import Trade
 from persistence.tables.repositories import SIGNAL_SORT_COLUMNS, TRADE_SORT_COLUMNS
 from persistence.testing import FakeClock
-from tests.api_support import ReadLock
-from tests.factories import BASE_TIME, make_signal, make_trade
 from tests.support import DatabaseLock, background_checkpoints_done, eventually, sqlite_file
-from tests.test_sidecar import build, stored_trade_ids
+from tests.support.api import ReadLock, assert_error, client_for, ids
+from tests.support.factories import BASE_TIME, make_signal, make_trade
+from tests.support.sidecars import build, stored_trade_ids
 
 SettingsFactory = Callable[..., Settings]
 HISTORY = "/api/v1/trades/history"
@@ -60,25 +60,6 @@ def seed_trades() -> list[Trade]:
         )
         for i, row in enumerate(SEED)
     ]
-
-
-def client_for(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
-
-
-def ids(response: httpx.Response) -> list[str]:
-    body = response.json()
-    return [item.get("trade_id") or item.get("signal_id") for item in body["data"]]
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert set(body) == {"data", "error", "correlation_id"}, body
-    assert body["data"] is None and body["error"]["code"] == code and body["error"]["message"]
-    assert body["correlation_id"] == response.headers["X-Correlation-ID"]
-    assert "detail" not in response.text
-    return body
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from persistence.write.journal import Journal, JournalEntry, JournalError
-from tests.conftest import examples
+from tests.support.databases import examples
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.model_reference import END, START, model_reference
+from tests.support.model_reference import END, START, model_reference
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = REPO_ROOT / "README.md"

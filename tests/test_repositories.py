@@ -14,7 +14,7 @@ from persistence.db.schema import trades
 from persistence.errors import InvalidQueryError
 from persistence.records.models import SignalExecution
 from persistence.tables.repositories import TRADE_SORT_COLUMNS, Repositories
-from tests.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot, make_trade
+from tests.support.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot, make_trade
 
 EXACT_VALUES = [
     Decimal("98765.12345678"),

@@ -21,9 +21,9 @@ from persistence.write.backlog import Backlog, Pending, ReceiptBook
 from persistence.write.breaker import CircuitBreaker
 from persistence.write.committer import DeadLetter, Outcome
 from persistence.write.writer import Writer
-from tests.conftest import make_settings
-from tests.factories import make_trade
 from tests.support import Recorder, eventually
+from tests.support.databases import make_settings
+from tests.support.factories import make_trade
 
 
 class FakeTarget:
