@@ -23,7 +23,7 @@ from persistence.app.api import HistoryEnvelope, create_app, create_router
 from persistence.config import Settings
 from persistence.migrations import head_revision
 from persistence.records.models import Trade
-from persistence.tables.repositories import SIGNAL_SORT_COLUMNS, TRADE_SORT_COLUMNS
+from persistence.tables.queries import SIGNAL_SORT_COLUMNS, TRADE_SORT_COLUMNS
 from persistence.testing import FakeClock
 from tests.support import DatabaseLock, background_checkpoints_done, eventually, sqlite_file
 from tests.support.api import ReadLock, assert_error, client_for, ids

@@ -19,7 +19,7 @@ from persistence.records.history import TradeHistory
 from persistence.testing import FakeClock
 from persistence.write.backlog import Backlog, Pending, ReceiptBook
 from persistence.write.breaker import CircuitBreaker
-from persistence.write.committer import DeadLetter, Outcome
+from persistence.write.committer import DeadLetteredRecord, Outcome
 from persistence.write.writer import Writer
 from tests.support import Recorder, eventually
 from tests.support.databases import make_settings
@@ -46,7 +46,7 @@ class FakeTarget:
         outcome = Outcome()
         for item in records:
             if item.record.key in self.poison:
-                outcome.dead.append(DeadLetter(item, "IntegrityError", "refused"))
+                outcome.dead.append(DeadLetteredRecord(item, "IntegrityError", "refused"))
             else:
                 outcome.committed.append(item)
         return outcome

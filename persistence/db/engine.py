@@ -115,7 +115,7 @@ class Database:
         """
         statement = "PRAGMA wal_checkpoint(PASSIVE)"
         async with self.engine.connect() as connection:
-            driver = await _driver_of(connection)
+            driver = await driver_of(connection)
             rows = await self._bounded(driver, statement, lambda: driver.execute_fetchall(statement))
         busy, pages, checkpointed = rows[0]
         return int(busy), int(pages), int(checkpointed)
@@ -131,7 +131,7 @@ class Database:
         batches. What SQLAlchemy would add is kept: the statement is bounded by ``DATABASE_QUERY_TIMEOUT`` (the same
         interrupt timer) and a driver error is raised as SQLAlchemy's exception type, so it is classified the same.
         """
-        driver = await _driver_of(connection)
+        driver = await driver_of(connection)
         await self._bounded(driver, sql, lambda: driver.executemany(sql, rows))
 
     async def _bounded(self, driver: Any, sql: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -147,7 +147,11 @@ class Database:
             timer.cancel()
 
 
-async def _driver_of(connection: AsyncConnection) -> Any:
+async def driver_of(connection: AsyncConnection) -> Any:
+    """The driver's own connection (aiosqlite's or asyncpg's) under ``connection``.
+
+    Raises :class:`~persistence.errors.DatabaseUnavailableError` when the connection was invalidated.
+    """
     raw = await connection.get_raw_connection()
     driver = raw.driver_connection
     if driver is None:

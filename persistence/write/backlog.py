@@ -39,7 +39,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from persistence.config import Settings
-from persistence.errors import InvalidRecordError
+from persistence.errors import InvalidRecordError, JournalError
 from persistence.observe.correlation import correlation_id
 from persistence.observe.events import (
     EventBus,
@@ -60,7 +60,7 @@ from persistence.records.models import (
     Trade,
 )
 from persistence.records.receipts import Receipt
-from persistence.write.journal import Journal, JournalEntry, JournalError
+from persistence.write.journal import Journal, JournalEntry, Position
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -79,7 +79,6 @@ APPEND_CHUNK = 64
 """Records per journal write: when the disk fills, every chunk written before is kept."""
 PARSE_SLICE = 32
 """Records validated per turn of the loop during a replay (about half a millisecond)."""
-Position = tuple[int, int]
 
 
 class Pending:

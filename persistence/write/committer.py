@@ -55,7 +55,7 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
+class DeadLetteredRecord:
     """A record that can never be written, where it was kept instead (``table`` or ``file``), and why."""
 
     item: Pending
@@ -73,7 +73,7 @@ class Outcome:
     """
 
     committed: list[Pending] = field(default_factory=list)
-    dead: list[DeadLetter] = field(default_factory=list)
+    dead: list[DeadLetteredRecord] = field(default_factory=list)
     lost: list[tuple[Pending, str]] = field(default_factory=list)
     failure: BaseException | None = None
     attempts: int = 0
@@ -122,11 +122,6 @@ class Committer:
         self._on_retry = on_retry
         self._check = check
 
-    @property
-    def dead_letter_path(self) -> Path:
-        """The file that keeps records ``dead_letters`` refused."""
-        return self._dead_letter_path
-
     async def commit(self, batch: Sequence[Pending]) -> Outcome:
         """Commit ``batch``; on a data error split it until the bad records are isolated and dead-lettered.
 
@@ -155,7 +150,7 @@ class Committer:
             unknown_ids = {id(item) for item in unknown}
             for item in segment:
                 if id(item) in unknown_ids:
-                    outcome.dead.append(DeadLetter(item, "UnknownSignal", UNKNOWN_SIGNAL))
+                    outcome.dead.append(DeadLetteredRecord(item, "UnknownSignal", UNKNOWN_SIGNAL))
                 else:
                     outcome.committed.append(item)
         return outcome
@@ -175,9 +170,9 @@ class Committer:
             except OSError as error:
                 outcome.lost.append((item, f"{message}; dead_letters: {short_error(refusal.cause)}; file: {error}"))
                 return True
-            outcome.dead.append(DeadLetter(item, error_class, message, kept_in="file"))
+            outcome.dead.append(DeadLetteredRecord(item, error_class, message, kept_in="file"))
             return True
-        outcome.dead.append(DeadLetter(item, error_class, message))
+        outcome.dead.append(DeadLetteredRecord(item, error_class, message))
         return True
 
     async def _with_retries(self, operation: Callable[[], Awaitable[Any]], outcome: Outcome) -> Any:
