@@ -52,4 +52,5 @@ def test_pytest_runs_strict_and_turns_every_warning_into_an_error() -> None:
     assert {"--strict-markers", "--strict-config"} <= set(options["addopts"].split())
     assert options["xfail_strict"] is True
     assert options["filterwarnings"][0] == "error"
+    assert set(options["filterwarnings"][1:]) <= {"default::ResourceWarning"}, "a new ignore needs its reason here"
     assert "-m" not in options["addopts"].split() and "--deselect" not in options["addopts"], "nothing deselected"
