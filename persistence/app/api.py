@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from persistence.audit.trail import AuditLog
 from persistence.config import Settings
 from persistence.errors import (
+    ApiError,
     DatabaseUnavailableError,
     InvalidQueryError,
     QueryTimeoutError,
@@ -190,17 +191,6 @@ class PersistenceState(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- errors
-
-
-class ApiError(Exception):
-    """An error answer: HTTP status, ``code`` and message, put in the wrapper by the route class."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
 
 
 _HTTP_CODES = {

@@ -34,6 +34,7 @@ from tenacity import (
 from persistence.audit.chain import AuditHead
 from persistence.audit.trail import AuditLog
 from persistence.db.engine import Database
+from persistence.errors import DataFault, TransientFault
 from persistence.records.models import ParameterChange, PerformanceSnapshot, Signal, SignalExecution, Trade
 from persistence.tables.repositories import Repositories
 from persistence.write.backlog import KINDS, Pending, Sleep
@@ -84,18 +85,6 @@ class Outcome:
         return len(self.committed) + len(self.dead) + len(self.lost)
 
 
-class _DataFault(Exception):
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
-class _TransientFault(Exception):
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
 class Committer:
     """Writes batches to one database; see the module docstring.
 
@@ -134,7 +123,7 @@ class Committer:
             try:
                 transaction = partial(self._transaction, segment, outcome)
                 unknown: list[Pending] = await self._with_retries(transaction, outcome)
-            except _DataFault as fault:
+            except DataFault as fault:
                 if len(segment) > 1:
                     middle = len(segment) // 2
                     segments.appendleft(segment[middle:])
@@ -144,7 +133,7 @@ class Committer:
                 if not await self._dead_letter(item, fault.cause, outcome):
                     return outcome
                 continue
-            except _TransientFault as failure:
+            except TransientFault as failure:
                 outcome.failure = failure.cause
                 return outcome
             unknown_ids = {id(item) for item in unknown}
@@ -160,10 +149,10 @@ class Committer:
         error_class, message = type(cause).__name__, short_error(cause)
         try:
             await self._with_retries(partial(self._dead_letter_row, item, cause), outcome)
-        except _TransientFault as failure:
+        except TransientFault as failure:
             outcome.failure = failure.cause
             return False
-        except _DataFault as refusal:
+        except DataFault as refusal:
             # dead_letters refuses it too (say, a byte its encoding cannot hold): the file beside the journal keeps it.
             try:
                 await asyncio.to_thread(self._dead_letter_line, item, cause, refusal.cause)
@@ -196,8 +185,8 @@ class Committer:
         except Exception as error:
             outcome.attempts = max(outcome.attempts, attempts)
             if classify(error) == "data":
-                raise _DataFault(error) from error
-            raise _TransientFault(error) from error
+                raise DataFault(error) from error
+            raise TransientFault(error) from error
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _transaction(self, segment: Sequence[Pending], outcome: Outcome) -> list[Pending]:

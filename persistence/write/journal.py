@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from persistence.errors import JournalError
+from persistence.errors import ConfigurationError, JournalError, JournalPositionError
 
 __all__ = ["Journal", "JournalEntry", "Position", "encode_line", "write_durably"]
 
@@ -146,7 +146,7 @@ class Journal:
         pause: Callable[[], None] = lambda: time.sleep(0),
     ) -> None:
         if segment_max_bytes <= 0:
-            raise ValueError("segment_max_bytes must be positive")
+            raise ConfigurationError([("segment_max_bytes", "must be positive")])
         self._dir = Path(directory)
         self._segment_max_bytes = segment_max_bytes
         self._fsync = fsync
@@ -298,7 +298,7 @@ class Journal:
         such files are ignored when the journal is opened). If the checkpoint cannot be written (a full disk), the
         journal still moves on in memory and deletes what is consumed, then raises :class:`JournalError`: after a
         restart those records are replayed once more. Acknowledging an entry that is already
-        acknowledged does nothing; an entry that is not a position of this journal raises ``ValueError``.
+        acknowledged does nothing; an entry that is not a position of this journal raises :class:`JournalPositionError`.
         """
         self._check_open()
         target: Position = (entry.segment, entry.end_offset)
@@ -452,7 +452,7 @@ class Journal:
                 count += 1
             if position == target:
                 return count
-        raise ValueError(f"journal has no entry ending at segment {target[0]}, offset {target[1]}")
+        raise JournalPositionError(self._dir, target[0], target[1])
 
     def _note_corrupt(self, position: Position) -> None:
         if position not in self._corrupt_seen:
