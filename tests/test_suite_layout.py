@@ -54,3 +54,9 @@ def test_pytest_runs_strict_and_turns_every_warning_into_an_error() -> None:
     assert options["filterwarnings"][0] == "error"
     assert set(options["filterwarnings"][1:]) <= {"default::ResourceWarning"}, "a new ignore needs its reason here"
     assert "-m" not in options["addopts"].split() and "--deselect" not in options["addopts"], "nothing deselected"
+
+
+def test_the_support_packages_repo_root_is_the_repository() -> None:
+    from tests.support import REPO_ROOT
+
+    assert REPO_ROOT == ROOT and (REPO_ROOT / "pyproject.toml").is_file()
