@@ -432,8 +432,9 @@ class Backlog:
     async def _keep(self) -> None:
         """Journal what must not wait in RAM only; see the module docstring.
 
-        While RAM holds unjournaled records the keeper looks every quarter of the sync interval (real time: the
-        check reads the injected clock); otherwise it sleeps until the hot path wakes it.
+        While RAM holds unjournaled records the keeper looks when the oldest is due, at the latest every quarter of
+        the sync interval, both on the injected clock (a test moves time, no test waits for it); otherwise it sleeps
+        until the hot path wakes it.
         """
         while not self._closed:
             due = self._next_due()
@@ -451,9 +452,17 @@ class Backlog:
                 self._keeper_idle = True
                 await self._keeper_wake.wait()
                 continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(due, self._poll)):
-                    await self._keeper_wake.wait()
+            await self._nap(min(due, self._poll))
+
+    async def _nap(self, seconds: float) -> None:
+        """Wait ``seconds`` on the injected clock, or until the hot path wakes the keeper, whichever comes first."""
+        sleeper = asyncio.ensure_future(self._sleep(seconds))
+        waker = asyncio.ensure_future(self._keeper_wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
 
     def _next_due(self) -> float | None:
         """Seconds until the keeper has work (0: now), or ``None`` while RAM holds nothing unjournaled."""
