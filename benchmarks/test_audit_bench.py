@@ -124,7 +124,7 @@ def test_audit_trail_cost_on_sqlite(
 def test_audit_trail_cost_on_postgresql(
     benchmark: Any, loop: asyncio.AbstractEventLoop, tmp_path: Path, figures: list[dict[str, Any]]
 ) -> None:
-    from tests.conftest import create_postgres_database, drop_postgres_database
+    from tests.support.databases import create_postgres_database, drop_postgres_database
 
     created: list[str] = []
     measured: dict[str, list[float]] = {}

@@ -573,7 +573,7 @@ def test_memory_per_10000_trades_in_trade_history(benchmark: Any, figures: list[
 def test_postgres_burst_and_throughput(
     benchmark: Any, loop: asyncio.AbstractEventLoop, tmp_path: Path, figures: list[dict[str, Any]]
 ) -> None:
-    from tests.conftest import create_postgres_database, drop_postgres_database
+    from tests.support.databases import create_postgres_database, drop_postgres_database
 
     user_p95s: list[float] = []
     p95s: list[float] = []
@@ -660,7 +660,7 @@ def test_postgres_three_processes_on_one_database(
     import subprocess
     import sys
 
-    from tests.conftest import create_postgres_database, drop_postgres_database
+    from tests.support.databases import create_postgres_database, drop_postgres_database
 
     count = 20_000
     aggregates: list[float] = []

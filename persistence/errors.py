@@ -212,3 +212,70 @@ class DatabaseInUseError(PersistenceError):
         else:
             message = f"{database} is being restored (another process holds {lock_file} exclusively)"
         super().__init__(message)
+
+
+class BreakerAdmissionError(PersistenceError, ValueError):
+    """A result was reported to the circuit breaker for an admission it had refused (a caller's mistake).
+
+    ``state`` is the breaker's state (``closed``, ``open``, ``half_open``) and ``generation`` the admission's.
+    """
+
+    def __init__(self, state: str, generation: int) -> None:
+        self.state = state
+        self.generation = generation
+        super().__init__(
+            f"cannot record a result for an admission that was refused (breaker {state}, generation {generation})"
+        )
+
+
+class JournalPositionError(JournalError, ValueError):
+    """An entry handed to the journal to acknowledge ends at no record of it (``segment``, ``offset``, ``path``)."""
+
+    def __init__(self, path: Path, segment: int, offset: int) -> None:
+        self.segment = segment
+        self.offset = offset
+        super().__init__(f"journal has no entry ending at segment {segment}, offset {offset}", path)
+
+
+# ---------------------------------------------------------------------------------------------- internal signals
+# Raised and caught inside the package; none reaches a caller, so none is exported.
+
+
+class InternalSignal(Exception):
+    """Base of the exceptions the package raises to itself (control flow between two of its own frames)."""
+
+
+class ApiError(InternalSignal):
+    """An error answer of the history API: HTTP status, ``code`` and message, put in the wrapper by the route class."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+class DowngradeTrialDone(InternalSignal):
+    """Raised inside a trial downgrade to roll it back, carrying the schema before and after."""
+
+    def __init__(self, before: dict[str, set[str]], after: dict[str, set[str]]) -> None:
+        super().__init__("trial downgrade rolled back")
+        self.before = before
+        self.after = after
+
+
+class DataFault(InternalSignal):
+    """A batch's statement failed because of its data (the committer splits the batch to find the record)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class TransientFault(InternalSignal):
+    """A batch's statement failed for a reason that may pass (the committer retries, then gives the batch back)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause

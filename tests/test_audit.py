@@ -51,8 +51,6 @@ from persistence.records.models import SignalExecution, Trade
 from persistence.tables.repositories import Repositories
 from persistence.tools.copy import copy_database
 from persistence.tools.export import export
-from tests.conftest import empty_every_table, make_settings
-from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 from tests.support import (
     DatabaseLock,
     add_poison_trigger_postgres,
@@ -60,6 +58,8 @@ from tests.support import (
     sqlite_file,
     start_recorder_until_killed,
 )
+from tests.support.databases import empty_every_table, make_settings
+from tests.support.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 
 SettingsFactory = Callable[..., Settings]
 REPO_ROOT = Path(__file__).resolve().parent.parent

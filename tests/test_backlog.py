@@ -29,10 +29,10 @@ from persistence.migrations import upgrade
 from persistence.observe.events import EventBus, RecordDeadLettered, RecordsDropped
 from persistence.write.committer import DEAD_LETTER_FILE, RetryPolicy
 from persistence.write.journal import Journal
-from tests.conftest import make_settings
-from tests.factories import make_trade, trade_data
 from tests.support import DatabaseLock, Recorder, add_poison_trigger_postgres, add_poison_trigger_sqlite, eventually
-from tests.test_sidecar import stored_trade_ids
+from tests.support.databases import make_settings
+from tests.support.factories import make_trade, trade_data
+from tests.support.sidecars import stored_trade_ids
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SettingsFactory = Callable[..., Settings]
@@ -393,26 +393,3 @@ async def test_a_host_that_records_faster_than_the_journal_writes_loses_nothing(
     await second.start()
     await second.flush(120)
     assert len(set(await stored_trade_ids(second))) == total
-
-
-# ------------------------------------------------------------------------------ 7. the model's counterexample
-
-
-def test_a_poison_trade_recorded_across_closes_during_an_outage_ends_in_dead_letters() -> None:
-    """The steps Hypothesis shrank: it ended neither in ``trades`` nor in ``dead_letters``."""
-    from tests.test_sidecar_model import SidecarMachine
-
-    machine = SidecarMachine()
-    try:
-        machine.start()
-        machine.break_the_database()
-        machine.close_and_reopen()
-        machine.record_a_poison_trade()
-        machine.advance_the_clock(0.5)
-        machine.record_a_poison_trade()
-        machine.close_and_reopen()
-        machine.close_and_reopen()
-        machine.heal_the_database()
-        machine.recover_and_flush()
-    finally:
-        machine.teardown()

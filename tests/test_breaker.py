@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from persistence.write.breaker import Admission, BreakerState, CircuitBreaker, Transition
-from tests.conftest import examples
+from tests.support.databases import examples
 
 T0 = 1000.0  # arbitrary monotonic start time, deliberately not zero
 

@@ -20,9 +20,9 @@ from persistence.db.wal_checkpoint import CHECKPOINT_INTERVAL, WalCheckpointer
 from persistence.migrations import upgrade
 from persistence.testing import FakeClock
 from persistence.write.committer import RetryPolicy
-from tests.conftest import make_settings
-from tests.factories import make_trade
 from tests.support import eventually
+from tests.support.databases import make_settings
+from tests.support.factories import make_trade
 
 
 def wal_pages(url: str) -> int:

@@ -22,8 +22,8 @@ import pytest
 
 from persistence import PersistenceSidecar
 from persistence.write.journal import Journal
-from tests.conftest import make_settings
-from tests.factories import BASE_TIME, make_trade
+from tests.support.databases import make_settings
+from tests.support.factories import BASE_TIME, make_trade
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

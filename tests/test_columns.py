@@ -69,7 +69,7 @@ async def test_the_host_decimal_context_never_rounds_a_stored_or_read_value(sqli
     from persistence.db.engine import create_database
     from persistence.migrations import upgrade
     from persistence.tables.repositories import Repositories
-    from tests.factories import make_trade
+    from tests.support.factories import make_trade
 
     database = create_database(Settings(_env_file=None, database_url=sqlite_url))
     try:

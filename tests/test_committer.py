@@ -22,7 +22,7 @@ from persistence.tables.repositories import Repositories
 from persistence.write.backlog import Pending
 from persistence.write.committer import DEAD_LETTER_FILE, Committer, RetryPolicy
 from persistence.write.faults import classify
-from tests.factories import make_trade
+from tests.support.factories import make_trade
 
 NO_WAIT = RetryPolicy(attempts=1, initial_wait=0.0, max_wait=0.0)
 

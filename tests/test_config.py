@@ -198,7 +198,7 @@ def test_dotenv_file_in_the_working_directory_is_read(tmp_path: Path) -> None:
 
 
 def test_secrets_are_the_database_password_and_the_api_token_and_nothing_empty() -> None:
-    from tests.conftest import make_settings
+    from tests.support.databases import make_settings
 
     full = make_settings(
         database_url="postgresql+asyncpg://trader:pa55w0rd@db.example:5432/trading", api_token="tok-123"

@@ -15,7 +15,7 @@ from sqlalchemy.pool import StaticPool
 
 from persistence.db.engine import SQLITE_MAX_BUSY_MS, Database, create_database, sqlite_path
 from persistence.errors import QueryTimeoutError
-from tests.conftest import make_settings
+from tests.support.databases import make_settings
 
 ENDLESS_SQLITE_QUERY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
 
@@ -193,7 +193,7 @@ async def test_a_runaway_batch_write_on_the_driver_fast_path_is_interrupted_at_t
 ) -> None:
     from persistence.migrations import upgrade
     from persistence.tables.repositories import Repositories
-    from tests.factories import make_trade
+    from tests.support.factories import make_trade
 
     database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=300))
     path = sqlite_path(database.engine.url)

@@ -29,7 +29,7 @@ from persistence.observe.events import (
     WriteFailed,
     WriteRetried,
 )
-from tests.conftest import make_settings
+from tests.support.databases import make_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

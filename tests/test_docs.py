@@ -20,7 +20,8 @@ import pytest
 
 import persistence
 import persistence.testing
-from tests.test_readme import BLOCK, DOCS, README, REPO_ROOT, pages, python_blocks
+from tests.support import REPO_ROOT
+from tests.support.docs import BLOCK, DOCS, README, pages, python_blocks
 
 MKDOCS_CONFIG = REPO_ROOT / "mkdocs.yml"
 # Logger names a host sets levels on, and the fault kit: the module paths a user has to know.

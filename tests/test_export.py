@@ -28,8 +28,8 @@ from persistence.migrations import upgrade
 from persistence.records.models import Trade
 from persistence.tables.repositories import Repositories
 from persistence.tools.export import iter_batches
-from tests.conftest import make_settings
-from tests.portability_data import as_rows, fill_trades_fast, record_everything, varied_trades
+from tests.support.databases import make_settings
+from tests.support.portability import as_rows, fill_trades_fast, record_everything, varied_trades
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRADE_COUNT = 20_500

@@ -19,9 +19,9 @@ import pytest
 
 from persistence import PersistenceSidecar
 from persistence.config import Settings
-from tests.factories import make_signal, make_trade
-from tests.test_metrics import PROMTOOL, PROMTOOL_SKIP, SPEC_METRICS, Scrape, free_port, scrape
-from tests.test_sidecar import build
+from tests.support.factories import make_signal, make_trade
+from tests.support.metrics import PROMTOOL, PROMTOOL_SKIP, SPEC_METRICS, Scrape, free_port, scrape
+from tests.support.sidecars import build
 
 SettingsFactory = Callable[..., Settings]
 GRAFANA = Path(__file__).resolve().parent.parent / "grafana"

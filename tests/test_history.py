@@ -11,7 +11,7 @@ import pytest
 from persistence.errors import DeadLetteredError, RecordDroppedError
 from persistence.records.history import TradeHistory
 from persistence.records.receipts import Receipt
-from tests.factories import make_trade
+from tests.support.factories import make_trade
 
 
 def test_trades_are_kept_oldest_first_and_updated_in_place() -> None:

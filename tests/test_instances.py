@@ -19,10 +19,10 @@ from persistence.config import Settings
 from persistence.errors import InvalidQueryError
 from persistence.tables.queries import SignalQuery, TradeQuery
 from persistence.testing import FakeClock
-from tests.factories import BASE_TIME, make_signal, make_trade
 from tests.support import DatabaseLock, eventually
-from tests.test_api import assert_error, client_for, ids
-from tests.test_sidecar import build
+from tests.support.api import assert_error, client_for, ids
+from tests.support.factories import BASE_TIME, make_signal, make_trade
+from tests.support.sidecars import build
 
 SettingsFactory = Callable[..., Settings]
 HISTORY = "/api/v1/trades/history"

@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from persistence.write.journal import Journal, JournalEntry, JournalError
-from tests.conftest import examples
+from persistence.errors import JournalError
+from persistence.write.journal import Journal, JournalEntry
+from tests.support.databases import examples
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -597,7 +598,8 @@ def test_disk_full_mid_write_raises_leaves_no_partial_line_and_journal_keeps_wor
         import json, resource, signal, sys
         sys.path.insert(0, sys.argv[1])
         from pathlib import Path
-        from persistence.write.journal import Journal, JournalError
+        from persistence.errors import JournalError
+        from persistence.write.journal import Journal
 
         directory = Path(sys.argv[2])
         segment = directory / "segment-00000001.jsonl"

@@ -24,10 +24,10 @@ from persistence.config import Settings
 from persistence.observe.correlation import correlation_scope
 from persistence.observe.event_log import configure_logging, mask_secrets
 from persistence.testing import FakeClock
-from tests.conftest import make_settings
-from tests.factories import make_signal, make_trade
 from tests.support import DatabaseLock, add_poison_trigger_sqlite, eventually, sqlite_file
-from tests.test_sidecar import build
+from tests.support.databases import make_settings
+from tests.support.factories import make_signal, make_trade
+from tests.support.sidecars import build
 
 SettingsFactory = Callable[..., Settings]
 REPO_ROOT = Path(__file__).resolve().parent.parent

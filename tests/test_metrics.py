@@ -4,12 +4,10 @@ exporter, and moved by a real outage (another connection holding the database lo
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import subprocess
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,6 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 from structlog.testing import capture_logs
 
 from persistence import DeadLetteredError, PersistenceSidecar
@@ -25,86 +22,16 @@ from persistence.config import Settings
 from persistence.observe.metrics import LATENCY_BUCKETS, SidecarMetrics, observe_all, render
 from persistence.testing import FakeClock
 from persistence.write.journal import Journal
-from tests.factories import make_signal, make_trade
 from tests.support import DatabaseLock, add_poison_trigger_sqlite, eventually, sqlite_file
-from tests.test_sidecar import build
+from tests.support.factories import make_signal, make_trade
+from tests.support.metrics import PROMTOOL, PROMTOOL_SKIP, SPEC_METRICS, Scrape, free_port, scrape
+from tests.support.sidecars import build
 
 SettingsFactory = Callable[..., Settings]
 ENTITIES = ("trade", "signal", "snapshot", "parameter_change")
 STATES = ("closed", "open", "half_open")
 
-# The SPEC's table, written out here on purpose: renaming a metric in the code must fail this test.
-SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
-    "persistence_writes_total": ("counter", frozenset({"entity", "outcome"})),
-    "persistence_dead_letters_total": ("counter", frozenset({"entity"})),
-    "persistence_dropped_records_total": ("counter", frozenset({"entity", "reason"})),
-    "persistence_retries_total": ("counter", frozenset()),
-    "persistence_write_latency_seconds": ("histogram", frozenset({"entity"})),
-    "persistence_batch_size": ("histogram", frozenset()),
-    "persistence_queue_depth": ("gauge", frozenset()),
-    "persistence_journal_records": ("gauge", frozenset()),
-    "persistence_oldest_unpersisted_age_seconds": ("gauge", frozenset()),
-    "persistence_circuit_breaker_state": ("gauge", frozenset({"state"})),
-    "persistence_circuit_breaker_transitions_total": ("counter", frozenset({"from_state", "to_state"})),
-    "persistence_enabled": ("gauge", frozenset()),
-}
-PROMTOOL = shutil.which("promtool")
-PROMTOOL_SKIP = "promtool is not installed (Debian: apt-get install prometheus); skipped"
-
-
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@dataclass
-class Scrape:
-    """One parsed exposition: families by name (as the text format's TYPE lines name them) and their samples."""
-
-    text: str
-    types: dict[str, str]
-    samples: list[Sample]
-
-    @classmethod
-    def parse(cls, text: str) -> Scrape:
-        types: dict[str, str] = {}
-        samples: list[Sample] = []
-        for family in text_string_to_metric_families(text):
-            # The parser drops a counter's ``_total`` from the family name; the series keep it.
-            name = f"{family.name}_total" if family.type == "counter" else family.name
-            types[name] = family.type
-            samples.extend(family.samples)
-        return cls(text, types, samples)
-
-    @property
-    def sample_names(self) -> set[str]:
-        return {sample.name for sample in self.samples}
-
-    def value(self, name: str, **labels: str) -> float:
-        matches = [s.value for s in self.samples if s.name == name and s.labels == labels]
-        assert len(matches) == 1, f"{name}{labels}: {len(matches)} series"
-        return matches[0]
-
-    def labelsets(self, name: str) -> set[frozenset[tuple[str, str]]]:
-        return {frozenset(s.labels.items()) for s in self.samples if s.name == name}
-
-    def total(self, name: str, **labels: str) -> float:
-        return sum(s.value for s in self.samples if s.name == name and labels.items() <= s.labels.items())
-
-
-async def scrape(port: int) -> Scrape:
-    """GET /metrics from the sidecar's exporter over real HTTP."""
-    async with httpx.AsyncClient(timeout=5.0) as client:
-        response = await client.get(f"http://127.0.0.1:{port}/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    return Scrape.parse(response.text)
 
 
 def one_hot(scraped: Scrape) -> dict[str, float]:

@@ -22,8 +22,8 @@ from persistence.db.schema import metadata
 from persistence.errors import DowngradeDataLossError
 from persistence.migrations import current_revision, head_revision, migrate_to, upgrade
 from persistence.tables.repositories import Repositories
-from tests.conftest import make_settings
-from tests.factories import make_trade
+from tests.support.databases import make_settings
+from tests.support.factories import make_trade
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TABLES = {"trades", "signals", "performance_snapshots", "parameter_history", "dead_letters"}

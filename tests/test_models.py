@@ -23,7 +23,7 @@ from persistence.records.models import (
     Trade,
     to_exact_decimal,
 )
-from tests.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
+from tests.support.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 
 
 def invalid(data: dict[str, Any]) -> InvalidRecordError:

@@ -32,14 +32,14 @@ from persistence.observe.events import BreakerChanged, WriteFailed
 from persistence.records.models import Signal, Trade
 from persistence.testing import DatabaseLock, FaultInjector, wait_for_breaker
 from persistence.write.committer import RetryPolicy
-from tests.conftest import (
+from tests.support import Recorder
+from tests.support.databases import (
     POSTGRES_ENV,
     POSTGRES_SKIP_REASON,
     create_postgres_database,
     drop_postgres_database,
     make_settings,
 )
-from tests.support import Recorder
 
 pytestmark = [
     pytest.mark.postgres,

@@ -3,15 +3,24 @@ every error the library raises on purpose sits under ``PersistenceError`` in ``p
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib
+import importlib.util
 import inspect
+import pkgutil
 from importlib.metadata import version
 from pathlib import Path
+from types import ModuleType
+
+import pytest
 
 import persistence
 from persistence import errors
 from persistence.observe import events
 from persistence.sidecar import PersistenceSidecar
+from persistence.write.breaker import CircuitBreaker
+from persistence.write.journal import Journal
 
 
 def test_version_is_the_installed_distributions() -> None:
@@ -43,16 +52,86 @@ def test_a_listener_on_an_exported_bus_sees_exported_events() -> None:
     assert seen == [persistence.PersistenceToggled(enabled=False)]
 
 
-def test_every_error_class_lives_in_errors_under_persistence_error() -> None:
-    for name in ("JournalError", "ApiPortUnavailableError"):
-        cls = getattr(errors, name)
-        assert issubclass(cls, errors.PersistenceError)
-        assert getattr(persistence, name) is cls
+# Modules that run on import (the command line, Alembic's environment script): read, never imported.
+RUN_ON_IMPORT = {"persistence.__main__", "persistence.migrations.env"}
+
+
+def _every_module() -> list[str]:
+    names = [info.name for info in pkgutil.walk_packages(persistence.__path__, "persistence.")]
+    assert len(names) > 50 and "persistence.write.breaker" in names and "persistence.app.cli.main" in names
+    return names
+
+
+def _exception_classes(module: ModuleType) -> list[type[BaseException]]:
+    """The exception classes ``module`` defines itself (not those it imports)."""
+    return [
+        value
+        for value in vars(module).values()
+        if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == module.__name__
+    ]
+
+
+def test_no_module_of_the_package_defines_an_exception_class_outside_errors() -> None:
+    offenders: list[str] = []
+    for name in _every_module():
+        if name == "persistence.errors":
+            continue
+        if name in RUN_ON_IMPORT:
+            spec = importlib.util.find_spec(name)
+            assert spec is not None and spec.origin is not None
+            tree = ast.parse(Path(spec.origin).read_text())
+            offenders += [f"{name}.{node.name}" for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
+            continue
+        offenders += [f"{name}.{cls.__name__}" for cls in _exception_classes(importlib.import_module(name))]
+    assert not offenders, f"error classes belong in persistence/errors.py: {offenders}"
+
+
+def test_every_error_class_derives_from_persistence_error_and_is_exported() -> None:
+    defined = _exception_classes(errors)
+    signals = [cls for cls in defined if issubclass(cls, errors.InternalSignal)]
+    assert len(defined) - len(signals) > 20
+    for cls in signals:  # raised and caught inside the package: never a caller's business
+        assert not issubclass(cls, errors.PersistenceError) and cls.__name__ not in persistence.__all__, cls
+    for cls in set(defined) - set(signals):
+        assert issubclass(cls, errors.PersistenceError), cls
+        assert cls.__name__ in persistence.__all__, f"{cls.__name__} is not in persistence.__all__"
+        assert getattr(persistence, cls.__name__) is cls
     exported = [getattr(persistence, name) for name in persistence.__all__]
-    for cls in exported:
-        if inspect.isclass(cls) and issubclass(cls, Exception):
-            assert cls.__module__ == "persistence.errors", cls
-            assert issubclass(cls, errors.PersistenceError), cls
+    for value in exported:
+        if inspect.isclass(value) and issubclass(value, BaseException):
+            assert value.__module__ == "persistence.errors", value
+
+
+def test_everything_in_all_resolves_once() -> None:
+    assert len(persistence.__all__) == len(set(persistence.__all__))
+    for name in persistence.__all__:
+        assert getattr(persistence, name, None) is not None, name
+
+
+def test_the_breaker_and_the_journal_raise_typed_state_errors_with_their_context(tmp_path: Path) -> None:
+    breaker = CircuitBreaker(failure_threshold=1, reset_seconds=5.0)
+    breaker.record_failure(breaker.admit(0.0)[0], 0.0)
+    refused, _ = breaker.admit(1.0)
+    assert not refused.allowed
+    with pytest.raises(errors.BreakerAdmissionError) as caught:
+        breaker.record_success(refused, 1.0)
+    assert (caught.value.state, caught.value.generation) == ("open", refused.generation)
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(errors.ConfigurationError) as invalid:
+        CircuitBreaker(failure_threshold=0, reset_seconds=5.0)
+    assert invalid.value.variable == "failure_threshold"
+
+    journal = Journal(tmp_path / "journal")
+    try:
+        journal.append([{"n": 1}])
+        (entry,) = journal.peek(10)
+        with pytest.raises(errors.JournalPositionError) as unknown:
+            journal.acknowledge_through((entry.segment, entry.end_offset + 1))
+        error = unknown.value
+        assert (error.segment, error.offset, error.path) == (entry.segment, entry.end_offset + 1, tmp_path / "journal")
+        assert isinstance(error, errors.JournalError) and isinstance(error, ValueError)
+    finally:
+        journal.close()
 
 
 def test_journal_error_and_port_error_carry_their_context() -> None:

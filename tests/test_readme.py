@@ -15,22 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.model_reference import END, START, model_reference
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-README = REPO_ROOT / "README.md"
-DOCS = REPO_ROOT / "docs"
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
-
-
-def pages() -> list[Path]:
-    """The README and every Markdown page of the documentation, in a stable order."""
-    return [README, *sorted(DOCS.rglob("*.md"))]
-
-
-def python_blocks() -> list[tuple[str, str]]:
-    """Every ```python block as (page relative to the repository, block)."""
-    return [(str(page.relative_to(REPO_ROOT)), block) for page in pages() for block in BLOCK.findall(page.read_text())]
+from tests.support import REPO_ROOT
+from tests.support.docs import BLOCK, DOCS, README, python_blocks
+from tests.support.model_reference import END, START, model_reference
 
 
 def readme_blocks() -> list[str]:
@@ -111,4 +98,4 @@ def test_the_field_reference_table_matches_the_models() -> None:
     text = (DOCS / "records.md").read_text()
     assert START in text and END in text, "docs/records.md lost its model-reference markers"
     table = text[text.index(START) : text.index(END) + len(END)]
-    assert table == model_reference(), "regenerate it with: python -m tests.model_reference"
+    assert table == model_reference(), "regenerate it with: python -m tests.support.model_reference"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -13,8 +13,9 @@ from persistence.db.engine import Database
 from persistence.db.schema import trades
 from persistence.errors import InvalidQueryError
 from persistence.records.models import SignalExecution
-from persistence.tables.repositories import TRADE_SORT_COLUMNS, Repositories
-from tests.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot, make_trade
+from persistence.tables.queries import TRADE_SORT_COLUMNS, SignalQuery, TradeQuery
+from persistence.tables.repositories import Repositories
+from tests.support.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot, make_trade
 
 EXACT_VALUES = [
     Decimal("98765.12345678"),
@@ -196,6 +197,34 @@ async def test_query_refuses_bad_parameters_before_any_sql(
         await repos.trades.query(**kwargs)  # type: ignore[arg-type]
     assert caught.value.parameter == parameter
     assert await repos.trades.count() == 1
+
+
+# An aware time whose UTC equivalent falls past either end of the calendar (years 1-9999).
+PAST_THE_CALENDAR = (
+    datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-5))),
+    datetime(1, 1, 1, 0, 0, tzinfo=timezone(timedelta(hours=5))),
+)
+
+
+@pytest.mark.parametrize("moment", PAST_THE_CALENDAR, ids=["after-9999", "before-0001"])
+def test_a_query_date_outside_the_calendar_is_an_invalid_query_error_naming_it(moment: datetime) -> None:
+    for query, parameter in ((TradeQuery, "start_date"), (SignalQuery, "end_date"), (TradeQuery, "end_date")):
+        with pytest.raises(InvalidQueryError) as caught:
+            query(**{parameter: moment})
+        assert caught.value.parameter == parameter
+        assert "outside the range of dates" in caught.value.reason
+
+
+@pytest.mark.parametrize("moment", PAST_THE_CALENDAR, ids=["after-9999", "before-0001"])
+async def test_the_single_purpose_reads_refuse_a_date_outside_the_calendar_the_same_way(
+    repos: Repositories, moment: datetime
+) -> None:
+    with pytest.raises(InvalidQueryError) as caught:
+        await repos.trades.get_trades_by_pattern("breakout", start_date=moment)
+    assert caught.value.parameter == "start_date"
+    with pytest.raises(InvalidQueryError) as caught:
+        await repos.snapshots.get_snapshots(end_date=moment)
+    assert caught.value.parameter == "end_date"
 
 
 async def test_every_whitelisted_sort_column_works(repos: Repositories) -> None:

@@ -50,7 +50,7 @@ def test_p95_from_record_to_receipt_is_under_100_ms_for_a_burst_of_1000_trades_o
 
 @pytest.mark.postgres
 def test_p95_from_record_to_receipt_is_under_100_ms_for_a_burst_of_1000_trades_on_postgresql(tmp_path: Path) -> None:
-    from tests.conftest import create_postgres_database, drop_postgres_database
+    from tests.support.databases import create_postgres_database, drop_postgres_database
 
     url = create_postgres_database("persistence_p95")
     try:

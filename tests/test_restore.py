@@ -21,8 +21,8 @@ from persistence.errors import DatabaseInUseError, RestoreError
 from persistence.migrations import head_revision, upgrade
 from persistence.tables.repositories import Repositories
 from persistence.tools.restore import pre_restore_path, restore_sqlite
-from tests.conftest import make_settings
-from tests.portability_data import as_rows, record_everything, varied_trades
+from tests.support.databases import make_settings
+from tests.support.portability import as_rows, record_everything, varied_trades
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRADE_COUNT = 20_200

@@ -20,9 +20,9 @@ from persistence.errors import DatabaseInUseError
 from persistence.migrations import head_revision, upgrade
 from persistence.observe.events import EventBus, SchemaNewerThanRelease
 from persistence.tools.restore import restore_sqlite
-from tests.conftest import make_settings
-from tests.factories import make_trade
 from tests.support import Recorder, save_trade_before_the_trail, sqlite_file
+from tests.support.databases import make_settings
+from tests.support.factories import make_trade
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NEWER = "f00dfeed9999"

@@ -18,9 +18,9 @@ from persistence.db.engine import Database, create_database
 from persistence.errors import MigrationError, PersistenceError, SchemaNewerError
 from persistence.migrations import current_revision, head_revision, migrate_to, upgrade
 from persistence.tables.repositories import Repositories
-from tests.conftest import make_settings
-from tests.factories import make_trade
 from tests.support import save_trade_before_the_trail
+from tests.support.databases import make_settings
+from tests.support.factories import make_trade
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NEWER = "f00dfeed9999"

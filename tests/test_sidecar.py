@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
-from collections.abc import Callable
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 from structlog.testing import capture_logs
 
 from persistence import (
@@ -23,30 +21,12 @@ from persistence import (
     Receipt,
     SidecarClosedError,
 )
-from persistence.config import Settings
 from persistence.observe.correlation import correlation_scope
 from persistence.observe.events import BatchCommitted, DatabaseUnavailable, ShutdownComplete
 from persistence.testing import FakeClock
-from persistence.write.committer import RetryPolicy
-from tests.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 from tests.support import DatabaseLock, Recorder, eventually
-
-NO_WAIT_RETRIES = RetryPolicy(attempts=2, initial_wait=0.0, max_wait=0.0)
-SettingsFactory = Callable[..., Settings]
-
-
-def build(settings: Settings, sidecars: list[Any], clock: FakeClock | None = None, **kwargs: Any) -> PersistenceSidecar:
-    clock = clock or FakeClock()
-    sidecar = PersistenceSidecar(settings, clock=clock, sleep=clock.sleep, retry=NO_WAIT_RETRIES, **kwargs)
-    sidecars.append(sidecar)
-    return sidecar
-
-
-async def stored_trade_ids(sidecar: PersistenceSidecar) -> list[str]:
-    database = sidecar.database
-    assert database is not None
-    async with database.read() as connection:
-        return list((await connection.execute(text("SELECT trade_id FROM trades ORDER BY id"))).scalars())
+from tests.support.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
+from tests.support.sidecars import SettingsFactory, build, stored_trade_ids
 
 
 async def test_records_are_persisted_and_receipts_resolve(

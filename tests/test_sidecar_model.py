@@ -28,9 +28,9 @@ from persistence.config import Settings
 from persistence.records.receipts import Receipt
 from persistence.testing import FakeClock
 from persistence.write.committer import RetryPolicy
-from tests.conftest import examples
-from tests.factories import trade_data
 from tests.support import add_poison_trigger_sqlite
+from tests.support.databases import examples
+from tests.support.factories import trade_data
 
 MAX_PENDING = 6
 BATCH_SIZE = 4
@@ -272,3 +272,24 @@ SidecarMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestSidecarAgainstModel = SidecarMachine.TestCase
+
+
+# ------------------------------------------------------------------------------ the model's counterexample
+
+
+def test_a_poison_trade_recorded_across_closes_during_an_outage_ends_in_dead_letters() -> None:
+    """The steps Hypothesis shrank: it ended neither in ``trades`` nor in ``dead_letters``."""
+    machine = SidecarMachine()
+    try:
+        machine.start()
+        machine.break_the_database()
+        machine.close_and_reopen()
+        machine.record_a_poison_trade()
+        machine.advance_the_clock(0.5)
+        machine.record_a_poison_trade()
+        machine.close_and_reopen()
+        machine.close_and_reopen()
+        machine.heal_the_database()
+        machine.recover_and_flush()
+    finally:
+        machine.teardown()

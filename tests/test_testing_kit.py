@@ -17,9 +17,9 @@ from persistence.errors import DatabaseUnavailableError
 from persistence.observe.events import BatchCommitted, BreakerChanged, WriteFailed
 from persistence.testing import DiskLimit, FakeClock, FaultInjector, wait_for_breaker, written_table
 from persistence.write.committer import RetryPolicy
-from tests.conftest import make_settings
-from tests.factories import make_trade, trade_data
 from tests.support import Recorder, eventually
+from tests.support.databases import make_settings
+from tests.support.factories import make_trade, trade_data
 
 ONE_ATTEMPT = RetryPolicy(attempts=1, initial_wait=0.0, max_wait=0.0)
 SettingsFactory = Callable[..., Settings]

@@ -24,8 +24,8 @@ from persistence.errors import CopyMismatchError, MigrationError
 from persistence.migrations import upgrade
 from persistence.tables.repositories import Repositories
 from persistence.tools.copy import copy_database, table_checksum
-from tests.conftest import create_postgres_database, drop_postgres_database, make_settings
-from tests.portability_data import record_everything, varied_trades
+from tests.support.databases import create_postgres_database, drop_postgres_database, make_settings
+from tests.support.portability import record_everything, varied_trades
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRADE_COUNT = 20_100

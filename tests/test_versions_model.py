@@ -21,8 +21,8 @@ from persistence.db.engine import create_database
 from persistence.migrations import upgrade
 from persistence.records.models import Trade
 from persistence.tables.repositories import Repositories
-from tests.conftest import examples, make_settings
-from tests.factories import BASE_TIME, make_trade
+from tests.support.databases import examples, make_settings
+from tests.support.factories import BASE_TIME, make_trade
 
 KEYS = ("T-A", "T-B", "T-C")
 BASES = {key: make_trade(trade_id=key, entry_time=BASE_TIME, pnl=None) for key in KEYS}

@@ -31,7 +31,6 @@ from persistence.observe.events import (
 )
 from persistence.testing import FakeClock
 from persistence.write.journal import Journal
-from tests.factories import make_signal, make_trade
 from tests.support import (
     DatabaseLock,
     DiskLimit,
@@ -43,7 +42,8 @@ from tests.support import (
     sqlite_file,
     start_recorder_until_killed,
 )
-from tests.test_sidecar import build, stored_trade_ids
+from tests.support.factories import make_signal, make_trade
+from tests.support.sidecars import build, stored_trade_ids
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SettingsFactory = Callable[..., Settings]

@@ -14,16 +14,23 @@ from pathlib import Path
 import pytest
 
 from persistence.config import Settings
-from persistence.observe.events import BatchCommitted, BreakerChanged, EventBus, RecordDeadLettered, WriteFailed
+from persistence.observe.events import (
+    BatchCommitted,
+    BreakerChanged,
+    EventBus,
+    JournalSynced,
+    RecordDeadLettered,
+    WriteFailed,
+)
 from persistence.records.history import TradeHistory
 from persistence.testing import FakeClock
 from persistence.write.backlog import Backlog, Pending, ReceiptBook
 from persistence.write.breaker import CircuitBreaker
-from persistence.write.committer import DeadLetter, Outcome
+from persistence.write.committer import DeadLetteredRecord, Outcome
 from persistence.write.writer import Writer
-from tests.conftest import make_settings
-from tests.factories import make_trade
 from tests.support import Recorder, eventually
+from tests.support.databases import make_settings
+from tests.support.factories import make_trade
 
 
 class FakeTarget:
@@ -46,7 +53,7 @@ class FakeTarget:
         outcome = Outcome()
         for item in records:
             if item.record.key in self.poison:
-                outcome.dead.append(DeadLetter(item, "IntegrityError", "refused"))
+                outcome.dead.append(DeadLetteredRecord(item, "IntegrityError", "refused"))
             else:
                 outcome.committed.append(item)
         return outcome
@@ -106,7 +113,8 @@ async def test_five_transient_failures_open_the_breaker_no_call_while_open_then_
     calls = len(loop.target.batches)
     assert calls == 5 and len(loop.events.of(WriteFailed)) == 5
     loop.backlog.submit(make_trade())  # new work while open: still no call
-    await asyncio.sleep(0.05)
+    for _ in range(20):  # turns, not time: the writer wakes, is refused by the breaker and goes back to sleep
+        await asyncio.sleep(0)
     assert len(loop.target.batches) == calls
     loop.clock.advance(30.0)
     assert await asyncio.wait_for(receipt, 5) == "persisted"
@@ -124,3 +132,26 @@ async def test_a_dead_lettered_record_settles_its_receipt_and_neither_trips_nor_
     [dead] = loop.events.of(RecordDeadLettered)
     assert dead.key == "BAD" and loop.writer.breaker.consecutive_failures == 0
     assert loop.backlog.outstanding() == 0
+
+
+async def test_the_keeper_journals_a_waiting_record_when_the_injected_clock_says_it_is_due(tmp_path: Path) -> None:
+    """The keeper sleeps on the injected clock: moving it past the grace period (half the 60 s sync interval) gets
+    the record journaled at once, with no real time passing; before, nothing happens however many turns go by."""
+    settings = make_settings(journal_dir=tmp_path / "journal", journal_sync_seconds=60.0)
+    clock, bus, book = FakeClock(), EventBus(), ReceiptBook()
+    events = Recorder(bus)
+    backlog = Backlog(settings, bus=bus, history=TradeHistory(100), clock=clock, sleep=clock.sleep, book=book)
+    await backlog.open()
+    try:
+        backlog.submit(make_trade())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        clock.advance(29.0)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert events.of(JournalSynced) == [], "journaled before the grace period was over"
+        clock.advance(1.5)
+        await eventually(lambda: bool(events.of(JournalSynced)), timeout=3.0)
+        assert sum(event.records for event in events.of(JournalSynced)) == 1
+    finally:
+        await backlog.close()

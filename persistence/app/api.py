@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from persistence.audit.trail import AuditLog
 from persistence.config import Settings
 from persistence.errors import (
+    ApiError,
     DatabaseUnavailableError,
     InvalidQueryError,
     QueryTimeoutError,
@@ -53,6 +54,7 @@ from persistence.observe.logger import get_logger
 from persistence.observe.metrics import render
 from persistence.records.iso8601 import parse_iso8601
 from persistence.records.models import Signal, Trade, UpperSession
+from persistence.records.parser import is_storable_text
 from persistence.sidecar import PersistenceSidecar
 from persistence.tables.queries import MAX_PAGE_SIZE, SignalQuery, SignalSortColumn, TradeQuery, TradeSortColumn
 from persistence.write.faults import classify
@@ -191,17 +193,6 @@ class PersistenceState(BaseModel):
 # ---------------------------------------------------------------------------------------------- errors
 
 
-class ApiError(Exception):
-    """An error answer: HTTP status, ``code`` and message, put in the wrapper by the route class."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -313,10 +304,7 @@ def _iso8601(value: object) -> object:
         return value
     if not isinstance(value, str):
         raise ValueError("must be an ISO 8601 date-time")
-    try:
-        return parse_iso8601(value)
-    except OverflowError:  # 9999-12-31T23:59:59-05:00 is past the last representable UTC instant
-        raise ValueError(f"{value!r} is outside the dates that can be stored (years 1-9999 in UTC)") from None
+    return parse_iso8601(value)  # ValueError, also for a time past the calendar's ends once in UTC
 
 
 IsoDateTime = Annotated[datetime, BeforeValidator(_iso8601)]
@@ -361,11 +349,7 @@ _ID_MAX_LENGTH = 64
 
 def _storable_id(value: str) -> bool:
     """Whether an id could be in the table at all (a NUL, a surrogate or an overlong id never is)."""
-    return (
-        0 < len(value) <= _ID_MAX_LENGTH
-        and "\x00" not in value
-        and not any("\ud800" <= char <= "\udfff" for char in value)
-    )
+    return 0 < len(value) <= _ID_MAX_LENGTH and is_storable_text(value)
 
 
 # ---------------------------------------------------------------------------------------------- the router

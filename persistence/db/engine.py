@@ -119,7 +119,7 @@ class Database:
         """
         statement = "PRAGMA wal_checkpoint(PASSIVE)"
         async with self.engine.connect() as connection:
-            driver = await _driver_of(connection)
+            driver = await driver_of(connection)
             rows = await self._bounded(driver, statement, lambda: driver.execute_fetchall(statement))
         busy, pages, checkpointed = rows[0]
         return int(busy), int(pages), int(checkpointed)
@@ -160,7 +160,11 @@ class Database:
             timer.cancel()
 
 
-async def _driver_of(connection: AsyncConnection) -> Any:
+async def driver_of(connection: AsyncConnection) -> Any:
+    """The driver's own connection (aiosqlite's or asyncpg's) under ``connection``.
+
+    Raises :class:`~persistence.errors.DatabaseUnavailableError` when the connection was invalidated.
+    """
     return _driver_of_raw(await connection.get_raw_connection())
 
 

@@ -24,7 +24,8 @@ from sqlalchemy import Table
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from persistence.errors import DatabaseUnavailableError, QueryTimeoutError
+from persistence.db.engine import driver_of
+from persistence.errors import QueryTimeoutError
 
 COPY_MIN_ROWS = 16
 """Batches smaller than this take ``executemany``; measured in ``make bench`` (PostgreSQL burst and steady)."""
@@ -88,10 +89,8 @@ class CopyUpsert:
 
     async def _driver(self, connection: AsyncConnection, rows: list[tuple[Any, ...]]) -> Any:
         """The asyncpg connection under ``connection``, once the :data:`COPY_HOOKS` have seen ``rows``."""
+        driver = await driver_of(connection)
         raw = await connection.get_raw_connection()
-        driver = raw.driver_connection
-        if driver is None:
-            raise DatabaseUnavailableError("the connection has no driver connection (it was invalidated)")
         try:
             for hook in tuple(raw.info.get(COPY_HOOKS, ())):
                 delay = hook(self.announced_sql, rows, True)

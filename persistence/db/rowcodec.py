@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 from sqlalchemy import Boolean, Integer, String, Table, type_coerce
 
@@ -26,10 +26,8 @@ from persistence.db.columns import (
     to_scaled_int,
     to_sqlite_datetime_kept,
 )
-from persistence.records.models import Record
+from persistence.records.models import RecordT
 from persistence.records.parser import DECIMAL_CONTEXT, DECIMAL_PRECISION, DECIMAL_SCALE
-
-RecordT = TypeVar("RecordT", bound=Record)
 
 
 class DriverBatch:

@@ -32,7 +32,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_r
 
 from persistence.db.backups import KEEP_BACKUPS, backup_before_migration, holds_data
 from persistence.db.engine import Database, sqlite_path
-from persistence.errors import DowngradeDataLossError, MigrationError, SchemaNewerError
+from persistence.errors import DowngradeDataLossError, DowngradeTrialDone, MigrationError, SchemaNewerError
 from persistence.migrations.guard import check_known_revision, is_known
 
 __all__ = [
@@ -185,14 +185,6 @@ async def migrate_to(
     return plan
 
 
-class _DryRun(Exception):
-    """Raised inside a trial downgrade to roll it back, carrying the schema it left."""
-
-    def __init__(self, before: dict[str, set[str]], after: dict[str, set[str]]) -> None:
-        self.before = before
-        self.after = after
-
-
 async def _downgrade_losses(database: Database, config: Config, target: str, lock_wait_seconds: float) -> list[str]:
     """The tables and columns a downgrade to ``target`` would drop that hold data (found by a rolled-back trial)."""
 
@@ -200,11 +192,11 @@ async def _downgrade_losses(database: Database, config: Config, target: str, loc
         before = _schema_of(sync_connection)
         config.attributes["connection"] = sync_connection
         command.downgrade(config, target)
-        raise _DryRun(before, _schema_of(sync_connection))
+        raise DowngradeTrialDone(before, _schema_of(sync_connection))
 
     try:
-        await _locked(database, trial, target, lock_wait_seconds, passthrough=(_DryRun,))
-    except _DryRun as outcome:
+        await _locked(database, trial, target, lock_wait_seconds, passthrough=(DowngradeTrialDone,))
+    except DowngradeTrialDone as outcome:
         dropped_tables = sorted(set(outcome.before) - set(outcome.after) - {"alembic_version"})
         dropped_columns = sorted(
             (table, column)

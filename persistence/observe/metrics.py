@@ -34,20 +34,6 @@ DROP_REASONS = ("journal_unavailable", "corrupt_journal", "other")
 """Why records were dropped; a reason the writer gives that is not listed here is counted as ``other``."""
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
-METRIC_NAMES = (
-    "persistence_writes_total",
-    "persistence_dead_letters_total",
-    "persistence_dropped_records_total",
-    "persistence_retries_total",
-    "persistence_write_latency_seconds",
-    "persistence_batch_size",
-    "persistence_queue_depth",
-    "persistence_journal_records",
-    "persistence_oldest_unpersisted_age_seconds",
-    "persistence_circuit_breaker_state",
-    "persistence_circuit_breaker_transitions_total",
-    "persistence_enabled",
-)
 
 
 class MetricsSource(Protocol):

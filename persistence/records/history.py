@@ -64,10 +64,6 @@ class TradeHistory(Sequence[Trade]):
             self.evict(scan_limit=_EVICTION_SCAN_LIMIT)
         return trade
 
-    def mark_unsafe(self, trade_id: str) -> None:
-        """A version of this trade is waiting to be made safe."""
-        self._unsafe[trade_id] = self._unsafe.get(trade_id, 0) + 1
-
     def mark_safe(self, trade_id: str) -> None:
         """One waiting version of this trade is now committed, journaled, dead-lettered or dropped."""
         count = self._unsafe.get(trade_id, 0)

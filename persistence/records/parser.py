@@ -122,6 +122,11 @@ def check_text(value: str) -> str:
     return value
 
 
+def is_storable_text(value: str) -> bool:
+    """Whether every backend stores ``value`` as it is: no NUL character, no unpaired surrogate."""
+    return "\x00" not in value and (value.isascii() or not _has_surrogate(value))
+
+
 def _has_surrogate(value: str) -> bool:
     try:
         value.encode("utf-8")

@@ -73,10 +73,6 @@ class Receipt:
         """The record was lost (counted and logged)."""
         self._settle("dropped", RecordDroppedError(self.entity, self.key, reason))
 
-    def mark_disabled(self) -> None:
-        """Persistence is switched off; the record lives only in memory."""
-        self._settle("disabled")
-
 
 def disabled_receipt(entity: str, key: str) -> Receipt:
     """A receipt that is already final with status ``disabled``."""

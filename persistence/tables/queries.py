@@ -23,6 +23,7 @@ from sqlalchemy import ColumnElement, Table
 from persistence.db.schema import signals, trades
 from persistence.errors import InvalidQueryError
 from persistence.records.models import SESSIONS, Trade, to_utc
+from persistence.records.parser import is_storable_text
 
 __all__ = [
     "MAX_PAGE_SIZE",
@@ -59,19 +60,73 @@ SIGNAL_SORT_COLUMNS: tuple[str, ...] = get_args(SignalSortColumn)
 MAX_PAGE_SIZE = 1000
 
 
+# ---------------------------------------------------------------------------------------------- the checks
+# The query objects and the repositories' older single-purpose reads share these: one wording for every refusal.
+
+
+def check_page(limit: int, offset: int) -> None:
+    """Refuse a page size outside ``1..MAX_PAGE_SIZE`` or a negative offset."""
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidQueryError("limit", f"must be between 1 and {MAX_PAGE_SIZE}")
+    if offset < 0:
+        raise InvalidQueryError("offset", "must not be negative")
+
+
+def check_sort(allowed: tuple[str, ...], sort_by: str, sort_order: str) -> None:
+    """Refuse a sort column outside ``allowed`` or an order other than asc/desc."""
+    if sort_by not in allowed:
+        raise InvalidQueryError("sort_by", f"must be one of {', '.join(allowed)}")
+    if sort_order not in ("asc", "desc"):
+        raise InvalidQueryError("sort_order", "must be asc or desc")
+
+
+def check_session(session: str) -> str:
+    """A known trading session in upper case, or :class:`~persistence.errors.InvalidQueryError`."""
+    if session.upper() not in SESSIONS:
+        raise InvalidQueryError("session", f"must be one of {', '.join(SESSIONS)}")
+    return session.upper()
+
+
+def utc_range(start_date: datetime | None, end_date: datetime | None) -> tuple[datetime | None, datetime | None]:
+    """Both ends in UTC (naive means UTC), in order and inside the calendar once converted."""
+    start, end = _utc("start_date", start_date), _utc("end_date", end_date)
+    if start is not None and end is not None and start > end:
+        raise InvalidQueryError("start_date", "is after end_date")
+    return start, end
+
+
+def date_range(column: Any, start_date: datetime | None, end_date: datetime | None) -> list[ColumnElement[bool]]:
+    """SQL conditions for ``start_date <= column <= end_date`` (either end may be open), checked as above."""
+    start, end = utc_range(start_date, end_date)
+    conditions: list[ColumnElement[bool]] = []
+    if start is not None:
+        conditions.append(column >= start)
+    if end is not None:
+        conditions.append(column <= end)
+    return conditions
+
+
+def order_by(table: Table, sort_by: str, sort_order: str) -> list[Any]:
+    """``ORDER BY`` the column with nulls last, then the row id in the same direction (a stable order)."""
+    column = table.c[sort_by]
+    if sort_order == "asc":
+        return [column.asc().nulls_last(), table.c.id.asc()]
+    return [column.desc().nulls_last(), table.c.id.desc()]
+
+
 def _utc(parameter: str, value: datetime | None) -> datetime | None:
     if value is None:
         return None
     try:
         return to_utc(value)
-    except OverflowError:
+    except ValueError:  # an aware time past the calendar's ends once in UTC (9999-12-31T23:59:59-05:00)
         raise InvalidQueryError(
             parameter, "is outside the range of dates that can be stored (years 1-9999 UTC)"
         ) from None
 
 
 def _text(parameter: str, value: str | None) -> None:
-    if value is not None and ("\x00" in value or any("\ud800" <= char <= "\udfff" for char in value)):
+    if value is not None and not is_storable_text(value):
         raise InvalidQueryError(parameter, "must not contain NUL or unpaired surrogate characters")
 
 
@@ -90,19 +145,11 @@ class _Query:
     _time_column: ClassVar[str]
 
     def _check(self, sort_by: str, texts: dict[str, str | None]) -> None:
-        if not 1 <= self.limit <= MAX_PAGE_SIZE:
-            raise InvalidQueryError("limit", f"must be between 1 and {MAX_PAGE_SIZE}")
-        if self.offset < 0:
-            raise InvalidQueryError("offset", "must not be negative")
-        if sort_by not in self._sort_columns:
-            raise InvalidQueryError("sort_by", f"must be one of {', '.join(self._sort_columns)}")
-        if self.sort_order not in ("asc", "desc"):
-            raise InvalidQueryError("sort_order", "must be asc or desc")
+        check_page(self.limit, self.offset)
+        check_sort(self._sort_columns, sort_by, self.sort_order)
         for parameter, value in texts.items():
             _text(parameter, value)
-        start, end = _utc("start_date", self.start_date), _utc("end_date", self.end_date)
-        if start is not None and end is not None and start > end:
-            raise InvalidQueryError("start_date", "is after end_date")
+        start, end = utc_range(self.start_date, self.end_date)
         object.__setattr__(self, "start_date", start)
         object.__setattr__(self, "end_date", end)
 
@@ -119,10 +166,7 @@ class _Query:
         return conditions
 
     def _order_by(self, sort_by: str) -> list[Any]:
-        column = self._table.c[sort_by]
-        if self.sort_order == "asc":
-            return [column.asc().nulls_last(), self._table.c.id.asc()]
-        return [column.desc().nulls_last(), self._table.c.id.desc()]
+        return order_by(self._table, sort_by, self.sort_order)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,9 +185,7 @@ class TradeQuery(_Query):
 
     def __post_init__(self) -> None:
         if self.session is not None:
-            if self.session.upper() not in SESSIONS:
-                raise InvalidQueryError("session", f"must be one of {', '.join(SESSIONS)}")
-            object.__setattr__(self, "session", self.session.upper())
+            object.__setattr__(self, "session", check_session(self.session))
         texts = {
             "symbol": self.symbol,
             "pattern_type": self.pattern_type,

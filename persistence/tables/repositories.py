@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 from sqlalchemy import ColumnElement, Select, Table, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -32,35 +32,28 @@ from persistence.db.driver import DriverSession
 from persistence.db.engine import Database
 from persistence.db.rowcodec import DriverBatch, RowReader
 from persistence.db.schema import audit_log, dead_letters, parameter_history, performance_snapshots, signals, trades
-from persistence.errors import InvalidQueryError
 from persistence.records.models import (
-    SESSIONS,
     ParameterChange,
     PerformanceSnapshot,
     Record,
+    RecordT,
     Signal,
     SignalExecution,
     Trade,
-    to_utc,
     utc_now,
 )
-
-# The sort whitelists and the query objects live in persistence.tables.queries; their names stay importable from here.
-from persistence.tables.queries import (  # noqa: F401
+from persistence.tables.queries import (
     MAX_PAGE_SIZE,
-    SIGNAL_SORT_COLUMNS,
-    TRADE_SORT_COLUMNS,
     SignalQuery,
-    SignalSortColumn,
-    SortOrder,
     TradeQuery,
-    TradeSortColumn,
+    check_page,
+    check_session,
+    date_range,
+    order_by,
 )
 from persistence.tables.versioned import VersionedTable, never
 from persistence.tools import export as history_export
 from persistence.tools.export import ExportResult
-
-RecordT = TypeVar("RecordT", bound=Record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +76,8 @@ class BatchWritten:
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A record that can never be written, with the error that condemned it."""
+class DeadLetterRow:
+    """A row of ``dead_letters`` read back: a record that can never be written, with the error that condemned it."""
 
     entity: str
     natural_key: str
@@ -154,35 +147,6 @@ def _columns(table: Table) -> list[Any]:
     return [column for column in table.c if column.name not in ("id", "instance_id")]
 
 
-def _check_page(limit: int, offset: int) -> None:
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise InvalidQueryError("limit", f"must be between 1 and {MAX_PAGE_SIZE}")
-    if offset < 0:
-        raise InvalidQueryError("offset", "must not be negative")
-
-
-def _order(table: Table, allowed: tuple[str, ...], sort_by: str, sort_order: str) -> list[Any]:
-    if sort_by not in allowed:
-        raise InvalidQueryError("sort_by", f"must be one of {', '.join(allowed)}")
-    if sort_order not in ("asc", "desc"):
-        raise InvalidQueryError("sort_order", "must be asc or desc")
-    column = table.c[sort_by]
-    if sort_order == "asc":
-        return [column.asc().nulls_last(), table.c.id.asc()]
-    return [column.desc().nulls_last(), table.c.id.desc()]
-
-
-def _date_range(column: Any, start_date: datetime | None, end_date: datetime | None) -> list[ColumnElement[bool]]:
-    conditions: list[ColumnElement[bool]] = []
-    if start_date is not None:
-        conditions.append(column >= to_utc(start_date))
-    if end_date is not None:
-        conditions.append(column <= to_utc(end_date))
-    if start_date is not None and end_date is not None and to_utc(start_date) > to_utc(end_date):
-        raise InvalidQueryError("start_date", "is after end_date")
-    return conditions
-
-
 class TradeRepository:
     """Trades: batched upserts for the writer, and the read queries the API and users need."""
 
@@ -211,10 +175,8 @@ class TradeRepository:
 
     async def get_recent_trades(self, limit: int = 100) -> list[Trade]:
         """The ``limit`` most recent trades by entry time, newest first."""
-        _check_page(limit, 0)
-        return await self._fetch(
-            self._select.order_by(*_order(trades, TRADE_SORT_COLUMNS, "entry_time", "desc")).limit(limit)
-        )
+        check_page(limit, 0)
+        return await self._fetch(self._select.order_by(*order_by(trades, "entry_time", "desc")).limit(limit))
 
     async def get_latest_trades(self, limit: int, instance_id: str | None = None) -> list[Trade]:
         """The ``limit`` most recently recorded trades (by ``updated_at``), oldest first, for history loading.
@@ -238,11 +200,9 @@ class TradeRepository:
         self, session: str, start_date: datetime | None = None, end_date: datetime | None = None
     ) -> list[Trade]:
         """Trades of one trading session (TOKYO, LONDON, …), optionally within an entry-time range, oldest first."""
-        if session.upper() not in SESSIONS:
-            raise InvalidQueryError("session", f"must be one of {', '.join(SESSIONS)}")
         conditions = [
-            trades.c.session == session.upper(),
-            *_date_range(trades.c.entry_time, start_date, end_date),
+            trades.c.session == check_session(session),
+            *date_range(trades.c.entry_time, start_date, end_date),
         ]
         return await self._fetch(self._select.where(*conditions).order_by(trades.c.entry_time, trades.c.id))
 
@@ -252,7 +212,7 @@ class TradeRepository:
         """Trades of one pattern type, optionally within an entry-time range, oldest first."""
         conditions = [
             trades.c.pattern_type == pattern_type,
-            *_date_range(trades.c.entry_time, start_date, end_date),
+            *date_range(trades.c.entry_time, start_date, end_date),
         ]
         return await self._fetch(self._select.where(*conditions).order_by(trades.c.entry_time, trades.c.id))
 
@@ -348,14 +308,14 @@ class SignalRepository:
 
     async def get_recent_signals(self, limit: int = 100) -> list[Signal]:
         """The ``limit`` most recently generated signals, newest first."""
-        _check_page(limit, 0)
-        order = _order(signals, SIGNAL_SORT_COLUMNS, "generated_at", "desc")
+        check_page(limit, 0)
+        order = order_by(signals, "generated_at", "desc")
         return await self._fetch(self._select.order_by(*order).limit(limit))
 
     async def get_signals_by_status(self, executed: bool, limit: int = MAX_PAGE_SIZE) -> list[Signal]:
         """Signals that were (or were not) executed, newest first."""
-        _check_page(limit, 0)
-        order = _order(signals, SIGNAL_SORT_COLUMNS, "generated_at", "desc")
+        check_page(limit, 0)
+        order = order_by(signals, "generated_at", "desc")
         return await self._fetch(self._select.where(signals.c.executed == executed).order_by(*order).limit(limit))
 
     async def query(
@@ -417,9 +377,9 @@ class _AppendOnlyRepository(Generic[RecordT]):
     async def _between(
         self, start_date: datetime | None, end_date: datetime | None, session: str | None, limit: int
     ) -> list[RecordT]:
-        _check_page(limit, 0)
+        check_page(limit, 0)
         column = self.table.c[self.time_column]
-        conditions = _date_range(column, start_date, end_date)
+        conditions = date_range(column, start_date, end_date)
         if session is not None:
             conditions.append(self.table.c.session == session.upper())
         statement = self._select.where(*conditions).order_by(column.desc(), self.table.c.id).limit(limit)
@@ -523,16 +483,16 @@ class DeadLetterRepository:
         async with self._db.write() as connection:
             await self.insert(connection, [(record, error)])
 
-    async def list(self, limit: int = 100, entity: str | None = None) -> list[DeadLetter]:
+    async def list(self, limit: int = 100, entity: str | None = None) -> list[DeadLetterRow]:
         """The most recent dead letters, newest first."""
-        _check_page(limit, 0)
+        check_page(limit, 0)
         statement = select(dead_letters).order_by(dead_letters.c.id.desc()).limit(limit)
         if entity is not None:
             statement = statement.where(dead_letters.c.entity == entity)
         async with self._db.read() as connection:
             result = await connection.execute(statement)
             return [
-                DeadLetter(
+                DeadLetterRow(
                     entity=row["entity"],
                     natural_key=row["natural_key"],
                     payload=json.loads(row["payload"]),
@@ -641,8 +601,3 @@ async def _count(database: Database, table: Table, conditions: Sequence[ColumnEl
     async with database.read() as connection:
         result = await connection.execute(select(func.count()).select_from(table).where(*conditions))
         return int(result.scalar_one())
-
-
-def rows_as_dicts(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Plain dict copies of result rows (handy in tests and the CLI)."""
-    return [dict(row) for row in rows]

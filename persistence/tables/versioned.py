@@ -34,7 +34,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from operator import itemgetter
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 from sqlalchemy import String, Table, any_, bindparam, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
@@ -46,9 +46,8 @@ from persistence.db.driver import DriverSession
 from persistence.db.engine import Database
 from persistence.db.pgcopy import COPY_MIN_ROWS, CopyUpsert
 from persistence.db.rowcodec import DriverBatch, RowReader
-from persistence.records.models import Record
+from persistence.records.models import Record, RecordT
 
-RecordT = TypeVar("RecordT", bound=Record)
 Row = dict[str, Any]
 Replaces = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
 """``replaces(new, stored)``: whether ``new`` may overwrite ``stored`` (both rows of the same key)."""

@@ -32,9 +32,9 @@ from sqlalchemy import Boolean, Column, ColumnElement, Table, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.db.columns import ExactNumeric, UTCDateTime, to_sqlite_datetime
-from persistence.db.engine import Database
+from persistence.db.engine import Database, driver_of
 from persistence.db.schema import audit_log, parameter_history, performance_snapshots, signals, trades
-from persistence.errors import ANALYSIS_EXTRA, AnalysisExtraMissingError, InvalidQueryError, PersistenceError
+from persistence.errors import ANALYSIS_EXTRA, AnalysisExtraMissingError, InvalidQueryError
 from persistence.records.models import (
     DECIMAL_PRECISION,
     DECIMAL_SCALE,
@@ -326,10 +326,7 @@ async def _sqlite_chunks(
 ) -> AsyncIterator[Sequence[Sequence[Any]]]:
     # One cursor on the driver: a single statement reads from one snapshot, and each fetch is one hop to the driver's
     # thread returning rows as stored, with none of SQLAlchemy's per-value processing.
-    raw = await connection.get_raw_connection()
-    driver = raw.driver_connection
-    if driver is None:  # pragma: no cover - only an invalidated connection has none
-        raise PersistenceError("the database connection was invalidated")
+    driver = await driver_of(connection)
     names = ", ".join(f'"{column.name}"' for column in spec.columns)
     where, parameters = _sqlite_where(conditions)
     order = ", ".join(f'"{name}"' for name in spec.order_by)

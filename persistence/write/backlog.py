@@ -39,7 +39,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from persistence.config import Settings
-from persistence.errors import InvalidRecordError
+from persistence.errors import InvalidRecordError, JournalError
 from persistence.observe.correlation import correlation_id
 from persistence.observe.events import (
     EventBus,
@@ -60,7 +60,7 @@ from persistence.records.models import (
     Trade,
 )
 from persistence.records.receipts import Receipt
-from persistence.write.journal import Journal, JournalEntry, JournalError
+from persistence.write.journal import Journal, JournalEntry, Position
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -79,7 +79,6 @@ APPEND_CHUNK = 64
 """Records per journal write: when the disk fills, every chunk written before is kept."""
 PARSE_SLICE = 32
 """Records validated per turn of the loop during a replay (about half a millisecond)."""
-Position = tuple[int, int]
 
 
 class Pending:
@@ -433,8 +432,9 @@ class Backlog:
     async def _keep(self) -> None:
         """Journal what must not wait in RAM only; see the module docstring.
 
-        While RAM holds unjournaled records the keeper looks every quarter of the sync interval (real time: the
-        check reads the injected clock); otherwise it sleeps until the hot path wakes it.
+        While RAM holds unjournaled records the keeper looks when the oldest is due, at the latest every quarter of
+        the sync interval, both on the injected clock (a test moves time, no test waits for it); otherwise it sleeps
+        until the hot path wakes it.
         """
         while not self._closed:
             due = self._next_due()
@@ -452,9 +452,17 @@ class Backlog:
                 self._keeper_idle = True
                 await self._keeper_wake.wait()
                 continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(due, self._poll)):
-                    await self._keeper_wake.wait()
+            await self._nap(min(due, self._poll))
+
+    async def _nap(self, seconds: float) -> None:
+        """Wait ``seconds`` on the injected clock, or until the hot path wakes the keeper, whichever comes first."""
+        sleeper = asyncio.ensure_future(self._sleep(seconds))
+        waker = asyncio.ensure_future(self._keeper_wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
 
     def _next_due(self) -> float | None:
         """Seconds until the keeper has work (0: now), or ``None`` while RAM holds nothing unjournaled."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from persistence.errors import BreakerAdmissionError, ConfigurationError
+
 __all__ = ["Admission", "BreakerState", "CircuitBreaker", "Transition"]
 
 
@@ -90,12 +92,12 @@ class CircuitBreaker:
         """Create a closed breaker.
 
         Raises:
-            ValueError: if ``failure_threshold`` < 1 or ``reset_seconds`` <= 0.
+            ConfigurationError: if ``failure_threshold`` < 1 or ``reset_seconds`` <= 0.
         """
         if failure_threshold < 1:
-            raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold!r}")
+            raise ConfigurationError([("failure_threshold", f"must be >= 1, got {failure_threshold!r}")])
         if not reset_seconds > 0:  # also rejects NaN
-            raise ValueError(f"reset_seconds must be > 0, got {reset_seconds!r}")
+            raise ConfigurationError([("reset_seconds", f"must be > 0, got {reset_seconds!r}")])
         self._failure_threshold = failure_threshold
         self._reset_seconds = float(reset_seconds)
         self._state = BreakerState.CLOSED
@@ -177,7 +179,7 @@ class CircuitBreaker:
         Stale admissions are ignored.
 
         Raises:
-            ValueError: if ``admission`` was refused.
+            BreakerAdmissionError: if ``admission`` was refused.
         """
         if not self._is_current(admission):
             return None
@@ -199,7 +201,7 @@ class CircuitBreaker:
         ignored.
 
         Raises:
-            ValueError: if ``admission`` was refused.
+            BreakerAdmissionError: if ``admission`` was refused.
         """
         if not self._is_current(admission):
             return None
@@ -219,7 +221,7 @@ class CircuitBreaker:
         probe frees the probe slot so another probe may be admitted. Stale admissions are ignored.
 
         Raises:
-            ValueError: if ``admission`` was refused.
+            BreakerAdmissionError: if ``admission`` was refused.
         """
         if self._is_current(admission) and self._state is BreakerState.HALF_OPEN:
             self._probe_outstanding = False
@@ -234,7 +236,7 @@ class CircuitBreaker:
         is ignored.
         """
         if not admission.allowed:
-            raise ValueError("cannot record a result for an admission that was refused")
+            raise BreakerAdmissionError(self._state.value, admission.generation)
         if admission.generation != self._generation:
             return False
         if self._state is BreakerState.CLOSED:

@@ -33,6 +33,7 @@ from tenacity import (
 
 from persistence.audit.chain import AuditHead
 from persistence.db.engine import Database
+from persistence.errors import DataFault, TransientFault
 from persistence.records.models import ParameterChange, PerformanceSnapshot, Signal, SignalExecution, Trade
 from persistence.tables.repositories import Repositories
 from persistence.write.backlog import KINDS, Pending, Sleep
@@ -54,7 +55,7 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
+class DeadLetteredRecord:
     """A record that can never be written, where it was kept instead (``table`` or ``file``), and why."""
 
     item: Pending
@@ -72,7 +73,7 @@ class Outcome:
     """
 
     committed: list[Pending] = field(default_factory=list)
-    dead: list[DeadLetter] = field(default_factory=list)
+    dead: list[DeadLetteredRecord] = field(default_factory=list)
     lost: list[tuple[Pending, str]] = field(default_factory=list)
     failure: BaseException | None = None
     attempts: int = 0
@@ -81,18 +82,6 @@ class Outcome:
     @property
     def handled(self) -> int:
         return len(self.committed) + len(self.dead) + len(self.lost)
-
-
-class _DataFault(Exception):
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
-class _TransientFault(Exception):
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
 
 
 class Committer:
@@ -121,11 +110,6 @@ class Committer:
         self._on_retry = on_retry
         self._check = check
 
-    @property
-    def dead_letter_path(self) -> Path:
-        """The file that keeps records ``dead_letters`` refused."""
-        return self._dead_letter_path
-
     async def commit(self, batch: Sequence[Pending]) -> Outcome:
         """Commit ``batch``; on a data error split it until the bad records are isolated and dead-lettered.
 
@@ -138,7 +122,7 @@ class Committer:
             try:
                 transaction = partial(self._transaction, segment, outcome)
                 unknown: list[Pending] = await self._with_retries(transaction, outcome)
-            except _DataFault as fault:
+            except DataFault as fault:
                 if len(segment) > 1:
                     middle = len(segment) // 2
                     segments.appendleft(segment[middle:])
@@ -148,13 +132,13 @@ class Committer:
                 if not await self._dead_letter(item, fault.cause, outcome):
                     return outcome
                 continue
-            except _TransientFault as failure:
+            except TransientFault as failure:
                 outcome.failure = failure.cause
                 return outcome
             unknown_ids = {id(item) for item in unknown}
             for item in segment:
                 if id(item) in unknown_ids:
-                    outcome.dead.append(DeadLetter(item, "UnknownSignal", UNKNOWN_SIGNAL))
+                    outcome.dead.append(DeadLetteredRecord(item, "UnknownSignal", UNKNOWN_SIGNAL))
                 else:
                     outcome.committed.append(item)
         return outcome
@@ -164,19 +148,19 @@ class Committer:
         error_class, message = type(cause).__name__, short_error(cause)
         try:
             await self._with_retries(partial(self._dead_letter_row, item, cause), outcome)
-        except _TransientFault as failure:
+        except TransientFault as failure:
             outcome.failure = failure.cause
             return False
-        except _DataFault as refusal:
+        except DataFault as refusal:
             # dead_letters refuses it too (say, a byte its encoding cannot hold): the file beside the journal keeps it.
             try:
                 await asyncio.to_thread(self._dead_letter_line, item, cause, refusal.cause)
             except OSError as error:
                 outcome.lost.append((item, f"{message}; dead_letters: {short_error(refusal.cause)}; file: {error}"))
                 return True
-            outcome.dead.append(DeadLetter(item, error_class, message, kept_in="file"))
+            outcome.dead.append(DeadLetteredRecord(item, error_class, message, kept_in="file"))
             return True
-        outcome.dead.append(DeadLetter(item, error_class, message))
+        outcome.dead.append(DeadLetteredRecord(item, error_class, message))
         return True
 
     async def _with_retries(self, operation: Callable[[], Awaitable[Any]], outcome: Outcome) -> Any:
@@ -200,8 +184,8 @@ class Committer:
         except Exception as error:
             outcome.attempts = max(outcome.attempts, attempts)
             if classify(error) == "data":
-                raise _DataFault(error) from error
-            raise _TransientFault(error) from error
+                raise DataFault(error) from error
+            raise TransientFault(error) from error
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _transaction(self, segment: Sequence[Pending], outcome: Outcome) -> list[Pending]:

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from persistence.errors import JournalError
+from persistence.errors import ConfigurationError, JournalError, JournalPositionError
 
-__all__ = ["Journal", "JournalEntry", "JournalError", "encode_line", "write_durably"]
+__all__ = ["Journal", "JournalEntry", "Position", "encode_line", "write_durably"]
 
 _SEGMENT_NAME = re.compile(r"segment-(\d{8,})\.jsonl")
 _CHECKSUM = re.compile(rb"[0-9a-f]{8}")
@@ -39,7 +39,7 @@ YIELD_EVERY = 64
 _CHECKPOINT_TMP = "checkpoint.json.tmp"
 
 # A position in the journal: (segment number, byte offset in that segment). Tuples compare in journal order.
-_Position = tuple[int, int]
+Position = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,16 +146,16 @@ class Journal:
         pause: Callable[[], None] = lambda: time.sleep(0),
     ) -> None:
         if segment_max_bytes <= 0:
-            raise ValueError("segment_max_bytes must be positive")
+            raise ConfigurationError([("segment_max_bytes", "must be positive")])
         self._dir = Path(directory)
         self._segment_max_bytes = segment_max_bytes
         self._fsync = fsync
         self._pause = pause
         self._closed = False
         self._corrupt_total = 0
-        self._corrupt_seen: set[_Position] = set()
+        self._corrupt_seen: set[Position] = set()
         # Set by _load():
-        self._checkpoint: _Position = (0, 0)
+        self._checkpoint: Position = (0, 0)
         self._segments: list[int] = []  # every segment file known to exist, ascending
         self._highest_segment = 0
         self._pending = 0
@@ -168,7 +168,7 @@ class Journal:
         self._roll_required = False  # the current segment ends with a partial line that could not be removed
         self._dir_dirty = False  # a file was created in the directory since the last sync
         self._parent_dirty = False  # the directory itself was created since the last sync
-        self._peeked: tuple[_Position, dict[_Position, int]] | None = None
+        self._peeked: tuple[Position, dict[Position, int]] | None = None
         self._load()
 
     # ------------------------------------------------------------------ properties
@@ -298,10 +298,10 @@ class Journal:
         such files are ignored when the journal is opened). If the checkpoint cannot be written (a full disk), the
         journal still moves on in memory and deletes what is consumed, then raises :class:`JournalError`: after a
         restart those records are replayed once more. Acknowledging an entry that is already
-        acknowledged does nothing; an entry that is not a position of this journal raises ``ValueError``.
+        acknowledged does nothing; an entry that is not a position of this journal raises :class:`JournalPositionError`.
         """
         self._check_open()
-        target: _Position = (entry.segment, entry.end_offset)
+        target: Position = (entry.segment, entry.end_offset)
         if target <= self._checkpoint:
             return
         count = self._count_through(target)
@@ -389,7 +389,7 @@ class Journal:
         ):
             self._reuse = (newest, torn_at)
 
-    def _read_checkpoint(self) -> _Position:
+    def _read_checkpoint(self) -> Position:
         path = self._dir / _CHECKPOINT
         try:
             raw = path.read_bytes()
@@ -439,7 +439,7 @@ class Journal:
             except OSError as exc:
                 raise JournalError("cannot read journal segment", path) from exc
 
-    def _count_through(self, target: _Position) -> int:
+    def _count_through(self, target: Position) -> int:
         """Number of valid records after the checkpoint up to and including the line ending at ``target``."""
         if self._peeked is not None and self._peeked[0] == self._checkpoint and target in self._peeked[1]:
             return self._peeked[1][target]
@@ -452,9 +452,9 @@ class Journal:
                 count += 1
             if position == target:
                 return count
-        raise ValueError(f"journal has no entry ending at segment {target[0]}, offset {target[1]}")
+        raise JournalPositionError(self._dir, target[0], target[1])
 
-    def _note_corrupt(self, position: _Position) -> None:
+    def _note_corrupt(self, position: Position) -> None:
         if position not in self._corrupt_seen:
             self._corrupt_seen.add(position)
             self._corrupt_total += 1
@@ -528,7 +528,7 @@ class Journal:
         finally:
             os.close(fd)
 
-    def _write_checkpoint(self, position: _Position) -> None:
+    def _write_checkpoint(self, position: Position) -> None:
         data = json.dumps({"segment": position[0], "offset": position[1]}).encode("ascii")
         tmp = self._dir / _CHECKPOINT_TMP
         write_durably(tmp, data, append=False, fsync=self._fsync)

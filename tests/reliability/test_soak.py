@@ -22,8 +22,8 @@ from persistence.config import Settings
 from persistence.observe.events import BreakerChanged
 from persistence.testing import FaultInjector, wait_for_breaker
 from persistence.write.committer import RetryPolicy
-from tests.factories import make_trade
 from tests.support import Recorder
+from tests.support.factories import make_trade
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SOAK_SECONDS = 40

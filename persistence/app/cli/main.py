@@ -29,13 +29,13 @@ from persistence.app.cli.portability import add_commands, add_migrate_options, i
 from persistence.app.server import url_host
 from persistence.config import Settings
 from persistence.db.engine import create_database, sqlite_path
-from persistence.errors import ConfigurationError, InvalidQueryError, PersistenceError
+from persistence.errors import ConfigurationError, InvalidQueryError, JournalError, PersistenceError
 from persistence.migrations import current_revision, head_revision
 from persistence.observe.event_log import mask_secrets
 from persistence.records.models import SESSIONS, Trade
 from persistence.tables.queries import MAX_PAGE_SIZE, TRADE_SORT_COLUMNS, TradeQuery
 from persistence.tables.repositories import Repositories
-from persistence.write.journal import Journal, JournalError
+from persistence.write.journal import Journal
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from persistence.app.cli.progress import ProgressBar
-from persistence.config import Settings
+from persistence.config import Settings, parse_flag
 from persistence.db.backups import automatic_backups, backup_dir_for
 from persistence.db.engine import create_database, sqlite_path
 from persistence.errors import ConfigurationError, CopyMismatchError, InvalidQueryError
@@ -206,12 +206,8 @@ def iso8601_argument(value: str) -> datetime:
     """An ISO 8601 command-line argument, or argparse's own error naming what is wrong with it."""
     try:
         return parse_iso8601(value)
-    except ValueError as exc:
+    except ValueError as exc:  # also a time past the calendar's ends once in UTC (9999-12-31T23:59:59-05:00)
         raise argparse.ArgumentTypeError(str(exc)) from None
-    except OverflowError:  # 9999-12-31T23:59:59-05:00 is past the last representable UTC instant
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is outside the dates that can be stored (years 1-9999 in UTC)"
-        ) from None
 
 
 def _positive_int(value: str) -> int:
@@ -225,12 +221,10 @@ def _positive_int(value: str) -> int:
 
 
 def _flag(value: str) -> bool:
-    text = value.strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError("must be true or false")
+    try:
+        return parse_flag(value)  # the words PERSISTENCE_ENABLED takes
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be true or false") from None
 
 
 def add_migrate_options(migrate: argparse.ArgumentParser) -> None:

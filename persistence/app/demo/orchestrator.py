@@ -248,11 +248,6 @@ class Orchestrator:
         self.sidecar.record_trade(closed)
         self.tally.trades_closed += 1
 
-    @property
-    def open_trades(self) -> int:
-        """Trades opened and not yet closed."""
-        return len(self._open)
-
 
 def _levels(price: Decimal, side: str, rng: random.Random) -> tuple[Decimal, Decimal]:
     risk = price * Decimal(str(round(rng.uniform(0.001, 0.003), 4)))

@@ -145,7 +145,7 @@ def save_trade_before_the_trail(path: Path, trade: Trade) -> None:
         connection.execute(f"INSERT INTO trades ({names}) VALUES ({marks})", values)
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_recorder_until_killed(*arguments: str) -> subprocess.Popen[str]:

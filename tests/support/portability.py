@@ -16,7 +16,7 @@ from persistence.db.rowcodec import DriverBatch
 from persistence.db.schema import trades as trades_table
 from persistence.records.models import SESSIONS, Trade
 from persistence.tables.repositories import Repositories
-from tests.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot
+from tests.support.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot
 
 SYMBOLS = ("EURUSD", "GBPUSD", "BTCUSD", "XAUUSD")
 
