@@ -105,14 +105,14 @@ def test_a_restore_is_refused_while_a_sidecar_in_another_process_has_the_databas
 
 
 async def test_a_second_sidecar_on_one_journal_directory_refuses_to_start_and_nothing_is_lost(
-    database_url: str, sidecar_settings: Any, tmp_path: Path
+    clean_database_url: str, sidecar_settings: Any, tmp_path: Path
 ) -> None:
     """Two bots started from one folder: the second refuses (naming the directory and the holder) before it touches
     anything; its records made before ``start()`` stay in RAM, and a later ``start()`` persists them."""
     first_url, second_url = (
-        (database_url, f"sqlite+aiosqlite:///{tmp_path / 'second.db'}")
-        if database_url.startswith("sqlite")
-        else (database_url, database_url)  # PostgreSQL: two orchestrators on one database
+        (clean_database_url, f"sqlite+aiosqlite:///{tmp_path / 'second.db'}")
+        if clean_database_url.startswith("sqlite")
+        else (clean_database_url, clean_database_url)  # PostgreSQL: two orchestrators on one database
     )
     first = PersistenceSidecar(sidecar_settings(first_url, instance_id="bot-a"), log_events=False)
     await first.start()
