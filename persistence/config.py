@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     max_pending: int = Field(100_000, ge=1, validation_alias="PERSISTENCE_MAX_PENDING")
     journal_dir: Path = Field(Path("./data/journal"), validation_alias="PERSISTENCE_JOURNAL_DIR")
     journal_sync_seconds: float = Field(1.0, gt=0, le=60, validation_alias="PERSISTENCE_JOURNAL_SYNC_SECONDS")
+    journal_required: bool = Field(True, validation_alias="PERSISTENCE_JOURNAL_REQUIRED")
     history_max: int = Field(10_000, ge=1, validation_alias="PERSISTENCE_HISTORY_MAX")
     sqlite_cache_mib: int = Field(64, ge=1, le=4096, validation_alias="PERSISTENCE_SQLITE_CACHE_MIB")
     shutdown_timeout: float = Field(10.0, ge=0, validation_alias="PERSISTENCE_SHUTDOWN_TIMEOUT")
@@ -90,7 +91,7 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise ConfigurationError(_problems(exc)) from None
 
-    @field_validator("enabled", "backup_before_migrate", mode="before")
+    @field_validator("enabled", "backup_before_migrate", "journal_required", mode="before")
     @classmethod
     def _strict_flag(cls, value: object) -> bool:
         return parse_flag(value)

@@ -214,6 +214,40 @@ class DatabaseInUseError(PersistenceError):
         super().__init__(message)
 
 
+class JournalDirectoryInUseError(PersistenceError):
+    """Another sidecar owns the journal directory (it holds the lock file inside it); this one refuses to start.
+
+    ``directory`` is the resolved directory, ``holder_pid`` and ``holder_instance`` what the holder wrote into the
+    lock file (``None`` when it could not be read).
+    """
+
+    def __init__(self, directory: Path, holder_pid: int | None, holder_instance: str | None) -> None:
+        self.directory = directory
+        self.holder_pid = holder_pid
+        self.holder_instance = holder_instance
+        holder = f"pid {holder_pid if holder_pid is not None else '?'}, instance {holder_instance or '?'}"
+        super().__init__(
+            f"the journal directory {directory} belongs to another sidecar ({holder}); "
+            "give each sidecar its own PERSISTENCE_JOURNAL_DIR"
+        )
+
+
+class JournalNotWritableError(PersistenceError):
+    """``start()`` could not create, fsync and remove a probe file in the journal directory.
+
+    ``directory`` is the directory, ``reason`` the operating system's answer. Raised unless
+    ``PERSISTENCE_JOURNAL_REQUIRED=false``, which starts degraded instead.
+    """
+
+    def __init__(self, directory: Path, reason: str) -> None:
+        self.directory = directory
+        self.reason = reason
+        super().__init__(
+            f"the journal directory {directory} is not writable ({reason}); fix it, or set "
+            "PERSISTENCE_JOURNAL_REQUIRED=false to start without a journal"
+        )
+
+
 class BreakerAdmissionError(PersistenceError, ValueError):
     """A result was reported to the circuit breaker for an admission it had refused (a caller's mistake).
 

@@ -123,6 +123,8 @@ class PersistenceSidecar:
             try:
                 await self._start_writer()
             except BaseException:
+                if self._runtime is None:  # refused before anything ran (the journal directory): may start again
+                    self._started = False
                 await self._stop_exporter()
                 raise
         runtime = self._runtime
@@ -200,6 +202,7 @@ class PersistenceSidecar:
     async def _start_writer(self) -> None:
         if self._backlog is None:
             self._backlog = self._new_backlog()
+        await self._backlog.open()  # the journal directory: this sidecar's own and writable, or a clear error
         runtime = Runtime(
             self.settings,
             backlog=self._backlog,
@@ -355,6 +358,7 @@ class PersistenceSidecar:
             history=len(self._history),
             oldest_unpersisted_age_seconds=round(self.oldest_unpersisted_age(), 6),
             counts=Counts.of(self._book.tally),
+            journal_error=self._backlog.journal_error if self._backlog is not None else None,
         )
 
     # ------------------------------------------------------------------ the read side

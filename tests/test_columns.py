@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 from zoneinfo import ZoneInfo
 
+import asyncpg
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from persistence import PersistenceSidecar
 from persistence.db.columns import decode_datetime, decode_decimal, to_scaled_int, to_sqlite_datetime
+from persistence.errors import InvalidRecordError
 from persistence.records.models import DECIMAL_LIMIT, DECIMAL_SCALE
+from tests.support.factories import trade_data
 
 zones = st.one_of(
     st.just(UTC),
@@ -87,3 +93,48 @@ async def test_the_host_decimal_context_never_rounds_a_stored_or_read_value(sqli
         assert (str(stored.pnl), str(stored.position_size)) == ("9999999999.99999999", "12345678.12345678")
     finally:
         await database.dispose()
+
+
+# ---------------------------------------------------------------------------------------------- the calendar's ends
+
+EARLIEST = datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 31, 23, 59, 59, 999998, tzinfo=UTC)
+
+
+async def _raw_times(database_url: str) -> dict[str, tuple[str, str]]:
+    """``entry_time`` and ``exit_time`` as the database itself spells them (no driver mapping), in UTC."""
+    if database_url.startswith("sqlite"):
+        with sqlite3.connect(database_url.split("///", 1)[1]) as connection:
+            rows = connection.execute("SELECT trade_id, entry_time, exit_time FROM trades").fetchall()
+        return {
+            trade_id: (datetime.fromisoformat(entry).isoformat(" "), datetime.fromisoformat(exit_).isoformat(" "))
+            for trade_id, entry, exit_ in rows
+        }
+    connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        records = await connection.fetch(
+            "SELECT trade_id, (entry_time AT TIME ZONE 'UTC')::text AS entry_time,"
+            " (exit_time AT TIME ZONE 'UTC')::text AS exit_time FROM trades"
+        )
+    finally:
+        await connection.close()
+    return {record["trade_id"]: (record["entry_time"], record["exit_time"]) for record in records}
+
+
+@pytest.mark.parametrize("count", [1, 20])  # on PostgreSQL one new row is an INSERT, twenty go by binary COPY
+async def test_what_the_database_holds_at_the_calendars_ends_is_what_was_recorded(
+    clean_database_url: str, sidecar_settings: Any, count: int
+) -> None:
+    async with PersistenceSidecar(sidecar_settings(clean_database_url), log_events=False) as sidecar:
+        for field, extreme in (("entry_time", "0001-01-01T00:00Z"), ("exit_time", "9999-12-31T23:59:59.999999Z")):
+            with pytest.raises(InvalidRecordError) as refused:
+                sidecar.record_trade(trade_data(trade_id="EXTREME", exit_price="1.1", **{field: extreme}))
+            assert refused.value.field == field
+        for i in range(count):
+            sidecar.record_trade(
+                trade_data(trade_id=f"EDGE-{i}", entry_time=EARLIEST, exit_time=LATEST, exit_price="1.1")
+            )
+        await sidecar.flush(10.0)
+    stored = await _raw_times(clean_database_url)
+    expected = (EARLIEST.replace(tzinfo=None).isoformat(" "), LATEST.replace(tzinfo=None).isoformat(" "))
+    assert stored == {f"EDGE-{i}": expected for i in range(count)}  # nothing else, and never an infinity

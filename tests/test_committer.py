@@ -87,7 +87,7 @@ ENDLESS = "SELECT count(*) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELE
 async def sqlite_committer(tmp_path: Path, timeout_ms: int) -> tuple[Database, Committer]:
     from persistence.db.engine import create_database
     from persistence.migrations import upgrade
-    from tests.conftest import make_settings
+    from tests.support.databases import make_settings
 
     database = create_database(
         make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'one.db'}", query_timeout_ms=timeout_ms)

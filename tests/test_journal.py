@@ -23,9 +23,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from persistence.errors import JournalError
-from persistence.write.journal import Journal, JournalEntry
+from persistence.errors import JournalDirectoryInUseError, JournalError, JournalNotWritableError
+from persistence.write.journal import LOCK_FILE, Journal, JournalEntry, JournalOwnership
 from tests.support.databases import examples
+from tests.support.filesystems import read_only_file_system
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -854,3 +855,79 @@ def test_segment_shorter_than_the_checkpoint_is_not_appended_to(tmp_path: Path) 
     assert read_all(reopened) == [rec(10)]
     reopened.close()
     assert read_all(Journal(directory)) == [rec(10)]
+
+
+# ---------------------------------------------------------------------------------------------- one owner, writable
+
+
+def test_a_journal_directory_has_one_owner_whatever_its_spelling(tmp_path: Path) -> None:
+    directory = tmp_path / "journal"
+    first = JournalOwnership(directory, "bot-a")
+    first.acquire()
+    try:
+        holder = json.loads((directory / LOCK_FILE).read_text())
+        assert holder == {"pid": os.getpid(), "instance_id": "bot-a"}
+        (tmp_path / "link").symlink_to(directory)
+        for spelling in (directory, tmp_path / "link", tmp_path / "journal" / ".." / "journal"):
+            with pytest.raises(JournalDirectoryInUseError) as refused:
+                JournalOwnership(spelling, "bot-b").acquire()
+            assert refused.value.directory == directory.resolve()
+            assert (refused.value.holder_pid, refused.value.holder_instance) == (os.getpid(), "bot-a")
+            assert str(directory) in str(refused.value) and f"pid {os.getpid()}" in str(refused.value)
+            assert "bot-a" in str(refused.value)
+    finally:
+        first.release()
+    second = JournalOwnership(tmp_path / "link", "bot-b")
+    second.acquire()  # released: the next owner takes it (and writes itself in)
+    assert json.loads((directory / LOCK_FILE).read_text())["instance_id"] == "bot-b"
+    second.release()
+
+
+def test_an_owner_killed_with_sigkill_leaves_no_stale_owner(tmp_path: Path) -> None:
+    directory = tmp_path / "journal"
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom persistence.write.journal import JournalOwnership\n"
+        "JournalOwnership(Path(sys.argv[1]), 'killed').acquire()\nprint('READY', flush=True)\nsys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(directory)],
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "READY"
+        with pytest.raises(JournalDirectoryInUseError, match=f"pid {child.pid}, instance killed"):
+            JournalOwnership(directory, "mine").acquire()
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    mine = JournalOwnership(directory, "mine")
+    mine.acquire()
+    mine.release()
+
+
+def test_a_directory_whose_parent_is_a_file_is_not_writable_naming_the_path(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(JournalNotWritableError, match=str(tmp_path / "file" / "journal")) as refused:
+        JournalOwnership(tmp_path / "file" / "journal", "bot").acquire()
+    assert refused.value.reason == "Not a directory"
+
+
+def test_a_read_only_file_system_fails_the_lock_or_the_probe_naming_the_path(tmp_path: Path) -> None:
+    with read_only_file_system(tmp_path / "ro") as directory:
+        with pytest.raises(JournalNotWritableError, match="Read-only file system") as refused:
+            JournalOwnership(directory, "bot").acquire()
+        assert str(directory) in str(refused.value)
+        assert os.listdir(directory) == []
+
+
+def test_the_probe_creates_fsyncs_and_removes_its_file(tmp_path: Path) -> None:
+    synced: list[int] = []
+    owner = JournalOwnership(tmp_path / "journal", "bot", fsync=synced.append)
+    owner.acquire()
+    owner.probe()
+    owner.release()
+    assert len(synced) == 1
+    assert sorted(os.listdir(tmp_path / "journal")) == [LOCK_FILE]

@@ -422,3 +422,50 @@ def test_records_given_the_same_names_share_one_fields_set_that_model_copy_never
     copied = first.model_copy(update={"pnl": Decimal("1")})
     assert "pnl" in copied.model_fields_set
     assert "pnl" not in second.model_fields_set
+
+
+# ---------------------------------------------------------------------------------------------- the calendar's ends
+
+FIRST_INSTANT = datetime.min.replace(tzinfo=UTC)
+LAST_INSTANT = datetime.max.replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (make_trade, "entry_time"),
+        (make_trade, "exit_time"),
+        (make_trade, "created_at"),
+        (make_signal, "generated_at"),
+        (make_snapshot, "snapshot_time"),
+        (make_parameter_change, "change_time"),
+    ],
+)
+@pytest.mark.parametrize(
+    "extreme",
+    [
+        FIRST_INSTANT,
+        LAST_INSTANT,
+        "0001-01-01T00:00Z",
+        "9999-12-31T23:59:59.999999Z",
+        "0001-01-01T01:00:00+01:00",  # the first instant, spelled in another zone
+        datetime.max,  # naive means UTC
+    ],
+)
+def test_the_calendars_first_and_last_instants_are_refused_naming_the_field(
+    make: Any, field: str, extreme: object
+) -> None:
+    """PostgreSQL's driver stores them as -infinity/infinity: refused up front, never stored as another value."""
+    overrides: dict[str, Any] = {field: extreme}
+    if field == "exit_time":
+        overrides["exit_price"] = Decimal("1.1")
+    with pytest.raises(InvalidRecordError) as refused:
+        make(**overrides)
+    assert refused.value.field == field and "instant of the calendar" in refused.value.reason
+
+
+@pytest.mark.parametrize("near", [FIRST_INSTANT + timedelta(microseconds=1), LAST_INSTANT - timedelta(microseconds=1)])
+def test_the_instants_next_to_the_calendars_ends_are_accepted_as_they_are(near: datetime) -> None:
+    trade = make_trade(entry_time=FIRST_INSTANT + timedelta(microseconds=1), exit_time=near, exit_price="1.1")
+    assert trade.exit_time == near
+    assert make_trade(entry_time=near.isoformat()).entry_time == near

@@ -243,3 +243,28 @@ def test_the_restore_command_refuses_a_postgresql_database(tmp_path: Path) -> No
         [sys.executable, "-m", "persistence", "restore", "x.db"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert done.returncode == 2 and "pg_restore" in done.stderr
+
+
+@pytest.mark.parametrize("sidecar_spelling", ["symlink", "real"])
+async def test_a_sidecar_holds_the_in_use_lock_of_the_resolved_file_whatever_the_spelling(
+    tmp_path: Path, sidecar_spelling: str
+) -> None:
+    from persistence import PersistenceSidecar
+
+    real = tmp_path / "data" / "trading_system.db"
+    real.parent.mkdir()
+    link = tmp_path / "current.db"
+    link.symlink_to(real)
+    backup = tmp_path / "nightly.db"
+    opened, restored = (link, real) if sidecar_spelling == "symlink" else (real, link)
+    settings = make_settings(database_url=_url(opened), journal_dir=tmp_path / "journal")
+    async with PersistenceSidecar(settings, log_events=False) as sidecar:
+        await sidecar.record_trade(varied_trades(1)[0])
+        await asyncio.to_thread(online_backup, real, backup)
+        before = _digest(real)
+        with pytest.raises(DatabaseInUseError, match="in use"):
+            await asyncio.to_thread(restore_sqlite, backup, restored)
+        with pytest.raises(DatabaseInUseError):  # every spelling of the file is one lock
+            DatabaseInUseLock(tmp_path / "data" / ".." / "current.db").acquire(exclusive=True)
+        assert _digest(real) == before and not pre_restore_path(real).exists()
+    await asyncio.to_thread(restore_sqlite, backup, restored)  # closed: the lock is free under every spelling

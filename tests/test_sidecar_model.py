@@ -216,6 +216,7 @@ class SidecarMachine(RuleBasedStateMachine):
         if backlog is not None:
             if backlog._journal is not None:
                 backlog._journal._close_files()  # the OS keeps written pages, as after kill -9
+            backlog._ownership.release()  # the kernel drops a dead process's flock
             if backlog._executor is not None:
                 backlog._executor.shutdown()
         sidecar._closed = True  # silences the never-closed warning

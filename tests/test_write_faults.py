@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -395,6 +396,7 @@ async def test_when_the_journal_cannot_take_the_backlog_every_dropped_record_is_
     settings = sidecar_settings(sqlite_url, max_pending=10, breaker_failure_threshold=1)
     sidecar = build(settings, sidecars, clock=clock)
     await sidecar.start()
+    shutil.rmtree(settings.journal_dir)  # start() made it (and owns it): take it away
     settings.journal_dir.write_text("not a directory")  # the journal has nowhere to go
     async with DatabaseLock(sqlite_url):
         first = sidecar.record_trade(make_trade())

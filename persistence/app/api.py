@@ -173,6 +173,9 @@ class Health(BaseModel):
     history: int = Field(description="trades in the in-memory trade_history")
     oldest_unpersisted_age_seconds: float = Field(description="the live loss window")
     counts: RecordCounts
+    journal_error: str | None = Field(
+        None, description="why the journal directory could not be written at start (degraded), else null"
+    )
 
 
 class PersistenceToggle(BaseModel):

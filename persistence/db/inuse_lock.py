@@ -19,7 +19,7 @@ from persistence.errors import DatabaseInUseError
 
 
 def lock_file_for(database: Path) -> Path:
-    """The lock file beside ``database``: ``<database>.lock``."""
+    """The lock file beside ``database``: ``<database>.lock`` (given the resolved path, one per file)."""
     return database.with_name(database.name + ".lock")
 
 
@@ -28,7 +28,8 @@ class DatabaseInUseLock:
 
     def __init__(self, database: Path) -> None:
         self.database = Path(database)
-        self.lock_file = lock_file_for(self.database)
+        # The lock belongs to the file, not to a spelling of it: through a symlink or a relative path, one lock file.
+        self.lock_file = lock_file_for(self.database.resolve())
         self._descriptor: int | None = None
 
     @property

@@ -36,6 +36,7 @@ from persistence.observe.events import (
     JournalReplayed,
     JournalSpilled,
     JournalSynced,
+    JournalUnwritable,
     PersistenceToggled,
     RecordDeadLettered,
     RecordsDropped,
@@ -163,6 +164,10 @@ class EventLogger:
                     count=event.count,
                     reason=event.reason,
                     error=self._error(event.error),
+                )
+            case JournalUnwritable():
+                log.critical(
+                    "journal_unwritable", directory=event.directory, error=self._error(event.error), mode="degraded"
                 )
             case SchemaNewerThanRelease():
                 log.critical(

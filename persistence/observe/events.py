@@ -43,6 +43,15 @@ class DatabaseUnavailable(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class JournalUnwritable(Event):
+    """At start the journal directory could not be written; ``PERSISTENCE_JOURNAL_REQUIRED=false`` started anyway,
+    degraded: an outage keeps records in RAM only until the directory can be written."""
+
+    directory: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
 class SchemaNewerThanRelease(Event):
     """The database was migrated by a newer release: it is never written; the sidecar runs memory-only with the
     journal, and the newer release writes the backlog later."""

@@ -38,6 +38,7 @@ from persistence.records.parser import (
     FastParser,
     check_text,
     to_exact_decimal,
+    to_stored_utc,
     to_utc,
 )
 
@@ -110,14 +111,14 @@ ExactDecimal = Annotated[Decimal, BeforeValidator(to_exact_decimal)]
 Price = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(_positive)]
 PositiveSize = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(_positive)]
 NonNegativeDecimal = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(_non_negative)]
-UtcDatetime = Annotated[datetime, AfterValidator(to_utc)]
+UtcDatetime = Annotated[datetime, AfterValidator(to_stored_utc)]
 
 
 def _now_if_missing(value: object) -> object:
     return utc_now() if value is None else value
 
 
-Stamp = Annotated[datetime, BeforeValidator(_now_if_missing), AfterValidator(to_utc)]
+Stamp = Annotated[datetime, BeforeValidator(_now_if_missing), AfterValidator(to_stored_utc)]
 """A record-keeping timestamp: ``None`` or absent means now."""
 
 

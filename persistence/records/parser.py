@@ -113,6 +113,23 @@ def to_utc(value: datetime) -> datetime:
         ) from None
 
 
+_FIRST_INSTANT = datetime.min.replace(tzinfo=UTC)
+_LAST_INSTANT = datetime.max.replace(tzinfo=UTC)
+
+
+def to_stored_utc(value: datetime) -> datetime:
+    """:func:`to_utc` for a record's field: also refuses the calendar's first and last instants
+    (0001-01-01T00:00Z, 9999-12-31T23:59:59.999999Z), which PostgreSQL's driver would store as ``-infinity`` and
+    ``infinity``: every database stores what was recorded, or the record is refused up front."""
+    moment = to_utc(value)
+    if moment in (_FIRST_INSTANT, _LAST_INSTANT):
+        raise ValueError(
+            f"{moment.isoformat()} is the {'first' if moment.year == 1 else 'last'} instant of the calendar, "
+            "which PostgreSQL would store as an infinity; record a real time"
+        )
+    return moment
+
+
 def check_text(value: str) -> str:
     """Refuse NUL characters and unpaired surrogates: no backend stores them, and PostgreSQL refuses NUL outright."""
     if "\x00" in value:
@@ -228,6 +245,7 @@ def compile_parser(
         "_uuid4": uuid.uuid4,
         "_iso": _RFC3339,
         "_fromiso": datetime.fromisoformat,
+        "_EDGE_YEARS": frozenset((1, 9999)),
         "_surrogate": _has_surrogate,
         "_MISSING": _MISSING,
         "_FIELDS": frozenset(rule.name for rule in rules),
@@ -370,6 +388,8 @@ def _time_code(target: str) -> list[str]:
         f"    {target} = x",
         "else:",
         f"    {target} = x.astimezone(_UTC)",
+        f"if {target}.year in _EDGE_YEARS:",  # the calendar's ends: the slow path refuses the extreme instants
+        "    return None",
     ]
 
 

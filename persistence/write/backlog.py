@@ -39,13 +39,14 @@ from functools import partial
 from typing import Any, TypeVar
 
 from persistence.config import Settings
-from persistence.errors import InvalidRecordError, JournalError
+from persistence.errors import InvalidRecordError, JournalDirectoryInUseError, JournalError, JournalNotWritableError
 from persistence.observe.correlation import correlation_id
 from persistence.observe.events import (
     EventBus,
     JournalCorrupt,
     JournalSpilled,
     JournalSynced,
+    JournalUnwritable,
     RecordsDropped,
     WriteFailed,
 )
@@ -60,7 +61,7 @@ from persistence.records.models import (
     Trade,
 )
 from persistence.records.receipts import Receipt
-from persistence.write.journal import Journal, JournalEntry, Position
+from persistence.write.journal import Journal, JournalEntry, JournalOwnership, Position
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -173,6 +174,9 @@ class Backlog:
         self._ram: deque[Pending] = deque()
         self._journaled_in_ram = 0  # RAM's journaled prefix
         self._journal: Journal | None = None
+        self._ownership = JournalOwnership(settings.journal_dir, settings.instance_id)
+        self._opened = False
+        self._journal_error: str | None = None  # the start-up probe's failure, while no journal is open
         self._journal_pending = 0  # mirrored from the journal thread, read by metrics
         self._oldest_on_disk_at: float | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -213,6 +217,11 @@ class Backlog:
     def journal_corrupt_lines(self) -> int:
         """Journal lines lost to damage since the journal was opened."""
         return self._journal.corrupt_lines if self._journal is not None else 0
+
+    @property
+    def journal_error(self) -> str | None:
+        """Why the journal directory could not be written at start (degraded), while no journal is open."""
+        return self._journal_error if self._journal is None else None
 
     @property
     def on_disk_only(self) -> int:
@@ -272,10 +281,25 @@ class Backlog:
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
-        """Open (scan) the journal on the journal thread and start the keeper; publishes damage found."""
+        """Own the journal directory, prove it writable, open (scan) the journal and start the keeper.
+
+        Runs on the journal thread; publishes damage found. Raises :class:`JournalDirectoryInUseError` when another
+        sidecar owns the directory, and :class:`JournalNotWritableError` when it cannot be written (unless
+        ``PERSISTENCE_JOURNAL_REQUIRED=false``: then a critical event, and the keeper tries again when it needs the
+        journal). After a refusal nothing was started and the records stay in RAM: ``open`` may be called again.
+        """
+        if self._opened:
+            return
         if self._journal is None:
             try:
-                journal = await self._io(Journal, self._settings.journal_dir)
+                journal = await self._io(self._open_journal, True)
+            except (JournalDirectoryInUseError, JournalNotWritableError) as error:
+                if isinstance(error, JournalDirectoryInUseError) or self._settings.journal_required:
+                    await self._io(self._ownership.release)
+                    self._stop_thread()
+                    raise
+                self._journal_error = str(error)
+                self._bus.publish(JournalUnwritable(directory=str(error.directory), error=error.reason))
             except (JournalError, OSError) as error:
                 # Start all the same: the keeper opens the journal when it first needs it, and reports until then.
                 self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal: {error}", True, 1))
@@ -286,6 +310,7 @@ class Backlog:
                     self._oldest_on_disk_at = self._clock()
                     self._work.set()
                 self._report_damage()
+        self._opened = True
         if self._keeper is None:
             self._keeper = asyncio.create_task(
                 self._keep(), name="persistence-journal-keeper", context=contextvars.Context()
@@ -304,12 +329,18 @@ class Backlog:
             await keeper
         try:
             async with self._io_lock:
+                refusal = "the journal could not be opened"
                 if self._ram and self._journal is None:
-                    with contextlib.suppress(JournalError, OSError):
-                        self._journal = await self._io(Journal, self._settings.journal_dir)
+                    try:
+                        self._journal = await self._io(self._open_journal, False)
+                    except (JournalError, JournalDirectoryInUseError, JournalNotWritableError, OSError) as error:
+                        refusal = str(error)
+                    else:
                         self._report_damage()
                 unjournaled = list(itertools.islice(self._ram, self._journaled_in_ram, None))
-                if unjournaled:
+                if unjournaled and self._journal is None:
+                    self._drop(unjournaled, "journal_unavailable", f"no journal at close: {refusal}")
+                elif unjournaled:
                     written = await self._append(unjournaled, reason="shutdown")
                     await self._sync(written)
                     lost = unjournaled[len(written) :]
@@ -323,10 +354,22 @@ class Backlog:
                 if self._journal is not None:
                     with contextlib.suppress(JournalError, OSError):
                         await self._io(self._journal.close)
+                if self._ownership.held:
+                    await self._io(self._ownership.release)
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=False)
-                self._executor = None
+            self._stop_thread()
+
+    def _stop_thread(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    def _open_journal(self, probe: bool) -> Journal:
+        """On the journal thread: own the directory (and at start prove it writable), then open the journal."""
+        self._ownership.acquire()
+        if probe:
+            self._ownership.probe()
+        return Journal(self._ownership.directory)
 
     # ------------------------------------------------------------------ the writer's side
 
@@ -504,8 +547,8 @@ class Backlog:
                 moving = list(itertools.islice(self._ram, start, end))
                 if self._journal is None:
                     try:
-                        self._journal = await self._io(Journal, self._settings.journal_dir)
-                    except (JournalError, OSError) as error:
+                        self._journal = await self._io(self._open_journal, False)
+                    except (JournalError, JournalDirectoryInUseError, JournalNotWritableError, OSError) as error:
                         self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal: {error}", True, 1))
                 if self._journal is not None:
                     written = await self._append(moving, reason="backlog" if over > 0 else "outage")

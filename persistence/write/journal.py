@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import json
 import os
@@ -27,9 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from persistence.errors import ConfigurationError, JournalError, JournalPositionError
+from persistence.errors import (
+    ConfigurationError,
+    JournalDirectoryInUseError,
+    JournalError,
+    JournalNotWritableError,
+    JournalPositionError,
+)
 
-__all__ = ["Journal", "JournalEntry", "Position", "encode_line", "write_durably"]
+__all__ = ["Journal", "JournalEntry", "JournalOwnership", "Position", "encode_line", "write_durably"]
 
 _SEGMENT_NAME = re.compile(r"segment-(\d{8,})\.jsonl")
 _CHECKSUM = re.compile(rb"[0-9a-f]{8}")
@@ -570,3 +577,101 @@ class Journal:
                 file.close()
         self._retired = []
         self._writer = None
+
+
+LOCK_FILE = "owner.lock"
+"""The journal directory's lock file: ``flock``-ed exclusively by its owner, holding the owner's pid and instance."""
+PROBE_FILE = ".write-probe"
+
+
+class JournalOwnership:
+    """A journal directory has one owner: an exclusive, non-blocking ``flock`` on :data:`LOCK_FILE` inside it.
+
+    The directory is resolved first, so two spellings of one directory (a symlink, a relative path) are one owner.
+    ``flock`` locks belong to the open file, so two owners in one process exclude each other as two processes do,
+    and the kernel drops the lock when the process ends however it ends: a ``kill -9`` leaves no stale owner. The
+    lock file is never deleted (deleting it would let two processes lock two different files).
+    """
+
+    def __init__(self, directory: Path, instance_id: str, *, fsync: Callable[[int], None] = os.fsync) -> None:
+        self.directory = Path(directory)
+        self.instance_id = instance_id
+        self._fsync = fsync
+        self._descriptor: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object owns the directory."""
+        return self._descriptor is not None
+
+    def acquire(self) -> None:
+        """Create the directory if needed and take it without waiting.
+
+        :class:`JournalDirectoryInUseError` (naming the holder) when another owner has it,
+        :class:`JournalNotWritableError` when the directory or its lock file cannot be created or written.
+        """
+        if self._descriptor is not None:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory = self.directory.resolve(strict=True)
+            descriptor = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise JournalNotWritableError(self.directory, _reason(exc)) from exc
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(descriptor)
+            os.close(descriptor)
+            raise JournalDirectoryInUseError(self.directory, *holder) from None
+        except BaseException:
+            os.close(descriptor)
+            raise
+        try:
+            data = json.dumps({"pid": os.getpid(), "instance_id": self.instance_id}).encode() + b"\n"
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, data, 0)
+        except OSError as exc:
+            os.close(descriptor)  # closing the file lets the lock go
+            raise JournalNotWritableError(self.directory, _reason(exc)) from exc
+        self._descriptor = descriptor
+
+    def probe(self) -> None:
+        """Prove the directory writable: create, fsync and remove a probe file; :class:`JournalNotWritableError`."""
+        path = self.directory / PROBE_FILE
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(descriptor, b"probe\n")
+                self._fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            os.unlink(path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise JournalNotWritableError(self.directory, _reason(exc)) from exc
+
+    def release(self) -> None:
+        """Give the directory up (idempotent)."""
+        descriptor, self._descriptor = self._descriptor, None
+        if descriptor is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+            os.close(descriptor)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _read_holder(descriptor: int) -> tuple[int | None, str | None]:
+    """The pid and instance id the owner wrote into the lock file (``None`` each when unreadable)."""
+    try:
+        value = json.loads(os.pread(descriptor, 4096, 0).decode("utf-8"))
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(value, dict):
+        return None, None
+    pid, instance = value.get("pid"), value.get("instance_id")
+    return (pid if isinstance(pid, int) else None), (instance if isinstance(instance, str) else None)

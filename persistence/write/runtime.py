@@ -77,6 +77,8 @@ class HealthReport:
     history: int
     oldest_unpersisted_age_seconds: float
     counts: Counts
+    journal_error: str | None = None
+    """Why the journal directory could not be written at start (``PERSISTENCE_JOURNAL_REQUIRED=false``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The same as nested plain dicts, ready for JSON."""

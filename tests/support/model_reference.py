@@ -37,6 +37,7 @@ _VALIDATORS: dict[str, str] = {
     "_no_surrounding_space": "no leading/trailing space",
     "to_exact_decimal": f"exact, ≤ {DECIMAL_PRECISION - DECIMAL_SCALE} digits before the point, {DECIMAL_SCALE} after",
     "to_utc": "stored in UTC (naive = UTC)",
+    "to_stored_utc": "stored in UTC (naive = UTC)",
     "_upper": "any case",
     "_lower": "any case",
     "_now_if_missing": "",
