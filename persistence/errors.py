@@ -313,3 +313,7 @@ class TransientFault(InternalSignal):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.cause = cause
+
+
+class StatementAbandoned(InternalSignal):
+    """Raised on the driver's thread instead of starting a statement of a call its caller gave up on."""

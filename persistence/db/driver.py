@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
-from persistence.errors import DatabaseUnavailableError, QueryTimeoutError
+from persistence.errors import DatabaseUnavailableError, QueryTimeoutError, StatementAbandoned
 
 T = TypeVar("T")
 
@@ -42,10 +42,6 @@ Each is called on the driver's thread as ``hook(statement, parameters, executema
 first (the driver's thread waits; the event loop does not), or raises to fail the statement.
 """
 StatementHook = Callable[[str, Any, bool], float]
-
-
-class _Abandoned(Exception):
-    """Raised on the driver's thread instead of starting a statement of a call its caller gave up on."""
 
 
 class StatementWatch:
@@ -103,7 +99,7 @@ class StatementWatch:
     def started(self) -> None:
         """A statement starts now (on the driver's thread)."""
         if self._abandoned:
-            raise _Abandoned("the caller was cancelled")
+            raise StatementAbandoned("the caller was cancelled")
         self._count += 1
         self._running = (self._count, time.monotonic())
 
