@@ -212,3 +212,12 @@ class DatabaseInUseError(PersistenceError):
         else:
             message = f"{database} is being restored (another process holds {lock_file} exclusively)"
         super().__init__(message)
+
+
+class AuditKeyError(PersistenceError):
+    """An audit signing or public key cannot be used (missing, not Ed25519, readable by others); ``path`` is it."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")

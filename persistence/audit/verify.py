@@ -10,8 +10,16 @@ Three passes, each streamed in chunks (memory stays bounded whatever the size of
    and the ``instance_id``. A row edited by hand, or inserted by hand, breaks this.
 3. **Deletions.** Every audited key still has its row.
 
+With anchors (``audit verify --anchors DIR``, :mod:`persistence.audit.anchors`), the chain pass also holds every
+checkpoint against its chain: the entry at the checkpoint's ``seq`` must exist and have its hash. That catches what a
+chain cannot catch by itself: a row and every later entry rewritten with recomputed hashes, a tail deleted together
+with its rows, a whole chain replaced. Entries that waited more than twice the interval for a checkpoint are reported
+(not a break). ``since_last_anchor`` starts each chain after its newest checkpoint that still matches and checks the
+rows of only the keys written after it.
+
 The first problem found ends the walk: :class:`VerifyReport` names it (instance, ``seq``, entity, key and what
-differs). What a passing verify proves, and what it cannot, is in the README ("Audit trail").
+differs; the checkpoint, for an anchor). What a passing verify proves, and what it cannot, is in the README
+("Audit trail").
 """
 
 from __future__ import annotations
@@ -19,17 +27,19 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from persistence.audit.anchors import AnchorLine, Anchors, unanchored_gaps
 from persistence.audit.chain import GENESIS, VersionEncoder, canonical_time, entry_hash, header_text
 from persistence.audit.trail import column_kinds
 from persistence.db.engine import Database
 from persistence.db.rowcodec import RowReader
 from persistence.db.schema import audit_log, parameter_history, performance_snapshots, signals, trades
-from persistence.records.models import ParameterChange, PerformanceSnapshot, Record, Signal, Trade
+from persistence.records.models import ParameterChange, PerformanceSnapshot, Record, Signal, Trade, utc_now
 
 CHUNK = 5000
 _AUDITED: tuple[tuple[Table, type[Record]], ...] = (
@@ -52,10 +62,12 @@ class Break:
     natural_key: str | None = None
     instance_id: str | None = None
     seq: int | None = None
+    anchor: str | None = None
+    """The checkpoint that does not match (its file, line, instance and seq), when a checkpoint found it."""
 
     def describe(self) -> str:
-        """One line for a human: the entry or row, then the problem."""
-        where: list[str] = []
+        """One line for a human: the checkpoint, the entry or row, then the problem."""
+        where: list[str] = [self.anchor] if self.anchor is not None else []
         if self.instance_id is not None and self.seq is not None:
             where.append(f"entry seq {self.seq} of instance {self.instance_id!r}")
         if self.entity is not None and self.natural_key is not None:
@@ -73,6 +85,12 @@ class VerifyReport:
     """Each chain's last hash."""
     rows: dict[str, int] = field(default_factory=dict)
     """Rows checked per table."""
+    anchors: dict[str, int] = field(default_factory=dict)
+    """Checkpoints that matched their chain, per instance (with anchors)."""
+    since: dict[str, int] = field(default_factory=dict)
+    """Per instance, the ``seq`` of the checkpoint the walk started after (``since_last_anchor``)."""
+    gaps: list[str] = field(default_factory=list)
+    """Where entries waited more than twice the interval for a checkpoint (reported, not a break)."""
     broken: Break | None = None
 
     @property
@@ -82,20 +100,36 @@ class VerifyReport:
     def lines(self) -> list[str]:
         """The report for a terminal: one line per chain and per table, then the verdict."""
         lines = [
-            f"chain {instance}: {count:,} entries, head {self.heads.get(instance, GENESIS)}"
+            f"chain {instance}: {count:,} entries"
+            + (f" after checkpoint seq {self.since[instance]:,}" if instance in self.since else "")
+            + f", head {self.heads.get(instance, GENESIS)}"
             for instance, count in self.chains.items()
         ]
+        lines += [f"anchors {instance}: {count:,} checkpoints match" for instance, count in self.anchors.items()]
+        lines += [f"GAP: {gap}" for gap in self.gaps]
         lines += [f"{table}: {count:,} rows match their latest audited version" for table, count in self.rows.items()]
         lines.append("audit trail verified" if self.broken is None else f"BROKEN: {self.broken.describe()}")
         return lines
 
 
 class _Verifier:
-    def __init__(self, database: Database, instance_id: str | None, progress: Progress, chunk: int) -> None:
+    def __init__(
+        self,
+        database: Database,
+        instance_id: str | None,
+        progress: Progress,
+        chunk: int,
+        anchors: Anchors | None,
+        since_last_anchor: bool,
+    ) -> None:
         self._db = database
         self._instance = instance_id
         self._progress = progress
         self._chunk = chunk
+        self._anchors = anchors
+        self._since = since_last_anchor and anchors is not None
+        self._touched: dict[str, set[str]] = {}
+        """With ``since_last_anchor``: the keys written after the checkpoints, per entity (their rows are checked)."""
         self._done = 0
         self.report = VerifyReport()
 
@@ -104,8 +138,24 @@ class _Verifier:
         self._progress(self._done)
 
     async def run(self) -> VerifyReport:
+        anchors = self._anchors
+        if anchors is not None and anchors.problem is not None:
+            line, problem = anchors.problem
+            self.report.broken = Break(problem, anchor=line.describe())
+            return self.report
         async with self._db.snapshot() as connection:
-            for instance in await self._instances(connection):
+            instances = await self._instances(connection)
+            if anchors is not None:
+                for instance in sorted(anchors.marks):
+                    if instance not in instances and (self._instance is None or instance == self._instance):
+                        line = _first(anchors.marks[instance])
+                        self.report.broken = Break(
+                            "its chain has no entry at all (the chain was deleted or renamed)",
+                            instance_id=instance,
+                            anchor=line.describe(),
+                        )
+                        return self.report
+            for instance in instances:
                 if not await self._chain(connection, instance):
                     return self.report
         for table, record in _AUDITED:
@@ -118,6 +168,32 @@ class _Verifier:
             return [self._instance]
         statement = select(audit_log.c.instance_id).distinct().order_by(audit_log.c.instance_id)
         return [str(value) for value in (await connection.execute(statement)).scalars()]
+
+    async def _start(
+        self, connection: AsyncConnection, instance: str, marks: dict[int, list[AnchorLine]]
+    ) -> tuple[int, str, int] | None:
+        """``since_last_anchor``: (seq, hash, id) of the newest checkpoint that still matches; ``None`` after a break.
+
+        A newer checkpoint that does not match is a break; with none matching, the walk starts at the beginning.
+        """
+        statement = select(audit_log.c.id, audit_log.c.hash).where(
+            audit_log.c.instance_id == instance, audit_log.c.seq == bindparam("seq")
+        )
+        for seq in sorted(marks, reverse=True):
+            row = (await connection.execute(statement, {"seq": seq})).first()
+            line = marks[seq][0]
+            assert line.checkpoint is not None
+            if row is not None and str(row[1]) == line.checkpoint.hash:
+                self.report.since[instance] = seq
+                self.report.anchors[instance] = 1
+                return seq + 1, str(row[1]), int(row[0])
+            if row is None:
+                problem = f"there is no entry at seq {seq}: the chain ends before it (entries were deleted)"
+            else:
+                problem = _mismatch(seq, str(row[1]), line.checkpoint.hash)
+            self.report.broken = Break(problem, instance_id=instance, seq=seq, anchor=line.describe())
+            return None
+        return 1, GENESIS, 0
 
     async def _chain(self, connection: AsyncConnection, instance: str) -> bool:
         statement = (
@@ -135,7 +211,18 @@ class _Verifier:
             .order_by(audit_log.c.seq)
             .limit(self._chunk)
         )
+        marks = self._anchors.marks.get(instance, {}) if self._anchors is not None else {}
         expected, previous, previous_id = 1, GENESIS, 0
+        if self._since:
+            begun = await self._start(connection, instance, marks)
+            if begun is None:
+                return False
+            expected, previous, previous_id = begun
+        # The recorded_at of seq 1 and of each entry after a checkpoint: how long entries waited for one.
+        wanted = {1, *(seq + 1 for seq in marks)}
+        written_at: dict[int, datetime] = {}
+        matched = 0
+        touched = self._touched
         self.report.chains[instance] = 0
         while True:
             rows = (await connection.execute(statement, {"after": expected - 1})).all()
@@ -158,10 +245,40 @@ class _Verifier:
                 if problem is not None:
                     self.report.broken = Break(problem, entity, key, instance, seq)
                     return False
+                if seq in marks:
+                    for line in marks[seq]:
+                        assert line.checkpoint is not None
+                        if line.checkpoint.hash != digest:
+                            problem = _mismatch(seq, digest, line.checkpoint.hash)
+                            self.report.broken = Break(problem, entity, key, instance, seq, line.describe())
+                            return False
+                        matched += 1
+                if seq in wanted:
+                    written_at[seq] = recorded_at
+                if self._since:
+                    touched.setdefault(entity, set()).add(key)
                 expected, previous, previous_id = seq + 1, digest, entry_id
             self.report.chains[instance] += len(rows)
             self._advance(len(rows))
         self.report.heads[instance] = previous
+        if self._anchors is not None:
+            last = expected - 1
+            beyond = [seq for seq in marks if seq > last]
+            if beyond:
+                line = _first({seq: marks[seq] for seq in beyond})
+                self.report.broken = Break(
+                    f"the chain ends at seq {last}, before the checkpoint's seq (entries were deleted)",
+                    instance_id=instance,
+                    seq=last,
+                    anchor=line.describe(),
+                )
+                return False
+            self.report.anchors[instance] = self.report.anchors.get(instance, 0) + matched
+            if not self._since:
+                self.report.gaps += [
+                    f"instance {instance!r}: {gap}"
+                    for gap in unanchored_gaps(marks, written_at, last, self._anchors.interval, utc_now())
+                ]
         return True
 
     async def _latest(
@@ -188,12 +305,25 @@ class _Verifier:
         if self._instance is not None:
             statement = statement.where(table.c.instance_id == self._instance)
         statement = statement.order_by(key_column).limit(self._chunk)
+        touched = sorted(self._touched.get(record.entity, ())) if self._since else None
+        if touched is not None:  # only the keys written after the checkpoints
+            statement = (
+                select(*reader.columns, table.c.instance_id)
+                .where(key_column.in_(bindparam("keys", expanding=True)))
+                .order_by(key_column)
+            )
         after = ""
         self.report.rows[table.name] = 0
         while True:
             async with self._db.snapshot() as connection:
-                rows = (await connection.execute(statement, {"after": after})).all()
+                if touched is None:
+                    rows = (await connection.execute(statement, {"after": after})).all()
+                else:
+                    keys, touched = touched[: self._chunk], touched[self._chunk :]
+                    rows = (await connection.execute(statement, {"keys": keys})).all() if keys else []
                 if not rows:
+                    if touched:
+                        continue
                     return True
                 decoded = []
                 for row in rows:
@@ -250,10 +380,14 @@ class _Verifier:
             statement = statement.where(audit_log.c.instance_id == self._instance)
         statement = statement.order_by(audit_log.c.natural_key).limit(self._chunk)
         present = select(key_column).where(key_column.in_(bindparam("keys", expanding=True)))
+        touched = sorted(self._touched.get(record.entity, ())) if self._since else None
         after = ""
         while True:
             async with self._db.snapshot() as connection:
-                keys = [str(key) for key in (await connection.execute(statement, {"after": after})).scalars()]
+                if touched is None:
+                    keys = [str(key) for key in (await connection.execute(statement, {"after": after})).scalars()]
+                else:
+                    keys, touched = touched[: self._chunk], touched[self._chunk :]
                 if not keys:
                     return True
                 found = {str(key) for key in (await connection.execute(present, {"keys": keys})).scalars()}
@@ -266,6 +400,18 @@ class _Verifier:
                     )
                     return False
             after = keys[-1]
+
+
+def _first(marks: dict[int, list[AnchorLine]]) -> AnchorLine:
+    """The checkpoint of the lowest seq among ``marks``."""
+    return marks[min(marks)][0]
+
+
+def _mismatch(seq: int, found: str, anchored: str) -> str:
+    return (
+        f"the entry at seq {seq} has hash {found[:16]}…, the checkpoint says {anchored[:16]}… "
+        "(the chain was rewritten after it was anchored)"
+    )
 
 
 def _difference(stored: dict[str, Any], audited: dict[str, Any]) -> str:
@@ -292,6 +438,12 @@ async def verify(
     instance_id: str | None = None,
     progress: Progress = lambda done: None,
     chunk: int = CHUNK,
+    anchors: Anchors | None = None,
+    since_last_anchor: bool = False,
 ) -> VerifyReport:
-    """Check every chain (or ``instance_id``'s), every row against its latest audited version, and deletions."""
-    return await _Verifier(database, instance_id, progress, chunk).run()
+    """Check every chain (or ``instance_id``'s), every row against its latest audited version, and deletions.
+
+    With ``anchors`` (:func:`~persistence.audit.anchors.load_anchors`) every checkpoint is held against its chain;
+    with ``since_last_anchor`` too, only what follows each chain's newest matching checkpoint is checked.
+    """
+    return await _Verifier(database, instance_id, progress, chunk, anchors, since_last_anchor).run()
