@@ -531,3 +531,53 @@ def test_anchor_files_are_named_by_instance_safely(tmp_path: Path) -> None:
     assert anchor_path(tmp_path, "bot-a").name == "bot-a.jsonl"
     assert anchor_path(tmp_path, "../etc/x").parent == tmp_path
     assert isinstance(load_anchors(tmp_path, INTERVAL, None), Anchors)
+
+
+# ---------------------------------------------------------------------------------------------- the fast path
+
+
+async def test_verify_on_sqlite_checks_rows_as_stored_without_decoding_any_and_still_names_a_difference(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every kind of value (negative, tiny and huge decimals, None, odd text, booleans, counts) passes the stored-value
+    comparison untouched; a row edited by hand falls back to the decoding path, which names the field."""
+    from decimal import Decimal
+
+    from persistence.db.rowcodec import RowReader
+    from persistence.migrations import upgrade as migrate
+    from persistence.tables.repositories import Repositories
+    from tests.factories import make_parameter_change, make_signal, make_snapshot
+
+    database = create_database(make_settings(database_url=sqlite_url))
+    try:
+        await migrate(database)
+        repos = Repositories(database)
+        for overrides in (
+            {"pnl": Decimal("-0.00000001"), "pattern_type": 'quote " backslash \\ tab \t é € 😀'},
+            {"pnl": Decimal("9999999999.99999999"), "position_size": Decimal("0.00000001")},
+            {"pnl": None, "exit_time": None, "exit_price": None, "session": None, "pattern_type": None},
+            {"pnl": Decimal("-12345.5")},
+        ):
+            await repos.trades.save_trade(make_trade(**overrides))
+        await repos.signals.save_signal(make_signal())
+        await repos.signals.save_signal(make_signal(executed=True))
+        await repos.snapshots.save_snapshot(make_snapshot())
+        await repos.parameters.save_change(make_parameter_change())
+        decoded: list[Any] = []
+        real_init = RowReader.__init__
+
+        def counting_init(self: Any, *args: Any, **kwargs: Any) -> None:
+            real_init(self, *args, **kwargs)
+            decode = self.decode
+            self.decode = lambda row: decoded.append(row) or decode(row)
+
+        monkeypatch.setattr(RowReader, "__init__", counting_init)
+        report = await verify(database)
+        assert report.ok, report.lines()
+        assert sum(report.rows.values()) == 8 and decoded == []
+        await tamper(sqlite_url, "UPDATE trades SET pnl = -99 WHERE pnl IS NULL")
+        broken = (await verify(database)).broken
+        assert broken is not None and "pnl is '-0.00000099', audited None" in broken.problem, broken
+        assert len(decoded) == 1
+    finally:
+        await database.dispose()
