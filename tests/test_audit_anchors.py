@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import stat
 import threading
 from collections.abc import Callable
@@ -581,3 +582,51 @@ async def test_verify_on_sqlite_checks_rows_as_stored_without_decoding_any_and_s
         assert len(decoded) == 1
     finally:
         await database.dispose()
+
+
+def test_an_exported_trail_and_its_anchors_verify_offline_with_the_same_command(
+    sqlite_url: str, sidecar_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    key = tmp_path / "signing.pem"
+    generate_key(key)
+    asyncio.run(anchored_trail(sqlite_url, sidecar_settings, audit_signing_key=key))
+    exported = tmp_path / "trail.jsonl"
+    done = audit_export(sqlite_url, exported)
+    assert done.returncode == 0, done.stderr
+    anchors, public = str(tmp_path / "anchors"), str(tmp_path / "signing.pem.pub")
+    nowhere = "sqlite+aiosqlite:////nonexistent/folder/none.db"  # the auditor's machine has no database
+    offline = audit_cli(nowhere, "verify", "--from-export", str(exported), "--anchors", anchors, "--public-key", public)
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    assert "anchors bot-x: 2 checkpoints match" in offline.stdout
+    assert offline.stdout.strip().endswith("audit trail verified")
+    # The export rewritten consistently from seq 6 on (hashes recomputed): the checkpoint at seq 8 catches it.
+    lines = [json.loads(line) for line in exported.read_text().splitlines()]
+    previous = lines[4]["hash"]
+    for entry in lines[5:]:
+        if entry["seq"] == 6:
+            entry["payload"] = entry["payload"].replace('"symbol":"EURUSD"', '"symbol":"GBPUSD"')
+        header = header_text("bot-x", entry["seq"], entry["entity"], entry["natural_key"], entry["recorded_at"])
+        entry["prev_hash"], entry["hash"] = previous, entry_hash(previous, header, entry["payload"])
+        previous = entry["hash"]
+    exported.write_text("".join(json.dumps(entry) + "\n" for entry in lines))
+    caught = audit_cli(nowhere, "verify", "--from-export", str(exported), "--anchors", anchors, "--public-key", public)
+    assert caught.returncode == 1 and "bot-x.jsonl:2" in caught.stdout and "the entry at seq 8" in caught.stdout
+    exported.write_text("".join(json.dumps(entry) + "\n" for entry in lines[:6]))  # a deleted tail
+    cut = audit_cli(nowhere, "verify", "--from-export", str(exported), "--anchors", anchors, "--public-key", public)
+    assert cut.returncode == 1 and "the chain ends at seq 6" in cut.stdout
+
+
+def audit_export(database_url: str, output: Path) -> Any:
+    import subprocess
+    import sys
+
+    from tests.test_audit import REPO_ROOT
+
+    return subprocess.run(
+        [sys.executable, "-m", "persistence", "export", "audit", "--format", "jsonl", "--output", str(output)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from json.encoder import encode_basestring_ascii
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Boolean, Table, bindparam, func, select
@@ -580,3 +581,105 @@ async def verify(
     with ``since_last_anchor`` too, only what follows each chain's newest matching checkpoint is checked.
     """
     return await _Verifier(database, instance_id, progress, chunk, anchors, since_last_anchor).run()
+
+
+@dataclass(slots=True)
+class _ChainState:
+    expected: int = 1
+    previous: str = GENESIS
+    previous_id: int = 0
+    count: int = 0
+    matched: int = 0
+    written_at: dict[int, datetime] = field(default_factory=dict)
+
+
+def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress = lambda done: None) -> VerifyReport:
+    """Check an exported trail (``export audit --format jsonl``) and its checkpoints, without any database.
+
+    The same chain checks as :func:`verify` (no gap, every link, every hash, ids rising within a chain) and the same
+    checkpoint checks; the current rows are not in an export, so they are not checked. Streams the file (blocking:
+    run it in a thread); memory holds one line and each chain's last entry.
+    """
+    report = VerifyReport()
+    if anchors is not None and anchors.problem is not None:
+        unusable, why = anchors.problem
+        report.broken = Break(why, anchor=unusable.describe())
+        return report
+    marks = anchors.marks if anchors is not None else {}
+    states: dict[str, _ChainState] = {}
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            if not raw.strip():
+                continue
+            try:
+                entry = json.loads(raw)
+                entry_id, instance, seq = int(entry["id"]), str(entry["instance_id"]), int(entry["seq"])
+                entity, key, payload = str(entry["entity"]), str(entry["natural_key"]), str(entry["payload"])
+                prev_hash, digest, at = str(entry["prev_hash"]), str(entry["hash"]), str(entry["recorded_at"])
+                if len(at) != 27:
+                    at = canonical_time(datetime.fromisoformat(at.replace("Z", "+00:00")))
+            except (ValueError, KeyError, TypeError) as error:
+                report.broken = Break(f"line {number} of {path} is not an exported audit entry ({error})")
+                return report
+            state = states.get(instance)
+            if state is None:
+                state = states[instance] = _ChainState()
+                report.chains[instance] = 0
+            problem = None
+            if seq != state.expected:
+                missing = f"seq {state.expected}" if seq == state.expected + 1 else f"seq {state.expected} to {seq - 1}"
+                problem = f"{missing} missing before it (a gap in the chain)"
+            elif prev_hash != state.previous:
+                problem = f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
+            elif digest != entry_hash(state.previous, header_text(instance, seq, entity, key, at), payload):
+                problem = "hash does not match the entry's contents (the entry was changed)"
+            elif entry_id <= state.previous_id:
+                problem = f"its id {entry_id} is not after seq {seq - 1}'s ({state.previous_id}): the entry was moved"
+            if problem is not None:
+                report.broken = Break(problem, entity, key, instance, seq)
+                return report
+            found = marks.get(instance, {}).get(seq)
+            for line in found or ():
+                assert line.checkpoint is not None
+                if line.checkpoint.hash != digest:
+                    report.broken = Break(
+                        _mismatch(seq, digest, line.checkpoint.hash), entity, key, instance, seq, line.describe()
+                    )
+                    return report
+                state.matched += 1
+            if seq == 1 or seq - 1 in marks.get(instance, {}):
+                state.written_at[seq] = datetime.fromisoformat(at[:-1] + "+00:00")
+            state.expected, state.previous, state.previous_id = seq + 1, digest, entry_id
+            report.chains[instance] += 1
+            state.count += 1
+            if state.count % CHUNK == 0:
+                progress(sum(report.chains.values()))
+    for instance, state in states.items():
+        report.heads[instance] = state.previous
+    if anchors is None:
+        return report
+    for instance in sorted(marks):
+        state = states.get(instance)
+        if state is None:
+            report.broken = Break(
+                "its chain has no entry in the export (deleted, renamed, or filtered out)",
+                instance_id=instance,
+                anchor=_first(marks[instance]).describe(),
+            )
+            return report
+        last = state.expected - 1
+        beyond = {seq: found for seq, found in marks[instance].items() if seq > last}
+        if beyond:
+            report.broken = Break(
+                f"the chain ends at seq {last}, before the checkpoint's seq (entries were deleted)",
+                instance_id=instance,
+                seq=last,
+                anchor=_first(beyond).describe(),
+            )
+            return report
+        report.anchors[instance] = state.matched
+        report.gaps += [
+            f"instance {instance!r}: {gap}"
+            for gap in unanchored_gaps(marks[instance], state.written_at, last, anchors.interval, utc_now())
+        ]
+    return report

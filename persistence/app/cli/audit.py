@@ -7,7 +7,8 @@ database cannot be checked. A progress bar goes to stderr, only on a terminal.
 
 With ``--anchors DIR [--public-key PATH.pub]`` it also holds every checkpoint in ``DIR`` against its chain and
 checks their signatures (:mod:`persistence.audit.anchors`); ``--since-last-anchor`` checks only what follows each
-chain's newest checkpoint that still matches. A key that cannot be used is refused (exit 2).
+chain's newest checkpoint that still matches. A key that cannot be used is refused (exit 2). ``--from-export FILE``
+checks an exported trail (``export audit --format jsonl``) and the anchors with no database at all.
 
 ``audit keygen PATH`` writes an Ed25519 private key (mode 0600) and ``PATH.pub``, for
 ``PERSISTENCE_AUDIT_SIGNING_KEY``.
@@ -30,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from persistence.app.cli.progress import ProgressBar
 from persistence.audit.anchors import Anchors, generate_key, load_anchors, load_public_key
 from persistence.audit.trail import AuditLog
-from persistence.audit.verify import count_checks, verify
+from persistence.audit.verify import count_checks, verify, verify_export
 from persistence.config import Settings
 from persistence.db.engine import Database, create_database
 from persistence.errors import AuditKeyError
@@ -95,6 +96,8 @@ async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(str(error), 2)
     except OSError as error:
         return _fail(f"cannot read the anchors {args.anchors}: {error.strerror or error}", 2)
+    if args.from_export is not None:
+        return await _verify_export(args, anchors)
 
     async def check(database: Database) -> int:
         bar = ProgressBar("audit verify", await count_checks(database, args.instance))
@@ -113,6 +116,19 @@ async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
         return 0 if report.ok else 1
 
     return await _on_the_trail(settings, check)
+
+
+async def _verify_export(args: argparse.Namespace, anchors: Anchors | None) -> int:
+    """``audit verify --from-export FILE``: the exported trail's chains and the checkpoints, no database."""
+    if args.since_last_anchor or args.instance is not None:
+        return _fail("--from-export checks the whole file: drop --since-last-anchor and --instance", 2)
+    try:
+        report = await asyncio.to_thread(verify_export, args.from_export, anchors)
+    except OSError as error:
+        return _fail(f"cannot read the export {args.from_export}: {error.strerror or error}", 2)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
 
 
 async def keygen_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -164,6 +180,12 @@ def add_audit_commands(commands: Any) -> None:
     )
     checking.add_argument(
         "--public-key", metavar="PATH.pub", type=Path, help="check the checkpoints' signatures with this key"
+    )
+    checking.add_argument(
+        "--from-export",
+        metavar="FILE",
+        type=Path,
+        help="check an exported trail (`export audit --format jsonl`) instead of the database: no database needed",
     )
     checking.add_argument(
         "--since-last-anchor",
