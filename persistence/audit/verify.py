@@ -180,7 +180,7 @@ class _Verifier:
                 if not await self._chain(connection, instance):
                     return self.report
         for table, record in _AUDITED:
-            if not await self._rows(table, record) or not await self._deletions(table, record):
+            if not await self._each_row(table, record) or not await self._deletions(table, record):
                 break
         return self.report
 
@@ -216,24 +216,22 @@ class _Verifier:
             return None
         return 1, GENESIS, 0
 
-    async def _entries(self, connection: AsyncConnection, instance: str, after: int) -> list[tuple[Any, ...]]:
-        """The next chunk of a chain after seq ``after``: (id, seq, entity, key, payload, recorded_at, prev, hash),
-        ``recorded_at`` as its canonical text.
+    async def _entries(self, connection: AsyncConnection, instance: str, after: int) -> Sequence[Any]:
+        """The next chunk of a chain after seq ``after``: (id, seq, entity, key, payload, recorded_at, prev, hash).
 
-        On SQLite straight from the driver in one hop, the timestamp as stored (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC)
-        turned into its canonical text by slicing: the chain pass is mostly this fetch and the hashes.
+        On SQLite straight from the driver in one hop, ``recorded_at`` as stored (``YYYY-MM-DD HH:MM:SS.ffffff``,
+        UTC: :func:`_canonical_at` slices it into its canonical text): the chain pass is mostly this and the hashes.
         """
         if self._db.is_sqlite:
             raw = await connection.get_raw_connection()
             driver = raw.driver_connection
             assert driver is not None
-            rows = await driver.execute_fetchall(_SQLITE_CHAIN, (instance, after, self._chunk))
-            return [
-                (*row[:5], f"{at[:10]}T{at[11:]}Z" if len(at := row[5]) == 26 else _canonical_stored(at), *row[6:])
-                for row in rows
-            ]
-        result = await connection.execute(self._chain_statement, {"instance": instance, "after": after})
-        return [(*row[:5], canonical_time(row[5]), *row[6:]) for row in result.all()]
+            rows: Sequence[Any] = await driver.execute_fetchall(_SQLITE_CHAIN, (instance, after, self._chunk))
+            # aiosqlite's thread keeps its last result referenced until its next call ends: a trivial call now lets
+            # this chunk be the only one alive while the next is fetched.
+            await driver.execute_fetchall("SELECT 1")
+            return rows
+        return (await connection.execute(self._chain_statement, {"instance": instance, "after": after})).all()
 
     async def _chain(self, connection: AsyncConnection, instance: str) -> bool:
         marks = self._anchors.marks.get(instance, {}) if self._anchors is not None else {}
@@ -260,7 +258,9 @@ class _Verifier:
                     problem = f"{missing} missing before it (a gap in the chain)"
                 elif prev_hash != previous:
                     problem = f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
-                elif digest != entry_hash(previous, header_text(instance, seq, entity, key, recorded_at), payload):
+                elif digest != entry_hash(
+                    previous, header_text(instance, seq, entity, key, at := _canonical_at(recorded_at)), payload
+                ):
                     problem = "hash does not match the entry's contents (the entry was changed)"
                 elif entry_id <= previous_id:
                     # The id orders a key's versions across chains: within one chain it rises with seq.
@@ -277,12 +277,13 @@ class _Verifier:
                             return False
                         matched += 1
                 if seq in wanted:
-                    written_at[seq] = datetime.fromisoformat(recorded_at[:-1] + "+00:00")
+                    written_at[seq] = datetime.fromisoformat(at[:-1] + "+00:00")
                 if self._since:
                     touched.setdefault(entity, set()).add(key)
                 expected, previous, previous_id = seq + 1, digest, entry_id
             self.report.chains[instance] += len(rows)
             self._advance(len(rows))
+            del rows  # before the next chunk arrives: one chunk in memory at a time
         self.report.heads[instance] = previous
         if self._anchors is not None:
             last = expected - 1
@@ -325,7 +326,38 @@ class _Verifier:
         rows = (await connection.execute(statement, {"keys": list(keys)})).all()
         return {key: (entry_id, instance, seq, payload) for entry_id, key, instance, seq, payload in rows}
 
-    async def _rows(self, table: Table, record: type[Record]) -> bool:
+    async def _each_row(self, table: Table, record: type[Record]) -> bool:
+        """Every row (or the touched keys') against its latest audited version."""
+        if not self._db.is_sqlite or self._since:
+            self.report.rows[table.name] = 0
+            return await self._rows(
+                table, record, sorted(self._touched.get(record.entity, ())) if self._since else None
+            )
+        # SQLite: SQLite itself compares each row with its latest version (its JSON read back into stored values),
+        # in chunks; only rows it finds different (normally none) are decoded and compared here, to name the field.
+        key = record.key_field
+        statement = _sqlite_comparison(table, tuple(record.model_fields), key, self._instance is not None)
+        after = ""
+        self.report.rows[table.name] = 0
+        while True:
+            parameters: tuple[Any, ...] = (record.entity, after)
+            if self._instance is not None:
+                parameters += (self._instance,)
+            async with self._db.snapshot() as connection:
+                raw = await connection.get_raw_connection()
+                driver = raw.driver_connection
+                assert driver is not None
+                found = await driver.execute_fetchall(statement, (*parameters, self._chunk))
+            if not found:
+                return True
+            different = [str(row[0]) for row in found if not row[1]]
+            if different and not await self._rows(table, record, different):
+                return False
+            after = str(found[-1][0])
+            self.report.rows[table.name] += len(found)
+            self._advance(len(found))
+
+    async def _rows(self, table: Table, record: type[Record], touched: list[str] | None) -> bool:
         fields = tuple(record.model_fields)
         reader = RowReader([table.c[name] for name in fields], record, sqlite=self._db.is_sqlite)
         encode = VersionEncoder(fields, column_kinds(table)).encode
@@ -335,15 +367,14 @@ class _Verifier:
         if self._instance is not None:
             statement = statement.where(table.c.instance_id == self._instance)
         statement = statement.order_by(key_column).limit(self._chunk)
-        touched = sorted(self._touched.get(record.entity, ())) if self._since else None
-        if touched is not None:  # only the keys written after the checkpoints
+        if touched is not None:  # only these keys
             statement = (
                 select(*reader.columns, table.c.instance_id)
                 .where(key_column.in_(bindparam("keys", expanding=True)))
                 .order_by(key_column)
             )
         after = ""
-        self.report.rows[table.name] = 0
+        counted = touched is None or self._since
         while True:
             async with self._db.snapshot() as connection:
                 if touched is None:
@@ -409,11 +440,35 @@ class _Verifier:
                     )
                     return False
             after = str(rows[-1][fields.index(record.key_field)])
-            self.report.rows[table.name] += len(rows)
-            self._advance(len(rows))
+            if counted:
+                self.report.rows[table.name] += len(rows)
+                self._advance(len(rows))
 
     async def _deletions(self, table: Table, record: type[Record]) -> bool:
         key_column = table.c[record.key_field]
+        if self._db.is_sqlite and not self._since:
+            # One statement: the first audited key whose row is gone, found by SQLite's own index walk.
+            key = record.key_field
+            missing_sql = (
+                "SELECT DISTINCT a.natural_key FROM audit_log AS a WHERE a.entity = ?"  # noqa: S608 - schema names
+                + (" AND a.instance_id = ?" if self._instance is not None else "")
+                + f' AND NOT EXISTS (SELECT 1 FROM "{table.name}" AS t WHERE t."{key}" = a.natural_key)'  # noqa: S608
+                + " ORDER BY a.natural_key LIMIT 1"
+            )
+            parameters = (record.entity,) if self._instance is None else (record.entity, self._instance)
+            async with self._db.snapshot() as connection:
+                raw = await connection.get_raw_connection()
+                driver = raw.driver_connection
+                assert driver is not None
+                gone = await driver.execute_fetchall(missing_sql, parameters)
+                if not gone:
+                    return True
+                latest = await self._latest(connection, record.entity, [str(gone[0][0])])
+            _, instance, seq, _ = latest[str(gone[0][0])]
+            self.report.broken = Break(
+                f"audited, but the {table.name} row is gone (deleted)", record.entity, str(gone[0][0]), instance, seq
+            )
+            return False
         statement = (
             select(audit_log.c.natural_key)
             .distinct()
@@ -447,6 +502,32 @@ class _Verifier:
 
 class _NotAsWritten(Exception):
     """A stored value the sidecar would not have written: the row takes the slow path, which says what it is."""
+
+
+def _sqlite_comparison(table: Table, fields: Sequence[str], key: str, one_instance: bool) -> str:
+    """SQLite SQL: per row after a key, its key and whether it equals its latest audited version (1) or not (0).
+
+    The version's JSON values are turned back into what the row stores: a decimal string without its point is the
+    stored scaled integer, a canonical timestamp with a space for ``T`` and no ``Z`` is the stored text, JSON
+    ``true``/``false`` read back as 1/0; compared with ``IS`` (NULL equals NULL). A row with no audited version
+    compares as 0. Parameters: entity, after[, instance], limit.
+    """
+    kinds = column_kinds(table)
+    tests = ["a.id IS NOT NULL", "t.instance_id IS a.instance_id"]
+    for name in fields:
+        value = f"json_extract(a.payload, '$.\"{name}\"')"
+        if kinds[name] == "decimal":
+            value = f"CAST(replace({value}, '.', '') AS INTEGER)"
+        elif kinds[name] == "datetime":
+            value = f"replace(replace({value}, 'T', ' '), 'Z', '')"
+        tests.append(f't."{name}" IS {value}')
+    where = f't."{key}" > ?' + (" AND t.instance_id = ?" if one_instance else "")
+    return (
+        f'SELECT t."{key}", ({" AND ".join(tests)}) FROM "{table.name}" AS t '  # noqa: S608 - schema names only
+        "LEFT JOIN audit_log AS a ON a.id = "
+        f'(SELECT max(id) FROM audit_log WHERE entity = ? AND natural_key = t."{key}") '
+        f'WHERE {where} ORDER BY t."{key}" LIMIT ?'
+    )
 
 
 def _stored_decimal(value: Any) -> str:
@@ -526,6 +607,15 @@ def _stored_encoder(table: Table, fields: Sequence[str]) -> Callable[[Sequence[A
     exec(compile(source, f"<stored {table.name}>", "exec"), namespace)  # noqa: S102
     encode: Callable[[Sequence[Any]], str] = namespace["encode"]
     return encode
+
+
+def _canonical_at(value: Any) -> str:
+    """An entry's ``recorded_at`` as its canonical text: a SQLite stored text sliced, a datetime formatted."""
+    if type(value) is str and len(value) == 26:
+        return f"{value[:10]}T{value[11:]}Z"
+    if isinstance(value, datetime):
+        return canonical_time(value)
+    return _canonical_stored(value)
 
 
 def _canonical_stored(stored: Any) -> str:
