@@ -17,6 +17,7 @@ from persistence.db.engine import Database, create_database
 from persistence.errors import (
     AnalysisExtraMissingError,
     ApiPortUnavailableError,
+    AuditKeyError,
     BackupError,
     BreakerAdmissionError,
     ConfigurationError,
@@ -44,6 +45,7 @@ from persistence.migrations import upgrade
 from persistence.observe.correlation import correlation_scope
 from persistence.observe.event_log import configure_logging
 from persistence.observe.events import (
+    AuditAnchored,
     BatchCommitted,
     BreakerChanged,
     DatabaseRecovered,
@@ -101,6 +103,8 @@ except PackageNotFoundError:  # a source tree that was never installed
 __all__ = [
     "AnalysisExtraMissingError",
     "ApiPortUnavailableError",
+    "AuditAnchored",
+    "AuditKeyError",
     "BackupError",
     "BatchCommitted",
     "BreakerAdmissionError",

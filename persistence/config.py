@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     )
     backup_dir: Path = Field(Path("./data/backups"), validation_alias="PERSISTENCE_BACKUP_DIR")
     backup_before_migrate: bool = Field(True, validation_alias="PERSISTENCE_BACKUP_BEFORE_MIGRATE")
+    audit_anchor_dir: Path = Field(Path("./data/anchors"), validation_alias="PERSISTENCE_AUDIT_ANCHOR_DIR")
+    audit_anchor_seconds: float = Field(30.0, gt=0, validation_alias="PERSISTENCE_AUDIT_ANCHOR_SECONDS")
+    audit_signing_key: Path | None = Field(None, validation_alias="PERSISTENCE_AUDIT_SIGNING_KEY")
     instance_id: str = Field(
         default_factory=lambda: socket.gethostname()[:64] or "localhost",
         min_length=1,
@@ -96,7 +99,7 @@ class Settings(BaseSettings):
     def _strict_flag(cls, value: object) -> bool:
         return parse_flag(value)
 
-    @field_validator("api_token", "metrics_port", mode="before")
+    @field_validator("api_token", "metrics_port", "audit_signing_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

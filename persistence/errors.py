@@ -271,6 +271,15 @@ class JournalPositionError(JournalError, ValueError):
         super().__init__(f"journal has no entry ending at segment {segment}, offset {offset}", path)
 
 
+class AuditKeyError(PersistenceError):
+    """An audit signing or public key cannot be used (missing, not Ed25519, readable by others); ``path`` is it."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
 # ---------------------------------------------------------------------------------------------- internal signals
 # Raised and caught inside the package; none reaches a caller, so none is exported.
 

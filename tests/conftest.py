@@ -91,6 +91,7 @@ def sidecar_settings(tmp_path: Path) -> Any:
             "database_url": database_url,
             "journal_dir": tmp_path / "journal",
             "backup_dir": tmp_path / "backups",
+            "audit_anchor_dir": tmp_path / "anchors",
             "query_timeout_ms": 300,
             "shutdown_timeout": 5.0,
         }

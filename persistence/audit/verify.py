@@ -10,8 +10,15 @@ Three passes, each streamed in chunks (memory stays bounded whatever the size of
    and the ``instance_id``. A row edited by hand, or inserted by hand, breaks this.
 3. **Deletions.** Every audited key still has its row.
 
+With anchors (``audit verify --anchors DIR``, :mod:`persistence.audit.anchors`), the chain pass also holds every
+checkpoint against its chain: the entry at the checkpoint's ``seq`` must exist and have its hash. That catches what a
+chain cannot catch by itself: a row and every later entry rewritten with recomputed hashes, a tail deleted together
+with its rows, a whole chain replaced. Entries that waited more than twice the interval for a checkpoint are reported
+(not a break). ``since_last_anchor`` starts each chain after its newest checkpoint that still matches and checks the
+rows of only the keys written after it.
+
 The first problem found ends the walk: :class:`VerifyReport` names it (instance, ``seq``, entity, key and what
-differs). What a passing verify proves, and what it cannot, is in docs/audit.md.
+differs; the checkpoint, for an anchor). What a passing verify proves, and what it cannot, is in docs/audit.md.
 """
 
 from __future__ import annotations
@@ -19,24 +26,41 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from json.encoder import encode_basestring_ascii
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, select
+from sqlalchemy import Boolean, Table, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from persistence.audit.anchors import AnchorLine, Anchors, unanchored_gaps
 from persistence.audit.chain import GENESIS, VersionEncoder, canonical_time, entry_hash, header_text
 from persistence.audit.trail import column_kinds
+from persistence.db.columns import decode_datetime
 from persistence.db.engine import Database
 from persistence.db.rowcodec import RowReader
 from persistence.db.schema import audit_log, parameter_history, performance_snapshots, signals, trades
-from persistence.records.models import ParameterChange, PerformanceSnapshot, Record, Signal, Trade
+from persistence.records.models import ParameterChange, PerformanceSnapshot, Record, Signal, Trade, utc_now
 
-CHUNK = 5000
+CHUNK = 20_000
+"""Entries or rows fetched at once (a chunk is a few tens of MiB at most)."""
 _AUDITED: tuple[tuple[Table, type[Record]], ...] = (
     (trades, Trade),
     (signals, Signal),
     (performance_snapshots, PerformanceSnapshot),
     (parameter_history, ParameterChange),
+)
+
+_CHAIN_COLUMNS = ("id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash")
+_SQLITE_CHAIN = (
+    f"SELECT {', '.join(_CHAIN_COLUMNS)} FROM audit_log "  # noqa: S608 - fixed column names
+    "WHERE instance_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+)
+_SQLITE_LATEST = (
+    "SELECT id, natural_key, instance_id, seq, payload FROM audit_log WHERE id IN ("
+    "SELECT max(id) FROM audit_log WHERE entity = ? AND natural_key IN (SELECT value FROM json_each(?)) "
+    "GROUP BY natural_key)"
 )
 
 Progress = Callable[[int], None]
@@ -52,10 +76,12 @@ class Break:
     natural_key: str | None = None
     instance_id: str | None = None
     seq: int | None = None
+    anchor: str | None = None
+    """The checkpoint that does not match (its file, line, instance and seq), when a checkpoint found it."""
 
     def describe(self) -> str:
-        """One line for a human: the entry or row, then the problem."""
-        where: list[str] = []
+        """One line for a human: the checkpoint, the entry or row, then the problem."""
+        where: list[str] = [self.anchor] if self.anchor is not None else []
         if self.instance_id is not None and self.seq is not None:
             where.append(f"entry seq {self.seq} of instance {self.instance_id!r}")
         if self.entity is not None and self.natural_key is not None:
@@ -73,6 +99,12 @@ class VerifyReport:
     """Each chain's last hash."""
     rows: dict[str, int] = field(default_factory=dict)
     """Rows checked per table."""
+    anchors: dict[str, int] = field(default_factory=dict)
+    """Checkpoints that matched their chain, per instance (with anchors)."""
+    since: dict[str, int] = field(default_factory=dict)
+    """Per instance, the ``seq`` of the checkpoint the walk started after (``since_last_anchor``)."""
+    gaps: list[str] = field(default_factory=list)
+    """Where entries waited more than twice the interval for a checkpoint (reported, not a break)."""
     broken: Break | None = None
 
     @property
@@ -82,34 +114,72 @@ class VerifyReport:
     def lines(self) -> list[str]:
         """The report for a terminal: one line per chain and per table, then the verdict."""
         lines = [
-            f"chain {instance}: {count:,} entries, head {self.heads.get(instance, GENESIS)}"
+            f"chain {instance}: {count:,} entries"
+            + (f" after checkpoint seq {self.since[instance]:,}" if instance in self.since else "")
+            + f", head {self.heads.get(instance, GENESIS)}"
             for instance, count in self.chains.items()
         ]
+        lines += [f"anchors {instance}: {count:,} checkpoints match" for instance, count in self.anchors.items()]
+        lines += [f"GAP: {gap}" for gap in self.gaps]
         lines += [f"{table}: {count:,} rows match their latest audited version" for table, count in self.rows.items()]
         lines.append("audit trail verified" if self.broken is None else f"BROKEN: {self.broken.describe()}")
         return lines
 
 
 class _Verifier:
-    def __init__(self, database: Database, instance_id: str | None, progress: Progress, chunk: int) -> None:
+    def __init__(
+        self,
+        database: Database,
+        instance_id: str | None,
+        progress: Progress,
+        chunk: int,
+        anchors: Anchors | None,
+        since_last_anchor: bool,
+    ) -> None:
         self._db = database
         self._instance = instance_id
         self._progress = progress
         self._chunk = chunk
+        self._anchors = anchors
+        self._since = since_last_anchor and anchors is not None
+        self._touched: dict[str, set[str]] = {}
+        """With ``since_last_anchor``: the keys written after the checkpoints, per entity (their rows are checked)."""
         self._done = 0
         self.report = VerifyReport()
+        self._chain_statement = (
+            select(*(audit_log.c[name] for name in _CHAIN_COLUMNS))
+            .where(audit_log.c.instance_id == bindparam("instance"), audit_log.c.seq > bindparam("after"))
+            .order_by(audit_log.c.seq)
+            .limit(chunk)
+        )
 
     def _advance(self, count: int) -> None:
         self._done += count
         self._progress(self._done)
 
     async def run(self) -> VerifyReport:
+        anchors = self._anchors
+        if anchors is not None and anchors.problem is not None:
+            line, problem = anchors.problem
+            self.report.broken = Break(problem, anchor=line.describe())
+            return self.report
         async with self._db.snapshot() as connection:
-            for instance in await self._instances(connection):
+            instances = await self._instances(connection)
+            if anchors is not None:
+                for instance in sorted(anchors.marks):
+                    if instance not in instances and (self._instance is None or instance == self._instance):
+                        line = _first(anchors.marks[instance])
+                        self.report.broken = Break(
+                            "its chain has no entry at all (the chain was deleted or renamed)",
+                            instance_id=instance,
+                            anchor=line.describe(),
+                        )
+                        return self.report
+            for instance in instances:
                 if not await self._chain(connection, instance):
                     return self.report
         for table, record in _AUDITED:
-            if not await self._rows(table, record) or not await self._deletions(table, record):
+            if not await self._each_row(table, record) or not await self._deletions(table, record):
                 break
         return self.report
 
@@ -119,26 +189,65 @@ class _Verifier:
         statement = select(audit_log.c.instance_id).distinct().order_by(audit_log.c.instance_id)
         return [str(value) for value in (await connection.execute(statement)).scalars()]
 
-    async def _chain(self, connection: AsyncConnection, instance: str) -> bool:
-        statement = (
-            select(
-                audit_log.c.id,
-                audit_log.c.seq,
-                audit_log.c.entity,
-                audit_log.c.natural_key,
-                audit_log.c.payload,
-                audit_log.c.recorded_at,
-                audit_log.c.prev_hash,
-                audit_log.c.hash,
-            )
-            .where(audit_log.c.instance_id == instance, audit_log.c.seq > bindparam("after"))
-            .order_by(audit_log.c.seq)
-            .limit(self._chunk)
+    async def _start(
+        self, connection: AsyncConnection, instance: str, marks: dict[int, list[AnchorLine]]
+    ) -> tuple[int, str, int] | None:
+        """``since_last_anchor``: (seq, hash, id) of the newest checkpoint that still matches; ``None`` after a break.
+
+        A newer checkpoint that does not match is a break; with none matching, the walk starts at the beginning.
+        """
+        statement = select(audit_log.c.id, audit_log.c.hash).where(
+            audit_log.c.instance_id == instance, audit_log.c.seq == bindparam("seq")
         )
+        for seq in sorted(marks, reverse=True):
+            row = (await connection.execute(statement, {"seq": seq})).first()
+            line = marks[seq][0]
+            assert line.checkpoint is not None
+            if row is not None and str(row[1]) == line.checkpoint.hash:
+                self.report.since[instance] = seq
+                self.report.anchors[instance] = 1
+                return seq + 1, str(row[1]), int(row[0])
+            if row is None:
+                problem = f"there is no entry at seq {seq}: the chain ends before it (entries were deleted)"
+            else:
+                problem = _mismatch(seq, str(row[1]), line.checkpoint.hash)
+            self.report.broken = Break(problem, instance_id=instance, seq=seq, anchor=line.describe())
+            return None
+        return 1, GENESIS, 0
+
+    async def _entries(self, connection: AsyncConnection, instance: str, after: int) -> Sequence[Any]:
+        """The next chunk of a chain after seq ``after``: (id, seq, entity, key, payload, recorded_at, prev, hash).
+
+        On SQLite straight from the driver in one hop, ``recorded_at`` as stored (``YYYY-MM-DD HH:MM:SS.ffffff``,
+        UTC: :func:`_canonical_at` slices it into its canonical text): the chain pass is mostly this and the hashes.
+        """
+        if self._db.is_sqlite:
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            rows: Sequence[Any] = await driver.execute_fetchall(_SQLITE_CHAIN, (instance, after, self._chunk))
+            # aiosqlite's thread keeps its last result referenced until its next call ends: a trivial call now lets
+            # this chunk be the only one alive while the next is fetched.
+            await driver.execute_fetchall("SELECT 1")
+            return rows
+        return (await connection.execute(self._chain_statement, {"instance": instance, "after": after})).all()
+
+    async def _chain(self, connection: AsyncConnection, instance: str) -> bool:
+        marks = self._anchors.marks.get(instance, {}) if self._anchors is not None else {}
         expected, previous, previous_id = 1, GENESIS, 0
+        if self._since:
+            begun = await self._start(connection, instance, marks)
+            if begun is None:
+                return False
+            expected, previous, previous_id = begun
+        # The recorded_at of seq 1 and of each entry after a checkpoint: how long entries waited for one.
+        wanted = {1, *(seq + 1 for seq in marks)}
+        written_at: dict[int, datetime] = {}
+        matched = 0
+        touched = self._touched
         self.report.chains[instance] = 0
         while True:
-            rows = (await connection.execute(statement, {"after": expected - 1})).all()
+            rows = await self._entries(connection, instance, expected - 1)
             if not rows:
                 break
             for entry_id, seq, entity, key, payload, recorded_at, prev_hash, digest in rows:
@@ -149,7 +258,7 @@ class _Verifier:
                 elif prev_hash != previous:
                     problem = f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
                 elif digest != entry_hash(
-                    previous, header_text(instance, seq, entity, key, canonical_time(recorded_at)), payload
+                    previous, header_text(instance, seq, entity, key, at := _canonical_at(recorded_at)), payload
                 ):
                     problem = "hash does not match the entry's contents (the entry was changed)"
                 elif entry_id <= previous_id:
@@ -158,16 +267,53 @@ class _Verifier:
                 if problem is not None:
                     self.report.broken = Break(problem, entity, key, instance, seq)
                     return False
+                if seq in marks:
+                    for line in marks[seq]:
+                        assert line.checkpoint is not None
+                        if line.checkpoint.hash != digest:
+                            problem = _mismatch(seq, digest, line.checkpoint.hash)
+                            self.report.broken = Break(problem, entity, key, instance, seq, line.describe())
+                            return False
+                        matched += 1
+                if seq in wanted:
+                    written_at[seq] = datetime.fromisoformat(at[:-1] + "+00:00")
+                if self._since:
+                    touched.setdefault(entity, set()).add(key)
                 expected, previous, previous_id = seq + 1, digest, entry_id
             self.report.chains[instance] += len(rows)
             self._advance(len(rows))
+            del rows  # before the next chunk arrives: one chunk in memory at a time
         self.report.heads[instance] = previous
+        if self._anchors is not None:
+            last = expected - 1
+            beyond = [seq for seq in marks if seq > last]
+            if beyond:
+                line = _first({seq: marks[seq] for seq in beyond})
+                self.report.broken = Break(
+                    f"the chain ends at seq {last}, before the checkpoint's seq (entries were deleted)",
+                    instance_id=instance,
+                    seq=last,
+                    anchor=line.describe(),
+                )
+                return False
+            self.report.anchors[instance] = self.report.anchors.get(instance, 0) + matched
+            if not self._since:
+                self.report.gaps += [
+                    f"instance {instance!r}: {gap}"
+                    for gap in unanchored_gaps(marks, written_at, last, self._anchors.interval, utc_now())
+                ]
         return True
 
     async def _latest(
         self, connection: AsyncConnection, entity: str, keys: Sequence[str]
     ) -> dict[str, tuple[int, str, int, str]]:
         """Per key: the latest entry's (id, instance_id, seq, payload); only those entries are read."""
+        if self._db.is_sqlite:  # the keys as one JSON parameter: no statement with thousands of parameters to build
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            found = await driver.execute_fetchall(_SQLITE_LATEST, (entity, json.dumps(list(keys))))
+            return {key: (entry_id, instance, seq, payload) for entry_id, key, instance, seq, payload in found}
         newest = (
             select(func.max(audit_log.c.id))
             .where(audit_log.c.entity == entity, audit_log.c.natural_key.in_(bindparam("keys", expanding=True)))
@@ -179,33 +325,90 @@ class _Verifier:
         rows = (await connection.execute(statement, {"keys": list(keys)})).all()
         return {key: (entry_id, instance, seq, payload) for entry_id, key, instance, seq, payload in rows}
 
-    async def _rows(self, table: Table, record: type[Record]) -> bool:
+    async def _each_row(self, table: Table, record: type[Record]) -> bool:
+        """Every row (or the touched keys') against its latest audited version."""
+        if not self._db.is_sqlite or self._since:
+            self.report.rows[table.name] = 0
+            return await self._rows(
+                table, record, sorted(self._touched.get(record.entity, ())) if self._since else None
+            )
+        # SQLite: SQLite itself compares each row with its latest version (its JSON read back into stored values),
+        # in chunks; only rows it finds different (normally none) are decoded and compared here, to name the field.
+        key = record.key_field
+        statement = _sqlite_comparison(table, tuple(record.model_fields), key, self._instance is not None)
+        after = ""
+        self.report.rows[table.name] = 0
+        while True:
+            parameters: tuple[Any, ...] = (record.entity, after)
+            if self._instance is not None:
+                parameters += (self._instance,)
+            async with self._db.snapshot() as connection:
+                raw = await connection.get_raw_connection()
+                driver = raw.driver_connection
+                assert driver is not None
+                found = await driver.execute_fetchall(statement, (*parameters, self._chunk))
+            if not found:
+                return True
+            different = [str(row[0]) for row in found if not row[1]]
+            if different and not await self._rows(table, record, different):
+                return False
+            after = str(found[-1][0])
+            self.report.rows[table.name] += len(found)
+            self._advance(len(found))
+
+    async def _rows(self, table: Table, record: type[Record], touched: list[str] | None) -> bool:
         fields = tuple(record.model_fields)
         reader = RowReader([table.c[name] for name in fields], record, sqlite=self._db.is_sqlite)
         encode = VersionEncoder(fields, column_kinds(table)).encode
+        stored_text = _stored_encoder(table, fields) if self._db.is_sqlite else None
         key_column = table.c[record.key_field]
         statement = select(*reader.columns, table.c.instance_id).where(key_column > bindparam("after"))
         if self._instance is not None:
             statement = statement.where(table.c.instance_id == self._instance)
         statement = statement.order_by(key_column).limit(self._chunk)
+        if touched is not None:  # only these keys
+            statement = (
+                select(*reader.columns, table.c.instance_id)
+                .where(key_column.in_(bindparam("keys", expanding=True)))
+                .order_by(key_column)
+            )
         after = ""
-        self.report.rows[table.name] = 0
+        counted = touched is None or self._since
         while True:
             async with self._db.snapshot() as connection:
-                rows = (await connection.execute(statement, {"after": after})).all()
+                if touched is None:
+                    rows = (await connection.execute(statement, {"after": after})).all()
+                else:
+                    keys, touched = touched[: self._chunk], touched[self._chunk :]
+                    rows = (await connection.execute(statement, {"keys": keys})).all() if keys else []
                 if not rows:
+                    if touched:
+                        continue
                     return True
+                key_index = fields.index(record.key_field)
+                latest = await self._latest(connection, record.entity, [str(row[key_index]) for row in rows])
+                if stored_text is not None:
+                    # Rows whose stored values spell exactly their latest audited version pass here; any other is
+                    # decoded and compared below, which names what differs.
+                    rows_left = []
+                    for row in rows:
+                        entry = latest.get(row[key_index])
+                        try:
+                            if entry is not None and entry[3] == stored_text(row) and row[-1] == entry[1]:
+                                continue
+                        except _NotAsWritten:
+                            pass
+                        rows_left.append(row)
+                else:
+                    rows_left = list(rows)
                 decoded = []
-                for row in rows:
+                for row in rows_left:
                     try:
                         decoded.append((reader.decode(row[:-1]).__dict__, row[-1]))
                     except (ValueError, TypeError, OverflowError) as error:  # a stored value nothing writes
                         key = str(row[fields.index(record.key_field)])
                         self.report.broken = Break(f"the {table.name} row cannot be read: {error}", record.entity, key)
                         return False
-                latest = await self._latest(
-                    connection, record.entity, [values[record.key_field] for values, _ in decoded]
-                )
             for values, instance in decoded:
                 key = values[record.key_field]
                 entry = latest.get(key)
@@ -236,11 +439,35 @@ class _Verifier:
                     )
                     return False
             after = str(rows[-1][fields.index(record.key_field)])
-            self.report.rows[table.name] += len(rows)
-            self._advance(len(rows))
+            if counted:
+                self.report.rows[table.name] += len(rows)
+                self._advance(len(rows))
 
     async def _deletions(self, table: Table, record: type[Record]) -> bool:
         key_column = table.c[record.key_field]
+        if self._db.is_sqlite and not self._since:
+            # One statement: the first audited key whose row is gone, found by SQLite's own index walk.
+            key = record.key_field
+            missing_sql = (
+                "SELECT DISTINCT a.natural_key FROM audit_log AS a WHERE a.entity = ?"  # noqa: S608 - schema names
+                + (" AND a.instance_id = ?" if self._instance is not None else "")
+                + f' AND NOT EXISTS (SELECT 1 FROM "{table.name}" AS t WHERE t."{key}" = a.natural_key)'  # noqa: S608
+                + " ORDER BY a.natural_key LIMIT 1"
+            )
+            parameters = (record.entity,) if self._instance is None else (record.entity, self._instance)
+            async with self._db.snapshot() as connection:
+                raw = await connection.get_raw_connection()
+                driver = raw.driver_connection
+                assert driver is not None
+                gone = await driver.execute_fetchall(missing_sql, parameters)
+                if not gone:
+                    return True
+                latest = await self._latest(connection, record.entity, [str(gone[0][0])])
+            _, instance, seq, _ = latest[str(gone[0][0])]
+            self.report.broken = Break(
+                f"audited, but the {table.name} row is gone (deleted)", record.entity, str(gone[0][0]), instance, seq
+            )
+            return False
         statement = (
             select(audit_log.c.natural_key)
             .distinct()
@@ -250,10 +477,14 @@ class _Verifier:
             statement = statement.where(audit_log.c.instance_id == self._instance)
         statement = statement.order_by(audit_log.c.natural_key).limit(self._chunk)
         present = select(key_column).where(key_column.in_(bindparam("keys", expanding=True)))
+        touched = sorted(self._touched.get(record.entity, ())) if self._since else None
         after = ""
         while True:
             async with self._db.snapshot() as connection:
-                keys = [str(key) for key in (await connection.execute(statement, {"after": after})).scalars()]
+                if touched is None:
+                    keys = [str(key) for key in (await connection.execute(statement, {"after": after})).scalars()]
+                else:
+                    keys, touched = touched[: self._chunk], touched[self._chunk :]
                 if not keys:
                     return True
                 found = {str(key) for key in (await connection.execute(present, {"keys": keys})).scalars()}
@@ -266,6 +497,144 @@ class _Verifier:
                     )
                     return False
             after = keys[-1]
+
+
+class _NotAsWritten(Exception):
+    """A stored value the sidecar would not have written: the row takes the slow path, which says what it is."""
+
+
+def _sqlite_comparison(table: Table, fields: Sequence[str], key: str, one_instance: bool) -> str:
+    """SQLite SQL: per row after a key, its key and whether it equals its latest audited version (1) or not (0).
+
+    The version's JSON values are turned back into what the row stores: a decimal string without its point is the
+    stored scaled integer, a canonical timestamp with a space for ``T`` and no ``Z`` is the stored text, JSON
+    ``true``/``false`` read back as 1/0; compared with ``IS`` (NULL equals NULL). A row with no audited version
+    compares as 0. Parameters: entity, after[, instance], limit.
+    """
+    kinds = column_kinds(table)
+    tests = ["a.id IS NOT NULL", "t.instance_id IS a.instance_id"]
+    for name in fields:
+        value = f"json_extract(a.payload, '$.\"{name}\"')"
+        if kinds[name] == "decimal":
+            value = f"CAST(replace({value}, '.', '') AS INTEGER)"
+        elif kinds[name] == "datetime":
+            value = f"replace(replace({value}, 'T', ' '), 'Z', '')"
+        tests.append(f't."{name}" IS {value}')
+    where = f't."{key}" > ?' + (" AND t.instance_id = ?" if one_instance else "")
+    return (
+        f'SELECT t."{key}", ({" AND ".join(tests)}) FROM "{table.name}" AS t '  # noqa: S608 - schema names only
+        "LEFT JOIN audit_log AS a ON a.id = "
+        f'(SELECT max(id) FROM audit_log WHERE entity = ? AND natural_key = t."{key}") '
+        f'WHERE {where} ORDER BY t."{key}" LIMIT ?'
+    )
+
+
+def _stored_decimal(value: Any) -> str:
+    if type(value) is not int:  # None is handled before
+        raise _NotAsWritten
+    sign, value = ("-", -value) if value < 0 else ("", value)
+    return f'"{sign}{value // 100_000_000}.{value % 100_000_000:08d}"'
+
+
+def _stored_datetime(value: Any) -> str:
+    if type(value) is not str or len(value) != 26:
+        raise _NotAsWritten
+    return f'"{value[:10]}T{value[11:]}Z"'
+
+
+def _stored_string(value: Any) -> str:
+    if type(value) is not str:
+        raise _NotAsWritten
+    return encode_basestring_ascii(value)
+
+
+def _stored_integer(value: Any) -> str:
+    if value is None:
+        return "null"
+    if type(value) is not int:
+        raise _NotAsWritten
+    return str(value)
+
+
+def _stored_boolean(value: Any) -> str:
+    if value is None:
+        return "null"
+    if value == 1 and type(value) is int:
+        return "true"
+    if value == 0 and type(value) is int:
+        return "false"
+    raise _NotAsWritten
+
+
+def _stored_encoder(table: Table, fields: Sequence[str]) -> Callable[[Sequence[Any]], str]:
+    """The canonical JSON of a version, straight from a SQLite row's stored values (``fields`` in that order).
+
+    The same text :class:`~persistence.audit.chain.VersionEncoder` writes for the decoded record, without decoding:
+    scaled integers, fixed-width timestamps and text turned into their canonical text directly. A value the sidecar
+    would not have stored raises ``_NotAsWritten``. Generated once per table.
+    """
+    kinds = column_kinds(table)
+    pieces: list[str] = []
+    template = ""
+    for index, name in enumerate(sorted(fields)):
+        template += ("{" if index == 0 else ",") + json.dumps(name).replace("%", "%%") + ":%s"
+        kind = kinds[name]
+        if kind == "other":
+            kind = "boolean" if isinstance(table.c[name].type, Boolean) else "integer"
+        value = f"row[{fields.index(name)}]"
+        if kind == "decimal":  # the common case inline: a non-negative scaled integer
+            text = f"""('"%d.%08d"' % divmod(v, 100000000) if type(v := {value}) is int and v >= 0 else _decimal(v))"""
+        elif kind == "datetime":
+            text = (
+                f"""('"' + v[:10] + 'T' + v[11:] + 'Z"' """
+                f"if type(v := {value}) is str and len(v) == 26 else _datetime(v))"
+            )
+        elif kind == "text":
+            text = f"(_e(v) if type(v := {value}) is str else _text(v))"
+        else:
+            text = f"_{kind}({value})"
+        pieces.append(text if kind in ("integer", "boolean") else f"('null' if {value} is None else {text})")
+    source = f"def encode(row):\n    return {template + '}'!r} % (" + ", ".join(pieces) + ",)\n"
+    namespace: dict[str, Any] = {
+        "_decimal": _stored_decimal,
+        "_datetime": _stored_datetime,
+        "_text": _stored_string,
+        "_integer": _stored_integer,
+        "_boolean": _stored_boolean,
+        "_e": encode_basestring_ascii,
+    }
+    exec(compile(source, f"<stored {table.name}>", "exec"), namespace)  # noqa: S102
+    encode: Callable[[Sequence[Any]], str] = namespace["encode"]
+    return encode
+
+
+def _canonical_at(value: Any) -> str:
+    """An entry's ``recorded_at`` as its canonical text: a SQLite stored text sliced, a datetime formatted."""
+    if type(value) is str and len(value) == 26:
+        return f"{value[:10]}T{value[11:]}Z"
+    if isinstance(value, datetime):
+        return canonical_time(value)
+    return _canonical_stored(value)
+
+
+def _canonical_stored(stored: Any) -> str:
+    """The canonical text of a SQLite timestamp not in the sidecar's fixed-width form (written by hand)."""
+    try:
+        return canonical_time(decode_datetime(str(stored)))
+    except ValueError:
+        return str(stored)  # not a timestamp: its hash will not match, and that is reported
+
+
+def _first(marks: dict[int, list[AnchorLine]]) -> AnchorLine:
+    """The checkpoint of the lowest seq among ``marks``."""
+    return marks[min(marks)][0]
+
+
+def _mismatch(seq: int, found: str, anchored: str) -> str:
+    return (
+        f"the entry at seq {seq} has hash {found[:16]}…, the checkpoint says {anchored[:16]}… "
+        "(the chain was rewritten after it was anchored)"
+    )
 
 
 def _difference(stored: dict[str, Any], audited: dict[str, Any]) -> str:
@@ -292,6 +661,114 @@ async def verify(
     instance_id: str | None = None,
     progress: Progress = lambda done: None,
     chunk: int = CHUNK,
+    anchors: Anchors | None = None,
+    since_last_anchor: bool = False,
 ) -> VerifyReport:
-    """Check every chain (or ``instance_id``'s), every row against its latest audited version, and deletions."""
-    return await _Verifier(database, instance_id, progress, chunk).run()
+    """Check every chain (or ``instance_id``'s), every row against its latest audited version, and deletions.
+
+    With ``anchors`` (:func:`~persistence.audit.anchors.load_anchors`) every checkpoint is held against its chain;
+    with ``since_last_anchor`` too, only what follows each chain's newest matching checkpoint is checked.
+    """
+    return await _Verifier(database, instance_id, progress, chunk, anchors, since_last_anchor).run()
+
+
+@dataclass(slots=True)
+class _ChainState:
+    expected: int = 1
+    previous: str = GENESIS
+    previous_id: int = 0
+    count: int = 0
+    matched: int = 0
+    written_at: dict[int, datetime] = field(default_factory=dict)
+
+
+def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress = lambda done: None) -> VerifyReport:
+    """Check an exported trail (``export audit --format jsonl``) and its checkpoints, without any database.
+
+    The same chain checks as :func:`verify` (no gap, every link, every hash, ids rising within a chain) and the same
+    checkpoint checks; the current rows are not in an export, so they are not checked. Streams the file (blocking:
+    run it in a thread); memory holds one line and each chain's last entry.
+    """
+    report = VerifyReport()
+    if anchors is not None and anchors.problem is not None:
+        unusable, why = anchors.problem
+        report.broken = Break(why, anchor=unusable.describe())
+        return report
+    marks = anchors.marks if anchors is not None else {}
+    states: dict[str, _ChainState] = {}
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            if not raw.strip():
+                continue
+            try:
+                entry = json.loads(raw)
+                entry_id, instance, seq = int(entry["id"]), str(entry["instance_id"]), int(entry["seq"])
+                entity, key, payload = str(entry["entity"]), str(entry["natural_key"]), str(entry["payload"])
+                prev_hash, digest, at = str(entry["prev_hash"]), str(entry["hash"]), str(entry["recorded_at"])
+                if len(at) != 27:
+                    at = canonical_time(datetime.fromisoformat(at.replace("Z", "+00:00")))
+            except (ValueError, KeyError, TypeError) as error:
+                report.broken = Break(f"line {number} of {path} is not an exported audit entry ({error})")
+                return report
+            state = states.get(instance)
+            if state is None:
+                state = states[instance] = _ChainState()
+                report.chains[instance] = 0
+            problem = None
+            if seq != state.expected:
+                missing = f"seq {state.expected}" if seq == state.expected + 1 else f"seq {state.expected} to {seq - 1}"
+                problem = f"{missing} missing before it (a gap in the chain)"
+            elif prev_hash != state.previous:
+                problem = f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
+            elif digest != entry_hash(state.previous, header_text(instance, seq, entity, key, at), payload):
+                problem = "hash does not match the entry's contents (the entry was changed)"
+            elif entry_id <= state.previous_id:
+                problem = f"its id {entry_id} is not after seq {seq - 1}'s ({state.previous_id}): the entry was moved"
+            if problem is not None:
+                report.broken = Break(problem, entity, key, instance, seq)
+                return report
+            found = marks.get(instance, {}).get(seq)
+            for line in found or ():
+                assert line.checkpoint is not None
+                if line.checkpoint.hash != digest:
+                    report.broken = Break(
+                        _mismatch(seq, digest, line.checkpoint.hash), entity, key, instance, seq, line.describe()
+                    )
+                    return report
+                state.matched += 1
+            if seq == 1 or seq - 1 in marks.get(instance, {}):
+                state.written_at[seq] = datetime.fromisoformat(at[:-1] + "+00:00")
+            state.expected, state.previous, state.previous_id = seq + 1, digest, entry_id
+            report.chains[instance] += 1
+            state.count += 1
+            if state.count % CHUNK == 0:
+                progress(sum(report.chains.values()))
+    for instance, state in states.items():
+        report.heads[instance] = state.previous
+    if anchors is None:
+        return report
+    for instance in sorted(marks):
+        state = states.get(instance)
+        if state is None:
+            report.broken = Break(
+                "its chain has no entry in the export (deleted, renamed, or filtered out)",
+                instance_id=instance,
+                anchor=_first(marks[instance]).describe(),
+            )
+            return report
+        last = state.expected - 1
+        beyond = {seq: found for seq, found in marks[instance].items() if seq > last}
+        if beyond:
+            report.broken = Break(
+                f"the chain ends at seq {last}, before the checkpoint's seq (entries were deleted)",
+                instance_id=instance,
+                seq=last,
+                anchor=_first(beyond).describe(),
+            )
+            return report
+        report.anchors[instance] = state.matched
+        report.gaps += [
+            f"instance {instance!r}: {gap}"
+            for gap in unanchored_gaps(marks[instance], state.written_at, last, anchors.interval, utc_now())
+        ]
+    return report

@@ -27,6 +27,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 from persistence.config import Settings
 from persistence.observe.correlation import current_correlation_id
 from persistence.observe.events import (
+    AuditAnchored,
     BatchCommitted,
     BreakerChanged,
     DatabaseRecovered,
@@ -198,6 +199,16 @@ class EventLogger:
                 )
             case PersistenceToggled():
                 log.info("persistence_toggled", enabled=event.enabled)
+            case AuditAnchored():
+                log.info(
+                    "audit_anchored",
+                    instance_id=event.instance_id,
+                    seq=event.seq,
+                    hash=event.hash,
+                    time=event.time,
+                    path=event.path,
+                    signed=event.signed,
+                )
             case ShutdownComplete():
                 log.info(
                     "shutdown_complete",

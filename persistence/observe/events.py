@@ -85,6 +85,18 @@ class BatchCommitted(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class AuditAnchored(Event):
+    """A checkpoint of this sidecar's audit chain was appended (and fsynced) to its anchor file at ``path``."""
+
+    instance_id: str
+    seq: int
+    hash: str
+    time: str
+    path: str
+    signed: bool
+
+
+@dataclass(frozen=True, slots=True)
 class WriteFailed(Event):
     """A write attempt failed after its retries (``transient``) or because of its data."""
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from tenacity import RetryCallState
 
+from persistence.audit.anchors import Anchorer
 from persistence.config import Settings
 from persistence.db.backups import backup_dir_for
 from persistence.db.engine import Database, create_database, sqlite_path
@@ -32,6 +33,7 @@ from persistence.observe.events import (
     WriteRetried,
 )
 from persistence.records.history import TradeHistory
+from persistence.records.models import utc_now
 from persistence.tables.repositories import Repositories
 from persistence.write.backlog import Backlog, Clock, Pending, ReceiptBook, Sleep, Tally
 from persistence.write.breaker import CircuitBreaker
@@ -138,6 +140,16 @@ class Runtime:
         path = sqlite_path(settings.url) if self.database.is_sqlite else None
         self._in_use = DatabaseInUseLock(path) if path is not None else None
         self._reported_newer: SchemaNewerError | None = None
+        # Subscribed from here on, so the heads of the start-up journal replay are checkpointed too.
+        self.anchorer = Anchorer(
+            settings.instance_id,
+            settings.audit_anchor_dir,
+            settings.audit_anchor_seconds,
+            bus=bus,
+            sleep=sleep,
+            now=utc_now,
+            key_path=settings.audit_signing_key,
+        )
 
     # ------------------------------------------------------------------ the writer's target
 
@@ -195,7 +207,16 @@ class Runtime:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> bool:
-        """Open the backlog, prepare the database, replay the journal, start the writer; ``False`` if degraded."""
+        """Open the backlog, prepare the database, replay the journal, start the writer; ``False`` if degraded.
+
+        A signing key that cannot be used (:class:`~persistence.errors.AuditKeyError`) fails it before anything.
+        """
+        try:
+            await self.anchorer.load_key()
+        except BaseException:
+            await self.anchorer.stop()
+            raise
+        self.anchorer.start()
         await self.backlog.open()
         try:
             await self.prepare()
@@ -214,6 +235,7 @@ class Runtime:
         """Drain within ``timeout`` (keeping a slice back for the journal), journal the rest, release everything."""
         reserve = min(timeout / 4, 0.5)
         await self.writer.stop(timeout - reserve)
+        await self.anchorer.stop()  # the checkpoint at close(): after the last commit
         await self.backlog.close()
         if self.checkpointer is not None:
             await self.checkpointer.close(max(reserve, 0.1))

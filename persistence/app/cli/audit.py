@@ -5,24 +5,36 @@ version (:mod:`persistence.audit.verify`). It prints one line per chain (with it
 per table, then the verdict, and exits 0 when everything holds, 1 naming the first broken entry, 2 when the
 database cannot be checked. A progress bar goes to stderr, only on a terminal.
 
+With ``--anchors DIR [--public-key PATH.pub]`` it also holds every checkpoint in ``DIR`` against its chain and
+checks their signatures (:mod:`persistence.audit.anchors`); ``--since-last-anchor`` checks only what follows each
+chain's newest checkpoint that still matches. A key that cannot be used is refused (exit 2). ``--from-export FILE``
+checks an exported trail (``export audit --format jsonl``) and the anchors with no database at all.
+
+``audit keygen PATH`` writes an Ed25519 private key (mode 0600) and ``PATH.pub``, for
+``PERSISTENCE_AUDIT_SIGNING_KEY``.
+
 ``audit versions ENTITY KEY`` prints every audited version of one record, oldest first, as JSON lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from persistence.app.cli.progress import ProgressBar
+from persistence.audit.anchors import Anchors, generate_key, load_anchors, load_public_key
 from persistence.audit.trail import AuditLog
-from persistence.audit.verify import count_checks, verify
+from persistence.audit.verify import count_checks, verify, verify_export
 from persistence.config import Settings
 from persistence.db.engine import Database, create_database
+from persistence.errors import AuditKeyError
 from persistence.migrations import current_revision, head_revision
 from persistence.records.models import ENTITIES
 
@@ -66,13 +78,37 @@ async def _on_the_trail(settings: Settings, work: Callable[[Database], Awaitable
         await database.dispose()
 
 
+def _read_anchors(args: argparse.Namespace, settings: Settings) -> Anchors | None:
+    """The checkpoints of ``--anchors``, checked on their own; :class:`AuditKeyError` or ``OSError`` if unusable."""
+    if args.anchors is None:
+        if args.public_key is not None or args.since_last_anchor:
+            raise AuditKeyError(Path("--anchors"), "needed by --public-key and --since-last-anchor")
+        return None
+    public_key = load_public_key(args.public_key) if args.public_key is not None else None
+    return load_anchors(args.anchors, settings.audit_anchor_seconds, public_key)
+
+
 async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
-    """``audit verify [--instance ID]``."""
+    """``audit verify [--instance ID] [--anchors DIR [--public-key PATH.pub] [--since-last-anchor]]``."""
+    try:
+        anchors = await asyncio.to_thread(_read_anchors, args, settings)
+    except AuditKeyError as error:
+        return _fail(str(error), 2)
+    except OSError as error:
+        return _fail(f"cannot read the anchors {args.anchors}: {error.strerror or error}", 2)
+    if args.from_export is not None:
+        return await _verify_export(args, anchors)
 
     async def check(database: Database) -> int:
         bar = ProgressBar("audit verify", await count_checks(database, args.instance))
         try:
-            report = await verify(database, instance_id=args.instance, progress=bar.update)
+            report = await verify(
+                database,
+                instance_id=args.instance,
+                progress=bar.update,
+                anchors=anchors,
+                since_last_anchor=args.since_last_anchor,
+            )
         finally:
             bar.close()
         for line in report.lines():
@@ -80,6 +116,30 @@ async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
         return 0 if report.ok else 1
 
     return await _on_the_trail(settings, check)
+
+
+async def _verify_export(args: argparse.Namespace, anchors: Anchors | None) -> int:
+    """``audit verify --from-export FILE``: the exported trail's chains and the checkpoints, no database."""
+    if args.since_last_anchor or args.instance is not None:
+        return _fail("--from-export checks the whole file: drop --since-last-anchor and --instance", 2)
+    try:
+        report = await asyncio.to_thread(verify_export, args.from_export, anchors)
+    except OSError as error:
+        return _fail(f"cannot read the export {args.from_export}: {error.strerror or error}", 2)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
+
+
+async def keygen_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``audit keygen PATH``."""
+    try:
+        public = await asyncio.to_thread(generate_key, args.path)
+    except AuditKeyError as error:
+        return _fail(str(error), 2)
+    print(f"private key {args.path} (mode 0600): set PERSISTENCE_AUDIT_SIGNING_KEY={args.path}")
+    print(f"public key {public}: give it to whoever verifies (`audit verify --anchors DIR --public-key {public}`)")
+    return 0
 
 
 async def versions_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -112,7 +172,35 @@ def add_audit_commands(commands: Any) -> None:
         "audited row was deleted. Exit 0 when all holds, 1 naming the first broken entry.",
     )
     checking.add_argument("--instance", metavar="ID", help="check one instance's chain and rows only")
+    checking.add_argument(
+        "--anchors",
+        metavar="DIR",
+        type=Path,
+        help="also hold every checkpoint in DIR (PERSISTENCE_AUDIT_ANCHOR_DIR) against its chain",
+    )
+    checking.add_argument(
+        "--public-key", metavar="PATH.pub", type=Path, help="check the checkpoints' signatures with this key"
+    )
+    checking.add_argument(
+        "--from-export",
+        metavar="FILE",
+        type=Path,
+        help="check an exported trail (`export audit --format jsonl`) instead of the database: no database needed",
+    )
+    checking.add_argument(
+        "--since-last-anchor",
+        action="store_true",
+        help="check only what follows each chain's newest checkpoint that still matches (needs --anchors)",
+    )
     checking.set_defaults(handler=verify_command)
+    keygen = actions.add_parser(
+        "keygen",
+        help="write an Ed25519 key pair that signs the checkpoints",
+        description="Write an Ed25519 private key (PEM, mode 0600) at PATH and its public key at PATH.pub. Set "
+        "PERSISTENCE_AUDIT_SIGNING_KEY=PATH for the sidecar; give PATH.pub to whoever verifies. Never overwrites.",
+    )
+    keygen.add_argument("path", type=Path, metavar="PATH", help="where the private key goes")
+    keygen.set_defaults(handler=keygen_command)
     listing = actions.add_parser(
         "versions",
         help="every audited version of one record, oldest first (JSON lines)",
