@@ -326,3 +326,8 @@ class TransientFault(InternalSignal):
 
 class StatementAbandoned(InternalSignal):
     """Raised on the driver's thread instead of starting a statement of a call its caller gave up on."""
+
+
+class StoredValueNotAsWritten(InternalSignal):
+    """A stored value the sidecar would not have written: verify sends its row down the slow path, which says what
+    it is."""

@@ -41,6 +41,7 @@ from persistence.db.columns import decode_datetime
 from persistence.db.engine import Database
 from persistence.db.rowcodec import RowReader
 from persistence.db.schema import audit_log, parameter_history, performance_snapshots, signals, trades
+from persistence.errors import StoredValueNotAsWritten
 from persistence.records.models import ParameterChange, PerformanceSnapshot, Record, Signal, Trade, utc_now
 
 CHUNK = 20_000
@@ -396,7 +397,7 @@ class _Verifier:
                         try:
                             if entry is not None and entry[3] == stored_text(row) and row[-1] == entry[1]:
                                 continue
-                        except _NotAsWritten:
+                        except StoredValueNotAsWritten:
                             pass
                         rows_left.append(row)
                 else:
@@ -499,10 +500,6 @@ class _Verifier:
             after = keys[-1]
 
 
-class _NotAsWritten(Exception):
-    """A stored value the sidecar would not have written: the row takes the slow path, which says what it is."""
-
-
 def _sqlite_comparison(table: Table, fields: Sequence[str], key: str, one_instance: bool) -> str:
     """SQLite SQL: per row after a key, its key and whether it equals its latest audited version (1) or not (0).
 
@@ -531,20 +528,20 @@ def _sqlite_comparison(table: Table, fields: Sequence[str], key: str, one_instan
 
 def _stored_decimal(value: Any) -> str:
     if type(value) is not int:  # None is handled before
-        raise _NotAsWritten
+        raise StoredValueNotAsWritten
     sign, value = ("-", -value) if value < 0 else ("", value)
     return f'"{sign}{value // 100_000_000}.{value % 100_000_000:08d}"'
 
 
 def _stored_datetime(value: Any) -> str:
     if type(value) is not str or len(value) != 26:
-        raise _NotAsWritten
+        raise StoredValueNotAsWritten
     return f'"{value[:10]}T{value[11:]}Z"'
 
 
 def _stored_string(value: Any) -> str:
     if type(value) is not str:
-        raise _NotAsWritten
+        raise StoredValueNotAsWritten
     return encode_basestring_ascii(value)
 
 
@@ -552,7 +549,7 @@ def _stored_integer(value: Any) -> str:
     if value is None:
         return "null"
     if type(value) is not int:
-        raise _NotAsWritten
+        raise StoredValueNotAsWritten
     return str(value)
 
 
@@ -563,7 +560,7 @@ def _stored_boolean(value: Any) -> str:
         return "true"
     if value == 0 and type(value) is int:
         return "false"
-    raise _NotAsWritten
+    raise StoredValueNotAsWritten
 
 
 def _stored_encoder(table: Table, fields: Sequence[str]) -> Callable[[Sequence[Any]], str]:
@@ -571,7 +568,7 @@ def _stored_encoder(table: Table, fields: Sequence[str]) -> Callable[[Sequence[A
 
     The same text :class:`~persistence.audit.chain.VersionEncoder` writes for the decoded record, without decoding:
     scaled integers, fixed-width timestamps and text turned into their canonical text directly. A value the sidecar
-    would not have stored raises ``_NotAsWritten``. Generated once per table.
+    would not have stored raises ``StoredValueNotAsWritten``. Generated once per table.
     """
     kinds = column_kinds(table)
     pieces: list[str] = []
