@@ -384,3 +384,45 @@ def test_history_refuses_bad_arguments_with_exit_2(tmp_path: Path, args: tuple[s
     assert result.returncode == 2 and args[0] in result.stderr and "Traceback" not in result.stderr
     with sqlite3.connect(tmp_path / "data" / "trading_system.db") as connection:
         assert connection.execute("SELECT COUNT(*) FROM trades").fetchone()[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------- reading never creates
+
+READING_COMMANDS = [
+    ("status",),
+    ("history",),
+    ("export", "trades", "-o", "out.parquet"),
+    ("audit", "verify"),
+    ("audit", "versions", "trade", "T-1"),
+]
+
+
+@pytest.mark.parametrize("command", READING_COMMANDS, ids=lambda command: " ".join(command[:2]))
+def test_a_command_that_reads_a_database_that_does_not_exist_says_so_and_creates_nothing(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    result = run_cli(*command, cwd=tmp_path, DATABASE_URL="sqlite+aiosqlite:///typo/trading.db")
+    result_here = run_cli(*command, cwd=tmp_path, DATABASE_URL="sqlite+aiosqlite:///typo.db")
+    for done, path in ((result, "typo/trading.db"), (result_here, "typo.db")):
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.startswith(f"persistence-sidecar: the database {path} does not exist")
+        assert len(done.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("command", READING_COMMANDS, ids=lambda command: " ".join(command[:2]))
+def test_a_command_that_reads_a_postgresql_database_that_does_not_exist_is_one_line(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    base = os.environ.get("PERSISTENCE_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("PERSISTENCE_TEST_POSTGRES_URL is not set; PostgreSQL tests skipped")
+    missing = base.rsplit("/", 1)[0] + "/persistence_no_such_database"
+    done = run_cli(*command, cwd=tmp_path, DATABASE_URL=missing)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(
+        "persistence-sidecar: the database 'persistence_no_such_database' does not exist on the server"
+    )
+    assert len(done.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -365,3 +367,78 @@ def test_the_readme_export_example_runs(tmp_path: Path) -> None:
     first, summary, rows = done.stdout.splitlines()
     assert first == "25 decimal128(18, 8)" and rows == "25"
     assert summary.startswith("exported 25 trades to eurusd.parquet (parquet, ")
+
+
+# ---------------------------------------------------------------------------------------------- one-line errors
+
+
+@contextlib.contextmanager
+def _tmpfs(where: Path, *options: str) -> Iterator[Path]:
+    """A small tmpfs of our own at ``where`` (root only), unmounted at the end."""
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        for option in options:
+            subprocess.run(["mount", "-o", f"remount,{option}", str(where)], check=True)
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.fixture(scope="module")
+def exportable_database(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('export-errors') / 'bot.db'}"
+
+    async def prepare() -> None:
+        database = create_database(make_settings(database_url=url))
+        try:
+            await upgrade(database)
+            await record_everything(database, varied_trades(3_000))
+        finally:
+            await database.dispose()
+
+    asyncio.run(prepare())
+    return url
+
+
+def _export_to(output: str, fmt: str, url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": url}
+    command = [sys.executable, "-m", "persistence", "export", "trades", "--format", fmt, "-o", output]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _assert_one_line(done: subprocess.CompletedProcess[str], output: str, cause: str) -> None:
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"persistence-sidecar: cannot write {output}: {cause}; nothing was written\n"
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_an_export_that_cannot_write_says_why_in_one_line_naming_the_users_path(
+    tmp_path: Path, exportable_database: str, fmt: str
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    _assert_one_line(
+        _export_to("missing/t.out", fmt, exportable_database, tmp_path),
+        "missing/t.out",
+        "the folder missing does not exist",
+    )
+    _assert_one_line(
+        _export_to("a-file/sub/t.out", fmt, exportable_database, tmp_path),
+        "a-file/sub/t.out",
+        "a-file is a file, not a folder",
+    )
+    with _tmpfs(tmp_path / "ro", "ro") as read_only:
+        _assert_one_line(
+            _export_to("ro/t.out", fmt, exportable_database, tmp_path), "ro/t.out", "the file system is read-only"
+        )
+        assert list(read_only.iterdir()) == []
+    with _tmpfs(tmp_path / "full") as full:
+        _assert_one_line(
+            _export_to("full/t.out", fmt, exportable_database, tmp_path),
+            "full/t.out",
+            "no space left on the device (the disk is full)",
+        )
+        assert list(full.iterdir()) == [], "the temporary file is removed"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file", "full", "ro"]

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Boolean, Column, ColumnElement, Table, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -56,7 +56,10 @@ from persistence.tools.export_files import (
     require_pyarrow,
     resolve_format,
     temporary_path,
+    write_failure,
 )
+
+T = TypeVar("T")
 
 __all__ = [
     "ANALYSIS_EXTRA",
@@ -413,19 +416,31 @@ async def export(
     # One worker thread for the file, so writes happen in order and an abort never races a write.
     files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persistence-export")
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(files, remove_stale_partials, destination)
-    sink = await loop.run_in_executor(files, ExportFile, fmt, partial, arrow_schema(spec))
+
+    async def on_file(step: Callable[..., T], *args: Any) -> T:
+        """One step on the file, in its thread; a file system's refusal names ``path`` and the cause."""
+        try:
+            return await loop.run_in_executor(files, step, *args)
+        except OSError as exc:
+            raise write_failure(destination, exc) from None
+
+    try:
+        await on_file(remove_stale_partials, destination)
+        sink = await on_file(ExportFile, fmt, partial, arrow_schema(spec))
+    except BaseException:
+        files.shutdown(wait=False)
+        raise
     rows = 0
     try:
         batches = iter_batches(database, entity, chunk_rows=chunk_rows, **filters)
         async with contextlib.aclosing(batches):
             async for batch in batches:
-                await loop.run_in_executor(files, sink.write, batch)
+                await on_file(sink.write, batch)
                 rows += batch.num_rows
                 if progress is not None:
                     progress(rows)
-        size = await loop.run_in_executor(files, sink.finish)
-        await loop.run_in_executor(files, publish, partial, destination)
+        size = await on_file(sink.finish)
+        await on_file(publish, partial, destination)
     except BaseException:
         await asyncio.shield(loop.run_in_executor(files, sink.abort))
         raise

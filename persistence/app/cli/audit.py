@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from persistence.app.cli.existing import require_existing
 from persistence.app.cli.progress import ProgressBar
 from persistence.audit.trail import AuditLog
 from persistence.audit.verify import count_checks, verify
@@ -56,6 +57,7 @@ async def _checked(settings: Settings) -> str | None:
 
 async def _on_the_trail(settings: Settings, work: Callable[[Database], Awaitable[int]]) -> int:
     """Run ``work`` on the database when it can be audited; else say why (exit status 2)."""
+    await require_existing(settings)  # reading never creates
     problem = await _checked(settings)
     if problem is not None:
         return _fail(problem, 2)

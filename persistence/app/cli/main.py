@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from persistence.app.cli.audit import add_audit_commands
+from persistence.app.cli.existing import require_existing
 from persistence.app.cli.portability import add_commands, add_migrate_options, iso8601_argument
 from persistence.app.server import url_host
 from persistence.config import Settings
@@ -88,6 +89,7 @@ def server_health(settings: Settings, timeout: float = 1.0) -> dict[str, Any] | 
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    await require_existing(settings)
     report: dict[str, Any] = {"database": settings.safe_database_url, "head_revision": head_revision()}
     path = sqlite_path(settings.url) if settings.is_sqlite else None
     if path is not None:
@@ -254,6 +256,7 @@ def trade_table(trades: Sequence[Trade]) -> str:
 
 
 async def _history(args: argparse.Namespace, settings: Settings) -> int:
+    await require_existing(settings)
     database = create_database(settings)
     try:
         try:

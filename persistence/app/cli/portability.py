@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from persistence.app.cli.existing import require_existing
 from persistence.app.cli.progress import ProgressBar
 from persistence.config import Settings
 from persistence.db.backups import automatic_backups, backup_dir_for
@@ -25,6 +26,7 @@ from persistence.errors import ConfigurationError, CopyMismatchError, InvalidQue
 from persistence.migrations import current_revision, migrate_to, upgrade
 from persistence.records.iso8601 import parse_iso8601
 from persistence.records.models import ENTITIES, SESSIONS
+from persistence.tables.repositories import AMENDMENT_RULES
 from persistence.tools.copy import DEFAULT_CHUNK_ROWS, copy_database
 from persistence.tools.export import EXPORTABLES, FORMATS, count_rows, export, require_pyarrow, resolve_format
 from persistence.tools.restore import restore_sqlite
@@ -105,6 +107,7 @@ async def export_command(args: argparse.Namespace, settings: Settings) -> int:
     if exists and not args.force:
         return _fail(f"{output} exists; pass --force to replace it")
     filters = _export_filters(args)
+    await require_existing(settings)
     database = create_database(settings)
     try:
         try:
@@ -142,8 +145,6 @@ async def copy_command(args: argparse.Namespace, settings: Settings) -> int:
         target_settings = _settings_for(args.to)
     except ConfigurationError as exc:
         return _fail(str(exc), 2)
-    if source_settings.url == target_settings.url:
-        return _fail("the source and the target are the same database", 2)
     source = create_database(source_settings)
     target = create_database(target_settings)
     bars: dict[str, ProgressBar] = {}
@@ -157,7 +158,9 @@ async def copy_command(args: argparse.Namespace, settings: Settings) -> int:
         bar.update(done)
 
     try:
-        report = await copy_database(source, target, chunk_rows=args.chunk_size, progress=progress)
+        report = await copy_database(
+            source, target, rules=AMENDMENT_RULES, chunk_rows=args.chunk_size, progress=progress
+        )
     except CopyMismatchError as exc:
         for bar in bars.values():
             bar.close()
