@@ -24,6 +24,7 @@ from persistence import PersistenceSidecar
 from persistence.write.journal import Journal
 from tests.conftest import make_settings
 from tests.factories import BASE_TIME, make_trade
+from tests.portability_data import small_tmpfs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -300,6 +301,35 @@ def test_backup_while_a_writer_is_busy_is_a_consistent_copy(tmp_path: Path) -> N
     # A snapshot: the busy rows in the copy are exactly a prefix of what was written, none torn.
     assert trades_in_copy == 3000 + busy_in_copy and busy_in_copy <= written[0]
     assert run_cli("backup", str(tmp_path / "copy.db"), cwd=tmp_path).returncode == 1  # no silent overwrite
+
+
+def test_a_backup_that_cannot_be_written_is_one_line_and_leaves_nothing_nor_harms_the_last_backup(
+    tmp_path: Path,
+) -> None:
+    seed_trades(tmp_path / "data" / "trading_system.db", 3000)
+    (tmp_path / "a-file").write_text("not a folder")
+    for destination, cause in (
+        ("missing/b.db", "the folder missing does not exist"),
+        ("a-file/b.db", "a-file is a file, not a folder"),
+    ):
+        result = run_cli("backup", destination, cwd=tmp_path)
+        assert (result.returncode, result.stdout) == (1, "")
+        assert result.stderr == f"persistence-sidecar: cannot back up to {destination}: {cause}; nothing was written\n"
+    with small_tmpfs(tmp_path / "ro", "ro"):
+        result = run_cli("backup", "ro/b.db", cwd=tmp_path)
+        assert result.stderr == (
+            "persistence-sidecar: cannot back up to ro/b.db: the file system is read-only; nothing was written\n"
+        )
+    with small_tmpfs(tmp_path / "full", size="64k") as full:
+        (full / "b.db").write_bytes(b"the last good backup")
+        result = run_cli("backup", "full/b.db", "--force", cwd=tmp_path)
+        assert result.returncode == 1 and result.stderr == (
+            "persistence-sidecar: cannot back up to full/b.db: no space left on the device (the disk is full);"
+            " nothing was written\n"
+        )
+        assert [path.name for path in full.iterdir()] == ["b.db"]
+        assert (full / "b.db").read_bytes() == b"the last good backup", "--force replaces only with a whole backup"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file", "data", "full", "ro"]
 
 
 def test_backup_on_postgres_points_to_pg_dump_and_exits_2(tmp_path: Path) -> None:

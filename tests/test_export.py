@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import io
 import json
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -31,7 +29,7 @@ from persistence.records.models import Trade
 from persistence.tables.repositories import Repositories
 from persistence.tools.export import iter_batches
 from tests.conftest import make_settings
-from tests.portability_data import as_rows, fill_trades_fast, record_everything, varied_trades
+from tests.portability_data import as_rows, fill_trades_fast, record_everything, small_tmpfs, varied_trades
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRADE_COUNT = 20_500
@@ -372,21 +370,6 @@ def test_the_readme_export_example_runs(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- one-line errors
 
 
-@contextlib.contextmanager
-def _tmpfs(where: Path, *options: str) -> Iterator[Path]:
-    """A small tmpfs of our own at ``where`` (root only), unmounted at the end."""
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(where)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        for option in options:
-            subprocess.run(["mount", "-o", f"remount,{option}", str(where)], check=True)
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
-
-
 @pytest.fixture(scope="module")
 def exportable_database(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('export-errors') / 'bot.db'}"
@@ -429,12 +412,12 @@ def test_an_export_that_cannot_write_says_why_in_one_line_naming_the_users_path(
         "a-file/sub/t.out",
         "a-file is a file, not a folder",
     )
-    with _tmpfs(tmp_path / "ro", "ro") as read_only:
+    with small_tmpfs(tmp_path / "ro", "ro") as read_only:
         _assert_one_line(
             _export_to("ro/t.out", fmt, exportable_database, tmp_path), "ro/t.out", "the file system is read-only"
         )
         assert list(read_only.iterdir()) == []
-    with _tmpfs(tmp_path / "full") as full:
+    with small_tmpfs(tmp_path / "full") as full:
         _assert_one_line(
             _export_to("full/t.out", fmt, exportable_database, tmp_path),
             "full/t.out",

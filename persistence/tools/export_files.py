@@ -10,13 +10,13 @@ that reports a missing pyarrow by the extra to install. Everything here is block
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import secrets
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from persistence.db.backups import write_failure_cause
 from persistence.errors import AnalysisExtraMissingError, ExportError, InvalidQueryError
 from persistence.records.models import DECIMAL_PRECISION, DECIMAL_SCALE
 
@@ -178,27 +178,7 @@ def publish(partial: Path, destination: Path) -> None:
             os.close(descriptor)
 
 
-def _not_a_folder(folder: Path) -> Path:
-    """The first ancestor of ``folder`` that exists and is not a folder (or ``folder`` when none is found)."""
-    for candidate in [*reversed(folder.parents), folder]:
-        if candidate.exists() and not candidate.is_dir():
-            return candidate
-    return folder
-
-
 def write_failure(destination: Path, error: OSError) -> ExportError:
     """One line naming the file asked for and why it cannot be written (never the hidden temporary file)."""
-    code = error.errno
-    if code == errno.ENOENT:
-        cause = f"the folder {destination.parent} does not exist"
-    elif code == errno.ENOTDIR:
-        cause = f"{_not_a_folder(destination.parent)} is a file, not a folder"
-    elif code == errno.EROFS:
-        cause = "the file system is read-only"
-    elif code in (errno.ENOSPC, errno.EDQUOT):
-        cause = "no space left on the device (the disk is full)"
-    elif code in (errno.EACCES, errno.EPERM):
-        cause = "permission denied"
-    else:
-        cause = error.strerror or type(error).__name__
+    cause = write_failure_cause(destination, error)
     return ExportError(f"cannot write {destination}: {cause}; nothing was written", path=destination)
