@@ -502,3 +502,17 @@ async def test_a_missing_source_is_refused_and_not_created(tmp_path: Path) -> No
     with pytest.raises(CopyRefusedError, match=f"the source database {tmp_path / 'typo.db'} does not exist"):
         await _copy(_sqlite(tmp_path / "typo.db"), _sqlite(tmp_path / "new.db"))
     assert not (tmp_path / "typo.db").exists() and not (tmp_path / "new.db").exists()
+
+
+@pytest.mark.postgres
+async def test_a_copy_to_a_postgresql_database_that_does_not_exist_is_one_line_without_resume_advice(
+    tmp_path: Path, postgres_target: str
+) -> None:
+    await _source(tmp_path / "bot.db", 5)
+    missing = make_url(postgres_target).set(database="persistence_no_such_target").render_as_string(False)
+    status, out, err = await _cli(
+        "copy", "--to", missing, cwd=tmp_path, env={"DATABASE_URL": _sqlite(tmp_path / "bot.db")}
+    )
+    assert (status, out) == (1, "")
+    assert err.startswith("persistence-sidecar: the database 'persistence_no_such_target' does not exist on the server")
+    assert len(err.splitlines()) == 1 and "resume" not in err

@@ -40,7 +40,7 @@ async def require_existing(settings: Settings) -> None:
         if path is not None and not await asyncio.to_thread(path.is_file):
             raise DatabaseMissingError(
                 f"the database {path} does not exist ({settings.safe_database_url}); nothing was created"
-                " (check DATABASE_URL; `persistence-sidecar migrate` creates a new one)"
+                " (check the URL; `persistence-sidecar migrate` creates a new one)"
             )
         return
     database = create_database(settings)

@@ -145,6 +145,9 @@ async def copy_command(args: argparse.Namespace, settings: Settings) -> int:
         target_settings = _settings_for(args.to)
     except ConfigurationError as exc:
         return _fail(str(exc), 2)
+    await require_existing(source_settings)
+    if not target_settings.is_sqlite:  # a SQLite target is created; a server's database must be there
+        await require_existing(target_settings)
     source = create_database(source_settings)
     target = create_database(target_settings)
     bars: dict[str, ProgressBar] = {}
