@@ -129,7 +129,7 @@ async def _count(database: Database, of: Table) -> int:
 
 async def _check_source(source: Database) -> None:
     path = sqlite_path(source.settings.url) if source.is_sqlite else None
-    if path is not None and not await asyncio.to_thread(path.is_file):
+    if path is not None and not await asyncio.to_thread(path.exists):
         raise CopyRefusedError(f"the source database {path} does not exist")
     head = head_revision()
     revision = await current_revision(source)

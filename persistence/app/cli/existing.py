@@ -37,7 +37,7 @@ async def require_existing(settings: Settings) -> None:
     """
     if settings.is_sqlite:
         path = sqlite_path(settings.url)
-        if path is not None and not await asyncio.to_thread(path.is_file):
+        if path is not None and not await asyncio.to_thread(path.exists):
             raise DatabaseMissingError(
                 f"the database {path} does not exist ({settings.safe_database_url}); nothing was created"
                 " (check the URL; `persistence-sidecar migrate` creates a new one)"

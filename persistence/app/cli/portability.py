@@ -169,7 +169,10 @@ async def copy_command(args: argparse.Namespace, settings: Settings) -> int:
             bar.close()
         for line in exc.report.lines():
             print(line)
-        return _fail(f"the copy differs from the source in {', '.join(exc.tables)}")
+        return _fail(
+            f"the copy differs from the source in {', '.join(exc.tables)} (if the source was being written"
+            " meanwhile, stop its writer and run the copy again: it amends what changed)"
+        )
     except (OSError, SQLAlchemyError) as exc:
         return _fail(f"the copy stopped: {_one_line(exc)}; run it again to resume")
     finally:
@@ -280,8 +283,11 @@ def add_commands(commands: Any) -> None:
         "copy",
         help="copy every table to another database (SQLite <-> PostgreSQL), then compare them",
         description="Copy every table from DATABASE_URL (or --from) to --to, migrating the target first, in "
-        "chunks; running it again adds nothing and finishes an interrupted copy. It ends by comparing each "
-        "table's row count and checksum and exits non-zero naming any table that differs.",
+        "chunks. The target must be empty or an earlier copy of the same source (anything else, or the source "
+        "itself under another name, is refused before anything is written). Running it again adds what is new, "
+        "amends what changed at the source (the newer version wins, as in the writer) and finishes an interrupted "
+        "copy. It ends by comparing each table's row count and checksum and exits non-zero naming any table that "
+        "differs.",
     )
     copying.add_argument("--to", required=True, metavar="URL", help="the target database URL")
     copying.add_argument("--from", dest="from_url", metavar="URL", help="the source (default: DATABASE_URL)")
