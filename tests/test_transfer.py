@@ -516,3 +516,24 @@ async def test_a_copy_to_a_postgresql_database_that_does_not_exist_is_one_line_w
     assert (status, out) == (1, "")
     assert err.startswith("persistence-sidecar: the database 'persistence_no_such_target' does not exist on the server")
     assert len(err.splitlines()) == 1 and "resume" not in err
+
+
+async def test_the_way_back_after_a_move_copies_into_the_database_the_source_was_copied_from(tmp_path: Path) -> None:
+    """Moved from a.db to b.db, the bot ran on b.db (amending a trade, adding one); copying b.db back into a.db is
+    allowed (b.db records that it is a copy of a.db) and brings a.db up to date."""
+    old, new = _sqlite(tmp_path / "a.db"), _sqlite(tmp_path / "b.db")
+    await _source(tmp_path / "a.db", 30)
+    await _copy(old, new)
+    moved = _db(new)
+    try:
+        repos = Repositories(moved)
+        await repos.trades.save_trade(_amended(varied_trades(30)[3], 1))
+        await repos.trades.save_trade(varied_trades(1, prefix="AFTER")[0])
+    finally:
+        await moved.dispose()
+    report = await _copy(new, old)
+    assert {entry.table: (entry.added, entry.amended) for entry in report.tables}["trades"] == (1, 1)
+    assert await _everything(old) == await _everything(new)
+    await _source(tmp_path / "c.db", 5)
+    with pytest.raises(CopyRefusedError, match=r"already holds data, copied from sqlite:\S+b\.db: trades \(31 rows\)"):
+        await _copy(_sqlite(tmp_path / "c.db"), old)

@@ -3,8 +3,9 @@
 Before writing anything the copy makes sure it may: source and target are compared by what they are, not how their
 URLs are spelled (:func:`database_identity`: SQLite's resolved file, symlinks included; PostgreSQL's system identifier
 and database), so a copy onto itself is refused; the source must be at this release's head revision (a newer one
-advises a newer release); and the target must be empty or an earlier copy of this same source, which it records in
-``copy_sources`` before the first row is written. Anything else is refused naming what the target holds.
+advises a newer release); and the target must be empty, an earlier copy of this same source, or the database this
+source was itself copied from (the way back after a move). The target records the source in ``copy_sources`` before
+the first row is written. Anything else is refused naming what the target holds.
 
 Rows are matched by what identifies them in any database, never by surrogate ids, which are each database's own:
 trades by ``trade_id``, signals by ``signal_id``, snapshots and parameter changes by their UUID ``id``, audit entries by
@@ -165,16 +166,22 @@ def _holdings(sync_connection: Connection) -> tuple[dict[str, int], list[str]]:
     return counts, sources
 
 
-async def _check_target(target: Database, source_identity: str) -> None:
-    """Refuse a target that holds data unless it is an earlier copy of this source; reads only."""
+async def _copied_from(database: Database) -> list[str]:
+    async with database.read() as connection:
+        return list((await connection.execute(select(copy_sources.c.source))).scalars())
+
+
+async def _check_target(source: Database, target: Database, source_identity: str, target_identity: str) -> None:
+    """Refuse a target that holds data unless it is an earlier copy of this source, or the database this source was
+    copied from (the way back after a move); reads only."""
     path = sqlite_path(target.settings.url) if target.is_sqlite else None
     if path is not None and not await asyncio.to_thread(path.exists):
         return
     async with target.read() as connection:
         counts, sources = await connection.run_sync(_holdings)
-    if not counts or source_identity in sources:
+    if not counts or source_identity in sources or target_identity in await _copied_from(source):
         return
-    found = ", ".join(f"{name} ({rows:,} rows)" for name, rows in counts.items())
+    found = ", ".join(f"{name} ({rows:,} row{'' if rows == 1 else 's'})" for name, rows in counts.items())
     origin = f"copied from {', '.join(sources)}" if sources else "not a copy of this source"
     raise CopyRefusedError(
         f"the target already holds data, {origin}: {found}; nothing was written (copy into an empty database)"
@@ -197,10 +204,11 @@ async def copy_database(
     and :class:`CopyMismatchError` (carrying the report) when a table differs after the copy.
     """
     source_identity = await database_identity(source)
-    if source_identity == await database_identity(target):
+    target_identity = await database_identity(target)
+    if source_identity == target_identity:
         raise CopyRefusedError(f"the source and the target are the same database ({source_identity})")
     await _check_source(source)
-    await _check_target(target, source_identity)
+    await _check_target(source, target, source_identity, target_identity)
     await upgrade(target, lock_wait_seconds=lock_wait_seconds)
     async with target.write() as connection:
         await connection.execute(
