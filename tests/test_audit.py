@@ -41,7 +41,7 @@ from persistence.db.engine import Database, create_database
 from persistence.db.schema import audit_log
 from persistence.migrations import migrate_to, upgrade
 from persistence.records.models import SignalExecution, Trade
-from persistence.tables.repositories import Repositories
+from persistence.tables.repositories import AMENDMENT_RULES, Repositories
 from persistence.tools.copy import copy_database
 from persistence.tools.export import export
 from tests.conftest import empty_every_table, make_settings
@@ -629,7 +629,7 @@ async def test_a_copied_database_keeps_a_trail_that_verifies_and_is_caught_when_
     try:
         await upgrade(source)
         await _three_versions(source, Repositories(source))
-        report = await copy_database(source, target, chunk_rows=2)
+        report = await copy_database(source, target, rules=AMENDMENT_RULES, chunk_rows=2)
         assert report.mismatched == []
         copied = await verify(target)
         assert copied.ok, copied.lines()
