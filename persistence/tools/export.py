@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -320,13 +320,16 @@ async def iter_batches(
     convert = _Converter(spec, stored=database.is_sqlite)
     async with database.read() as connection:
         chunks = _sqlite_chunks if database.is_sqlite else _streamed_chunks
-        async for rows in chunks(connection, spec, conditions, chunk_rows):
-            yield await asyncio.to_thread(convert, rows)
+        # Closed here, while the connection is open: an export stopped half way (a full disk) must not leave the
+        # reader to be finalised later on a closed connection.
+        async with contextlib.aclosing(chunks(connection, spec, conditions, chunk_rows)) as stream:
+            async for rows in stream:
+                yield await asyncio.to_thread(convert, rows)
 
 
 async def _sqlite_chunks(
     connection: AsyncConnection, spec: Exportable, conditions: Sequence[_Condition], chunk_rows: int
-) -> AsyncIterator[Sequence[Sequence[Any]]]:
+) -> AsyncGenerator[Sequence[Sequence[Any]], None]:
     # One cursor on the driver: a single statement reads from one snapshot, and each fetch is one hop to the driver's
     # thread returning rows as stored, with none of SQLAlchemy's per-value processing.
     raw = await connection.get_raw_connection()
@@ -354,7 +357,7 @@ async def _sqlite_chunks(
 
 async def _streamed_chunks(
     connection: AsyncConnection, spec: Exportable, conditions: Sequence[_Condition], chunk_rows: int
-) -> AsyncIterator[Sequence[Sequence[Any]]]:
+) -> AsyncGenerator[Sequence[Sequence[Any]], None]:
     statement = (
         select(*spec.columns)
         .where(*_core_where(spec.table, conditions))
