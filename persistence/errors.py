@@ -193,6 +193,23 @@ class CopyMismatchError(PersistenceError):
         super().__init__(f"the copy differs from the source in table(s): {', '.join(self.tables)}")
 
 
+class CopyRefusedError(PersistenceError):
+    """A copy refused before writing anything: the target is the source itself, or holds data that is not an earlier
+    copy of this source, or the source's schema is not this release's."""
+
+
+class ExportError(PersistenceError):
+    """An export could not write its file; ``path`` is the file asked for (never the hidden temporary one)."""
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class DatabaseMissingError(PersistenceError):
+    """A command that only reads was pointed at a database that does not exist; nothing was created."""
+
+
 class BackupError(PersistenceError):
     """A backup could not be made; ``path`` is the database it was made of."""
 

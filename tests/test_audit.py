@@ -8,7 +8,6 @@ import json
 import os
 import pty
 import signal
-import sqlite3
 import subprocess
 import sys
 import tracemalloc
@@ -48,7 +47,7 @@ from persistence.db.rowcodec import DriverBatch
 from persistence.db.schema import audit_log, trades
 from persistence.migrations import migrate_to, upgrade
 from persistence.records.models import SignalExecution, Trade
-from persistence.tables.repositories import Repositories
+from persistence.tables.repositories import AMENDMENT_RULES, Repositories
 from persistence.tools.copy import copy_database
 from persistence.tools.export import export
 from tests.support import (
@@ -58,22 +57,12 @@ from tests.support import (
     sqlite_file,
     start_recorder_until_killed,
 )
+from tests.support.audit import audit_cli, closed_version, tamper
 from tests.support.databases import empty_every_table, make_settings
 from tests.support.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 
 SettingsFactory = Callable[..., Settings]
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def closed_version(trade: Trade, seconds: int = 60, pnl: str = "12.5") -> Trade:
-    return trade.model_copy(
-        update={
-            "exit_time": trade.entry_time + timedelta(seconds=seconds),
-            "exit_price": trade.entry_price + Decimal("0.001"),
-            "pnl": Decimal(pnl).quantize(Decimal("0.00000001")),
-            "updated_at": trade.updated_at + timedelta(seconds=seconds),
-        }
-    )
 
 
 async def entries(database: Database, instance: str | None = None) -> list[dict[str, Any]]:
@@ -84,28 +73,6 @@ async def entries(database: Database, instance: str | None = None) -> list[dict[
             {"instance": instance},
         )
         return [dict(row) for row in result.mappings()]
-
-
-async def tamper(database_url: str, *statements: str) -> None:
-    """Run ``statements`` on a second connection, past the trail's triggers (as a superuser or the file's owner can)."""
-    url = make_url(database_url)
-    if url.get_backend_name() == "sqlite":
-        with sqlite3.connect(url.database or "") as connection:
-            connection.execute("DROP TRIGGER IF EXISTS audit_log_no_update")
-            connection.execute("DROP TRIGGER IF EXISTS audit_log_no_delete")
-            for statement in statements:
-                connection.execute(statement)
-        return
-    connection = await asyncpg.connect(
-        host=url.host, port=url.port or 5432, user=url.username, password=url.password, database=url.database
-    )
-    try:
-        async with connection.transaction():
-            await connection.execute("SET LOCAL session_replication_role = replica")
-            for statement in statements:
-                await connection.execute(statement)
-    finally:
-        await connection.close()
 
 
 # ---------------------------------------------------------------------------------------------- what is audited
@@ -437,18 +404,6 @@ async def test_rows_written_before_the_trail_get_a_baseline_chain(fresh_url: str
 # ---------------------------------------------------------------------------------------------- crashes, the CLI
 
 
-def audit_cli(database_url: str, *arguments: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": database_url}
-    return subprocess.run(
-        [sys.executable, "-m", "persistence", "audit", *arguments],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_a_kill_9_mid_stream_leaves_chains_that_verify_and_miss_nothing(fresh_url: str, tmp_path: Path) -> None:
     """kill -9 of a child writing trades (every third closed later): no gap, no fork, every persisted one audited."""
     journal = tmp_path / "journal"
@@ -689,7 +644,7 @@ async def test_a_copied_database_keeps_a_trail_that_verifies_and_is_caught_when_
     try:
         await upgrade(source)
         await _three_versions(source, Repositories(source))
-        report = await copy_database(source, target, chunk_rows=2)
+        report = await copy_database(source, target, rules=AMENDMENT_RULES, chunk_rows=2)
         assert report.mismatched == []
         copied = await verify(target)
         assert copied.ok, copied.lines()

@@ -38,10 +38,10 @@ from persistence.migrations import upgrade
 from persistence.observe.events import AuditAnchored, Event
 from persistence.records.models import utc_now
 from persistence.testing import FakeClock
-from tests.conftest import empty_every_table, make_settings
-from tests.factories import make_trade
 from tests.support import eventually
-from tests.test_audit import audit_cli, closed_version, tamper
+from tests.support.audit import audit_cli, closed_version, tamper
+from tests.support.databases import empty_every_table, make_settings
+from tests.support.factories import make_trade
 
 SettingsFactory = Callable[..., Settings]
 INTERVAL = 30.0
@@ -547,7 +547,7 @@ async def test_verify_on_sqlite_checks_rows_as_stored_without_decoding_any_and_s
     from persistence.db.rowcodec import RowReader
     from persistence.migrations import upgrade as migrate
     from persistence.tables.repositories import Repositories
-    from tests.factories import make_parameter_change, make_signal, make_snapshot
+    from tests.support.factories import make_parameter_change, make_signal, make_snapshot
 
     database = create_database(make_settings(database_url=sqlite_url))
     try:
@@ -620,7 +620,7 @@ def audit_export(database_url: str, output: Path) -> Any:
     import subprocess
     import sys
 
-    from tests.test_audit import REPO_ROOT
+    from tests.support import REPO_ROOT
 
     return subprocess.run(
         [sys.executable, "-m", "persistence", "export", "audit", "--format", "jsonl", "--output", str(output)],

@@ -24,6 +24,7 @@ from persistence import PersistenceSidecar
 from persistence.write.journal import Journal
 from tests.support.databases import make_settings
 from tests.support.factories import BASE_TIME, make_trade
+from tests.support.portability import small_tmpfs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -302,6 +303,35 @@ def test_backup_while_a_writer_is_busy_is_a_consistent_copy(tmp_path: Path) -> N
     assert run_cli("backup", str(tmp_path / "copy.db"), cwd=tmp_path).returncode == 1  # no silent overwrite
 
 
+def test_a_backup_that_cannot_be_written_is_one_line_and_leaves_nothing_nor_harms_the_last_backup(
+    tmp_path: Path,
+) -> None:
+    seed_trades(tmp_path / "data" / "trading_system.db", 3000)
+    (tmp_path / "a-file").write_text("not a folder")
+    for destination, cause in (
+        ("missing/b.db", "the folder missing does not exist"),
+        ("a-file/b.db", "a-file is a file, not a folder"),
+    ):
+        result = run_cli("backup", destination, cwd=tmp_path)
+        assert (result.returncode, result.stdout) == (1, "")
+        assert result.stderr == f"persistence-sidecar: cannot back up to {destination}: {cause}; nothing was written\n"
+    with small_tmpfs(tmp_path / "ro", "ro"):
+        result = run_cli("backup", "ro/b.db", cwd=tmp_path)
+        assert result.stderr == (
+            "persistence-sidecar: cannot back up to ro/b.db: the file system is read-only; nothing was written\n"
+        )
+    with small_tmpfs(tmp_path / "full", size="64k") as full:
+        (full / "b.db").write_bytes(b"the last good backup")
+        result = run_cli("backup", "full/b.db", "--force", cwd=tmp_path)
+        assert result.returncode == 1 and result.stderr == (
+            "persistence-sidecar: cannot back up to full/b.db: no space left on the device (the disk is full);"
+            " nothing was written\n"
+        )
+        assert [path.name for path in full.iterdir()] == ["b.db"]
+        assert (full / "b.db").read_bytes() == b"the last good backup", "--force replaces only with a whole backup"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file", "data", "full", "ro"]
+
+
 def test_backup_on_postgres_points_to_pg_dump_and_exits_2(tmp_path: Path) -> None:
     result = run_cli(
         "backup", str(tmp_path / "x.db"), cwd=tmp_path, DATABASE_URL="postgresql+asyncpg://u:pw-secret@127.0.0.1:1/db"
@@ -384,3 +414,45 @@ def test_history_refuses_bad_arguments_with_exit_2(tmp_path: Path, args: tuple[s
     assert result.returncode == 2 and args[0] in result.stderr and "Traceback" not in result.stderr
     with sqlite3.connect(tmp_path / "data" / "trading_system.db") as connection:
         assert connection.execute("SELECT COUNT(*) FROM trades").fetchone()[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------- reading never creates
+
+READING_COMMANDS = [
+    ("status",),
+    ("history",),
+    ("export", "trades", "-o", "out.parquet"),
+    ("audit", "verify"),
+    ("audit", "versions", "trade", "T-1"),
+]
+
+
+@pytest.mark.parametrize("command", READING_COMMANDS, ids=lambda command: " ".join(command[:2]))
+def test_a_command_that_reads_a_database_that_does_not_exist_says_so_and_creates_nothing(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    result = run_cli(*command, cwd=tmp_path, DATABASE_URL="sqlite+aiosqlite:///typo/trading.db")
+    result_here = run_cli(*command, cwd=tmp_path, DATABASE_URL="sqlite+aiosqlite:///typo.db")
+    for done, path in ((result, "typo/trading.db"), (result_here, "typo.db")):
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.startswith(f"persistence-sidecar: the database {path} does not exist")
+        assert len(done.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("command", READING_COMMANDS, ids=lambda command: " ".join(command[:2]))
+def test_a_command_that_reads_a_postgresql_database_that_does_not_exist_is_one_line(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    base = os.environ.get("PERSISTENCE_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("PERSISTENCE_TEST_POSTGRES_URL is not set; PostgreSQL tests skipped")
+    missing = base.rsplit("/", 1)[0] + "/persistence_no_such_database"
+    done = run_cli(*command, cwd=tmp_path, DATABASE_URL=missing)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(
+        "persistence-sidecar: the database 'persistence_no_such_database' does not exist on the server"
+    )
+    assert len(done.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

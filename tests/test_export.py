@@ -29,7 +29,7 @@ from persistence.records.models import Trade
 from persistence.tables.repositories import Repositories
 from persistence.tools.export import iter_batches
 from tests.support.databases import make_settings
-from tests.support.portability import as_rows, fill_trades_fast, record_everything, varied_trades
+from tests.support.portability import as_rows, fill_trades_fast, record_everything, small_tmpfs, varied_trades
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRADE_COUNT = 20_500
@@ -364,3 +364,63 @@ def test_the_docs_export_example_runs(tmp_path: Path) -> None:
     first, summary, rows = done.stdout.splitlines()
     assert first == "25 decimal128(18, 8)" and rows == "25"
     assert summary.startswith("exported 25 trades to eurusd.parquet (parquet, ")
+
+
+# ---------------------------------------------------------------------------------------------- one-line errors
+
+
+@pytest.fixture(scope="module")
+def exportable_database(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('export-errors') / 'bot.db'}"
+
+    async def prepare() -> None:
+        database = create_database(make_settings(database_url=url))
+        try:
+            await upgrade(database)
+            await record_everything(database, varied_trades(3_000))
+        finally:
+            await database.dispose()
+
+    asyncio.run(prepare())
+    return url
+
+
+def _export_to(output: str, fmt: str, url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": url}
+    command = [sys.executable, "-m", "persistence", "export", "trades", "--format", fmt, "-o", output]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _assert_one_line(done: subprocess.CompletedProcess[str], output: str, cause: str) -> None:
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"persistence-sidecar: cannot write {output}: {cause}; nothing was written\n"
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_an_export_that_cannot_write_says_why_in_one_line_naming_the_users_path(
+    tmp_path: Path, exportable_database: str, fmt: str
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    _assert_one_line(
+        _export_to("missing/t.out", fmt, exportable_database, tmp_path),
+        "missing/t.out",
+        "the folder missing does not exist",
+    )
+    _assert_one_line(
+        _export_to("a-file/sub/t.out", fmt, exportable_database, tmp_path),
+        "a-file/sub/t.out",
+        "a-file is a file, not a folder",
+    )
+    with small_tmpfs(tmp_path / "ro", "ro") as read_only:
+        _assert_one_line(
+            _export_to("ro/t.out", fmt, exportable_database, tmp_path), "ro/t.out", "the file system is read-only"
+        )
+        assert list(read_only.iterdir()) == []
+    with small_tmpfs(tmp_path / "full") as full:
+        _assert_one_line(
+            _export_to("full/t.out", fmt, exportable_database, tmp_path),
+            "full/t.out",
+            "no space left on the device (the disk is full)",
+        )
+        assert list(full.iterdir()) == [], "the temporary file is removed"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file", "full", "ro"]

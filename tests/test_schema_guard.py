@@ -191,7 +191,7 @@ async def test_an_unknown_target_revision_is_a_clear_error(tmp_path: Path) -> No
     database = create_database(make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"))
     try:
         await upgrade(database)
-        with pytest.raises(MigrationError, match="unknown revision 'nope'; this release knows 0001, 0002, 0003"):
+        with pytest.raises(MigrationError, match="unknown revision 'nope'; this release knows 0001, 0002, 0003, 0004"):
             await migrate_to(database, "nope")
     finally:
         await database.dispose()

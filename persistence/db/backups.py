@@ -11,6 +11,7 @@ Everything here is blocking file I/O: async callers run it in a thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 from collections.abc import Iterable
@@ -60,11 +61,51 @@ def online_backup(source: Path, destination: Path, pages: int = BACKUP_PAGES_PER
         _fsync_directory(destination.parent)
         return copied[0]
     except BaseException:
-        with contextlib.suppress(OSError):
-            partial.unlink()
+        for leftover in (partial, *(partial.with_name(partial.name + end) for end in ("-journal", "-wal", "-shm"))):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
         raise
     finally:
         src.close()
+
+
+def write_failure_cause(destination: Path, error: BaseException) -> str:
+    """Why ``destination`` could not be written, in words naming the user's path (never a temporary file's).
+
+    Reads the ``errno`` of an :class:`OSError`; SQLite's own errors carry none, so the folder is looked at instead.
+    """
+    code = error.errno if isinstance(error, OSError) else None
+    if isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        code = errno.ENOSPC
+    folder = destination.parent
+    if code is None:
+        if not folder.is_dir():
+            code = errno.ENOTDIR if _file_ancestor(folder) is not None else errno.ENOENT
+        elif os.statvfs(folder).f_flag & os.ST_RDONLY:
+            code = errno.EROFS
+        elif not os.access(folder, os.W_OK):
+            code = errno.EACCES
+    if code == errno.ENOENT:
+        return f"the folder {folder} does not exist"
+    if code == errno.ENOTDIR:
+        return f"{_file_ancestor(folder) or folder} is a file, not a folder"
+    if code == errno.EROFS:
+        return "the file system is read-only"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device (the disk is full)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _file_ancestor(folder: Path) -> Path | None:
+    """The first of ``folder`` and its ancestors that exists and is not a folder."""
+    for candidate in [*reversed(folder.parents), folder]:
+        if candidate.exists() and not candidate.is_dir():
+            return candidate
+    return None
 
 
 def holds_data(database_file: Path, tables: Iterable[str]) -> bool:

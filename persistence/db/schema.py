@@ -178,6 +178,14 @@ audit_log = Table(
     Index("idx_audit_log_entity_key", "entity", "natural_key", "id"),
 )
 
+copy_sources = Table(
+    "copy_sources",
+    metadata,
+    Column("source", String(512), primary_key=True),
+    Column("first_copied_at", UTCDateTime(), nullable=False),
+)
+"""The databases this one was copied from (see :mod:`persistence.tools.copy`); not itself copied."""
+
 RECORD_TABLES = (trades, signals, performance_snapshots, parameter_history)
 """The tables whose rows are audited and carry ``instance_id``."""
 TABLES = (trades, signals, performance_snapshots, parameter_history, dead_letters, audit_log)

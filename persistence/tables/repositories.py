@@ -95,6 +95,14 @@ def _signal_replaces(new: Mapping[str, Any], kept: Mapping[str, Any]) -> bool:
     return bool(not kept["executed"] or new["executed"])
 
 
+AMENDMENT_RULES: Mapping[str, Callable[[Mapping[str, Any], Mapping[str, Any]], bool]] = {
+    "trades": _newer_trade,
+    "signals": _signal_replaces,
+}
+"""The rule of each table whose rows are amended (``replaces(new, stored)``); the other tables keep the first version.
+A ``copy`` applies the same rules (:func:`persistence.tools.copy.copy_database`)."""
+
+
 async def _write_audited(
     audit: AuditLog,
     table: VersionedTable[Any],

@@ -1,54 +1,76 @@
 """Copy every table from one database to another (SQLite ↔ PostgreSQL, either way), then prove the copy equal.
 
-The target is migrated first (the schema guard applies: a target from a newer release is refused), and the source
-must be at this release's head revision, so both have exactly :data:`persistence.db.schema.TABLES`. Each table is read
-in ``id`` order through a streaming cursor and written in chunks, one transaction per chunk, with "insert unless
-present": a run killed half way leaves whole chunks behind, and running the copy again fills in the rest and adds
-nothing that is already there (idempotent and resumable). Values go through the column types on both sides, so
-decimals and timestamps cross backends exactly.
+Before writing anything the copy makes sure it may: source and target are compared by what they are, not how their
+URLs are spelled (:func:`database_identity`: SQLite's resolved file, symlinks included; PostgreSQL's system identifier
+and database), so a copy onto itself is refused; the source must be at this release's head revision (a newer one
+advises a newer release); and the target must be empty, an earlier copy of this same source, or the database this
+source was itself copied from (the way back after a move). The target records the source in ``copy_sources`` before
+the first row is written. Anything else is refused naming what the target holds.
 
-The ``id`` column is kept, not regenerated: ``dead_letters`` has no natural key, so its ``id`` is the only thing that
-makes a second run recognise a row it already copied; keeping ids everywhere also keeps the order rows were recorded in
-(exports of trades and signals follow it). On PostgreSQL each ``id`` sequence is then moved past the largest id, so
-rows the sidecar writes later get fresh ones.
+Rows are matched by what identifies them in any database, never by surrogate ids, which are each database's own:
+trades by ``trade_id``, signals by ``signal_id``, snapshots and parameter changes by their UUID ``id``, audit entries by
+``(instance_id, seq)``, dead letters by their whole content. The integer ids are not copied; rows are inserted in the
+source's ``id`` order, so the target numbers them in the order they were recorded. A row missing at the target is
+inserted; a row that differs is amended when the table's rule says the source's version replaces the target's (the
+writer's rule: a trade's newer ``updated_at`` wins, an executed signal is never reset; other tables keep the first
+version). The audit entries of the amendments come along with the rest of ``audit_log``, so a later run brings a
+target up to date: copy while the bot runs, stop it, copy once more, and both trails verify.
 
-The copy ends by comparing, table by table, the row counts and a checksum over the natural key and every value (an
-order-independent sum of per-row SHA-256 digests; the surrogate ``id`` is left out where a natural key exists).
+Each table is read in ``id`` order through a streaming cursor and written in chunks, one transaction per chunk: a run
+killed half way leaves whole chunks behind, and running it again finishes the rest (idempotent and resumable). The
+copy ends by comparing, table by table, the row counts and a checksum over the natural key and every value (an
+order-independent sum of per-row SHA-256 digests; integer surrogate ids left out).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Integer, Table, func, select, text
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Integer, Table, bindparam, func, inspect, select, table, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from persistence.db.engine import Database
-from persistence.db.schema import TABLES
-from persistence.errors import CopyMismatchError, MigrationError
-from persistence.migrations import current_revision, head_revision, upgrade
+from persistence.db.engine import Database, sqlite_path
+from persistence.db.schema import TABLES, copy_sources
+from persistence.errors import CopyMismatchError, CopyRefusedError, MigrationError
+from persistence.migrations import alembic_config, current_revision, head_revision, upgrade
+from persistence.migrations.guard import is_known
+from persistence.records.models import utc_now
 
 DEFAULT_CHUNK_ROWS = 2_000
-NATURAL_KEYS: Mapping[str, str] = {"trades": "trade_id", "signals": "signal_id"}
-"""Tables whose rows are identified by a natural key; the others by ``id``."""
+NATURAL_KEYS: Mapping[str, tuple[str, ...]] = {
+    "trades": ("trade_id",),
+    "signals": ("signal_id",),
+    "performance_snapshots": ("id",),
+    "parameter_history": ("id",),
+    "audit_log": ("instance_id", "seq"),
+}
+"""What identifies a row in any database; ``dead_letters`` has no key: its whole content identifies a row."""
+Amends = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
+"""``amends(source_row, target_row)``: whether the source's version replaces the target's (the writer's rule)."""
 _CHECKSUM_MODULUS = 1 << 256
+_NOT_COPIED = ("alembic_version", copy_sources.name)
 CopyProgress = Callable[[str, int, int], None]
 """Called with (table, rows read so far, rows in the source table)."""
 
 
 @dataclass(slots=True)
 class TableCopy:
-    """One table's copy: rows in the source, rows added to the target, and the comparison at the end."""
+    """One table's copy: rows in the source, rows added to and amended at the target, and the comparison."""
 
     table: str
     source_rows: int = 0
     added: int = 0
+    amended: int = 0
     target_rows: int = 0
     source_checksum: str = ""
     target_checksum: str = ""
@@ -74,6 +96,7 @@ class CopyReport:
         """One line per table, for people."""
         return [
             f"{entry.table}: {entry.source_rows:,} rows, {entry.added:,} added, "
+            + (f"{entry.amended:,} amended, " if entry.amended else "")
             + ("counts and checksums match" if entry.matches else _difference(entry))
             for entry in self.tables
         ]
@@ -85,85 +108,238 @@ def _difference(entry: TableCopy) -> str:
     return "DIFFERS: same row count, different checksum (a row's key or values differ)"
 
 
-def _insert_unless_present(database: Database, table: Table) -> Any:
-    if database.dialect_name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    if database.dialect_name == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
-    raise NotImplementedError(f"copy does not support {database.dialect_name}")
-
-
-async def _count(database: Database, table: Table) -> int:
+async def database_identity(database: Database) -> str:
+    """What a database is, whatever its URL's spelling: SQLite's resolved file (symlinks followed), or PostgreSQL's
+    system identifier and database name."""
+    if database.is_sqlite:
+        path = sqlite_path(database.settings.url)
+        if path is None:
+            return f"sqlite:memory:{id(database)}"
+        return f"sqlite:{await asyncio.to_thread(lambda: Path(path).resolve())}"
     async with database.read() as connection:
-        return int((await connection.execute(select(func.count()).select_from(table))).scalar_one())
+        row = (
+            await connection.execute(text("SELECT system_identifier, current_database() FROM pg_control_system()"))
+        ).one()
+    return f"postgresql:{row[0]}/{row[1]}"
+
+
+async def _count(database: Database, of: Table) -> int:
+    async with database.read() as connection:
+        return int((await connection.execute(select(func.count()).select_from(of))).scalar_one())
+
+
+async def _check_source(source: Database) -> None:
+    path = sqlite_path(source.settings.url) if source.is_sqlite else None
+    if path is not None and not await asyncio.to_thread(path.exists):
+        raise CopyRefusedError(f"the source database {path} does not exist")
+    head = head_revision()
+    revision = await current_revision(source)
+    if revision == head:
+        return
+    if revision is not None and not is_known(ScriptDirectory.from_config(alembic_config()), revision):
+        raise MigrationError(
+            f"the source is at schema revision {revision!r}, newer than this release knows (its newest is {head!r}):"
+            " copy it with a newer release of persistence-sidecar",
+            revision=revision,
+        )
+    raise MigrationError(
+        f"the source is at schema revision {revision!r}, this release writes {head!r}: run"
+        " `persistence-sidecar migrate` on the source with this release first",
+        revision=revision,
+    )
+
+
+def _holdings(sync_connection: Connection) -> tuple[dict[str, int], list[str]]:
+    """The target's tables holding rows (with their counts), and the sources it records having been copied from."""
+    names = set(inspect(sync_connection).get_table_names())
+    ordered = [t.name for t in TABLES if t.name in names] + sorted(names - {t.name for t in TABLES})
+    counts: dict[str, int] = {}
+    for name in ordered:
+        if name in _NOT_COPIED:
+            continue
+        rows = int(sync_connection.execute(select(func.count()).select_from(table(name))).scalar_one())
+        if rows:
+            counts[name] = rows
+    sources = []
+    if copy_sources.name in names:
+        sources = list(sync_connection.execute(select(copy_sources.c.source)).scalars())
+    return counts, sources
+
+
+async def _copied_from(database: Database) -> list[str]:
+    async with database.read() as connection:
+        return list((await connection.execute(select(copy_sources.c.source))).scalars())
+
+
+async def _check_target(source: Database, target: Database, source_identity: str, target_identity: str) -> None:
+    """Refuse a target that holds data unless it is an earlier copy of this source, or the database this source was
+    copied from (the way back after a move); reads only."""
+    path = sqlite_path(target.settings.url) if target.is_sqlite else None
+    if path is not None and not await asyncio.to_thread(path.exists):
+        return
+    async with target.read() as connection:
+        counts, sources = await connection.run_sync(_holdings)
+    if not counts or source_identity in sources or target_identity in await _copied_from(source):
+        return
+    found = ", ".join(f"{name} ({rows:,} row{'' if rows == 1 else 's'})" for name, rows in counts.items())
+    origin = f"copied from {', '.join(sources)}" if sources else "not a copy of this source"
+    raise CopyRefusedError(
+        f"the target already holds data, {origin}: {found}; nothing was written (copy into an empty database)"
+    )
 
 
 async def copy_database(
     source: Database,
     target: Database,
     *,
+    rules: Mapping[str, Amends],
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: CopyProgress | None = None,
     lock_wait_seconds: float = 60.0,
 ) -> CopyReport:
     """Copy every table from ``source`` to ``target`` and compare them; returns the report.
 
-    Raises :class:`CopyMismatchError` (carrying the report) when a table differs after the copy.
+    ``rules`` maps each table whose rows are amended to the writer's rule (``tables.repositories.AMENDMENT_RULES``).
+    Raises :class:`CopyRefusedError` or :class:`MigrationError` before writing anything when the copy may not be made,
+    and :class:`CopyMismatchError` (carrying the report) when a table differs after the copy.
     """
-    head = head_revision()
-    revision = await current_revision(source)
-    if revision != head:
-        raise MigrationError(
-            f"the source is at schema revision {revision!r}, this release writes {head!r}: run"
-            " `persistence-sidecar migrate` on the source with this release first",
-            revision=revision,
-        )
+    source_identity = await database_identity(source)
+    target_identity = await database_identity(target)
+    if source_identity == target_identity:
+        raise CopyRefusedError(f"the source and the target are the same database ({source_identity})")
+    await _check_source(source)
+    await _check_target(source, target, source_identity, target_identity)
     await upgrade(target, lock_wait_seconds=lock_wait_seconds)
+    async with target.write() as connection:
+        await connection.execute(
+            _insert(target, copy_sources).on_conflict_do_nothing(),
+            {"source": source_identity, "first_copied_at": utc_now()},
+        )
     report = CopyReport()
-    for table in TABLES:
-        entry = TableCopy(table.name)
-        entry.source_rows = await _count(source, table)
-        before = await _count(target, table)
-        await _copy_table(source, target, table, chunk_rows, entry.source_rows, progress)
-        if target.dialect_name == "postgresql" and isinstance(table.c.id.type, Integer):
-            await _advance_sequence(target, table)
-        entry.target_rows = await _count(target, table)
-        entry.added = entry.target_rows - before
+    for of in TABLES:
+        entry = TableCopy(of.name)
+        entry.source_rows = await _count(source, of)
+        await _copy_table(source, target, of, rules.get(of.name), entry, chunk_rows, progress)
+        entry.target_rows = await _count(target, of)
         report.tables.append(entry)
     for entry in report.tables:
-        table = next(t for t in TABLES if t.name == entry.table)
-        entry.source_checksum = await table_checksum(source, table, chunk_rows)
-        entry.target_checksum = await table_checksum(target, table, chunk_rows)
+        of = next(t for t in TABLES if t.name == entry.table)
+        entry.source_checksum = await table_checksum(source, of, chunk_rows)
+        entry.target_checksum = await table_checksum(target, of, chunk_rows)
     if report.mismatched:
         raise CopyMismatchError(report)
     return report
 
 
+def _insert(database: Database, of: Table) -> Any:
+    if database.dialect_name == "postgresql":
+        return postgresql.insert(of)
+    if database.dialect_name == "sqlite":
+        return sqlite.insert(of)
+    raise NotImplementedError(f"copy does not support {database.dialect_name}")
+
+
+def _surrogate(of: Table) -> bool:
+    """Whether the table's ``id`` is an integer each database numbers itself (not a natural UUID)."""
+    return isinstance(of.c.id.type, Integer)
+
+
+class _Matcher:
+    """Finds, inside the target's write transaction, the target's rows of one chunk of source rows."""
+
+    def __init__(self, of: Table) -> None:
+        self.columns = [column.name for column in of.c if not (column.name == "id" and _surrogate(of))]
+        self.key = NATURAL_KEYS.get(of.name)
+        first = of.c[self.key[0]] if self.key else of.c.natural_key
+        self._first = self.key[0] if self.key else "natural_key"
+        statement = select(*(of.c[name] for name in self.columns)).where(first.in_(bindparam("firsts", expanding=True)))
+        if self.key and len(self.key) == 2:
+            second = of.c[self.key[1]]
+            statement = statement.where(second.between(bindparam("low"), bindparam("high")))
+        self._statement = statement
+
+    def identity(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(row[name] for name in self.key) if self.key else tuple(row[name] for name in self.columns)
+
+    async def stored(self, connection: Any, chunk: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        parameters: dict[str, Any] = {"firsts": sorted({row[self._first] for row in chunk})}
+        if self.key and len(self.key) == 2:
+            seconds = [row[self.key[1]] for row in chunk]
+            parameters.update(low=min(seconds), high=max(seconds))
+        result = await connection.execute(self._statement, parameters)
+        return [dict(zip(self.columns, row, strict=True)) for row in result]
+
+
 async def _copy_table(
-    source: Database, target: Database, table: Table, chunk_rows: int, total: int, progress: CopyProgress | None
+    source: Database,
+    target: Database,
+    of: Table,
+    amends: Amends | None,
+    entry: TableCopy,
+    chunk_rows: int,
+    progress: CopyProgress | None,
 ) -> None:
-    statement = _insert_unless_present(target, table)
-    names = [column.name for column in table.c]
+    matcher = _Matcher(of)
+    insert = _insert(target, of).on_conflict_do_nothing()
+    amend = None
+    if matcher.key is not None and amends is not None:
+        kept = [name for name in matcher.columns if name not in matcher.key]
+        amend = (
+            update(of)
+            .where(*(of.c[name] == bindparam(f"key_{name}") for name in matcher.key))
+            .values({name: bindparam(f"new_{name}") for name in kept})
+        )
     done = 0
     if progress is not None:
-        progress(table.name, done, total)
+        progress(of.name, done, entry.source_rows)
     async with source.read() as reading:
-        result = await reading.stream(select(table).order_by(table.c.id).execution_options(yield_per=chunk_rows))
+        result = await reading.stream(
+            select(*(of.c[name] for name in matcher.columns)).order_by(of.c.id).execution_options(yield_per=chunk_rows)
+        )
         async for rows in result.partitions(chunk_rows):
-            chunk = [dict(zip(names, row, strict=True)) for row in rows]
+            chunk = [dict(zip(matcher.columns, row, strict=True)) for row in rows]
             async with target.write() as writing:
-                await writing.execute(statement, chunk)
+                stored = await matcher.stored(writing, chunk)
+                fresh, amended = _changes(matcher, chunk, stored, amends)
+                if fresh:
+                    await writing.execute(insert, fresh)
+                if amended and amend is not None:
+                    keys = matcher.key or ()
+                    bound = [{("key_" if n in keys else "new_") + n: v for n, v in row.items()} for row in amended]
+                    await writing.execute(amend, bound)
+            entry.added += len(fresh)
+            entry.amended += len(amended)
             done += len(chunk)
             if progress is not None:
-                progress(table.name, done, total)
+                progress(of.name, done, entry.source_rows)
 
 
-async def _advance_sequence(database: Database, table: Table) -> None:
-    largest = f'SELECT COALESCE(MAX(id), 0) + 1 FROM "{table.name}"'  # noqa: S608 - a name from the schema
-    async with database.write() as connection:
-        await connection.execute(
-            text(f"SELECT setval(pg_get_serial_sequence(:table, 'id'), ({largest}), false)"), {"table": table.name}
-        )
+def _changes(
+    matcher: _Matcher,
+    chunk: Sequence[dict[str, Any]],
+    stored: Sequence[dict[str, Any]],
+    amends: Amends | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The source rows to insert, and those whose version replaces the target's under the table's rule."""
+    if matcher.key is None:  # rows identified by their whole content: insert as many as the target lacks
+        lacking = Counter(matcher.identity(row) for row in stored)
+        fresh = []
+        for row in chunk:
+            identity = matcher.identity(row)
+            if lacking[identity] > 0:
+                lacking[identity] -= 1
+            else:
+                fresh.append(row)
+        return fresh, []
+    found = {matcher.identity(row): row for row in stored}
+    fresh, amended = [], []
+    for row in chunk:
+        kept = found.get(matcher.identity(row))
+        if kept is None:
+            fresh.append(row)
+        elif kept != row and amends is not None and amends(row, kept):
+            amended.append(row)
+    return fresh, amended
 
 
 def _canonical(value: Any) -> Any:
@@ -180,10 +356,9 @@ def _canonical(value: Any) -> Any:
     return str(value)
 
 
-def checksum_columns(table: Table) -> list[str]:
-    """The columns a table's checksum covers: every one but a surrogate ``id`` beside a natural key."""
-    natural = NATURAL_KEYS.get(table.name)
-    return [column.name for column in table.c if not (natural and column.name == "id")]
+def checksum_columns(of: Table) -> list[str]:
+    """The columns a table's checksum covers: every one but an integer surrogate ``id`` (each database's own)."""
+    return [column.name for column in of.c if not (column.name == "id" and _surrogate(of))]
 
 
 def row_digest(values: Sequence[Any]) -> int:
@@ -192,9 +367,9 @@ def row_digest(values: Sequence[Any]) -> int:
     return int.from_bytes(hashlib.sha256(payload.encode()).digest(), "big")
 
 
-async def table_checksum(database: Database, table: Table, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> str:
+async def table_checksum(database: Database, of: Table, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> str:
     """An order-independent checksum of a table's natural keys and values, the same on SQLite and PostgreSQL."""
-    columns = [table.c[name] for name in checksum_columns(table)]
+    columns = [of.c[name] for name in checksum_columns(of)]
     total = 0
     async with database.read() as connection:
         result = await connection.stream(select(*columns).execution_options(yield_per=chunk_rows))

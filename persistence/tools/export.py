@@ -21,12 +21,12 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Boolean, Column, ColumnElement, Table, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -56,7 +56,10 @@ from persistence.tools.export_files import (
     require_pyarrow,
     resolve_format,
     temporary_path,
+    write_failure,
 )
+
+T = TypeVar("T")
 
 __all__ = [
     "ANALYSIS_EXTRA",
@@ -317,13 +320,16 @@ async def iter_batches(
     convert = _Converter(spec, stored=database.is_sqlite)
     async with database.read() as connection:
         chunks = _sqlite_chunks if database.is_sqlite else _streamed_chunks
-        async for rows in chunks(connection, spec, conditions, chunk_rows):
-            yield await asyncio.to_thread(convert, rows)
+        # Closed here, while the connection is open: an export stopped half way (a full disk) must not leave the
+        # reader to be finalised later on a closed connection.
+        async with contextlib.aclosing(chunks(connection, spec, conditions, chunk_rows)) as stream:
+            async for rows in stream:
+                yield await asyncio.to_thread(convert, rows)
 
 
 async def _sqlite_chunks(
     connection: AsyncConnection, spec: Exportable, conditions: Sequence[_Condition], chunk_rows: int
-) -> AsyncIterator[Sequence[Sequence[Any]]]:
+) -> AsyncGenerator[Sequence[Sequence[Any]], None]:
     # One cursor on the driver: a single statement reads from one snapshot, and each fetch is one hop to the driver's
     # thread returning rows as stored, with none of SQLAlchemy's per-value processing.
     driver = await driver_of(connection)
@@ -348,7 +354,7 @@ async def _sqlite_chunks(
 
 async def _streamed_chunks(
     connection: AsyncConnection, spec: Exportable, conditions: Sequence[_Condition], chunk_rows: int
-) -> AsyncIterator[Sequence[Sequence[Any]]]:
+) -> AsyncGenerator[Sequence[Sequence[Any]], None]:
     statement = (
         select(*spec.columns)
         .where(*_core_where(spec.table, conditions))
@@ -410,19 +416,31 @@ async def export(
     # One worker thread for the file, so writes happen in order and an abort never races a write.
     files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persistence-export")
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(files, remove_stale_partials, destination)
-    sink = await loop.run_in_executor(files, ExportFile, fmt, partial, arrow_schema(spec))
+
+    async def on_file(step: Callable[..., T], *args: Any) -> T:
+        """One step on the file, in its thread; a file system's refusal names ``path`` and the cause."""
+        try:
+            return await loop.run_in_executor(files, step, *args)
+        except OSError as exc:
+            raise write_failure(destination, exc) from None
+
+    try:
+        await on_file(remove_stale_partials, destination)
+        sink = await on_file(ExportFile, fmt, partial, arrow_schema(spec))
+    except BaseException:
+        files.shutdown(wait=False)
+        raise
     rows = 0
     try:
         batches = iter_batches(database, entity, chunk_rows=chunk_rows, **filters)
         async with contextlib.aclosing(batches):
             async for batch in batches:
-                await loop.run_in_executor(files, sink.write, batch)
+                await on_file(sink.write, batch)
                 rows += batch.num_rows
                 if progress is not None:
                     progress(rows)
-        size = await loop.run_in_executor(files, sink.finish)
-        await loop.run_in_executor(files, publish, partial, destination)
+        size = await on_file(sink.finish)
+        await on_file(publish, partial, destination)
     except BaseException:
         await asyncio.shield(loop.run_in_executor(files, sink.abort))
         raise

@@ -16,7 +16,8 @@ import secrets
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from persistence.errors import AnalysisExtraMissingError, InvalidQueryError
+from persistence.db.backups import write_failure_cause
+from persistence.errors import AnalysisExtraMissingError, ExportError, InvalidQueryError
 from persistence.records.models import DECIMAL_PRECISION, DECIMAL_SCALE
 
 ExportFormat = Literal["parquet", "csv", "jsonl"]
@@ -115,10 +116,12 @@ class ExportFile:
         return size
 
     def abort(self) -> None:
+        """Close what is open (a full disk may refuse the last flush) and remove the temporary file."""
         with contextlib.suppress(Exception):
             if self._writer is not None:
                 self._writer.close()
-        self._file.close()
+        with contextlib.suppress(OSError):
+            self._file.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -173,3 +176,9 @@ def publish(partial: Path, destination: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+def write_failure(destination: Path, error: OSError) -> ExportError:
+    """One line naming the file asked for and why it cannot be written (never the hidden temporary file)."""
+    cause = write_failure_cause(destination, error)
+    return ExportError(f"cannot write {destination}: {cause}; nothing was written", path=destination)

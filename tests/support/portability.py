@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import insert
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
@@ -94,3 +98,19 @@ def fill_trades_fast(path: Path, count: int, chunk: int = 20_000) -> None:
             connection.execute("COMMIT")
     finally:
         connection.close()
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, *remount: str, size: str = "16k") -> Iterator[Path]:
+    """A tmpfs of our own at ``where`` (``size``; remounted with each of ``remount``, e.g. ``ro``), unmounted at the
+    end: a real full or read-only file system. Skips the test where mounting is not allowed (not root)."""
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        for option in remount:
+            subprocess.run(["mount", "-o", f"remount,{option}", str(where)], check=True)
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)

@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from persistence.app.cli.existing import require_existing
 from persistence.app.cli.progress import ProgressBar
 from persistence.audit.anchors import Anchors, generate_key, load_anchors, load_public_key
 from persistence.audit.trail import AuditLog
@@ -68,6 +69,7 @@ async def _checked(settings: Settings) -> str | None:
 
 async def _on_the_trail(settings: Settings, work: Callable[[Database], Awaitable[int]]) -> int:
     """Run ``work`` on the database when it can be audited; else say why (exit status 2)."""
+    await require_existing(settings)  # reading never creates
     problem = await _checked(settings)
     if problem is not None:
         return _fail(problem, 2)

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from persistence.app.cli.audit import add_audit_commands
+from persistence.app.cli.existing import require_existing
 from persistence.app.cli.portability import add_commands, add_migrate_options, iso8601_argument
 from persistence.app.server import url_host
 from persistence.config import Settings
+from persistence.db.backups import online_backup, write_failure_cause
 from persistence.db.engine import create_database, sqlite_path
 from persistence.errors import ConfigurationError, InvalidQueryError, JournalError, PersistenceError
 from persistence.migrations import current_revision, head_revision
@@ -38,9 +40,6 @@ from persistence.tables.repositories import Repositories
 from persistence.write.journal import Journal
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
-
-BACKUP_PAGES_PER_STEP = 256
-"""Pages copied per step of SQLite's online backup; writers go on between steps."""
 
 
 def _unreachable(settings: Settings, error: BaseException) -> int:
@@ -88,6 +87,7 @@ def server_health(settings: Settings, timeout: float = 1.0) -> dict[str, Any] | 
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    await require_existing(settings)
     report: dict[str, Any] = {"database": settings.safe_database_url, "head_revision": head_revision()}
     path = sqlite_path(settings.url) if settings.is_sqlite else None
     if path is not None:
@@ -140,33 +140,6 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
 # ---------------------------------------------------------------------------------------------- backup
 
 
-def sqlite_backup(source: Path, destination: Path, pages: int = BACKUP_PAGES_PER_STEP) -> int:
-    """A consistent copy of a live SQLite database with the online backup API; returns the page count.
-
-    The source connection holds one read transaction for the whole copy, so every step sees the same snapshot
-    (in WAL mode writers go on meanwhile and the copy never restarts); ``pages`` are copied per step.
-    """
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, isolation_level=None, timeout=10.0)
-    dst = sqlite3.connect(destination)
-    try:
-        src.execute("BEGIN")
-        src.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        total = [0]
-
-        def progress(_status: int, _remaining: int, count: int) -> None:
-            total[0] = count
-
-        src.backup(dst, pages=pages, progress=progress, sleep=0.001)
-        src.execute("COMMIT")
-        (check,) = dst.execute("PRAGMA integrity_check").fetchone()
-        if check != "ok":
-            raise PersistenceError(f"the copy failed its integrity check: {check}")
-        return total[0]
-    finally:
-        src.close()
-        dst.close()
-
-
 async def _backup(args: argparse.Namespace, settings: Settings) -> int:
     return await asyncio.to_thread(_backup_sync, Path(args.destination), args.force, settings)
 
@@ -190,12 +163,15 @@ def _backup_sync(destination: Path, force: bool, settings: Settings) -> int:
     if destination.resolve() == source.resolve():
         print("persistence-sidecar: the destination is the database itself", file=sys.stderr)
         return 1
-    if destination.exists():
-        if not force:
-            print(f"persistence-sidecar: {destination} exists; pass --force to overwrite it", file=sys.stderr)
-            return 1
-        destination.unlink()
-    pages = sqlite_backup(source.resolve(), destination)
+    if destination.exists() and not force:
+        print(f"persistence-sidecar: {destination} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    try:  # written whole beside the destination, then renamed over it: an existing backup stays until then
+        pages = online_backup(source.resolve(), destination)
+    except (OSError, sqlite3.Error) as exc:
+        cause = write_failure_cause(destination, exc)
+        print(f"persistence-sidecar: cannot back up to {destination}: {cause}; nothing was written", file=sys.stderr)
+        return 1
     size = destination.stat().st_size
     print(f"backed up {source.resolve()} to {destination.resolve()} ({pages} pages, {size} bytes, integrity ok)")
     return 0
@@ -254,6 +230,7 @@ def trade_table(trades: Sequence[Trade]) -> str:
 
 
 async def _history(args: argparse.Namespace, settings: Settings) -> int:
+    await require_existing(settings)
     database = create_database(settings)
     try:
         try:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from persistence.app.cli.existing import require_existing
 from persistence.app.cli.progress import ProgressBar
 from persistence.config import Settings, parse_flag
 from persistence.db.backups import automatic_backups, backup_dir_for
@@ -25,6 +26,7 @@ from persistence.errors import ConfigurationError, CopyMismatchError, InvalidQue
 from persistence.migrations import current_revision, migrate_to, upgrade
 from persistence.records.iso8601 import parse_iso8601
 from persistence.records.models import ENTITIES, SESSIONS
+from persistence.tables.repositories import AMENDMENT_RULES
 from persistence.tools.copy import DEFAULT_CHUNK_ROWS, copy_database
 from persistence.tools.export import EXPORTABLES, FORMATS, count_rows, export, require_pyarrow, resolve_format
 from persistence.tools.restore import restore_sqlite
@@ -105,6 +107,7 @@ async def export_command(args: argparse.Namespace, settings: Settings) -> int:
     if exists and not args.force:
         return _fail(f"{output} exists; pass --force to replace it")
     filters = _export_filters(args)
+    await require_existing(settings)
     database = create_database(settings)
     try:
         try:
@@ -142,8 +145,9 @@ async def copy_command(args: argparse.Namespace, settings: Settings) -> int:
         target_settings = _settings_for(args.to)
     except ConfigurationError as exc:
         return _fail(str(exc), 2)
-    if source_settings.url == target_settings.url:
-        return _fail("the source and the target are the same database", 2)
+    await require_existing(source_settings)
+    if not target_settings.is_sqlite:  # a SQLite target is created; a server's database must be there
+        await require_existing(target_settings)
     source = create_database(source_settings)
     target = create_database(target_settings)
     bars: dict[str, ProgressBar] = {}
@@ -157,13 +161,18 @@ async def copy_command(args: argparse.Namespace, settings: Settings) -> int:
         bar.update(done)
 
     try:
-        report = await copy_database(source, target, chunk_rows=args.chunk_size, progress=progress)
+        report = await copy_database(
+            source, target, rules=AMENDMENT_RULES, chunk_rows=args.chunk_size, progress=progress
+        )
     except CopyMismatchError as exc:
         for bar in bars.values():
             bar.close()
         for line in exc.report.lines():
             print(line)
-        return _fail(f"the copy differs from the source in {', '.join(exc.tables)}")
+        return _fail(
+            f"the copy differs from the source in {', '.join(exc.tables)} (if the source was being written"
+            " meanwhile, stop its writer and run the copy again: it amends what changed)"
+        )
     except (OSError, SQLAlchemyError) as exc:
         return _fail(f"the copy stopped: {_one_line(exc)}; run it again to resume")
     finally:
@@ -268,8 +277,11 @@ def add_commands(commands: Any) -> None:
         "copy",
         help="copy every table to another database (SQLite <-> PostgreSQL), then compare them",
         description="Copy every table from DATABASE_URL (or --from) to --to, migrating the target first, in "
-        "chunks; running it again adds nothing and finishes an interrupted copy. It ends by comparing each "
-        "table's row count and checksum and exits non-zero naming any table that differs.",
+        "chunks. The target must be empty or an earlier copy of the same source (anything else, or the source "
+        "itself under another name, is refused before anything is written). Running it again adds what is new, "
+        "amends what changed at the source (the newer version wins, as in the writer) and finishes an interrupted "
+        "copy. It ends by comparing each table's row count and checksum and exits non-zero naming any table that "
+        "differs.",
     )
     copying.add_argument("--to", required=True, metavar="URL", help="the target database URL")
     copying.add_argument("--from", dest="from_url", metavar="URL", help="the source (default: DATABASE_URL)")

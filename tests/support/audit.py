@@ -1,0 +1,61 @@
+"""Audit-trail helpers shared by the audit tests: a trade's closed version, tampering past the triggers, the CLI."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from datetime import timedelta
+from decimal import Decimal
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from persistence.records.models import Trade
+from tests.support import REPO_ROOT
+
+
+def closed_version(trade: Trade, seconds: int = 60, pnl: str = "12.5") -> Trade:
+    return trade.model_copy(
+        update={
+            "exit_time": trade.entry_time + timedelta(seconds=seconds),
+            "exit_price": trade.entry_price + Decimal("0.001"),
+            "pnl": Decimal(pnl).quantize(Decimal("0.00000001")),
+            "updated_at": trade.updated_at + timedelta(seconds=seconds),
+        }
+    )
+
+
+async def tamper(database_url: str, *statements: str) -> None:
+    """Run ``statements`` on a second connection, past the trail's triggers (as a superuser or the file's owner can)."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        with sqlite3.connect(url.database or "") as connection:
+            connection.execute("DROP TRIGGER IF EXISTS audit_log_no_update")
+            connection.execute("DROP TRIGGER IF EXISTS audit_log_no_delete")
+            for statement in statements:
+                connection.execute(statement)
+        return
+    connection = await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, password=url.password, database=url.database
+    )
+    try:
+        async with connection.transaction():
+            await connection.execute("SET LOCAL session_replication_role = replica")
+            for statement in statements:
+                await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+def audit_cli(database_url: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "-m", "persistence", "audit", *arguments],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
