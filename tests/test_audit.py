@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import signal
+import sqlite3
 import subprocess
 import sys
 import tracemalloc
@@ -475,6 +476,30 @@ def test_the_audit_commands_refuse_a_database_from_before_the_trail(tmp_path: Pa
     refused = audit_cli(url, "verify")
     assert refused.returncode == 2
     assert "schema revision 0002, before the audit trail; run `persistence-sidecar migrate`" in refused.stderr
+
+
+def test_a_database_at_an_older_revision_with_the_trail_is_verified_and_an_unknown_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The trail exists since 0003: a database a later migration has not reached yet is still audited, while a
+    revision this release does not know is refused with advice that works (a newer release)."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'older.db'}"
+
+    async def prepare() -> None:
+        database = create_database(make_settings(database_url=url))
+        try:
+            await upgrade(database, "0003")
+        finally:
+            await database.dispose()
+
+    asyncio.run(prepare())
+    checked = audit_cli(url, "verify")
+    assert checked.returncode == 0, checked.stderr
+    with sqlite3.connect(tmp_path / "older.db") as connection:
+        connection.execute("UPDATE alembic_version SET version_num = 'f00dfeed9999'")
+    refused = audit_cli(url, "verify")
+    assert refused.returncode == 2
+    assert "f00dfeed9999" in refused.stderr and "newer release" in refused.stderr
 
 
 # ---------------------------------------------------------------------------------------------- canonical form

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from alembic.script import ScriptDirectory
 from sqlalchemy.exc import SQLAlchemyError
 
 from persistence.app.cli.existing import require_existing
@@ -36,7 +37,8 @@ from persistence.audit.verify import count_checks, verify, verify_export
 from persistence.config import Settings
 from persistence.db.engine import Database, create_database
 from persistence.errors import AuditKeyError
-from persistence.migrations import current_revision, head_revision
+from persistence.migrations import alembic_config, current_revision, head_revision
+from persistence.migrations.guard import is_known
 from persistence.records.models import ENTITIES
 
 _BEFORE_THE_TRAIL = ("0001", "0002")
@@ -62,8 +64,11 @@ async def _checked(settings: Settings) -> str | None:
         return (
             f"the database is at schema revision {revision}, before the audit trail; run `persistence-sidecar migrate`"
         )
-    if revision != head_revision():
-        return f"the database is at schema revision {revision}, which this release ({head_revision()}) does not know"
+    if not is_known(ScriptDirectory.from_config(alembic_config()), revision):
+        return (
+            f"the database is at schema revision {revision}, which this release ({head_revision()}) does not know:"
+            " a newer release migrated it; audit it with that release"
+        )
     return None
 
 
