@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from hypothesis import settings as hypothesis_settings
-from sqlalchemy import text
 
 from persistence.config import Settings
 from persistence.db.engine import Database, create_database
@@ -23,6 +22,7 @@ from tests.support.databases import (
     drop_postgres_database,
     empty_every_table,
     make_settings,
+    reset_postgres,
 )
 
 hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
@@ -114,10 +114,5 @@ async def sidecars() -> AsyncIterator[list[Any]]:
 async def clean_database_url(database_url: str) -> str:
     """``database_url`` with every table emptied (PostgreSQL is shared by the session)."""
     if database_url.startswith("postgresql"):
-        db = create_database(make_settings(database_url=database_url))
-        await upgrade(db)
-        async with db.write() as connection:
-            await connection.execute(text("DROP TRIGGER IF EXISTS poison ON trades"))
-            await empty_every_table(connection)
-        await db.dispose()
+        await reset_postgres(database_url)
     return database_url

@@ -34,13 +34,12 @@ from persistence.config import Settings
 from persistence.db.engine import Database, create_database
 from persistence.db.schema import audit_log
 from persistence.errors import AuditKeyError
-from persistence.migrations import upgrade
 from persistence.observe.events import AuditAnchored, Event
 from persistence.records.models import utc_now
 from persistence.testing import FakeClock
 from tests.support import eventually
 from tests.support.audit import audit_cli, closed_version, tamper
-from tests.support.databases import empty_every_table, make_settings
+from tests.support.databases import make_settings, reset_postgres
 from tests.support.factories import make_trade
 
 SettingsFactory = Callable[..., Settings]
@@ -221,11 +220,7 @@ async def test_a_commit_never_waits_for_a_checkpoint_being_written(
 async def test_two_instances_on_one_postgres_database_anchor_their_own_chains(
     postgres_url: str, sidecar_settings: SettingsFactory, tmp_path: Path
 ) -> None:
-    database = create_database(make_settings(database_url=postgres_url))
-    await upgrade(database)
-    async with database.write() as connection:
-        await empty_every_table(connection)
-    await database.dispose()
+    await reset_postgres(postgres_url)
     sidecars = [
         PersistenceSidecar(sidecar_settings(postgres_url, instance_id=name, journal_dir=tmp_path / name))
         for name in ("bot-a", "bot-b")

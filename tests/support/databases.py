@@ -15,7 +15,9 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.config import Settings
+from persistence.db.engine import create_database
 from persistence.db.schema import TABLES
+from persistence.migrations import upgrade
 
 # Property and model tests: `make test` runs them derandomized (the same examples every run, no example database),
 # so CI is deterministic; `make fuzz` (HYPOTHESIS_PROFILE=fuzz) explores with random seeds and many more examples.
@@ -27,6 +29,19 @@ async def empty_every_table(connection: AsyncConnection) -> None:
     """Empty every table of a PostgreSQL test database, ``audit_log`` too (its triggers are off for this session)."""
     await connection.execute(text("SET LOCAL session_replication_role = replica"))
     await connection.execute(text(f"TRUNCATE {', '.join(table.name for table in TABLES)} RESTART IDENTITY"))
+
+
+async def reset_postgres(database_url: str) -> None:
+    """Migrate the PostgreSQL test database at ``database_url`` and empty it (it is shared by the session): no poison
+    trigger left on ``trades``, every table empty."""
+    database = create_database(make_settings(database_url=database_url))
+    try:
+        await upgrade(database)
+        async with database.write() as connection:
+            await connection.execute(text("DROP TRIGGER IF EXISTS poison ON trades"))
+            await empty_every_table(connection)
+    finally:
+        await database.dispose()
 
 
 def examples(count: int) -> int:
