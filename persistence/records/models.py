@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -72,14 +72,15 @@ __all__ = [
 ]
 
 Entity = Literal["trade", "signal", "snapshot", "parameter_change"]
-ENTITIES: tuple[Entity, ...] = ("trade", "signal", "snapshot", "parameter_change")
+ENTITIES: tuple[Entity, ...] = get_args(Entity)
+"""The entity names, in the order of :data:`persistence.records.registry.RECORD_KINDS` (a test holds them equal)."""
 
 Direction = Literal["BUY", "SELL"]
 TradingSession = Literal["TOKYO", "LONDON", "NY", "SYDNEY", "OVERLAP"]
 ChangedBy = Literal["system_auto", "learning_agent", "manual", "emergency"]
-DIRECTIONS: tuple[str, ...] = ("BUY", "SELL")
-SESSIONS: tuple[str, ...] = ("TOKYO", "LONDON", "NY", "SYDNEY", "OVERLAP")
-CHANGED_BY: tuple[str, ...] = ("system_auto", "learning_agent", "manual", "emergency")
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
+SESSIONS: tuple[str, ...] = get_args(TradingSession)
+CHANGED_BY: tuple[str, ...] = get_args(ChangedBy)
 
 
 def utc_now() -> datetime:
