@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import await_only
 
+from persistence.db import schema
 from persistence.db.driver import DRIVER_HOOKS
 from persistence.db.engine import Database, sqlite_path
 from persistence.db.pgcopy import COPY_HOOKS
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 InjectedFaultKind = Literal["transient", "data"]
-RECORD_TABLES = ("trades", "signals", "performance_snapshots", "parameter_history")
+RECORD_TABLES = tuple(table.name for table in schema.RECORD_TABLES)
 """The tables the writer writes records to; ``dead_letters`` is left alone so isolated records can be stored."""
 ALL_TABLES = (*RECORD_TABLES, "dead_letters")
 SQLITE_UNLIMITED_PAGES = 1_073_741_823
@@ -385,7 +386,7 @@ class DatabaseLock:
     ``statement_timeout`` cancels them. Release rolls back and closes the connection.
     """
 
-    TABLES = "trades, signals, performance_snapshots, parameter_history, dead_letters"
+    TABLES = ", ".join(ALL_TABLES)
 
     def __init__(self, database_url: str) -> None:
         self._url = database_url

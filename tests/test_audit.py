@@ -39,13 +39,13 @@ from persistence.audit.chain import (
     entry_hash,
     header_text,
 )
-from persistence.audit.trail import TABLES_OF, chain_lock_key, column_kinds
+from persistence.audit.trail import chain_lock_key, column_kinds
 from persistence.audit.verify import verify
 from persistence.config import Settings
 from persistence.db.columns import take_sqlite_datetime
 from persistence.db.engine import Database, create_database
 from persistence.db.rowcodec import DriverBatch
-from persistence.db.schema import audit_log, trades
+from persistence.db.schema import TABLE_OF, audit_log, trades
 from persistence.migrations import migrate_to, upgrade
 from persistence.records.models import SignalExecution, Trade
 from persistence.tables.repositories import AMENDMENT_RULES, Repositories
@@ -526,12 +526,12 @@ def test_the_fast_encoder_writes_exactly_the_canonical_json(overrides: dict[str,
     trade = make_trade()
     values = {**trade.__dict__, **overrides}  # values as records or drivers hand them over, unvalidated here
     fields = tuple(Trade.model_fields)
-    fast = VersionEncoder(fields, column_kinds(TABLES_OF["trade"])).encode(values)
+    fast = VersionEncoder(fields, column_kinds(TABLE_OF["trade"])).encode(values)
     assert fast == canonical_version(values, fields)
     assert list(json.loads(fast)) == sorted(fields) and fast.isascii()
     for record in (make_signal(), make_snapshot(), make_parameter_change()):
         names = tuple(type(record).model_fields)
-        encoder = VersionEncoder(names, column_kinds(TABLES_OF[record.entity]))
+        encoder = VersionEncoder(names, column_kinds(TABLE_OF[record.entity]))
         assert encoder.encode(record.__dict__) == canonical_version(record.__dict__, names)
 
 
@@ -539,7 +539,7 @@ def test_the_fast_encoder_ignores_the_hosts_decimal_context() -> None:
     """str() of a decimal follows the thread's context (a lower-case exponent with ``capitals=0``)."""
     values = {**make_trade().__dict__, "pnl": Decimal("1.2345E-10"), "stop_loss": Decimal("0.00000001")}
     fields = tuple(Trade.model_fields)
-    encoder = VersionEncoder(fields, column_kinds(TABLES_OF["trade"]))
+    encoder = VersionEncoder(fields, column_kinds(TABLE_OF["trade"]))
     with localcontext() as context:
         context.capitals = 0
         context.prec = 3
@@ -553,7 +553,7 @@ def test_a_payload_takes_the_timestamps_the_row_encoding_kept() -> None:
     row = {**trade.__dict__, "instance_id": "desk-1"}
     batch = DriverBatch(insert(trades), trades, sqlite_dialect.dialect(paramstyle="qmark"))
     fields = tuple(Trade.model_fields)
-    encoder = VersionEncoder(fields, column_kinds(TABLES_OF["trade"]))
+    encoder = VersionEncoder(fields, column_kinds(TABLE_OF["trade"]))
     (encoded,) = batch.encode([row])
     assert "2026-03-29 01:30:00.000007" in encoded
     assert take_sqlite_datetime(trade.entry_time) == "2026-03-29 01:30:00.000007"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, localcontext
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from persistence.errors import InvalidRecordError
 from persistence.records.models import (
@@ -22,6 +22,17 @@ from persistence.records.models import (
     SignalExecution,
     Trade,
     to_exact_decimal,
+)
+from persistence.records.parser import (
+    Invariant,
+    clean,
+    compile_model,
+    lower,
+    no_surrounding_space,
+    now_if_missing,
+    positive,
+    rules_of,
+    to_stored_utc,
 )
 from tests.support.factories import BASE_TIME, make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 
@@ -469,3 +480,130 @@ def test_the_instants_next_to_the_calendars_ends_are_accepted_as_they_are(near: 
     trade = make_trade(entry_time=FIRST_INSTANT + timedelta(microseconds=1), exit_time=near, exit_price="1.1")
     assert trade.exit_time == near
     assert make_trade(entry_time=near.isoformat()).entry_time == near
+
+
+# ------------------------------------------------------------------ the fast parser, generated from the fields
+
+
+class _Probe(BaseModel):
+    """A model built from every form the generator reads, with bounds unlike the records' own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    invariants: ClassVar[tuple[Invariant, ...]] = (Invariant("level < 3 or amount is not None", "level 3 needs one"),)
+
+    code: Annotated[
+        str, Field(min_length=2, max_length=4), BeforeValidator(clean), AfterValidator(no_surrounding_space)
+    ]
+    level: Annotated[int, Field(ge=1, le=3)]
+    side: Annotated[Literal["in", "out"], BeforeValidator(lower)]
+    amount: Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(positive)] | None = None
+    note: Annotated[str, Field(max_length=3), BeforeValidator(clean)] | None = None
+    at: Annotated[datetime, BeforeValidator(now_if_missing), AfterValidator(to_stored_utc)] = Field(
+        default_factory=lambda: BASE_TIME
+    )
+    ref: Annotated[str, Field(min_length=1, max_length=8), BeforeValidator(clean)] = Field(
+        default_factory=lambda: "made"
+    )
+    on: bool = True
+
+    @model_validator(mode="after")
+    def _invariants(self) -> _Probe:
+        for invariant in self.invariants:
+            if not invariant.holds(self.__dict__):
+                raise ValueError(invariant.message)
+        return self
+
+
+_PROBE_PARSER = compile_model(_Probe, now=lambda: BASE_TIME)
+
+
+def test_the_generated_rules_are_read_from_the_fields_types_constraints_and_validators() -> None:
+    rules = {rule.name: rule for rule in rules_of(_Probe)}
+    assert (rules["code"].kind, rules["code"].min_length, rules["code"].max_length, rules["code"].strip) == (
+        "text",
+        2,
+        4,
+        True,
+    )
+    assert (rules["level"].kind, rules["level"].minimum, rules["level"].maximum) == ("integer", 1, 3)
+    assert (rules["side"].kind, rules["side"].choices, rules["side"].case) == ("choice", ("in", "out"), "lower")
+    assert (rules["amount"].sign, rules["amount"].optional, rules["amount"].required) == ("positive", True, False)
+    assert (rules["note"].min_length, rules["note"].max_length, rules["note"].strip) == (0, 3, False)
+    assert rules["at"].stamp and rules["ref"].default_factory is not None and rules["on"].default is True
+    trade = {rule.name: rule for rule in rules_of(Trade)}
+    assert (trade["symbol"].max_length, trade["symbol"].strip, trade["entry_price"].sign) == (32, True, "positive")
+    assert (trade["direction"].choices, trade["direction"].case) == (("BUY", "SELL"), "upper")
+
+
+@settings(derandomize=True, max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.fixed_dictionaries(
+        {},
+        optional={
+            "code": st.one_of(st.text(max_size=6), st.just(" ab"), st.integers()),
+            "level": st.one_of(st.integers(-1, 5), st.booleans(), st.just("2")),
+            "side": st.sampled_from(["in", "OUT", " out ", "up", None, 1]),
+            "amount": st.one_of(st.none(), st.decimals(-2, 2, places=9, allow_nan=False), st.just(0), st.just("1.5")),
+            "note": st.one_of(st.none(), st.text(max_size=5)),
+            "at": st.one_of(st.none(), st.just(BASE_TIME), st.just("2026-03-02T08:00:00+01:00"), st.just("x")),
+            "ref": st.one_of(st.none(), st.text(max_size=10)),
+            "on": st.one_of(st.booleans(), st.none(), st.just(1)),
+            "other": st.just(1),
+        },
+    )
+)
+def test_a_parser_generated_from_any_model_accepts_only_what_the_model_accepts(data: dict[str, Any]) -> None:
+    fast = _PROBE_PARSER(dict(data))
+    try:
+        reference = _Probe.model_validate({**data, "at": data.get("at") or BASE_TIME})
+    except ValidationError:
+        reference = None
+    if fast is not None:
+        assert reference is not None, f"fast path accepted what the model refuses: {data!r}"
+        assert fast == reference.__dict__
+
+
+def test_the_generated_parser_takes_defaults_and_refuses_by_the_fields_bounds() -> None:
+    made = _PROBE_PARSER({"code": "ab", "level": 1, "side": " OUT "})
+    assert made == {
+        "code": "ab",
+        "level": 1,
+        "side": "out",
+        "amount": None,
+        "note": None,
+        "at": BASE_TIME,
+        "ref": "made",
+        "on": True,
+    }
+    for bad in ({"code": "a"}, {"code": "abcde"}, {"code": " ab"}, {"level": 0}, {"level": 4}, {"level": 3}):
+        assert _PROBE_PARSER({"code": "ab", "level": 1, "side": "in", **bad}) is None, bad  # the model decides
+    assert _PROBE_PARSER({"code": "ab", "level": 3, "side": "in", "amount": 1}) is not None  # the invariant holds
+
+
+def test_a_field_with_no_fast_form_makes_the_generation_fail_rather_than_a_laxer_parser() -> None:
+    class Unknown(BaseModel):
+        name: Annotated[str, AfterValidator(str.title)]
+
+    class Float(BaseModel):
+        ratio: float
+
+    class Unconverted(BaseModel):
+        price: Decimal
+
+    class Stray(BaseModel):
+        invariants: ClassVar[tuple[Invariant, ...]] = (Invariant("missing > 0", "?"),)
+        count: int
+
+    for model in (Unknown, Float, Unconverted):
+        with pytest.raises(TypeError, match=r"fast form|converted"):
+            rules_of(model)
+    with pytest.raises(TypeError, match="unknown"):
+        compile_model(Stray)
+
+
+def test_an_invariant_is_one_expression_for_the_model_and_the_fast_parser() -> None:
+    rule = Trade.invariants[0]
+    assert rule.fast_form() == "f_exit_time is None or f_exit_time >= f_entry_time"
+    assert rule.names == {"exit_time", "entry_time"}
+    assert rule.holds({"exit_time": None, "entry_time": BASE_TIME})
+    assert not rule.holds({"exit_time": BASE_TIME, "entry_time": BASE_TIME + timedelta(seconds=1)})

@@ -53,8 +53,8 @@ from persistence.observe.correlation import correlation_scope, current_correlati
 from persistence.observe.logger import get_logger
 from persistence.observe.metrics import render
 from persistence.records.iso8601 import parse_iso8601
-from persistence.records.models import Signal, Trade, UpperSession
-from persistence.records.parser import is_storable_text
+from persistence.records.models import Record, Signal, Trade, UpperSession
+from persistence.records.parser import is_storable_text, rules_of
 from persistence.sidecar import PersistenceSidecar
 from persistence.tables.queries import MAX_PAGE_SIZE, SignalQuery, SignalSortColumn, TradeQuery, TradeSortColumn
 from persistence.write.faults import classify
@@ -317,14 +317,21 @@ StartDate = Annotated[IsoDateTime | None, Query(description=f"earliest entry tim
 EndDate = Annotated[IsoDateTime | None, Query(description=f"latest entry time, inclusive; {_DATE_HELP}")]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"page size, 1 to {MAX_PAGE_SIZE}")]
 Offset = Annotated[int, Query(ge=0, le=2_000_000_000, description="records to skip")]
-SymbolFilter = Annotated[str | None, Query(min_length=1, max_length=32, description="e.g. EURUSD")]
+
+
+def _field_query(model: type[Record], field: str, description: str | None = None) -> Any:
+    """A filter on a record's text field, as long as the field may be (stated once, in the model)."""
+    (rule,) = (rule for rule in rules_of(model) if rule.name == field)
+    return Query(min_length=max(rule.min_length, 1), max_length=rule.max_length, description=description)
+
+
+SymbolFilter = Annotated[str | None, _field_query(Trade, "symbol", "e.g. EURUSD")]
 TradeIdFilter = Annotated[
     str | None,
-    Query(
-        min_length=1, max_length=64, description="one trade by its id (any characters; reaches an id like `history`)"
-    ),
+    _field_query(Trade, "trade_id", "one trade by its id (any characters; reaches an id like `history`)"),
 ]
-SignalIdFilter = Annotated[str | None, Query(min_length=1, max_length=64, description="by the signal's id")]
+SignalIdFilter = Annotated[str | None, _field_query(Signal, "signal_id", "by the signal's id")]
+PatternTypeFilter = Annotated[str | None, _field_query(Trade, "pattern_type")]
 InstanceIdFilter = Annotated[
     str | None,
     Query(
@@ -411,7 +418,7 @@ def create_router(sidecar: SidecarSource, *, metrics: bool = True) -> APIRouter:
         end_date: EndDate = None,
         symbol: SymbolFilter = None,
         session: Annotated[UpperSession | None, Query(description="trading session")] = None,
-        pattern_type: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+        pattern_type: PatternTypeFilter = None,
         trade_id: TradeIdFilter = None,
         signal_id: SignalIdFilter = None,
         instance_id: InstanceIdFilter = None,

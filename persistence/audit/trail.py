@@ -35,8 +35,9 @@ from persistence.db.columns import ExactNumeric, UTCDateTime, to_sqlite_datetime
 from persistence.db.driver import DriverSession
 from persistence.db.engine import Database
 from persistence.db.pgcopy import COPY_MIN_ROWS, CopyUpsert
-from persistence.db.schema import audit_log, parameter_history, performance_snapshots, signals, trades
-from persistence.records.models import ParameterChange, PerformanceSnapshot, Signal, Trade, utc_now
+from persistence.db.schema import TABLE_OF, audit_log
+from persistence.records.models import utc_now
+from persistence.records.registry import RECORD_KINDS
 
 ENCODE_SLICE = 128
 """Entries encoded and hashed between two hand-backs of the event loop."""
@@ -45,17 +46,6 @@ LOCK_INFO = "persistence.audit_lock"
 HEAD_SQL = "SELECT seq, hash FROM audit_log WHERE instance_id = ? ORDER BY seq DESC LIMIT 1"
 """This instance's chain head, on SQLite's driver (the same query as :meth:`AuditLog.head`)."""
 ENTRY_COLUMNS = ("instance_id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash")
-
-
-AUDITED_RECORDS = (Trade, Signal, PerformanceSnapshot, ParameterChange)
-"""The records whose versions are audited."""
-TABLES_OF: dict[str, Table] = {
-    "trade": trades,
-    "signal": signals,
-    "snapshot": performance_snapshots,
-    "parameter_change": parameter_history,
-}
-"""The table each audited entity lives in."""
 
 
 def column_kinds(table: Table) -> dict[str, str]:
@@ -88,8 +78,8 @@ class AuditLog:
         self._db = self.database = database
         self.instance_id = database.settings.instance_id
         self._encoders: dict[str, Callable[[Mapping[str, Any]], str]] = {
-            record.entity: VersionEncoder(tuple(record.model_fields), column_kinds(TABLES_OF[record.entity])).encode
-            for record in AUDITED_RECORDS
+            kind.entity: VersionEncoder(tuple(kind.model.model_fields), column_kinds(TABLE_OF[kind.entity])).encode
+            for kind in RECORD_KINDS
         }
         insert = (postgresql if database.dialect_name == "postgresql" else sqlite).insert(audit_log)
         self._insert = insert

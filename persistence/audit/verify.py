@@ -40,18 +40,14 @@ from persistence.audit.trail import column_kinds
 from persistence.db.columns import decode_datetime
 from persistence.db.engine import Database
 from persistence.db.rowcodec import RowReader
-from persistence.db.schema import audit_log, parameter_history, performance_snapshots, signals, trades
+from persistence.db.schema import TABLE_OF, audit_log
 from persistence.errors import StoredValueNotAsWritten
-from persistence.records.models import ParameterChange, PerformanceSnapshot, Record, Signal, Trade, utc_now
+from persistence.records.models import Record, utc_now
+from persistence.records.registry import RECORD_KINDS
 
 CHUNK = 20_000
 """Entries or rows fetched at once (a chunk is a few tens of MiB at most)."""
-_AUDITED: tuple[tuple[Table, type[Record]], ...] = (
-    (trades, Trade),
-    (signals, Signal),
-    (performance_snapshots, PerformanceSnapshot),
-    (parameter_history, ParameterChange),
-)
+_AUDITED: tuple[tuple[Table, type[Record]], ...] = tuple((TABLE_OF[kind.entity], kind.model) for kind in RECORD_KINDS)
 
 _CHAIN_COLUMNS = ("id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash")
 _SQLITE_CHAIN = (

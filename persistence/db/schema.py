@@ -9,6 +9,9 @@ two.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -23,7 +26,8 @@ from sqlalchemy import (
 )
 
 from persistence.db.columns import ExactNumeric, UTCDateTime
-from persistence.records.models import CHANGED_BY, DIRECTIONS, SESSIONS
+from persistence.records.models import CHANGED_BY, DIRECTIONS, SESSIONS, Entity
+from persistence.records.registry import RECORD_KINDS
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -186,6 +190,10 @@ copy_sources = Table(
 )
 """The databases this one was copied from (see :mod:`persistence.tools.copy`); not itself copied."""
 
-RECORD_TABLES = (trades, signals, performance_snapshots, parameter_history)
-"""The tables whose rows are audited and carry ``instance_id``."""
-TABLES = (trades, signals, performance_snapshots, parameter_history, dead_letters, audit_log)
+TABLE_OF: Mapping[Entity, Table] = MappingProxyType(
+    {"trade": trades, "signal": signals, "snapshot": performance_snapshots, "parameter_change": parameter_history}
+)
+"""The table of each record type of :data:`persistence.records.registry.RECORD_KINDS` (a test holds them equal)."""
+RECORD_TABLES = tuple(TABLE_OF[kind.entity] for kind in RECORD_KINDS)
+"""The tables whose rows are audited and carry ``instance_id``, in the registry's order."""
+TABLES = (*RECORD_TABLES, dead_letters, audit_log)

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -28,7 +28,6 @@ from pydantic import (
 )
 
 from persistence.errors import InvalidRecordError
-from persistence.records import parser as rules
 from persistence.records.parser import (
     DECIMAL_CONTEXT,
     DECIMAL_LIMIT,
@@ -36,10 +35,18 @@ from persistence.records.parser import (
     DECIMAL_QUANTUM,
     DECIMAL_SCALE,
     FastParser,
-    check_text,
+    Invariant,
+    clean,
+    compile_model,
+    lower,
+    no_surrounding_space,
+    non_negative,
+    now_if_missing,
+    positive,
     to_exact_decimal,
     to_stored_utc,
     to_utc,
+    upper,
 )
 
 __all__ = [
@@ -65,14 +72,15 @@ __all__ = [
 ]
 
 Entity = Literal["trade", "signal", "snapshot", "parameter_change"]
-ENTITIES: tuple[Entity, ...] = ("trade", "signal", "snapshot", "parameter_change")
+ENTITIES: tuple[Entity, ...] = get_args(Entity)
+"""The entity names, in the order of :data:`persistence.records.registry.RECORD_KINDS` (a test holds them equal)."""
 
 Direction = Literal["BUY", "SELL"]
 TradingSession = Literal["TOKYO", "LONDON", "NY", "SYDNEY", "OVERLAP"]
 ChangedBy = Literal["system_auto", "learning_agent", "manual", "emergency"]
-DIRECTIONS: tuple[str, ...] = ("BUY", "SELL")
-SESSIONS: tuple[str, ...] = ("TOKYO", "LONDON", "NY", "SYDNEY", "OVERLAP")
-CHANGED_BY: tuple[str, ...] = ("system_auto", "learning_agent", "manual", "emergency")
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
+SESSIONS: tuple[str, ...] = get_args(TradingSession)
+CHANGED_BY: tuple[str, ...] = get_args(ChangedBy)
 
 
 def utc_now() -> datetime:
@@ -80,64 +88,26 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _positive(value: Decimal) -> Decimal:
-    if value <= 0:
-        raise ValueError("must be greater than zero")
-    return value
-
-
-def _non_negative(value: Decimal) -> Decimal:
-    if value < 0:
-        raise ValueError("must not be negative")
-    return value
-
-
-def _upper(value: object) -> object:
-    return value.strip().upper() if isinstance(value, str) else value
-
-
-def _lower(value: object) -> object:
-    return value.strip().lower() if isinstance(value, str) else value
-
-
-def _no_surrounding_space(value: str) -> str:
-    if value != value.strip():
-        raise ValueError("must not start or end with whitespace")
-    return value
-
-
 ExactDecimal = Annotated[Decimal, BeforeValidator(to_exact_decimal)]
 """Any exact decimal that fits the column (negatives allowed: P&L, percentages, drawdowns)."""
-Price = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(_positive)]
-PositiveSize = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(_positive)]
-NonNegativeDecimal = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(_non_negative)]
+Price = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(positive)]
+PositiveSize = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(positive)]
+NonNegativeDecimal = Annotated[Decimal, BeforeValidator(to_exact_decimal), AfterValidator(non_negative)]
 UtcDatetime = Annotated[datetime, AfterValidator(to_stored_utc)]
-
-
-def _now_if_missing(value: object) -> object:
-    return utc_now() if value is None else value
-
-
-Stamp = Annotated[datetime, BeforeValidator(_now_if_missing), AfterValidator(to_stored_utc)]
+Stamp = Annotated[datetime, BeforeValidator(now_if_missing), AfterValidator(to_stored_utc)]
 """A record-keeping timestamp: ``None`` or absent means now."""
-
-
-def _clean(value: object) -> object:
-    return check_text(value) if isinstance(value, str) else value
-
-
-Clean = BeforeValidator(_clean)
+Clean = BeforeValidator(clean)
 """Every text field: no NUL, no unpaired surrogate (checked before pydantic, whose own message says less)."""
-Identifier = Annotated[str, Field(min_length=1, max_length=64), Clean, AfterValidator(_no_surrounding_space)]
-Symbol = Annotated[str, Field(min_length=1, max_length=32), Clean, AfterValidator(_no_surrounding_space)]
+Identifier = Annotated[str, Field(min_length=1, max_length=64), Clean, AfterValidator(no_surrounding_space)]
+Symbol = Annotated[str, Field(min_length=1, max_length=32), Clean, AfterValidator(no_surrounding_space)]
 Label = Annotated[str, Field(min_length=1, max_length=64), Clean]
 GeneratedId = Annotated[str, Field(min_length=1, max_length=36), Clean]
 Timeframe = Annotated[str, Field(min_length=1, max_length=16), Clean]
 ExecutionStatus = Annotated[str, Field(min_length=1, max_length=32), Clean]
 Reason = Annotated[str, Field(max_length=2000), Clean]
-UpperDirection = Annotated[Direction, BeforeValidator(_upper)]
-UpperSession = Annotated[TradingSession, BeforeValidator(_upper)]
-LowerChangedBy = Annotated[ChangedBy, BeforeValidator(_lower)]
+UpperDirection = Annotated[Direction, BeforeValidator(upper)]
+UpperSession = Annotated[TradingSession, BeforeValidator(upper)]
+LowerChangedBy = Annotated[ChangedBy, BeforeValidator(lower)]
 Count = Annotated[int, Field(ge=0, le=2**62)]
 
 RecordT = TypeVar("RecordT", bound="Record")
@@ -170,6 +140,15 @@ class Record(BaseModel):
 
     entity: ClassVar[Entity]
     key_field: ClassVar[str]
+    invariants: ClassVar[tuple[Invariant, ...]] = ()
+    """Rules over several fields, checked after the fields by the model and inlined by the fast parser."""
+
+    @model_validator(mode="after")
+    def _check_invariants(self) -> Self:
+        for invariant in self.invariants:
+            if not invariant.holds(self.__dict__):
+                raise ValueError(invariant.message)
+        return self
 
     @classmethod
     def parse(cls, data: Self | Mapping[str, Any]) -> Self:
@@ -234,6 +213,9 @@ class Trade(Record):
 
     entity: ClassVar[Entity] = "trade"
     key_field: ClassVar[str] = "trade_id"
+    invariants: ClassVar[tuple[Invariant, ...]] = (
+        Invariant("exit_time is None or exit_time >= entry_time", "exit_time is before entry_time"),
+    )
 
     trade_id: Identifier
     symbol: Symbol
@@ -255,12 +237,6 @@ class Trade(Record):
     risk_reward_ratio: NonNegativeDecimal | None = None
     created_at: Stamp = Field(default_factory=utc_now)
     updated_at: Stamp = Field(default_factory=utc_now)
-
-    @model_validator(mode="after")
-    def _exit_not_before_entry(self) -> Self:
-        if self.exit_time is not None and self.exit_time < self.entry_time:
-            raise ValueError("exit_time is before entry_time")
-        return self
 
 
 class Signal(Record):
@@ -301,6 +277,11 @@ class PerformanceSnapshot(Record):
 
     entity: ClassVar[Entity] = "snapshot"
     key_field: ClassVar[str] = "id"
+    invariants: ClassVar[tuple[Invariant, ...]] = (
+        Invariant(
+            "winning_trades + losing_trades <= total_trades", "winning_trades + losing_trades exceeds total_trades"
+        ),
+    )
 
     id: GeneratedId = Field(default_factory=lambda: str(uuid.uuid4()))
     snapshot_time: UtcDatetime
@@ -315,12 +296,6 @@ class PerformanceSnapshot(Record):
     session: UpperSession | None = None
     parameter_mode: Label | None = None
     created_at: Stamp = Field(default_factory=utc_now)
-
-    @model_validator(mode="after")
-    def _outcomes_within_total(self) -> Self:
-        if self.winning_trades + self.losing_trades > self.total_trades:
-            raise ValueError("winning_trades + losing_trades exceeds total_trades")
-        return self
 
 
 class ParameterChange(Record):
@@ -353,91 +328,7 @@ def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:
 
 
 _FAST_PARSERS: dict[type[Record], FastParser] = {
-    Trade: rules.compile_parser(
-        "Trade",
-        [
-            rules.text("trade_id", required=True, strip=True),
-            rules.text("symbol", required=True, max_length=32, strip=True),
-            rules.choice("direction", DIRECTIONS, required=True),
-            rules.time("entry_time", required=True),
-            rules.decimal("entry_price", required=True, sign="positive"),
-            rules.decimal("position_size", required=True, sign="positive"),
-            rules.text("signal_id", strip=True),
-            rules.text("account_id", strip=True),
-            rules.time("exit_time"),
-            rules.decimal("exit_price", sign="positive"),
-            rules.decimal("stop_loss", sign="positive"),
-            rules.decimal("take_profit", sign="positive"),
-            rules.decimal("pnl"),
-            rules.decimal("pnl_percentage"),
-            rules.choice("session", SESSIONS),
-            rules.text("pattern_type"),
-            rules.decimal("confidence_score", sign="non_negative"),
-            rules.decimal("risk_reward_ratio", sign="non_negative"),
-            rules.stamp("created_at"),
-            rules.stamp("updated_at"),
-        ],
-        checks=["f_exit_time is None or f_exit_time >= f_entry_time"],
-    ),
-    Signal: rules.compile_parser(
-        "Signal",
-        [
-            rules.text("signal_id", required=True, strip=True),
-            rules.text("symbol", required=True, max_length=32, strip=True),
-            rules.text("timeframe", required=True, max_length=16),
-            rules.choice("signal_type", DIRECTIONS, required=True),
-            rules.decimal("confidence", required=True, sign="non_negative"),
-            rules.decimal("entry_price", required=True, sign="positive"),
-            rules.time("generated_at", required=True),
-            rules.decimal("stop_loss", sign="positive"),
-            rules.decimal("take_profit", sign="positive"),
-            rules.choice("session", SESSIONS),
-            rules.text("pattern_type"),
-            rules.flag("executed"),
-            rules.text("execution_status", max_length=32),
-            rules.stamp("created_at"),
-        ],
-    ),
-    SignalExecution: rules.compile_parser(
-        "SignalExecution",
-        [
-            rules.text("signal_id", required=True, strip=True),
-            rules.flag("executed", required=True),
-            rules.text("execution_status", max_length=32),
-        ],
-    ),
-    PerformanceSnapshot: rules.compile_parser(
-        "PerformanceSnapshot",
-        [
-            rules.generated_id("id"),
-            rules.time("snapshot_time", required=True),
-            rules.count("total_trades"),
-            rules.count("winning_trades"),
-            rules.count("losing_trades"),
-            rules.decimal("win_rate", sign="non_negative"),
-            rules.decimal("total_pnl"),
-            rules.decimal("sharpe_ratio"),
-            rules.decimal("max_drawdown"),
-            rules.decimal("average_rr", sign="non_negative"),
-            rules.choice("session", SESSIONS),
-            rules.text("parameter_mode"),
-            rules.stamp("created_at"),
-        ],
-        checks=["f_winning_trades + f_losing_trades <= f_total_trades"],
-    ),
-    ParameterChange: rules.compile_parser(
-        "ParameterChange",
-        [
-            rules.generated_id("id"),
-            rules.time("change_time", required=True),
-            rules.text("parameter_mode", required=True),
-            rules.choice("changed_by", CHANGED_BY, required=True, case="lower"),
-            rules.choice("session", SESSIONS),
-            rules.decimal("confidence_threshold", sign="non_negative"),
-            rules.decimal("min_risk_reward", sign="non_negative"),
-            rules.text("reason", min_length=0, max_length=2000),
-            rules.stamp("created_at"),
-        ],
-    ),
+    model: compile_model(model) for model in (Trade, Signal, SignalExecution, PerformanceSnapshot, ParameterChange)
 }
-"""The compiled fast path of :meth:`Record.parse`, one per record type; a test holds each to its pydantic model."""
+"""The compiled fast path of :meth:`Record.parse`, one per record type, generated from the model's fields; a test
+holds each to its pydantic model."""

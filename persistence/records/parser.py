@@ -12,21 +12,34 @@ refuse, it returns ``None`` and :meth:`persistence.records.models.Record.parse` 
 either accepts the value or raises the error naming the field. So refusals have one source, and a property test
 checks that both paths agree on what they both accept.
 
+The function is generated from the pydantic model itself (:func:`compile_model`): each field's type (text, decimal,
+time, ``Literal`` words, integer, flag), its constraints (``min_length``, ``max_length``, ``ge``, ``le``), whether it
+takes ``None``, its default, and the validators it is built from (:func:`positive`, :func:`upper`, :func:`clean`, ...,
+defined here for that reason), plus the model's :class:`Invariant` rules over several fields. So a field is stated once,
+in the model; a field whose type or validator has no fast form here makes the generation fail at import, never makes a
+laxer fast path.
+
 The decimal and timestamp primitives (:func:`to_exact_decimal`, :func:`to_utc`) live here too, so the models, the
 column types and this module share one definition of "exact" and "UTC".
 """
 
 from __future__ import annotations
 
+import ast
 import math
 import re
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Context, Decimal, DivisionByZero, Inexact, InvalidOperation, Overflow
-from functools import partial
-from typing import Any
+from functools import cache, partial
+from types import CodeType, UnionType
+from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
+
+from annotated_types import Ge, Le, MaxLen, MinLen
+from pydantic import AfterValidator, BaseModel, BeforeValidator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 DECIMAL_PRECISION = 18
 """Significant digits of every decimal column."""
@@ -156,79 +169,212 @@ def _has_surrogate(value: str) -> bool:
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)?").fullmatch
 
 
+# ------------------------------------------------------------------------------ the fields' validators
+# The models build their fields from these; the generator below knows each one's fast form, and refuses a model
+# whose fields use any other (so the fast path can never be laxer than the model).
+
+
+def positive(value: Decimal) -> Decimal:
+    """A decimal's rule: greater than zero (prices, sizes)."""
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def non_negative(value: Decimal) -> Decimal:
+    """A decimal's rule: not negative (ratios, confidences)."""
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def upper(value: object) -> object:
+    """A choice's normalisation: surrounding whitespace removed, upper case."""
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+def lower(value: object) -> object:
+    """A choice's normalisation: surrounding whitespace removed, lower case."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def no_surrounding_space(value: str) -> str:
+    """A text's rule: no whitespace at either end (identifiers and symbols)."""
+    if value != value.strip():
+        raise ValueError("must not start or end with whitespace")
+    return value
+
+
+def clean(value: object) -> object:
+    """Every text's rule: :func:`check_text` (before pydantic, whose own message says less)."""
+    return check_text(value) if isinstance(value, str) else value
+
+
+def now_if_missing(value: object) -> object:
+    """A record-keeping timestamp's rule: ``None`` means now."""
+    return datetime.now(UTC) if value is None else value
+
+
+@dataclass(frozen=True, slots=True)
+class Invariant:
+    """A rule over several fields of a record: a Python expression of the field names, and the refusal's message.
+
+    The model checks it after its fields (``holds``); the fast parser inlines the same expression.
+    """
+
+    expression: str
+    message: str
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The field names the expression reads."""
+        return frozenset(
+            node.id for node in ast.walk(ast.parse(self.expression, mode="eval")) if isinstance(node, ast.Name)
+        )
+
+    def holds(self, values: Mapping[str, Any]) -> bool:
+        """Whether the rule holds for these field values."""
+        return bool(eval(_invariant_code(self.expression), {"__builtins__": {}}, dict(values)))  # noqa: S307
+
+    def fast_form(self) -> str:
+        """The expression over the fast parser's converted fields (``f_<name>``)."""
+        tree = ast.parse(self.expression, mode="eval")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name):
+                node.id = f"f_{node.id}"
+        return ast.unparse(tree)
+
+
+@cache
+def _invariant_code(expression: str) -> CodeType:
+    return compile(expression, f"<invariant {expression}>", "eval")
+
+
 @dataclass(frozen=True, slots=True)
 class FieldRule:
-    """How one field is checked and converted on the fast path.
+    """How one field is checked and converted on the fast path, as read from the model's field.
 
-    ``kind`` is one of ``text``, ``decimal``, ``time``, ``stamp`` (a time that defaults to now), ``choice``,
-    ``count``, ``flag`` and ``uuid`` (text that defaults to a new UUID). ``required`` fields must be present;
-    optional ones default to ``None`` (``flag`` to ``False``).
+    ``kind`` is one of ``text``, ``decimal``, ``time``, ``choice``, ``integer`` and ``flag``. A ``required`` field
+    must be present; else an absent field takes ``default``, or the value of ``default_factory``, or now (``stamp``).
+    ``optional`` fields accept ``None``.
     """
 
     name: str
     kind: str
     required: bool = False
-    min_length: int = 1
-    max_length: int = 64
+    optional: bool = False
+    default: Any = None
+    default_factory: Callable[[], Any] | None = None
+    stamp: bool = False
+    """Times: absent or ``None`` means now."""
+    min_length: int = 0
+    max_length: int | None = None
     strip: bool = False
     """Text: refuse surrounding whitespace (identifiers and symbols)."""
     sign: str = ""
     """Decimals: ``positive``, ``non_negative`` or ``""`` (any sign)."""
+    minimum: int | None = None
+    maximum: int | None = None
+    """Integers: the bounds, inclusive."""
     choices: tuple[str, ...] = ()
-    case: str = "upper"
-    """Choices: the case the value is normalised to before the lookup."""
+    case: str = ""
+    """Choices: ``upper`` or ``lower``, the case the value is normalised to before the lookup, or ``""``."""
 
 
-def text(
-    name: str, *, required: bool = False, min_length: int = 1, max_length: int = 64, strip: bool = False
-) -> FieldRule:
-    """A text field."""
-    return FieldRule(name, "text", required, min_length, max_length, strip)
+_KINDS: Mapping[type, str] = {str: "text", Decimal: "decimal", datetime: "time", int: "integer", bool: "flag"}
+_SIGNS: Mapping[Callable[..., Any], str] = {positive: "positive", non_negative: "non_negative"}
+_CASES: Mapping[Callable[..., Any], str] = {upper: "upper", lower: "lower"}
+_CONVERSIONS: Mapping[str, Callable[..., Any]] = {"decimal": to_exact_decimal, "time": to_stored_utc}
+"""The one conversion each kind needs in the model, which the fast path does inline."""
 
 
-def decimal(name: str, *, required: bool = False, sign: str = "") -> FieldRule:
-    """An exact decimal field."""
-    return FieldRule(name, "decimal", required, sign=sign)
+def rules_of(model: type[BaseModel]) -> list[FieldRule]:
+    """The fast-path rules of every field of ``model``, in field order, read from the fields' types and metadata.
+
+    Raises ``TypeError`` for a field whose type or validator has no fast form here.
+    """
+    return [_rule_of(model, name, info) for name, info in model.model_fields.items()]
 
 
-def time(name: str, *, required: bool = False) -> FieldRule:
-    """A timestamp field (naive means UTC)."""
-    return FieldRule(name, "time", required)
-
-
-def stamp(name: str) -> FieldRule:
-    """A record-keeping timestamp: absent or ``None`` means now."""
-    return FieldRule(name, "stamp")
-
-
-def choice(name: str, choices: Sequence[str], *, required: bool = False, case: str = "upper") -> FieldRule:
-    """One of a fixed set of words, after surrounding whitespace is removed and the case normalised."""
-    return FieldRule(name, "choice", required, choices=tuple(choices), case=case)
-
-
-def count(name: str) -> FieldRule:
-    """A required non-negative integer."""
-    return FieldRule(name, "count", True)
-
-
-def flag(name: str, *, required: bool = False) -> FieldRule:
-    """A boolean (``False`` when absent)."""
-    return FieldRule(name, "flag", required)
-
-
-def generated_id(name: str) -> FieldRule:
-    """Text of at most 36 characters; a new UUID when absent."""
-    return FieldRule(name, "uuid", max_length=36)
+def _rule_of(model: type[BaseModel], name: str, info: FieldInfo) -> FieldRule:
+    where = f"{model.__name__}.{name}"
+    annotation: Any = info.annotation
+    metadata: list[Any] = list(info.metadata)
+    optional = False
+    if get_origin(annotation) in (Union, UnionType):
+        members = [member for member in get_args(annotation) if member is not type(None)]
+        if len(members) != 1 or len(get_args(annotation)) != 2:
+            raise TypeError(f"{where}: only X | None unions have a fast form")
+        optional, annotation = True, members[0]
+    if get_origin(annotation) is Annotated:
+        annotation, *extra = get_args(annotation)
+        for item in extra:
+            metadata.extend(item.metadata if isinstance(item, FieldInfo) else [item])
+    choices: tuple[str, ...] = ()
+    if get_origin(annotation) is Literal:
+        choices, kind = tuple(get_args(annotation)), "choice"
+        if not all(type(word) is str for word in choices):
+            raise TypeError(f"{where}: only literal words have a fast form")
+    elif annotation in _KINDS:
+        kind = _KINDS[annotation]
+    else:
+        raise TypeError(f"{where}: {annotation!r} has no fast form")
+    facts: dict[str, Any] = {}
+    converted = kind not in _CONVERSIONS
+    for item in metadata:
+        function: Any = getattr(item, "func", None)
+        if isinstance(item, MinLen) and kind == "text":
+            facts["min_length"] = item.min_length
+        elif isinstance(item, MaxLen) and kind == "text":
+            facts["max_length"] = item.max_length
+        elif isinstance(item, Ge) and kind == "integer" and type(item.ge) is int:
+            facts["minimum"] = item.ge
+        elif isinstance(item, Le) and kind == "integer" and type(item.le) is int:
+            facts["maximum"] = item.le
+        elif isinstance(item, BeforeValidator) and function is clean and kind == "text":
+            pass  # the text code always refuses NUL and unpaired surrogates
+        elif isinstance(item, BeforeValidator) and function is now_if_missing and kind == "time":
+            facts["stamp"] = True
+        elif isinstance(item, BeforeValidator) and function in _CASES and kind == "choice":
+            facts["case"] = _CASES[function]
+        elif isinstance(item, AfterValidator) and function is no_surrounding_space and kind == "text":
+            facts["strip"] = True
+        elif isinstance(item, AfterValidator) and function in _SIGNS and kind == "decimal":
+            facts["sign"] = _SIGNS[function]
+        elif function is not None and function is _CONVERSIONS.get(kind):
+            converted = True
+        else:
+            raise TypeError(f"{where}: {item!r} has no fast form")
+    if not converted:
+        raise TypeError(f"{where}: a {kind} field must be converted by {_CONVERSIONS[kind].__name__}")
+    required = info.is_required()
+    if not required and info.default_factory is None and info.default is not None and kind != "flag":
+        raise TypeError(f"{where}: only flags have a fast form of a default other than None")
+    factory = None if facts.get("stamp") else info.default_factory
+    default = None if info.default is PydanticUndefined else info.default
+    return FieldRule(
+        name, kind, required, optional, default, cast("Callable[[], Any] | None", factory), choices=choices, **facts
+    )
 
 
 FastParser = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 """The generated function: the record's field values from a mapping, or ``None`` to take the slow path."""
 
 
+def compile_model(model: type[BaseModel], now: Callable[[], datetime] | None = None) -> FastParser:
+    """Generate the fast-path parser of one record model from its fields and its ``invariants``."""
+    invariants: Sequence[Invariant] = getattr(model, "invariants", ())
+    for invariant in invariants:
+        unknown = invariant.names - set(model.model_fields)
+        if unknown:
+            raise TypeError(f"{model.__name__}: invariant {invariant.expression!r} reads unknown {sorted(unknown)}")
+    return compile_parser(model.__name__, rules_of(model), [rule.fast_form() for rule in invariants], now)
+
+
 def compile_parser(
     name: str, rules: Sequence[FieldRule], checks: Sequence[str] = (), now: Callable[[], datetime] | None = None
 ) -> FastParser:
-    """Generate the fast-path parser of one record type.
+    """Generate the fast-path parser of ``rules``.
 
     ``checks`` are Python expressions over the converted fields (``f_<name>``) that must hold, such as
     ``"f_exit_time is None or f_exit_time >= f_entry_time"``; when one does not, the slow path raises the error.
@@ -242,7 +388,6 @@ def compile_parser(
         "_C": DECIMAL_CONTEXT,
         "_F": _FIT_CONTEXT,
         "_now": now or partial(datetime.now, UTC),  # called in C: no Python frame per stamp
-        "_uuid4": uuid.uuid4,
         "_iso": _RFC3339,
         "_fromiso": datetime.fromisoformat,
         "_EDGE_YEARS": frozenset((1, 9999)),
@@ -282,63 +427,58 @@ _MISSING = _Missing()
 
 def _field_code(rule: FieldRule, index: int, namespace: dict[str, Any]) -> list[str]:
     target = f"f_{rule.name}"
-    absent = (
-        ["if v is _MISSING:", "    return None"]
-        if rule.required
-        else ["if v is _MISSING or v is None:"]  # completed per kind below
-    )
-    if rule.kind == "stamp":
-        return ["if v is _MISSING or v is None:", f"    {target} = _now()", "else:", *_indent(_time_code(target))]
-    if rule.kind == "uuid":
-        return [
-            "if v is _MISSING:",
-            f"    {target} = str(_uuid4())",
-            "else:",
-            *_indent(_text_code(target, rule)),
-        ]
-    if rule.kind == "flag":
-        default = "return None" if rule.required else f"{target} = False"
-        return [
-            "if v is _MISSING:",
-            f"    {default}",
-            "elif type(v) is bool:",
-            f"    {target} = v",
-            "else:",
-            "    return None",
-        ]
-    if rule.kind == "count":
-        return [
-            "if type(v) is not int or not 0 <= v <= 4611686018427387904:",
-            "    return None",
-            f"{target} = v",
-        ]
+    if rule.required:
+        absent = ["if v is _MISSING:", "    return None"]
+        return [*absent, *_value_code(target, rule, index, namespace)]
+    if rule.stamp:
+        value = "_now()"
+    elif rule.default_factory is not None:
+        namespace[f"_factory{index}"] = rule.default_factory
+        value = f"_factory{index}()"
+    elif rule.default is None or type(rule.default) is bool:
+        value = repr(rule.default)
+    else:  # pragma: no cover - rules_of refuses other defaults
+        raise ValueError(f"{rule.name}: no fast form of the default {rule.default!r}")
+    none_too = rule.stamp or (rule.optional and value == "None")
+    absent = ["if v is _MISSING or v is None:" if none_too else "if v is _MISSING:", f"    {target} = {value}"]
+    if rule.optional and not none_too:
+        absent += ["elif v is None:", f"    {target} = None"]
+    return [*absent, "else:", *_indent(_value_code(target, rule, index, namespace))]
+
+
+def _value_code(target: str, rule: FieldRule, index: int, namespace: dict[str, Any]) -> list[str]:
     if rule.kind == "text":
-        body = _text_code(target, rule)
-    elif rule.kind == "decimal":
-        body = _decimal_code(target, rule)
-    elif rule.kind == "time":
-        body = _time_code(target)
-    elif rule.kind == "choice":
+        return _text_code(target, rule)
+    if rule.kind == "decimal":
+        return _decimal_code(target, rule)
+    if rule.kind == "time":
+        return _time_code(target)
+    if rule.kind == "flag":
+        return ["if type(v) is not bool:", "    return None", f"{target} = v"]
+    if rule.kind == "integer":
+        bounds = [
+            *([f"v < {rule.minimum}"] if rule.minimum is not None else []),
+            *([f"v > {rule.maximum}"] if rule.maximum is not None else []),
+        ]
+        return [f"if {' or '.join(['type(v) is not int', *bounds])}:", "    return None", f"{target} = v"]
+    if rule.kind == "choice":
         table = f"_choices{index}"
         namespace[table] = {word: word for word in rule.choices}
-        normalise = "upper" if rule.case == "upper" else "lower"
-        body = [
+        lookup = f"{table}.get(v)" + (f" or {table}.get(v.strip().{rule.case}())" if rule.case else "")
+        return [
             "if type(v) is not str:",
             "    return None",
-            f"{target} = {table}.get(v) or {table}.get(v.strip().{normalise}())",
+            f"{target} = {lookup}",
             f"if {target} is None:",
             "    return None",
         ]
-    else:  # pragma: no cover - the rules above are the only kinds
-        raise ValueError(f"unknown field kind {rule.kind!r}")
-    if rule.required:
-        return [*absent, *body]
-    return [*absent, f"    {target} = None", "else:", *_indent(body)]
+    raise ValueError(f"unknown field kind {rule.kind!r}")  # pragma: no cover - rules_of makes only these kinds
 
 
 def _text_code(target: str, rule: FieldRule) -> list[str]:
+    length = f"{rule.min_length} <= len(v)" + (f" <= {rule.max_length}" if rule.max_length is not None else "")
     lines = [
-        f"if type(v) is not str or not {rule.min_length} <= len(v) <= {rule.max_length} or '\\x00' in v:",
+        f"if type(v) is not str or not {length} or '\\x00' in v:",
         "    return None",
         "if not v.isascii() and _surrogate(v):",
         "    return None",

@@ -31,7 +31,7 @@ from persistence.audit.trail import AuditLog, DriverAppender
 from persistence.db.driver import DriverSession
 from persistence.db.engine import Database
 from persistence.db.rowcodec import DriverBatch, RowReader
-from persistence.db.schema import audit_log, dead_letters, parameter_history, performance_snapshots, signals, trades
+from persistence.db.schema import TABLE_OF, TABLES, dead_letters, signals, trades
 from persistence.records.models import (
     ParameterChange,
     PerformanceSnapshot,
@@ -42,6 +42,7 @@ from persistence.records.models import (
     Trade,
     utc_now,
 )
+from persistence.records.registry import BY_ENTITY, RECORD_KINDS
 from persistence.tables.queries import (
     MAX_PAGE_SIZE,
     SignalQuery,
@@ -87,17 +88,8 @@ class DeadLetterRow:
     created_at: datetime
 
 
-def _newer_trade(new: Mapping[str, Any], kept: Mapping[str, Any]) -> bool:
-    return bool(kept["updated_at"] <= new["updated_at"])
-
-
-def _signal_replaces(new: Mapping[str, Any], kept: Mapping[str, Any]) -> bool:
-    return bool(not kept["executed"] or new["executed"])
-
-
 AMENDMENT_RULES: Mapping[str, Callable[[Mapping[str, Any], Mapping[str, Any]], bool]] = {
-    "trades": _newer_trade,
-    "signals": _signal_replaces,
+    TABLE_OF[kind.entity].name: kind.replaces for kind in RECORD_KINDS if kind.replaces is not None
 }
 """The rule of each table whose rows are amended (``replaces(new, stored)``); the other tables keep the first version.
 A ``copy`` applies the same rules (:func:`persistence.tools.copy.copy_database`)."""
@@ -151,6 +143,13 @@ def _executed(change: SignalExecution, stored: dict[str, Any]) -> dict[str, Any]
     return {**stored, "executed": change.executed, "execution_status": change.execution_status}
 
 
+def _versioned(database: Database, model: type[RecordT]) -> VersionedTable[RecordT]:
+    """The versioned writes of ``model``'s table, under its registered rule (append-only: the first version stays)."""
+    kind = BY_ENTITY[model.entity]
+    (key,) = kind.natural_key
+    return VersionedTable(database, TABLE_OF[kind.entity], key, model, kind.replaces or never)
+
+
 def _columns(table: Table) -> list[Any]:
     return [column for column in table.c if column.name not in ("id", "instance_id")]
 
@@ -161,7 +160,7 @@ class TradeRepository:
     def __init__(self, database: Database, audit: AuditLog | None = None) -> None:
         self._db = database
         self._audit = audit if audit is not None else AuditLog(database)
-        self._versions = VersionedTable(database, trades, "trade_id", Trade, _newer_trade)
+        self._versions = _versioned(database, Trade)
         self._reader = RowReader(_columns(trades), Trade, sqlite=database.is_sqlite)
         self._select = select(*self._reader.columns)
 
@@ -252,11 +251,11 @@ class TradeRepository:
 
     def iter_batches(self, **filters: Any) -> AsyncGenerator[Any, None]:
         """Stream the matching trades as pyarrow ``RecordBatch``\\ es (needs ``persistence-sidecar[analysis]``)."""
-        return history_export.iter_batches(self._db, "trades", **filters)
+        return history_export.iter_batches(self._db, BY_ENTITY["trade"].export_name, **filters)
 
     async def export(self, path: str | os.PathLike[str], format: str | None = None, **filters: Any) -> ExportResult:
         """Write the matching trades to ``path`` as Parquet, CSV or JSONL, atomically."""
-        return await history_export.export(self._db, "trades", path, format, **filters)
+        return await history_export.export(self._db, BY_ENTITY["trade"].export_name, path, format, **filters)
 
 
 class SignalRepository:
@@ -266,7 +265,7 @@ class SignalRepository:
         self._db = database
         self._audit = audit if audit is not None else AuditLog(database)
         # A replay of the unexecuted version never undoes a recorded execution.
-        self._versions = VersionedTable(database, signals, "signal_id", Signal, _signal_replaces)
+        self._versions = _versioned(database, Signal)
         self._reader = RowReader(_columns(signals), Signal, sqlite=database.is_sqlite)
         self._select = select(*self._reader.columns)
 
@@ -350,25 +349,26 @@ class SignalRepository:
 
     def iter_batches(self, **filters: Any) -> AsyncGenerator[Any, None]:
         """Stream the matching signals as pyarrow ``RecordBatch``\\ es (needs ``persistence-sidecar[analysis]``)."""
-        return history_export.iter_batches(self._db, "signals", **filters)
+        return history_export.iter_batches(self._db, BY_ENTITY["signal"].export_name, **filters)
 
     async def export(self, path: str | os.PathLike[str], format: str | None = None, **filters: Any) -> ExportResult:
         """Write the matching signals to ``path`` as Parquet, CSV or JSONL, atomically."""
-        return await history_export.export(self._db, "signals", path, format, **filters)
+        return await history_export.export(self._db, BY_ENTITY["signal"].export_name, path, format, **filters)
 
 
 class _AppendOnlyRepository(Generic[RecordT]):
     """Immutable events keyed by a generated ``id``: an insert that ignores a replay of the same id."""
 
-    table: Table
     record_type: type[RecordT]
-    time_column: str
-    export_entity: str
 
     def __init__(self, database: Database, audit: AuditLog | None = None) -> None:
         self._db = database
         self._audit = audit if audit is not None else AuditLog(database)
-        self._versions = VersionedTable(database, self.table, "id", self.record_type, never)
+        kind = BY_ENTITY[self.record_type.entity]
+        self.table = TABLE_OF[kind.entity]
+        self.time_column = kind.time_column
+        self.export_entity = kind.export_name
+        self._versions = _versioned(database, self.record_type)
         columns = [self.table.c[name] for name in self.record_type.model_fields]
         self._reader = RowReader(columns, self.record_type, sqlite=database.is_sqlite)
         self._select = select(*self._reader.columns)
@@ -409,10 +409,7 @@ class _AppendOnlyRepository(Generic[RecordT]):
 class PerformanceSnapshotRepository(_AppendOnlyRepository[PerformanceSnapshot]):
     """Performance snapshots."""
 
-    table = performance_snapshots
     record_type = PerformanceSnapshot
-    time_column = "snapshot_time"
-    export_entity = "snapshots"
 
     async def save_snapshot(self, snapshot: PerformanceSnapshot | Mapping[str, Any]) -> None:
         """Insert one snapshot in its own transaction."""
@@ -432,10 +429,7 @@ class PerformanceSnapshotRepository(_AppendOnlyRepository[PerformanceSnapshot]):
 class ParameterHistoryRepository(_AppendOnlyRepository[ParameterChange]):
     """The history of parameter changes."""
 
-    table = parameter_history
     record_type = ParameterChange
-    time_column = "change_time"
-    export_entity = "parameters"
 
     async def save_change(self, change: ParameterChange | Mapping[str, Any]) -> None:
         """Insert one parameter change in its own transaction."""
@@ -600,7 +594,7 @@ class Repositories:
     async def table_counts(self) -> dict[str, int]:
         """Row counts of the six tables."""
         counts: dict[str, int] = {}
-        for table in (trades, signals, performance_snapshots, parameter_history, dead_letters, audit_log):
+        for table in TABLES:
             counts[table.name] = await _count(self.database, table, [])
         return counts
 

@@ -40,19 +40,17 @@ from sqlalchemy import Connection, Integer, Table, bindparam, func, inspect, sel
 from sqlalchemy.dialects import postgresql, sqlite
 
 from persistence.db.engine import Database, sqlite_path
-from persistence.db.schema import TABLES, copy_sources
+from persistence.db.schema import TABLE_OF, TABLES, audit_log, copy_sources
 from persistence.errors import CopyMismatchError, CopyRefusedError, MigrationError
 from persistence.migrations import alembic_config, current_revision, head_revision, upgrade
 from persistence.migrations.guard import is_known
 from persistence.records.models import utc_now
+from persistence.records.registry import RECORD_KINDS
 
 DEFAULT_CHUNK_ROWS = 2_000
 NATURAL_KEYS: Mapping[str, tuple[str, ...]] = {
-    "trades": ("trade_id",),
-    "signals": ("signal_id",),
-    "performance_snapshots": ("id",),
-    "parameter_history": ("id",),
-    "audit_log": ("instance_id", "seq"),
+    **{TABLE_OF[kind.entity].name: kind.natural_key for kind in RECORD_KINDS},
+    audit_log.name: ("instance_id", "seq"),
 }
 """What identifies a row in any database; ``dead_letters`` has no key: its whole content identifies a row."""
 Amends = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]

@@ -33,19 +33,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.db.columns import ExactNumeric, UTCDateTime, to_sqlite_datetime
 from persistence.db.engine import Database, driver_of
-from persistence.db.schema import audit_log, parameter_history, performance_snapshots, signals, trades
+from persistence.db.schema import TABLE_OF, audit_log
 from persistence.errors import ANALYSIS_EXTRA, AnalysisExtraMissingError, InvalidQueryError
-from persistence.records.models import (
-    DECIMAL_PRECISION,
-    DECIMAL_SCALE,
-    SESSIONS,
-    ParameterChange,
-    PerformanceSnapshot,
-    Record,
-    Signal,
-    Trade,
-    to_utc,
-)
+from persistence.records.models import DECIMAL_PRECISION, DECIMAL_SCALE, SESSIONS, to_utc
+from persistence.records.parser import rules_of
+from persistence.records.registry import RECORD_KINDS, RecordKind
 from persistence.tools.export_files import (
     FORMATS,
     PARQUET_ROW_GROUP_ROWS,
@@ -113,46 +105,26 @@ def _time_filters(column: str) -> dict[str, tuple[str, FilterKind]]:
     return {"start_date": (column, "from"), "end_date": (column, "to"), "instance_id": ("instance_id", "equals")}
 
 
-def _record_fields(record_type: type[Record]) -> tuple[str, ...]:
-    """A record table's exported columns: the record's fields (an integer surrogate ``id`` is not one) and the
-    ``instance_id`` of the orchestrator that wrote the row."""
-    return (*record_type.model_fields, "instance_id")
+def _record_exportable(kind: RecordKind) -> Exportable:
+    """A record table's export: the record's fields (an integer surrogate ``id`` is not one) and the ``instance_id``
+    of the orchestrator that wrote the row; filtered on its time and on its registered fields, each as its type
+    says (a flag, a session, or text)."""
+    rules = {rule.name: rule for rule in rules_of(kind.model)}
+    filters: dict[str, tuple[str, FilterKind]] = _time_filters(kind.time_column)
+    for name in kind.filters:
+        rule = rules[name]
+        filters[name] = (name, "flag" if rule.kind == "flag" else "session" if rule.choices == SESSIONS else "equals")
+    return Exportable(
+        kind.export_name,
+        TABLE_OF[kind.entity],
+        (*kind.model.model_fields, "instance_id"),
+        kind.sort_columns,
+        filters,
+    )
 
 
 EXPORTABLES: dict[str, Exportable] = {
-    "trades": Exportable(
-        "trades",
-        trades,
-        _record_fields(Trade),
-        ("id",),
-        {
-            **_time_filters("entry_time"),
-            "symbol": ("symbol", "equals"),
-            "session": ("session", "session"),
-            "pattern_type": ("pattern_type", "equals"),
-        },
-    ),
-    "signals": Exportable(
-        "signals",
-        signals,
-        _record_fields(Signal),
-        ("id",),
-        {**_time_filters("generated_at"), "symbol": ("symbol", "equals"), "executed": ("executed", "flag")},
-    ),
-    "snapshots": Exportable(
-        "snapshots",
-        performance_snapshots,
-        _record_fields(PerformanceSnapshot),
-        ("snapshot_time", "id"),
-        {**_time_filters("snapshot_time"), "session": ("session", "session")},
-    ),
-    "parameters": Exportable(
-        "parameters",
-        parameter_history,
-        _record_fields(ParameterChange),
-        ("change_time", "id"),
-        {**_time_filters("change_time"), "session": ("session", "session")},
-    ),
+    **{kind.export_name: _record_exportable(kind) for kind in RECORD_KINDS},
     "audit": Exportable(
         "audit",
         audit_log,

@@ -32,7 +32,7 @@ import itertools
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -51,16 +51,9 @@ from persistence.observe.events import (
     WriteFailed,
 )
 from persistence.records.history import TradeHistory
-from persistence.records.models import (
-    Entity,
-    ParameterChange,
-    PerformanceSnapshot,
-    Record,
-    Signal,
-    SignalExecution,
-    Trade,
-)
+from persistence.records.models import Entity, Record, Trade
 from persistence.records.receipts import Receipt
+from persistence.records.registry import JOURNAL_KINDS, JOURNAL_MODELS
 from persistence.write.journal import Journal, JournalEntry, JournalOwnership, Position
 
 Clock = Callable[[], float]
@@ -68,14 +61,10 @@ Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
 
 JOURNAL_FORMAT = 1
-KINDS: dict[type[Record], str] = {
-    Trade: "trade",
-    Signal: "signal",
-    SignalExecution: "signal_execution",
-    PerformanceSnapshot: "snapshot",
-    ParameterChange: "parameter_change",
-}
-MODELS: dict[str, type[Record]] = {kind: model for model, kind in KINDS.items()}
+KINDS: Mapping[type[Record], str] = JOURNAL_KINDS
+"""The ``kind`` a journal entry of each model is tagged with (the registry's journal kinds)."""
+MODELS: Mapping[str, type[Record]] = JOURNAL_MODELS
+"""The model each journal kind is parsed as."""
 APPEND_CHUNK = 64
 """Records per journal write: when the disk fills, every chunk written before is kept."""
 PARSE_SLICE = 32

@@ -26,6 +26,7 @@ from persistence.errors import ConfigurationError, CopyMismatchError, InvalidQue
 from persistence.migrations import current_revision, migrate_to, upgrade
 from persistence.records.iso8601 import parse_iso8601
 from persistence.records.models import ENTITIES, SESSIONS
+from persistence.records.registry import RECORD_KINDS
 from persistence.tables.repositories import AMENDMENT_RULES
 from persistence.tools.copy import DEFAULT_CHUNK_ROWS, copy_database
 from persistence.tools.export import EXPORTABLES, FORMATS, count_rows, export, require_pyarrow, resolve_format
@@ -229,6 +230,11 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _filtered_by(field: str) -> str:
+    """The export names whose history filters on ``field`` (``trades, signals``), for a flag's help."""
+    return ", ".join(kind.export_name for kind in RECORD_KINDS if field in kind.filters)
+
+
 def _flag(value: str) -> bool:
     try:
         return parse_flag(value)  # the words PERSISTENCE_ENABLED takes
@@ -261,10 +267,10 @@ def add_commands(commands: Any) -> None:
     exporting.add_argument("--format", choices=FORMATS, help="default: from the file name, else parquet")
     exporting.add_argument("--output", "-o", required=True, metavar="PATH", help="file to write")
     exporting.add_argument("--force", action="store_true", help="replace PATH if it exists")
-    exporting.add_argument("--symbol", help="trades, signals: e.g. EURUSD")
-    exporting.add_argument("--session", type=str.upper, choices=SESSIONS, help="trades, snapshots, parameters")
-    exporting.add_argument("--pattern-type", help="trades: e.g. breakout")
-    exporting.add_argument("--executed", type=_flag, help="signals: true or false")
+    exporting.add_argument("--symbol", help=f"{_filtered_by('symbol')}: e.g. EURUSD")
+    exporting.add_argument("--session", type=str.upper, choices=SESSIONS, help=_filtered_by("session"))
+    exporting.add_argument("--pattern-type", help=f"{_filtered_by('pattern_type')}: e.g. breakout")
+    exporting.add_argument("--executed", type=_flag, help=f"{_filtered_by('executed')}: true or false")
     exporting.add_argument("--instance-id", help="only rows (or audit entries) this orchestrator wrote")
     exporting.add_argument(
         "--entity", dest="audited_entity", choices=ENTITIES, help="audit: the entries of one kind of record"
