@@ -44,11 +44,11 @@ from persistence.observe.correlation import correlation_id
 from persistence.observe.events import (
     EventBus,
     JournalCorrupt,
+    JournalFailed,
     JournalSpilled,
     JournalSynced,
     JournalUnwritable,
     RecordsDropped,
-    WriteFailed,
 )
 from persistence.records.history import TradeHistory
 from persistence.records.models import (
@@ -302,7 +302,7 @@ class Backlog:
                 self._bus.publish(JournalUnwritable(directory=str(error.directory), error=error.reason))
             except (JournalError, OSError) as error:
                 # Start all the same: the keeper opens the journal when it first needs it, and reports until then.
-                self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal: {error}", True, 1))
+                self._bus.publish(JournalFailed("open", type(error).__name__, str(error)))
             else:
                 self._journal = journal
                 self._journal_pending = self._inherited = journal.pending
@@ -444,7 +444,7 @@ class Backlog:
                     await self._io(self._journal.acknowledge_through, last_position)
                 except (JournalError, OSError, ValueError) as error:
                     # Committed all the same; a replay after a restart is idempotent, so nothing is lost.
-                    self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal checkpoint: {error}", True, 1))
+                    self._bus.publish(JournalFailed("checkpoint", type(error).__name__, str(error)))
                 self._journal_pending = self._journal.pending
         if last_seq > self._watermark:
             self._watermark = last_seq
@@ -485,7 +485,7 @@ class Backlog:
                 try:
                     moved = await self.spill_due()
                 except Exception as error:  # the keeper must outlive anything: report it, try again later
-                    self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal keeper: {error}", True, 1))
+                    self._bus.publish(JournalFailed("keeper", type(error).__name__, str(error)))
                     moved = False
                 if moved:
                     continue
@@ -546,7 +546,7 @@ class Backlog:
                     try:
                         self._journal = await self._io(self._open_journal, False)
                     except (JournalError, JournalDirectoryInUseError, JournalNotWritableError, OSError) as error:
-                        self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal: {error}", True, 1))
+                        self._bus.publish(JournalFailed("open", type(error).__name__, str(error), len(moving)))
                 if self._journal is not None:
                     written = await self._append(moving, reason="backlog" if over > 0 else "outage")
                     await self._sync(written)
@@ -609,9 +609,7 @@ class Backlog:
                 JournalSpilled(records=len(written), journal_pending=self._journal_pending, reason=reason)
             )
         if error is not None:
-            self._bus.publish(
-                WriteFailed(len(items) - len(written), {}, type(error).__name__, f"journal: {error}", True, 1)
-            )
+            self._bus.publish(JournalFailed("append", type(error).__name__, str(error), len(items) - len(written)))
         return written
 
     async def _sync(self, written: list[Pending]) -> None:
@@ -622,7 +620,7 @@ class Backlog:
         try:
             await self._io(journal.sync)
         except (JournalError, OSError) as error:
-            self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal sync: {error}", True, 1))
+            self._bus.publish(JournalFailed("sync", type(error).__name__, str(error), len(written)))
             return
         for item in written:
             if item.receipt is not None:
