@@ -1,5 +1,5 @@
 """The write path's pure policies, without a database: the spill policy, the version rule, the outcome -> breaker
-mapping."""
+mapping, and which prefix of a batch an outcome has handled."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 
 from persistence.tables.repositories import AMENDMENT_RULES
 from persistence.tables.versioned import never, winning_version
-from persistence.write.backlog import Pending, spill_due_in, spill_over
+from persistence.write.backlog import Batch, Pending, spill_due_in, spill_over
 from persistence.write.breaker import Admission, BreakerState, CircuitBreaker, Verdict, verdict_of
 from persistence.write.committer import DeadLetteredRecord, Outcome
+from persistence.write.writer import handled_prefix
 from tests.support.factories import make_trade
 
 # ---------------------------------------------------------------------------------------------- the spill policy
@@ -169,3 +170,16 @@ def test_a_probe_with_only_data_errors_frees_the_probe_slot() -> None:
     assert breaker.record(probe, Verdict.NEITHER, NOW + 30.0) is None
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.admit(NOW + 30.0)[0].probe  # another probe may go
+
+
+# ---------------------------------------------------------------------------------------------- the handled prefix
+
+
+def test_the_handled_prefix_stops_at_the_first_record_left_waiting() -> None:
+    a, b, c = pending("A"), pending("B"), pending("C")
+    batch = Batch([a, None, b, c], False, [None] * 4)
+    assert handled_prefix(batch, Outcome(committed=[a, b, c])) == 4
+    assert handled_prefix(batch, Outcome(committed=[a], failure=OSError("x"))) == 2  # the unreadable line goes too
+    assert handled_prefix(batch, Outcome(dead=[DeadLetteredRecord(a, "E", "x")], lost=[(b, "y")])) == 3
+    assert handled_prefix(batch, Outcome(failure=OSError("x"))) == 0
+    assert handled_prefix(Batch([a, b], False, [None, None]), Outcome(committed=[a, b])) == 2

@@ -34,7 +34,8 @@ from tests.support.factories import make_trade
 
 
 class FakeTarget:
-    """Commits whatever it is given, except: ``fail`` transient failures first, and keys in ``poison`` dead."""
+    """The writer's committer and database link in one: commits whatever it is given, except: ``fail`` transient
+    failures first, and keys in ``poison`` dead."""
 
     def __init__(self) -> None:
         self.ready = True
@@ -42,8 +43,9 @@ class FakeTarget:
         self.poison: set[str] = set()
         self.batches: list[list[str]] = []
 
-    async def prepare(self) -> None:
+    async def prepare(self) -> int:
         self.ready = True
+        return 0
 
     async def commit(self, records: Sequence[Pending]) -> Outcome:
         self.batches.append([item.record.key for item in records])
@@ -80,6 +82,7 @@ async def loop(tmp_path: Path) -> AsyncIterator[Loop]:
     target = FakeTarget()
     writer = Writer(
         backlog,
+        target,
         target,
         breaker=CircuitBreaker(5, 30.0),
         book=book,
