@@ -25,6 +25,7 @@ from persistence.observe.events import (
     BatchCommitted,
     BreakerChanged,
     EventBus,
+    JournalFailed,
     JournalSpilled,
     RecordDeadLettered,
     RecordsDropped,
@@ -395,6 +396,7 @@ async def test_when_the_journal_cannot_take_the_backlog_every_dropped_record_is_
     clock = FakeClock()
     settings = sidecar_settings(sqlite_url, max_pending=10, breaker_failure_threshold=1)
     sidecar = build(settings, sidecars, clock=clock)
+    events = Recorder(sidecar.events)
     await sidecar.start()
     shutil.rmtree(settings.journal_dir)  # start() made it (and owns it): take it away
     settings.journal_dir.write_text("not a directory")  # the journal has nowhere to go
@@ -410,6 +412,11 @@ async def test_when_the_journal_cannot_take_the_backlog_every_dropped_record_is_
         with pytest.raises(RecordDroppedError):
             await dropped[0]
         assert sum(line["count"] for line in logs if line["event"] == "records_dropped") == len(dropped)
+        # The journal's refusal is its own event and log line, not a failed database write.
+        refusals = events.of(JournalFailed)
+        assert refusals and {event.operation for event in refusals} == {"append"} and refusals[0].records > 0
+        assert any(line["event"] == "journal_failed" and line["operation"] == "append" for line in logs)
+        assert not [event for event in events.of(WriteFailed) if "journal" in event.error]
         scraped = sidecar.registry.get_sample_value(
             "persistence_dropped_records_total", {"entity": "trade", "reason": "journal_unavailable"}
         )

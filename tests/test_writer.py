@@ -17,6 +17,8 @@ from persistence.config import Settings
 from persistence.observe.events import (
     BatchCommitted,
     BreakerChanged,
+    DatabaseRecovered,
+    DatabaseUnavailable,
     EventBus,
     JournalSynced,
     RecordDeadLettered,
@@ -34,16 +36,22 @@ from tests.support.factories import make_trade
 
 
 class FakeTarget:
-    """Commits whatever it is given, except: ``fail`` transient failures first, and keys in ``poison`` dead."""
+    """The writer's committer and database link in one: commits whatever it is given, except: ``fail`` transient
+    failures first, and keys in ``poison`` dead."""
 
     def __init__(self) -> None:
         self.ready = True
         self.fail = 0
+        self.unreachable = 0  # prepare() fails this many times first
         self.poison: set[str] = set()
         self.batches: list[list[str]] = []
 
-    async def prepare(self) -> None:
+    async def prepare(self) -> int:
+        if self.unreachable:
+            self.unreachable -= 1
+            raise OSError("connection refused")
         self.ready = True
+        return 3
 
     async def commit(self, records: Sequence[Pending]) -> Outcome:
         self.batches.append([item.record.key for item in records])
@@ -80,6 +88,7 @@ async def loop(tmp_path: Path) -> AsyncIterator[Loop]:
     target = FakeTarget()
     writer = Writer(
         backlog,
+        target,
         target,
         breaker=CircuitBreaker(5, 30.0),
         book=book,
@@ -132,6 +141,37 @@ async def test_a_dead_lettered_record_settles_its_receipt_and_neither_trips_nor_
     [dead] = loop.events.of(RecordDeadLettered)
     assert dead.key == "BAD" and loop.writer.breaker.consecutive_failures == 0
     assert loop.backlog.outstanding() == 0
+
+
+async def test_the_database_is_reachable_as_the_last_verdict_says_and_a_recovery_is_published(loop: Loop) -> None:
+    assert not loop.writer.database_ok  # nothing asked yet
+    assert await asyncio.wait_for(loop.backlog.submit(make_trade()), 5) == "persisted"
+    assert loop.writer.database_ok
+    loop.target.fail = 1
+    receipt = loop.backlog.submit(make_trade())
+    await eventually(lambda: bool(loop.events.of(WriteFailed)))
+    assert await asyncio.wait_for(receipt, 5) == "persisted"  # retried at once: the breaker is still closed
+    assert loop.writer.database_ok and not loop.events.of(DatabaseRecovered)  # a commit failed; nothing to prepare
+    loop.target.poison = {"BAD"}
+    bad = loop.backlog.submit(make_trade(trade_id="BAD"))
+    await eventually(lambda: bad.status == "dead_lettered")
+    assert loop.writer.database_ok  # a data error is an answer from the database
+    loop.target.ready, loop.target.unreachable = False, 1
+    receipt = loop.backlog.submit(make_trade())
+    assert await asyncio.wait_for(receipt, 5) == "persisted"
+    [recovered] = loop.events.of(DatabaseRecovered)
+    assert recovered.history_loaded == 3 and loop.writer.database_ok
+    assert any(event.error == "connection refused" for event in loop.events.of(WriteFailed))
+
+
+async def test_open_says_an_unreachable_database_at_start_up_and_the_loop_prepares_it_later(loop: Loop) -> None:
+    loop.target.ready, loop.target.unreachable = False, 1
+    assert await loop.writer.open() is False
+    [unavailable] = loop.events.of(DatabaseUnavailable)
+    assert unavailable.at_startup and unavailable.error == "connection refused"
+    assert not loop.writer.database_ok and loop.writer.breaker.consecutive_failures == 0  # not asked of the breaker
+    assert await asyncio.wait_for(loop.backlog.submit(make_trade()), 5) == "persisted"
+    assert loop.writer.database_ok and len(loop.events.of(DatabaseRecovered)) == 1
 
 
 async def test_the_keeper_journals_a_waiting_record_when_the_injected_clock_says_it_is_due(tmp_path: Path) -> None:

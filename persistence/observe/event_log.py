@@ -34,6 +34,7 @@ from persistence.observe.events import (
     DatabaseUnavailable,
     Event,
     JournalCorrupt,
+    JournalFailed,
     JournalReplayed,
     JournalSpilled,
     JournalSynced,
@@ -156,6 +157,14 @@ class EventLogger:
                 log.debug("journal_synced", records=event.records, duration_ms=round(event.duration * 1000, 3))
             case JournalReplayed():
                 log.info("journal_replayed", records=event.records, journal_pending=event.journal_pending)
+            case JournalFailed():
+                log.warning(
+                    "journal_failed",
+                    operation=event.operation,
+                    records=event.records,
+                    error_class=event.error_class,
+                    error=self._error(event.error),
+                )
             case JournalCorrupt():
                 log.warning("journal_corrupt_lines_skipped", lines=event.lines)
             case RecordsDropped():

@@ -2,8 +2,8 @@
 
 The write path publishes an event for everything worth observing (a batch committed, a write failed or was
 retried, the breaker changed state, a record was dead-lettered, spilled to or replayed from the journal, or
-dropped, start-up and shutdown). Logging and metrics subscribe to the bus; the core never calls them directly.
-No event is published per record on the hot path.
+dropped, the journal refused an operation, start-up and shutdown). Logging and metrics subscribe to the bus; the
+core never calls them directly. No event is published per record on the hot path.
 """
 
 from __future__ import annotations
@@ -162,6 +162,18 @@ class JournalReplayed(Event):
 
     records: int
     journal_pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class JournalFailed(Event):
+    """The journal refused an operation: ``open``, ``append``, ``sync``, ``checkpoint`` (acknowledging committed
+    records), or its keeper met a fault (``keeper``). Nothing is lost by this alone: the ``records`` it concerns stay
+    where they were (in RAM, or in the journal), and what is ever lost is published as :class:`RecordsDropped`."""
+
+    operation: str
+    error_class: str
+    error: str
+    records: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,18 @@ OVERLAP_SLICE = 32
 """First versions encoded between two hand-backs of the loop while their claim runs."""
 
 
+def winning_version(new: Row, stored: Row, replaces: Replaces) -> Row | None:
+    """The version rule: the row to store when ``new`` meets ``stored`` (same key), or ``None`` when it changes nothing.
+
+    ``new`` wins only where the table's rule lets it replace ``stored``; the stored ``created_at`` is kept (the first
+    version's); a winner identical to what is stored writes nothing.
+    """
+    if not replaces(new, stored):
+        return None
+    row = new if new["created_at"] == stored["created_at"] else {**new, "created_at": stored["created_at"]}
+    return row if row != stored else None
+
+
 def never(_new: Mapping[str, Any], _stored: Mapping[str, Any]) -> bool:
     """The rule of immutable records: the first version stays."""
     return False
@@ -316,10 +328,8 @@ class VersionedTable(Generic[RecordT]):
                     state[identity] = stored_now[identity] = row
                     versions.append(Version(entity, identity, row, payloads.get(id(row))))
                 continue
-            if not replaces(row, kept):
-                continue
-            new = row if row["created_at"] == kept["created_at"] else {**row, "created_at": kept["created_at"]}
-            if new != kept:
+            new = winning_version(row, kept, replaces)
+            if new is not None:
                 state[identity] = new
                 versions.append(Version(entity, identity, new))
         missing: list[int] = []

@@ -44,11 +44,11 @@ from persistence.observe.correlation import correlation_id
 from persistence.observe.events import (
     EventBus,
     JournalCorrupt,
+    JournalFailed,
     JournalSpilled,
     JournalSynced,
     JournalUnwritable,
     RecordsDropped,
-    WriteFailed,
 )
 from persistence.records.history import TradeHistory
 from persistence.records.models import Entity, Record, Trade
@@ -291,7 +291,7 @@ class Backlog:
                 self._bus.publish(JournalUnwritable(directory=str(error.directory), error=error.reason))
             except (JournalError, OSError) as error:
                 # Start all the same: the keeper opens the journal when it first needs it, and reports until then.
-                self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal: {error}", True, 1))
+                self._bus.publish(JournalFailed("open", type(error).__name__, str(error)))
             else:
                 self._journal = journal
                 self._journal_pending = self._inherited = journal.pending
@@ -433,7 +433,7 @@ class Backlog:
                     await self._io(self._journal.acknowledge_through, last_position)
                 except (JournalError, OSError, ValueError) as error:
                     # Committed all the same; a replay after a restart is idempotent, so nothing is lost.
-                    self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal checkpoint: {error}", True, 1))
+                    self._bus.publish(JournalFailed("checkpoint", type(error).__name__, str(error)))
                 self._journal_pending = self._journal.pending
         if last_seq > self._watermark:
             self._watermark = last_seq
@@ -474,7 +474,7 @@ class Backlog:
                 try:
                     moved = await self.spill_due()
                 except Exception as error:  # the keeper must outlive anything: report it, try again later
-                    self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal keeper: {error}", True, 1))
+                    self._bus.publish(JournalFailed("keeper", type(error).__name__, str(error)))
                     moved = False
                 if moved:
                     continue
@@ -498,16 +498,16 @@ class Backlog:
 
     def _next_due(self) -> float | None:
         """Seconds until the keeper has work (0: now), or ``None`` while RAM holds nothing unjournaled."""
-        if len(self._ram) <= self._journaled_in_ram:
-            return None
-        if len(self._ram) > self._settings.max_pending:
-            return 0.0
-        now = self._clock()
-        oldest = self._ram[self._journaled_in_ram].recorded_at
-        # Due once the oldest unjournaled record is a grace period old AND the writer has made no progress for as
-        # long: while commits go through, records in RAM are on their way to the database.
-        due_at = max(oldest if oldest is not None else now, self._last_progress) + self._grace
-        return max(due_at - now, 0.0)
+        ram, start = self._ram, self._journaled_in_ram
+        return spill_due_in(
+            now=self._clock(),
+            oldest_unjournaled=ram[start].recorded_at if len(ram) > start else None,
+            unjournaled=len(ram) - start,
+            in_ram=len(ram),
+            max_pending=self._settings.max_pending,
+            last_progress=self._last_progress,
+            grace=self._grace,
+        )
 
     async def spill_due(self) -> bool:
         """Journal every RAM record that is due (see the module docstring) and keep RAM within its bound.
@@ -526,10 +526,7 @@ class Backlog:
                 cutoff = now - self._grace
                 while end < len(self._ram) and (self._ram[end].recorded_at or now) <= cutoff:
                     end += 1
-            if over > 0:
-                # Let RAM go down to three quarters of its bound, so spills come in chunks, not one by one.
-                target = len(self._ram) - max(self._settings.max_pending * 3 // 4, 0)
-                end = max(end, min(target, len(self._ram)))
+            end = max(end, spill_over(len(self._ram), self._settings.max_pending))
             written: list[Pending] = []
             refused = False
             if end > start:
@@ -538,13 +535,14 @@ class Backlog:
                     try:
                         self._journal = await self._io(self._open_journal, False)
                     except (JournalError, JournalDirectoryInUseError, JournalNotWritableError, OSError) as error:
-                        self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal: {error}", True, 1))
+                        self._bus.publish(JournalFailed("open", type(error).__name__, str(error), len(moving)))
                 if self._journal is not None:
                     written = await self._append(moving, reason="backlog" if over > 0 else "outage")
                     await self._sync(written)
                 refused = len(written) < len(moving)
-            target = len(self._ram) - max(self._settings.max_pending * 3 // 4, 0)
-            let_go = self._let_go(target, refused=refused) if over > 0 else 0
+            let_go = (
+                self._let_go(spill_over(len(self._ram), self._settings.max_pending), refused=refused) if over > 0 else 0
+            )
             return bool(written) or let_go > 0
 
     def _let_go(self, count: int, *, refused: bool) -> int:
@@ -600,9 +598,7 @@ class Backlog:
                 JournalSpilled(records=len(written), journal_pending=self._journal_pending, reason=reason)
             )
         if error is not None:
-            self._bus.publish(
-                WriteFailed(len(items) - len(written), {}, type(error).__name__, f"journal: {error}", True, 1)
-            )
+            self._bus.publish(JournalFailed("append", type(error).__name__, str(error), len(items) - len(written)))
         return written
 
     async def _sync(self, written: list[Pending]) -> None:
@@ -613,7 +609,7 @@ class Backlog:
         try:
             await self._io(journal.sync)
         except (JournalError, OSError) as error:
-            self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"journal sync: {error}", True, 1))
+            self._bus.publish(JournalFailed("sync", type(error).__name__, str(error), len(written)))
             return
         for item in written:
             if item.receipt is not None:
@@ -669,6 +665,38 @@ class Backlog:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persistence-journal")
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(function, *args))
+
+
+def spill_due_in(
+    *,
+    now: float,
+    oldest_unjournaled: float | None,
+    unjournaled: int,
+    in_ram: int,
+    max_pending: int,
+    last_progress: float,
+    grace: float,
+) -> float | None:
+    """The spill policy: seconds until RAM records are due for the journal (0: now), ``None`` while none is waiting.
+
+    Due at once when RAM holds more than ``max_pending``; otherwise once the oldest unjournaled record
+    (``oldest_unjournaled``, recorded at, ``None`` if unknown: now) is ``grace`` old AND the writer has made no
+    progress for as long: while commits go through, records in RAM are on their way to the database.
+    """
+    if unjournaled <= 0:
+        return None
+    if in_ram > max_pending:
+        return 0.0
+    due_at = max(oldest_unjournaled if oldest_unjournaled is not None else now, last_progress) + grace
+    return max(due_at - now, 0.0)
+
+
+def spill_over(in_ram: int, max_pending: int) -> int:
+    """How many of the oldest RAM records to journal and let go when RAM holds ``in_ram`` records: none within the
+    bound, else down to three quarters of it, so spills come in chunks, not one by one."""
+    if in_ram <= max_pending:
+        return 0
+    return min(in_ram - max(max_pending * 3 // 4, 0), in_ram)
 
 
 def _append_chunk(journal: Journal, run_id: str, items: Sequence[Pending]) -> list[Position]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from persistence.errors import BreakerAdmissionError, ConfigurationError
 
-__all__ = ["Admission", "BreakerState", "CircuitBreaker", "Transition"]
+__all__ = ["Admission", "BreakerState", "CircuitBreaker", "Transition", "Verdict", "verdict_of"]
 
 
 class BreakerState(enum.StrEnum):
@@ -30,6 +30,26 @@ class BreakerState(enum.StrEnum):
     """Writes are refused until the reset period has elapsed."""
     HALF_OPEN = "half_open"
     """A single probe write is allowed to test whether the database has recovered."""
+
+
+class Verdict(enum.StrEnum):
+    """What one attempt's outcome means to the breaker."""
+
+    SUCCESS = "success"
+    """The database took the attempt: resets the failure count, closes a half-open circuit."""
+    FAILURE = "failure"
+    """The database failed it (after the retries): one failure."""
+    NEITHER = "neither"
+    """The database answered, but only with data errors: neither trips nor resets the breaker."""
+
+
+def verdict_of(*, failed: bool, data_errors: bool) -> Verdict:
+    """The outcome -> breaker mapping: a transient failure left after the retries counts once, whatever else the batch
+    did; a batch that met data errors (dead-lettered or lost records) and no failure counts neither way; a clean
+    batch is a success."""
+    if failed:
+        return Verdict.FAILURE
+    return Verdict.NEITHER if data_errors else Verdict.SUCCESS
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +233,15 @@ class CircuitBreaker:
         self._opened_at = now
         self._half_open_at = now + self._reset_seconds
         return self._transition(BreakerState.OPEN, now)
+
+    def record(self, admission: Admission, verdict: Verdict, now: float) -> Transition | None:
+        """Report an admitted attempt's :class:`Verdict`: a success, a failure, or neither (as if cancelled)."""
+        if verdict is Verdict.SUCCESS:
+            return self.record_success(admission, now)
+        if verdict is Verdict.FAILURE:
+            return self.record_failure(admission, now)
+        self.record_cancelled(admission)
+        return None
 
     def record_cancelled(self, admission: Admission) -> None:
         """Report that an admitted attempt was cancelled before it produced a result.

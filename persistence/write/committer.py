@@ -37,6 +37,7 @@ from persistence.errors import DataFault, TransientFault
 from persistence.records.models import ParameterChange, PerformanceSnapshot, Signal, SignalExecution, Trade
 from persistence.tables.repositories import Repositories
 from persistence.write.backlog import KINDS, Pending, Sleep
+from persistence.write.breaker import Verdict, verdict_of
 from persistence.write.faults import classify
 from persistence.write.journal import encode_line, write_durably
 
@@ -82,6 +83,11 @@ class Outcome:
     @property
     def handled(self) -> int:
         return len(self.committed) + len(self.dead) + len(self.lost)
+
+    @property
+    def verdict(self) -> Verdict:
+        """What this outcome means to the breaker (:func:`~persistence.write.breaker.verdict_of`)."""
+        return verdict_of(failed=self.failure is not None, data_errors=bool(self.dead or self.lost))
 
 
 class Committer:

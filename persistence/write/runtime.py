@@ -1,17 +1,16 @@
-"""The runtime: what exists while persistence is enabled and started, built once and torn down once.
+"""The runtime: the composition root of what exists while persistence is enabled and started, built once and torn
+down once.
 
-It holds the database (engine and pool), the repositories over it (the read side, which lives as long as the
-runtime, not as long as the write task), the committer, the background WAL checkpointer, the backlog it was given
-and the writer. It prepares the database (migrations, then this orchestrator's newest ``PERSISTENCE_HISTORY_MAX``
-trades into ``trade_history``), replays a journal left behind, and notices a SQLite file deleted or replaced under it.
+It builds the database (engine and pool), the repositories over it (the read side, which lives as long as the
+runtime, not as long as the write task), the database link (:mod:`persistence.write.link`: preparing the database,
+the background WAL checkpointer), the committer, and the writer over the backlog it was given, which it hands the
+committer and the link directly; then it starts and stops them in order. It takes no part in a write.
 :class:`HealthReport` is the one shape of the sidecar's health, for ``sidecar.health()`` and the API alike.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,26 +18,16 @@ from tenacity import RetryCallState
 
 from persistence.audit.anchors import Anchorer
 from persistence.config import Settings
-from persistence.db.backups import backup_dir_for
-from persistence.db.engine import Database, create_database, sqlite_path
-from persistence.db.inuse_lock import DatabaseInUseLock
+from persistence.db.engine import Database, create_database
 from persistence.db.wal_checkpoint import WalCheckpointer
-from persistence.errors import DatabaseUnavailableError, SchemaNewerError
-from persistence.migrations import upgrade
-from persistence.observe.events import (
-    DatabaseRecovered,
-    DatabaseUnavailable,
-    EventBus,
-    SchemaNewerThanRelease,
-    WriteRetried,
-)
+from persistence.observe.events import EventBus, WriteRetried
 from persistence.records.history import TradeHistory
 from persistence.records.models import utc_now
 from persistence.tables.repositories import Repositories
-from persistence.write.backlog import Backlog, Clock, Pending, ReceiptBook, Sleep, Tally
+from persistence.write.backlog import Backlog, Clock, ReceiptBook, Sleep, Tally
 from persistence.write.breaker import CircuitBreaker
-from persistence.write.committer import Committer, Outcome, RetryPolicy, short_error
-from persistence.write.faults import needs_schema
+from persistence.write.committer import Committer, RetryPolicy, short_error
+from persistence.write.link import DatabaseLink
 from persistence.write.writer import Writer
 
 
@@ -103,16 +92,11 @@ class Runtime:
         retry: RetryPolicy | None = None,
         database_factory: Callable[[Settings], Database] = create_database,
     ) -> None:
-        self._settings = settings
         self._bus = bus
-        self._history = history
-        self._clock = clock
         self.backlog = backlog
         self.database = database_factory(settings)
         self.repositories = Repositories(self.database)
-        self.checkpointer: WalCheckpointer | None = None
-        if self.database.is_sqlite and sqlite_path(settings.url) is not None:
-            self.checkpointer = WalCheckpointer(self.database)
+        self.link = DatabaseLink(settings, self.database, self.repositories, bus=bus, history=history)
         self.committer = Committer(
             self.database,
             self.repositories,
@@ -120,11 +104,12 @@ class Runtime:
             sleep=sleep,
             dead_letter_dir=settings.journal_dir,
             on_retry=self._on_retry,
-            check=self._check_database_file,
+            check=self.link.check,
         )
         self.writer = Writer(
             backlog,
-            self,
+            self.committer,
+            self.link,
             breaker=CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_reset_seconds),
             book=book,
             bus=bus,
@@ -132,14 +117,6 @@ class Runtime:
             sleep=sleep,
             batch_size=settings.batch_size,
         )
-        self._ready = False
-        self._database_file: tuple[int, int] | None = None
-        self._reset_pool = False
-        self.schema_revision: str | None = None
-        self.history_loaded = 0
-        path = sqlite_path(settings.url) if self.database.is_sqlite else None
-        self._in_use = DatabaseInUseLock(path) if path is not None else None
-        self._reported_newer: SchemaNewerError | None = None
         # Subscribed from here on, so the heads of the start-up journal replay are checkpointed too.
         self.anchorer = Anchorer(
             settings.instance_id,
@@ -151,58 +128,25 @@ class Runtime:
             key_path=settings.audit_signing_key,
         )
 
-    # ------------------------------------------------------------------ the writer's target
-
     @property
     def ready(self) -> bool:
         """Whether the schema is migrated and the history loaded."""
-        return self._ready
+        return self.link.ready
 
-    async def prepare(self) -> None:
-        """Migrate, load the newest trades into the history, remember the SQLite file's identity."""
-        database, repos = self.database, self.repositories
-        if self._reset_pool:
-            # Pooled connections still point at a deleted or replaced file; open fresh ones. A background checkpoint
-            # holding one must end first, or its connection would go back to the discarded pool and stay open.
-            if self.checkpointer is not None:
-                await self.checkpointer.close(max(self._settings.query_timeout, 1.0))
-            await database.dispose()
-            self._reset_pool = False
-        if self._in_use is not None and not self._in_use.held:
-            # While it has the file open, the sidecar holds the database's in-use lock: a restore refuses to run.
-            await asyncio.to_thread(self._in_use.acquire)
-        try:
-            self.schema_revision = await upgrade(
-                database,
-                lock_wait_seconds=max(self._settings.query_timeout, 1.0),
-                backup_dir=backup_dir_for(self._settings),
-            )
-        except SchemaNewerError as error:
-            if self._reported_newer is None:  # once: the writer asks again at every breaker probe
-                self._bus.publish(SchemaNewerThanRelease(error.database_revision, error.release_revision))
-            self._reported_newer = error
-            raise
-        # Only this orchestrator's trades (and those from before instances existed): on a shared database another
-        # orchestrator's trades are its own authoritative history, not this one's.
-        trades = await repos.trades.get_latest_trades(self._settings.history_max, self._settings.instance_id)
-        self.history_loaded = self._history.load(trades)
-        self._remember_database_file()
-        was_degraded = not self.writer.database_ok and self.writer.running
-        self._ready = True
-        if was_degraded:
-            self._bus.publish(DatabaseRecovered(history_loaded=self.history_loaded))
+    @property
+    def schema_revision(self) -> str | None:
+        """The database's schema revision, once prepared."""
+        return self.link.schema_revision
 
-    async def commit(self, records: Sequence[Pending]) -> Outcome:
-        """Write one batch through the committer."""
-        return await self.committer.commit(records)
+    @property
+    def history_loaded(self) -> int:
+        """Trades the history loaded when the database was last prepared."""
+        return self.link.history_loaded
 
-    def committed(self, now: float, outcome: Outcome) -> None:
-        """After each batch: a background checkpoint after a clean commit; a vanished schema means prepare again."""
-        if outcome.failure is None:
-            if self.checkpointer is not None and not outcome.dead:
-                self.checkpointer.after_commit(now)
-        elif needs_schema(outcome.failure):
-            self._ready = False
+    @property
+    def checkpointer(self) -> WalCheckpointer | None:
+        """The background WAL checkpointer (a SQLite file only)."""
+        return self.link.checkpointer
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -218,18 +162,9 @@ class Runtime:
             raise
         self.anchorer.start()
         await self.backlog.open()
-        try:
-            await self.prepare()
-        except Exception as error:
-            self.writer.database_ok = False
-            self._bus.publish(
-                DatabaseUnavailable(error_class=type(error).__name__, error=short_error(error), at_startup=True)
-            )
-        else:
-            self.writer.database_ok = True
-            await self.writer.drain_journal()
+        await self.writer.open()
         self.writer.start()
-        return self._ready
+        return self.link.ready
 
     async def stop(self, timeout: float) -> None:
         """Drain within ``timeout`` (keeping a slice back for the journal), journal the rest, release everything."""
@@ -237,42 +172,9 @@ class Runtime:
         await self.writer.stop(timeout - reserve)
         await self.anchorer.stop()  # the checkpoint at close(): after the last commit
         await self.backlog.close()
-        if self.checkpointer is not None:
-            await self.checkpointer.close(max(reserve, 0.1))
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.database.dispose(), max(reserve, 0.1))
-        if self._in_use is not None:
-            self._in_use.release()
+        await self.link.close(max(reserve, 0.1))
 
-    # ------------------------------------------------------------------ the SQLite file
-
-    def _remember_database_file(self) -> None:
-        path = sqlite_path(self._settings.url) if self._settings.is_sqlite else None
-        if path is None:
-            self._database_file = None
-            return
-        with contextlib.suppress(OSError):
-            stat = path.stat()
-            self._database_file = (stat.st_dev, stat.st_ino)
-
-    def _check_database_file(self) -> None:
-        """A SQLite file deleted or replaced under us would swallow writes into an unlinked inode."""
-        if self._reset_pool:
-            raise DatabaseUnavailableError("the database file vanished; reconnecting before the next write")
-        if self._database_file is None:
-            return
-        path = sqlite_path(self._settings.url)
-        assert path is not None
-        try:
-            stat = path.stat()
-            current: tuple[int, int] | None = (stat.st_dev, stat.st_ino)
-        except OSError:
-            current = None
-        if current != self._database_file:
-            self._ready = False
-            self._reset_pool = True
-            self._database_file = None
-            raise DatabaseUnavailableError(f"the database file {path} vanished or was replaced")
+    # ------------------------------------------------------------------ wiring
 
     def _on_retry(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None

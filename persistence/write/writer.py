@@ -7,12 +7,14 @@ Each turn of the loop is admit → commit → publish → settle:
 * **commit**: before the database is ready it prepares it (migrations, the history); then it takes the head of the
   backlog (up to ``PERSISTENCE_BATCH_SIZE`` records, oldest first, from the journal or RAM) and hands it to the
   committer, which returns an outcome.
-* **publish**: receipts resolve, events say what happened, and the outcome goes to the breaker (a transient
-  failure counts once, data errors never).
+* **publish**: receipts resolve, then events say what happened; the outcome's verdict goes to the breaker (a
+  transient failure counts once, data errors never) and says whether the database is reachable: the writer is the
+  one owner of :attr:`Writer.database_ok`, written in one place (:meth:`Writer._conclude`).
 * **settle**: the handled prefix leaves the backlog (and the journal); the history may evict what is safe.
 
-Everything else lives elsewhere: the backlog (RAM and journal), the committer (transactions, retries, dead letters)
-and the runtime (database, repositories, start-up). Tests drive the loop with a fake target and a fake clock.
+Everything else lives elsewhere: the backlog (RAM and journal), the committer (transactions, retries, dead letters),
+which the writer calls directly, and the database link (preparing the database). Tests drive the loop with a fake
+committer and link and a fake clock.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Protocol
 from persistence.observe.events import (
     BatchCommitted,
     BreakerChanged,
+    DatabaseRecovered,
+    DatabaseUnavailable,
     EventBus,
     JournalReplayed,
     RecordDeadLettered,
@@ -33,35 +37,39 @@ from persistence.observe.events import (
 )
 from persistence.records.models import Entity
 from persistence.write.backlog import Backlog, Batch, Clock, Pending, ReceiptBook, Sleep
-from persistence.write.breaker import Admission, CircuitBreaker, Transition
+from persistence.write.breaker import Admission, CircuitBreaker, Transition, Verdict
 from persistence.write.committer import Outcome, short_error
-from persistence.write.faults import needs_schema
 
 
-class Target(Protocol):
-    """What the writer writes to: the runtime in production, a fake in tests."""
+class BatchCommitter(Protocol):
+    """What writes a batch: the :class:`~persistence.write.committer.Committer` in production, a fake in tests."""
+
+    async def commit(self, records: Sequence[Pending]) -> Outcome:
+        """Write a batch; see :class:`~persistence.write.committer.Committer`."""
+
+
+class Preparer(Protocol):
+    """What prepares the database: the :class:`~persistence.write.link.DatabaseLink` in production, a fake in tests."""
 
     @property
     def ready(self) -> bool:
         """Whether the database is prepared (migrated, history loaded)."""
 
-    async def prepare(self) -> None:
-        """Make the database ready; raises when it cannot be reached."""
-
-    async def commit(self, records: Sequence[Pending]) -> Outcome:
-        """Write a batch; see :class:`~persistence.write.committer.Committer`."""
+    async def prepare(self) -> int:
+        """Make the database ready and return the trades the history loaded; raises when it cannot be reached."""
 
     def committed(self, now: float, outcome: Outcome) -> None:
-        """Told after every batch (the runtime starts background checkpoints, notes a lost schema)."""
+        """Told after every batch (a background checkpoint, a lost schema)."""
 
 
 class Writer:
-    """Drains a :class:`~persistence.write.backlog.Backlog` into a :class:`Target`; see the module docstring."""
+    """Drains a :class:`~persistence.write.backlog.Backlog` through a committer; see the module docstring."""
 
     def __init__(
         self,
         backlog: Backlog,
-        target: Target,
+        committer: BatchCommitter,
+        database: Preparer,
         *,
         breaker: CircuitBreaker,
         book: ReceiptBook,
@@ -71,7 +79,8 @@ class Writer:
         batch_size: int,
     ) -> None:
         self._backlog = backlog
-        self._target = target
+        self._committer = committer
+        self._database = database
         self._breaker = breaker
         self._book = book
         self._bus = bus
@@ -80,7 +89,12 @@ class Writer:
         self._batch_size = batch_size
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.database_ok = False
+        self._database_ok = False
+
+    @property
+    def database_ok(self) -> bool:
+        """Whether the database took the last attempt (a data error is an answer too); ``False`` before any."""
+        return self._database_ok
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -116,9 +130,27 @@ class Writer:
             task.cancel()
             raise
 
+    async def open(self) -> bool:
+        """Start-up: prepare the database once (not asked of the breaker), then replay the records on disk.
+
+        A database that cannot be prepared is published (:class:`DatabaseUnavailable`) and returns ``False``: the
+        loop prepares it later, behind the breaker.
+        """
+        try:
+            await self._database.prepare()
+        except Exception as error:
+            self._conclude(None, Verdict.FAILURE, self._clock())
+            self._bus.publish(
+                DatabaseUnavailable(error_class=type(error).__name__, error=short_error(error), at_startup=True)
+            )
+            return False
+        self._conclude(None, Verdict.SUCCESS, self._clock())
+        await self.drain_journal()
+        return True
+
     async def drain_journal(self) -> None:
         """Replay the records on disk now (start-up), while the database takes them; the loop goes on later."""
-        while self._backlog.on_disk_only and self._target.ready and not self._stopping:
+        while self._backlog.on_disk_only and self._database.ready and not self._stopping:
             admission, transition = self._breaker.admit(self._clock())
             self._publish_transition(transition)
             if not admission.allowed:
@@ -137,7 +169,7 @@ class Writer:
             has_work = len(backlog) > 0
             if self._stopping and not has_work:
                 return
-            if self._target.ready and not has_work:
+            if self._database.ready and not has_work:
                 await self._idle(None)
                 continue
             now = self._clock()
@@ -149,7 +181,7 @@ class Writer:
                 await self._idle(breaker.seconds_until_half_open(now))
                 continue
             try:
-                if self._target.ready:
+                if self._database.ready:
                     await self._write_next_batch(admission)
                 else:
                     await self._prepare(admission)
@@ -159,9 +191,8 @@ class Writer:
             except Exception as error:
                 # The only writer must outlive any fault it did not foresee: report it, and count it against the
                 # breaker so that a fault that persists backs off.
-                self.database_ok = False
-                self._bus.publish(WriteFailed(0, {}, type(error).__name__, f"writer: {short_error(error)}", True, 1))
-                self._publish_transition(breaker.record_failure(admission, self._clock()))
+                self._bus.publish(_fault(error, f"writer: {short_error(error)}"))
+                self._conclude(admission, Verdict.FAILURE, self._clock())
 
     async def _idle(self, timeout: float | None) -> None:
         work = self._backlog.work
@@ -187,14 +218,14 @@ class Writer:
 
     async def _prepare(self, admission: Admission) -> None:
         try:
-            await self._target.prepare()
+            history_loaded = await self._database.prepare()
         except Exception as error:
-            self.database_ok = False
-            self._bus.publish(WriteFailed(0, {}, type(error).__name__, short_error(error), True, 1))
-            self._publish_transition(self._breaker.record_failure(admission, self._clock()))
-        else:
-            self.database_ok = True
-            self._publish_transition(self._breaker.record_success(admission, self._clock()))
+            self._bus.publish(_fault(error, short_error(error)))
+            self._conclude(admission, Verdict.FAILURE, self._clock())
+            return
+        if not self._database_ok:
+            self._bus.publish(DatabaseRecovered(history_loaded=history_loaded))
+        self._conclude(admission, Verdict.SUCCESS, self._clock())
 
     async def _write_next_batch(self, admission: Admission) -> None:
         batch = await self._backlog.take(self._batch_size)
@@ -202,37 +233,28 @@ class Writer:
             self._breaker.record_cancelled(admission)
             return
         started = self._clock()
-        outcome = await self._target.commit(batch.records)
+        outcome = await self._committer.commit(batch.records)
         now = self._clock()
-        handled = self._publish(batch, outcome, started, now)
-        self._target.committed(now, outcome)
-        if outcome.failure is not None:
-            self.database_ok = False
-            self._publish_transition(self._breaker.record_failure(admission, now))
-        elif outcome.dead or outcome.lost:
-            self.database_ok = True
-            self._breaker.record_cancelled(admission)  # data errors neither trip nor reset the breaker
-        else:
-            self.database_ok = True
-            self._publish_transition(self._breaker.record_success(admission, now))
+        self._settle_receipts(outcome)
+        self._publish_events(batch, outcome, started, now)
+        self._database.committed(now, outcome)
+        self._conclude(admission, outcome.verdict, now)
         # Last, the only await: receipts, events and the breaker already say what the database holds, whatever
         # happens to this task now. A stop that cancels it here leaves committed records in the backlog; they are
         # journaled at close and replayed later, which is idempotent.
-        await self._backlog.settle(batch, handled)
+        await self._backlog.settle(batch, handled_prefix(batch, outcome))
+
+    def _conclude(self, admission: Admission | None, verdict: Verdict, now: float) -> None:
+        """The one place an attempt's verdict lands: whether the database is reachable, and the breaker (``None``:
+        the start-up preparation, which the breaker was not asked for)."""
+        self._database_ok = verdict is not Verdict.FAILURE
+        if admission is not None:
+            self._publish_transition(self._breaker.record(admission, verdict, now))
 
     # ------------------------------------------------------------------ settle and publish
 
-    def _publish(self, batch: Batch, outcome: Outcome, started: float, now: float) -> int:
-        """Resolve receipts and publish events; return how many slots, from the batch's head, are handled."""
-        handled_ids = {id(item) for item in outcome.committed}
-        handled_ids.update(id(dead.item) for dead in outcome.dead)
-        handled_ids.update(id(item) for item, _ in outcome.lost)
-        prefix = 0
-        for slot in batch.slots:
-            if slot is None or id(slot) in handled_ids:
-                prefix += 1
-            else:
-                break
+    def _settle_receipts(self, outcome: Outcome) -> None:
+        """Each handled record's receipt says what became of it; the tally counts them."""
         backlog, tally = self._backlog, self._book.tally
         for item in outcome.committed:
             receipt = backlog.resolve(item)
@@ -245,7 +267,17 @@ class Writer:
             if receipt is not None:
                 receipt.mark_dead_lettered(dead.error)
             backlog.mark_safe(item)
-            self._bus.publish(
+        for item, error in outcome.lost:
+            backlog.drop([item], "dead_letter_refused", error)
+        tally.persisted += len(outcome.committed)
+        tally.dead_lettered += len(outcome.dead)
+
+    def _publish_events(self, batch: Batch, outcome: Outcome, started: float, now: float) -> None:
+        """Say what became of the batch: dead letters, the commit (and the replay), the failure of the rest."""
+        bus = self._bus
+        for dead in outcome.dead:
+            item = dead.item
+            bus.publish(
                 RecordDeadLettered(
                     entity=item.record.entity,
                     key=item.record.key,
@@ -254,12 +286,8 @@ class Writer:
                     correlation_id=item.correlation_id,
                 )
             )
-        for item, error in outcome.lost:
-            backlog.drop([item], "dead_letter_refused", error)
-        tally.persisted += len(outcome.committed)
-        tally.dead_lettered += len(outcome.dead)
         if outcome.committed:
-            self._bus.publish(
+            bus.publish(
                 BatchCommitted(
                     records=len(outcome.committed),
                     by_entity=_by_entity(outcome.committed),
@@ -276,13 +304,13 @@ class Writer:
                 )
             )
             if batch.from_journal:
-                tally.replayed += len(outcome.committed)
-                self._bus.publish(
-                    JournalReplayed(records=len(outcome.committed), journal_pending=backlog.journal_pending)
+                self._book.tally.replayed += len(outcome.committed)
+                bus.publish(
+                    JournalReplayed(records=len(outcome.committed), journal_pending=self._backlog.journal_pending)
                 )
         if outcome.failure is not None:
-            failed = [slot for slot in batch.slots[prefix:] if slot is not None]
-            self._bus.publish(
+            failed = [slot for slot in batch.slots[handled_prefix(batch, outcome) :] if slot is not None]
+            bus.publish(
                 WriteFailed(
                     records=len(failed),
                     by_entity=_by_entity(failed),
@@ -293,9 +321,6 @@ class Writer:
                     correlation_ids=_correlation_ids(failed),
                 )
             )
-            if needs_schema(outcome.failure):
-                self.database_ok = False
-        return prefix
 
     def _publish_transition(self, transition: Transition | None) -> None:
         if transition is not None:
@@ -306,6 +331,29 @@ class Writer:
                     consecutive_failures=transition.consecutive_failures,
                 )
             )
+
+
+def handled_prefix(batch: Batch, outcome: Outcome) -> int:
+    """How many slots, from the batch's head, are handled: committed, dead-lettered, lost, or unreadable (``None``)."""
+    if outcome.handled == len(batch.slots):
+        return len(batch.slots)
+    handled_ids = {id(item) for item in outcome.committed}
+    handled_ids.update(id(dead.item) for dead in outcome.dead)
+    handled_ids.update(id(item) for item, _ in outcome.lost)
+    prefix = 0
+    for slot in batch.slots:
+        if slot is None or id(slot) in handled_ids:
+            prefix += 1
+        else:
+            break
+    return prefix
+
+
+def _fault(error: BaseException, message: str) -> WriteFailed:
+    """A write attempt that failed before any batch: no records, one attempt."""
+    return WriteFailed(
+        records=0, by_entity={}, error_class=type(error).__name__, error=message, transient=True, attempts=1
+    )
 
 
 def _by_entity(items: Sequence[Pending]) -> dict[Entity, int]:
