@@ -10,6 +10,12 @@ The ceilings run on the same records in the same process: raw ``sqlite3.executem
 schema stores them (the same-schema ceiling), of the same values as plain text into a table of text columns with the
 same indexes (the text ceiling: what the encoding itself costs), and asyncpg ``copy_records_to_table`` and
 ``executemany`` into PostgreSQL's ``trades``. The naive way is one ORM ``add`` + ``await commit()`` per trade.
+
+The same-work ceilings (SPEC, "Performance targets") add what the audit trail makes every write do: the rows plus
+their audit entries (canonical JSON of each version, the SHA-256 chain after the chain's head read in the same
+transaction), written by the simplest code in one transaction: ``executemany`` of both in one ``BEGIN IMMEDIATE …
+COMMIT`` on SQLite (:func:`same_work_sqlite`), ``copy_records_to_table`` of both in one transaction on PostgreSQL
+(:func:`same_work_postgres`).
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import registry as orm_registry
 
 from persistence import PersistenceSidecar, Settings
+from persistence.audit.chain import AuditHead, VersionEncoder, chain_entries
+from persistence.audit.trail import HEAD_SQL, column_kinds
 from persistence.db.engine import create_database
 from persistence.db.rowcodec import DriverBatch
-from persistence.db.schema import trades
+from persistence.db.schema import audit_log, trades
 from persistence.migrations import upgrade
 from persistence.observe.events import BatchCommitted
 from persistence.records.models import Trade
@@ -177,6 +185,75 @@ def raw_executemany(path: Path, count: int, prefix: str) -> float:
         return time.perf_counter() - started
     finally:
         connection.close()
+
+
+TRADE_FIELDS = tuple(Trade.model_fields)
+ENTRY_COLUMNS = ("instance_id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash")
+
+
+def same_work_sqlite(path: Path, count: int, prefix: str) -> float:
+    """The SQLite same-work ceiling: the rows plus their audit entries in one transaction; seconds.
+
+    Inside the timing, as for the sidecar: the rows encoded as the schema stores them, each version's canonical JSON
+    (the project's :class:`VersionEncoder`, standard library only), the chain's head read, the entries hashed
+    (:func:`chain_entries`), then one ``executemany`` of the rows and one of the entries between ``BEGIN IMMEDIATE``
+    and ``COMMIT``. The file must be migrated (``trades`` and ``audit_log`` exist).
+    """
+    records = [Trade.parse(trade_mapping(i, prefix)) for i in range(count)]
+    dialect = sqlite_dialect.dialect(paramstyle="qmark")
+    batch = DriverBatch(insert(trades), trades, dialect)
+    entry_batch = DriverBatch(insert(audit_log), audit_log, dialect)
+    encode = VersionEncoder(TRADE_FIELDS, column_kinds(trades)).encode
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        started = time.perf_counter()
+        values = [{**record.__dict__, "instance_id": BENCH_INSTANCE} for record in records]
+        rows = batch.encode(values)
+        payloads = [("trade", value["trade_id"], encode(value)) for value in values]
+        connection.execute("BEGIN IMMEDIATE")
+        found = connection.execute(HEAD_SQL, (BENCH_INSTANCE,)).fetchall()
+        head = AuditHead(BENCH_INSTANCE, int(found[0][0]), str(found[0][1])) if found else None
+        entries = chain_entries(head, BENCH_INSTANCE, payloads, datetime.now(UTC))
+        connection.executemany(batch.sql, rows)
+        connection.executemany(entry_batch.sql, entry_batch.encode(entries))
+        connection.execute("COMMIT")
+        return time.perf_counter() - started
+    finally:
+        connection.close()
+
+
+async def same_work_postgres(database_url: str, count: int, prefix: str) -> float:
+    """The PostgreSQL same-work ceiling: ``copy_records_to_table`` of the rows and of their audit entries in one
+    transaction (head read in it, payloads and hashes computed inside the timing); seconds. ``trades`` is emptied
+    before and after; ``audit_log`` is append-only, so each call writes a chain of its own (``bench-<prefix>``)."""
+    columns, rows = pg_rows(count, prefix)
+    encode = VersionEncoder(TRADE_FIELDS, column_kinds(trades)).encode
+    records = [dict(zip(columns, row, strict=True)) for row in rows]
+    connection = await pg_connect(database_url)
+    try:
+        instance = f"{BENCH_INSTANCE}-{prefix}"
+        await connection.execute("TRUNCATE trades")
+        started = time.perf_counter()
+        async with connection.transaction():
+            found = await connection.fetchrow(
+                "SELECT seq, hash FROM audit_log WHERE instance_id = $1 ORDER BY seq DESC LIMIT 1", instance
+            )
+            head = AuditHead(instance, int(found[0]), str(found[1])) if found else None
+            payloads = [("trade", record["trade_id"], encode(record)) for record in records]
+            entries = chain_entries(head, instance, payloads, datetime.now(UTC))
+            await connection.copy_records_to_table("trades", records=rows, columns=columns)
+            await connection.copy_records_to_table(
+                "audit_log",
+                records=[tuple(entry[name] for name in ENTRY_COLUMNS) for entry in entries],
+                columns=list(ENTRY_COLUMNS),
+            )
+        elapsed = time.perf_counter() - started
+        await connection.execute("TRUNCATE trades")
+        return elapsed
+    finally:
+        await connection.close()
 
 
 async def user_burst(settings: Settings, count: int, prefix: str) -> tuple[list[float], float]:
