@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -28,7 +29,7 @@ from persistence.migrations import upgrade
 from persistence.records.models import Trade
 from persistence.tables.repositories import Repositories
 from persistence.tools.export import iter_batches
-from tests.support.databases import make_settings
+from tests.support.databases import create_postgres_database, drop_postgres_database, make_settings
 from tests.support.factories import BASE_TIME
 from tests.support.portability import as_rows, fill_trades_fast, record_everything, small_tmpfs, varied_trades
 
@@ -38,11 +39,44 @@ DECIMAL = pa.decimal128(18, 8)
 UTC_TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 
-@pytest.fixture
-async def recorded(database: Database) -> tuple[Repositories, list[Trade]]:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def recorded_source(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, list[Trade]]]:
+    """A database of one backend holding the varied trades and a few of every other record, and the trades; for this
+    module alone and recorded once (the export tests only read it). A new PostgreSQL database, dropped after."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('export') / 'recorded.db'}"
+    else:
+        url = create_postgres_database("persistence_export")
     trades = varied_trades(TRADE_COUNT)
-    repos = await record_everything(database, trades)
-    return repos, trades
+
+    async def prepare() -> None:
+        database = create_database(make_settings(database_url=url))
+        try:
+            await upgrade(database)
+            await record_everything(database, trades)
+        finally:
+            await database.dispose()
+
+    asyncio.run(prepare())
+    yield url, trades
+    if request.param == "postgres":
+        drop_postgres_database(url)
+
+
+@pytest.fixture
+async def recorded_database(recorded_source: tuple[str, list[Trade]]) -> AsyncIterator[Database]:
+    database = create_database(make_settings(database_url=recorded_source[0], query_timeout_ms=5000))
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+@pytest.fixture
+def recorded(recorded_database: Database, recorded_source: tuple[str, list[Trade]]) -> tuple[Repositories, list[Trade]]:
+    return Repositories(recorded_database), recorded_source[1]
 
 
 def _normalise(row: dict[str, Any]) -> dict[str, Any]:
@@ -134,12 +168,12 @@ async def test_filters_export_exactly_the_matching_trades(
 
 
 async def test_iter_batches_streams_in_chunks_in_recorded_order(
-    recorded: tuple[Repositories, list[Trade]], database: Database
+    recorded: tuple[Repositories, list[Trade]], recorded_database: Database
 ) -> None:
     _, trades = recorded
     sizes: list[int] = []
     ids: list[str] = []
-    async for batch in iter_batches(database, "trades", chunk_rows=1000):
+    async for batch in iter_batches(recorded_database, "trades", chunk_rows=1000):
         assert isinstance(batch, pa.RecordBatch)
         sizes.append(batch.num_rows)
         ids.extend(batch.column("trade_id").to_pylist())
@@ -206,9 +240,10 @@ asyncio.run(main())
 
 
 async def test_an_export_killed_with_sigkill_leaves_no_file_at_the_output_path(
-    recorded: tuple[Repositories, list[Trade]], database_url: str, tmp_path: Path
+    recorded: tuple[Repositories, list[Trade]], recorded_source: tuple[str, list[Trade]], tmp_path: Path
 ) -> None:
     repos, _ = recorded
+    database_url = recorded_source[0]
     marker, output = tmp_path / "half-way", tmp_path / "export" / "trades.parquet"
     output.parent.mkdir()
     child = await asyncio.create_subprocess_exec(
