@@ -313,7 +313,16 @@ async def test_versions_of_a_trade_with_no_audited_version_is_a_404_in_the_wrapp
 async def test_versions_are_a_503_while_the_database_is_unavailable(
     clean_database_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
 ) -> None:
-    current = desk(DESK_A, clean_database_url, sidecar_settings, sidecars, FakeClock(), breaker_failure_threshold=1)
+    # A short shutdown timeout: turning persistence off waits that long for the unwritten A-1 before journaling it.
+    current = desk(
+        DESK_A,
+        clean_database_url,
+        sidecar_settings,
+        sidecars,
+        FakeClock(),
+        breaker_failure_threshold=1,
+        shutdown_timeout=0.3,
+    )
     await current.start()
     await record_desk(current, "A", 1)
     async with client_for(create_app(sidecar=current)) as http:

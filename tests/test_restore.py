@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -46,10 +47,11 @@ async def _all_trades(path: Path) -> dict[str, dict[str, object]]:
         await database.dispose()
 
 
-@pytest.fixture
-def live(tmp_path: Path) -> tuple[Path, Path, list[object]]:
-    """A database with 20,200 trades, its backup, then more changes in the database after the backup."""
-    database_path, backup_path = tmp_path / "bot.db", tmp_path / "nightly.db"
+@pytest.fixture(scope="module")
+def live_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[object]]:
+    """A database with 20,200 trades, its backup, then more changes in the database after the backup; built once."""
+    directory = tmp_path_factory.mktemp("restore-live")
+    database_path, backup_path = directory / "bot.db", directory / "nightly.db"
     trades = varied_trades(TRADE_COUNT)
 
     async def prepare() -> None:
@@ -64,6 +66,19 @@ def live(tmp_path: Path) -> tuple[Path, Path, list[object]]:
             await database.dispose()
 
     asyncio.run(prepare())
+    return database_path, backup_path, list(trades)
+
+
+@pytest.fixture
+def live(live_template: tuple[Path, Path, list[object]], tmp_path: Path) -> tuple[Path, Path, list[object]]:
+    """The template's database and backup copied for this test alone (a restore replaces one, some tests damage
+    the other): every test starts from the same bytes without recording 20,200 trades again."""
+    template_database, template_backup, trades = live_template
+    database_path, backup_path = tmp_path / "bot.db", tmp_path / "nightly.db"
+    copied = [path.name for path in template_database.parent.iterdir()]
+    assert sorted(copied) == ["bot.db", "nightly.db"], copied  # closed cleanly: no -wal or -shm beside them
+    shutil.copyfile(template_database, database_path)
+    shutil.copyfile(template_backup, backup_path)
     return database_path, backup_path, list(trades)
 
 

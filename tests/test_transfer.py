@@ -33,7 +33,9 @@ from tests.support.databases import create_postgres_database, drop_postgres_data
 from tests.support.portability import record_everything, varied_trades
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TRADE_COUNT = 20_100
+# Two full chunks of the default 2,000 and a partial one: the chunk boundaries and the last short chunk are crossed.
+TRADE_COUNT = 4_100
+KILLED_AT = 2_000  # the copy killed half way has committed four chunks of 500
 BUMP = "UPDATE trades SET entry_price = entry_price"  # + 1 on SQLite's stored integer: one unit of 10**-8
 
 
@@ -253,19 +255,19 @@ async def test_a_copy_killed_half_way_resumes_and_ends_identical_without_duplica
         await upgrade(target)
     finally:
         await target.dispose()
-    blocker = await _blocking_row(postgres_target, source_path, "X-0010000")
+    blocker = await _blocking_row(postgres_target, source_path, f"X-{KILLED_AT:07d}")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": _sqlite(source_path)}
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "persistence", "copy", "--to", postgres_target, "--chunk-size", "500",
         cwd=tmp_path, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        # Chunks of 500 commit until the one holding X-0010000 (the 10,001st row) waits on the open transaction.
+        # Chunks of 500 commit until the one holding X-0002000 (the 2,001st row) waits on the open transaction.
         deadline = time.monotonic() + 120
-        while await _count(postgres_target) < 10_000:
+        while await _count(postgres_target) < KILLED_AT:
             assert child.returncode is None and time.monotonic() < deadline
             await asyncio.sleep(0.05)
-        assert await _count(postgres_target) == 10_000
+        assert await _count(postgres_target) == KILLED_AT
         child.send_signal(signal.SIGKILL)
         assert await child.wait() == -signal.SIGKILL
     finally:
@@ -274,11 +276,11 @@ async def test_a_copy_killed_half_way_resumes_and_ends_identical_without_duplica
             await child.wait()
         await blocker.execute("ROLLBACK")
         await blocker.close()
-    assert await _count(postgres_target) == 10_000
+    assert await _count(postgres_target) == KILLED_AT
 
     report = await _copy(_sqlite(source_path), postgres_target, chunk_rows=500)
     assert report.mismatched == []
-    assert {entry.table: entry.added for entry in report.tables}["trades"] == TRADE_COUNT - 10_000
+    assert {entry.table: entry.added for entry in report.tables}["trades"] == TRADE_COUNT - KILLED_AT
     assert await _count(postgres_target) == TRADE_COUNT
     assert await _everything(postgres_target) == await _everything(_sqlite(source_path))
 
