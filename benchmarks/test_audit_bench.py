@@ -32,7 +32,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from benchmarks.harness import BENCH_INSTANCE, migrated, run, sidecar_burst, sqlite_settings, trade_mapping
 from persistence import Settings
-from persistence.audit.chain import AuditHead, VersionEncoder, chain_entries
+from persistence.audit.chain import GENESIS, AuditHead, VersionEncoder, linked_entries
 from persistence.audit.trail import AuditLog, column_kinds
 from persistence.db.rowcodec import DriverBatch
 from persistence.db.schema import audit_log, trades
@@ -54,7 +54,7 @@ def without_the_trail() -> Iterator[None]:
     async def no_entries(self: AuditLog, connection: Any, versions: Any) -> None:
         return None
 
-    async def nothing_stored(self: VersionedTable[Any], connection: Any, keys: Any) -> dict[str, Any]:
+    async def nothing_stored(self: VersionedTable[Any], connection: Any, keys: Any, links: Any) -> dict[str, Any]:
         return {}
 
     # SQLite's transaction runs on the driver's thread: its head read and entries are these two.
@@ -166,8 +166,11 @@ def fill_audited(path: Path | str, count: int, chunk: int = 20_000) -> None:
                 {**Trade.parse(trade_mapping(i, "V")).__dict__, "instance_id": BENCH_INSTANCE}
                 for i in range(start, min(start + chunk, count))
             ]
-            entries = chain_entries(
-                head, BENCH_INSTANCE, [("trade", row["trade_id"], encode(row)) for row in rows], datetime.now(UTC)
+            entries = linked_entries(
+                head,
+                BENCH_INSTANCE,
+                [("trade", row["trade_id"], encode(row), GENESIS) for row in rows],
+                datetime.now(UTC),
             )
             head = AuditHead(BENCH_INSTANCE, entries[-1]["seq"], entries[-1]["hash"])
             connection.execute("BEGIN IMMEDIATE")
@@ -187,13 +190,14 @@ def verify_ceiling(path: str) -> float:
     try:
         previous = "0" * 64
         cursor = connection.execute(
-            "SELECT instance_id, seq, entity, natural_key, payload, recorded_at, prev_hash, hash FROM audit_log "
-            "ORDER BY instance_id, seq"
+            "SELECT instance_id, seq, entity, natural_key, payload, recorded_at, prev_hash, hash, key_prev_hash "
+            "FROM audit_log ORDER BY instance_id, seq"
         )
-        for instance, seq, entity, key, payload, at, prev_hash, digest in cursor:
+        for instance, seq, entity, key, payload, at, prev_hash, digest, link in cursor:
             header = (
                 f'{{"entity":{encode_basestring_ascii(entity)},"instance_id":{encode_basestring_ascii(instance)},'
-                f'"natural_key":{encode_basestring_ascii(key)},"recorded_at":"{at[:10]}T{at[11:]}Z","seq":{seq}}}'
+                f'"key_prev_hash":"{link}","natural_key":{encode_basestring_ascii(key)},'
+                f'"recorded_at":"{at[:10]}T{at[11:]}Z","seq":{seq}}}'
             )
             if (
                 prev_hash != previous

@@ -5,6 +5,11 @@ Three passes, each streamed in chunks (memory stays bounded whatever the size of
 1. **Chains.** Per instance, entries in ``seq`` order: no gap (``seq`` 1, 2, 3, …), each ``prev_hash`` equal to the
    hash of the entry before (:data:`~persistence.audit.chain.GENESIS` for the first), each ``hash`` equal to the hash of
    the entry's own columns. A changed payload, a deleted entry, a swapped pair or an inserted one breaks this.
+   **Record links.** Per record (entity and natural key), entries in ``id`` order, whichever instance wrote them:
+   each ``key_prev_hash`` equal to the hash of the record's entry before (``GENESIS`` for its first); an entry
+   without one (written before migration 0005) only before the record's first linked entry. The hashes cover the
+   links, so two versions of a record swapped between instances (ids, rows and entries rewritten) break this unless
+   the chains are rewritten too, which a checkpoint catches. The database walks this itself (window functions).
 2. **Rows.** Each row of ``trades``, ``signals``, ``performance_snapshots`` and ``parameter_history`` equals the
    latest audited version of its key (the entry with the highest ``id``, whichever instance wrote it), every field
    and the ``instance_id``. A row edited by hand, or inserted by hand, breaks this.
@@ -24,6 +29,8 @@ differs; the checkpoint, for an anchor). What a passing verify proves, and what 
 from __future__ import annotations
 
 import json
+import sqlite3
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +38,7 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Table, bindparam, func, select
+from sqlalchemy import Boolean, Table, bindparam, func, inspect, null, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.audit.anchors import AnchorLine, Anchors, unanchored_gaps
@@ -53,16 +60,29 @@ _AUDITED: tuple[tuple[Table, type[Record]], ...] = (
     (parameter_history, ParameterChange),
 )
 
-_CHAIN_COLUMNS = ("id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash")
+_CHAIN_COLUMNS = ("id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash", "key_prev_hash")
 _SQLITE_CHAIN = (
     f"SELECT {', '.join(_CHAIN_COLUMNS)} FROM audit_log "  # noqa: S608 - fixed column names
     "WHERE instance_id = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
+_SQLITE_UNLINKED_CHAIN = _SQLITE_CHAIN.replace("key_prev_hash", "NULL")
+"""The chain's query on a database from before migration 0005 (no links)."""
 _SQLITE_LATEST = (
     "SELECT id, natural_key, instance_id, seq, payload FROM audit_log WHERE id IN ("
     "SELECT max(id) FROM audit_log WHERE entity = ? AND natural_key IN (SELECT value FROM json_each(?)) "
     "GROUP BY natural_key)"
 )
+
+KEY_LINKS_SQL = (
+    "SELECT entity, natural_key, instance_id, seq, key_prev_hash, prior_instance, prior_seq, prior_hash FROM ("  # noqa: S608 - fixed names; {where} is one of two fixed texts
+    "SELECT id, entity, natural_key, instance_id, seq, key_prev_hash, "
+    "lag(instance_id) OVER k AS prior_instance, lag(seq) OVER k AS prior_seq, lag(hash) OVER k AS prior_hash, "
+    "sum(CASE WHEN key_prev_hash IS NULL THEN 0 ELSE 1 END) OVER k AS linked "
+    "FROM audit_log {where} WINDOW k AS (PARTITION BY entity, natural_key ORDER BY id)) AS links "
+    f"WHERE (key_prev_hash IS NOT NULL AND key_prev_hash <> coalesce(prior_hash, '{GENESIS}')) "
+    "OR (key_prev_hash IS NULL AND linked > 0) ORDER BY id LIMIT 1"
+)
+"""The first entry, by ``id``, that does not link to its record's entry before it (``{where}``: which records)."""
 
 Progress = Callable[[int], None]
 """Told the number of entries and rows checked so far."""
@@ -144,9 +164,13 @@ class _Verifier:
         self._anchors = anchors
         self._since = since_last_anchor and anchors is not None
         self._touched: dict[str, set[str]] = {}
+        self._after_id: int | None = None
+        """With ``since_last_anchor``: the lowest ``id`` any walk started after (the links are checked after it)."""
         """With ``since_last_anchor``: the keys written after the checkpoints, per entity (their rows are checked)."""
         self._done = 0
         self.report = VerifyReport()
+        self._linked = True
+        """Whether ``audit_log`` has ``key_prev_hash`` (a database before migration 0005 has not)."""
         self._chain_statement = (
             select(*(audit_log.c[name] for name in _CHAIN_COLUMNS))
             .where(audit_log.c.instance_id == bindparam("instance"), audit_log.c.seq > bindparam("after"))
@@ -165,6 +189,11 @@ class _Verifier:
             self.report.broken = Break(problem, anchor=line.describe())
             return self.report
         async with self._db.snapshot() as connection:
+            self._linked = await self._has_links(connection)
+            if not self._linked:
+                self._chain_statement = self._chain_statement.with_only_columns(
+                    *(audit_log.c[name] for name in _CHAIN_COLUMNS[:-1]), null()
+                )
             instances = await self._instances(connection)
             if anchors is not None:
                 for instance in sorted(anchors.marks):
@@ -179,6 +208,8 @@ class _Verifier:
             for instance in instances:
                 if not await self._chain(connection, instance):
                     return self.report
+            if self._linked and not await self._links(connection):
+                return self.report
         for table, record in _AUDITED:
             if not await self._each_row(table, record) or not await self._deletions(table, record):
                 break
@@ -226,7 +257,8 @@ class _Verifier:
             raw = await connection.get_raw_connection()
             driver = raw.driver_connection
             assert driver is not None
-            rows: Sequence[Any] = await driver.execute_fetchall(_SQLITE_CHAIN, (instance, after, self._chunk))
+            sql = _SQLITE_CHAIN if self._linked else _SQLITE_UNLINKED_CHAIN
+            rows: Sequence[Any] = await driver.execute_fetchall(sql, (instance, after, self._chunk))
             # aiosqlite's thread keeps its last result referenced until its next call ends: a trivial call now lets
             # this chunk be the only one alive while the next is fetched.
             await driver.execute_fetchall("SELECT 1")
@@ -241,6 +273,7 @@ class _Verifier:
             if begun is None:
                 return False
             expected, previous, previous_id = begun
+            self._after_id = previous_id if self._after_id is None else min(self._after_id, previous_id)
         # The recorded_at of seq 1 and of each entry after a checkpoint: how long entries waited for one.
         wanted = {1, *(seq + 1 for seq in marks)}
         written_at: dict[int, datetime] = {}
@@ -251,7 +284,7 @@ class _Verifier:
             rows = await self._entries(connection, instance, expected - 1)
             if not rows:
                 break
-            for entry_id, seq, entity, key, payload, recorded_at, prev_hash, digest in rows:
+            for entry_id, seq, entity, key, payload, recorded_at, prev_hash, digest, link in rows:
                 problem = None
                 if seq != expected:
                     missing = f"seq {expected}" if seq == expected + 1 else f"seq {expected} to {seq - 1}"
@@ -259,7 +292,7 @@ class _Verifier:
                 elif prev_hash != previous:
                     problem = f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
                 elif digest != entry_hash(
-                    previous, header_text(instance, seq, entity, key, at := _canonical_at(recorded_at)), payload
+                    previous, header_text(instance, seq, entity, key, at := _canonical_at(recorded_at), link), payload
                 ):
                     problem = "hash does not match the entry's contents (the entry was changed)"
                 elif entry_id <= previous_id:
@@ -304,6 +337,31 @@ class _Verifier:
                     for gap in unanchored_gaps(marks, written_at, last, self._anchors.interval, utc_now())
                 ]
         return True
+
+    @staticmethod
+    async def _has_links(connection: AsyncConnection) -> bool:
+        def columns(sync: Any) -> list[str]:
+            return [str(column["name"]) for column in inspect(sync).get_columns("audit_log")]
+
+        return "key_prev_hash" in await connection.run_sync(columns)
+
+    async def _links(self, connection: AsyncConnection) -> bool:
+        """Every record's entries link to one another in ``id`` order (:data:`KEY_LINKS_SQL`); the first break."""
+        where, parameters = "", dict[str, Any]()
+        if self._instance is not None:  # the records this instance wrote, each with all its entries
+            where = (
+                "WHERE (entity, natural_key) IN "
+                "(SELECT entity, natural_key FROM audit_log WHERE instance_id = :instance)"
+            )
+            parameters["instance"] = self._instance
+        elif self._since:  # the records written after the checkpoints (and maybe a few more)
+            where = "WHERE (entity, natural_key) IN (SELECT entity, natural_key FROM audit_log WHERE id > :after)"
+            parameters["after"] = self._after_id or 0
+        found = (await connection.execute(text(KEY_LINKS_SQL.format(where=where)), parameters)).first()
+        if found is None:
+            return True
+        self.report.broken = _link_break(*found)
+        return False
 
     async def _latest(
         self, connection: AsyncConnection, entity: str, keys: Sequence[str]
@@ -622,6 +680,35 @@ def _canonical_stored(stored: Any) -> str:
         return str(stored)  # not a timestamp: its hash will not match, and that is reported
 
 
+def _link_break(
+    entity: str,
+    key: str,
+    instance: str,
+    seq: int,
+    link: str | None,
+    prior_instance: str | None,
+    prior_seq: int | None,
+    prior_hash: str | None,
+) -> Break:
+    """The break of an entry that does not link to its record's entry before it (a row of :data:`KEY_LINKS_SQL`)."""
+    if link is None:
+        problem = (
+            "it has no key_prev_hash, but an earlier entry of this record has one "
+            "(the record's versions were reordered, or the link removed)"
+        )
+    elif prior_hash is None:
+        problem = (
+            f"its key_prev_hash {link[:16]}… links to an earlier entry, but it is the record's first entry by id "
+            "(the record's versions were reordered, or its earlier entries deleted)"
+        )
+    else:
+        problem = (
+            f"its key_prev_hash {link[:16]}… does not link to the record's entry before it by id, seq {prior_seq} "
+            f"of instance {prior_instance!r} (hash {prior_hash[:16]}…): the record's versions were reordered"
+        )
+    return Break(problem, str(entity), str(key), str(instance), int(seq))
+
+
 def _first(marks: dict[int, list[AnchorLine]]) -> AnchorLine:
     """The checkpoint of the lowest seq among ``marks``."""
     return marks[min(marks)][0]
@@ -682,17 +769,50 @@ class _ChainState:
 def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress = lambda done: None) -> VerifyReport:
     """Check an exported trail (``export audit --format jsonl``) and its checkpoints, without any database.
 
-    The same chain checks as :func:`verify` (no gap, every link, every hash, ids rising within a chain) and the same
-    checkpoint checks; the current rows are not in an export, so they are not checked. Streams the file (blocking:
-    run it in a thread); memory holds one line and each chain's last entry.
+    The same chain checks as :func:`verify` (no gap, every link, every hash, ids rising within a chain, every record's
+    links) and the same checkpoint checks; the current rows are not in an export, so they are not checked. Streams
+    the file (blocking: run it in a thread); memory holds one line and each chain's last entry, and the record links
+    are checked by SQLite in a temporary file (:data:`KEY_LINKS_SQL`), so memory stays bounded there too.
     """
     report = VerifyReport()
     if anchors is not None and anchors.problem is not None:
         unusable, why = anchors.problem
         report.broken = Break(why, anchor=unusable.describe())
         return report
+    with tempfile.TemporaryDirectory(prefix="persistence-verify-") as folder:
+        links = sqlite3.connect(Path(folder) / "links.db", isolation_level=None)
+        try:
+            links.execute("PRAGMA journal_mode=OFF")
+            links.execute("PRAGMA synchronous=OFF")
+            links.execute(
+                "CREATE TABLE audit_log (id INTEGER, entity TEXT, natural_key TEXT, instance_id TEXT, "
+                "seq INTEGER, key_prev_hash TEXT, hash TEXT)"
+            )
+            _export_chains(path, anchors, progress, report, links)
+            if report.broken is None:
+                found = links.execute(KEY_LINKS_SQL.format(where="")).fetchone()
+                if found is not None:
+                    report.broken = _link_break(*found)
+        finally:
+            links.close()
+    return report
+
+
+def _export_chains(
+    path: Path, anchors: Anchors | None, progress: Progress, report: VerifyReport, links: sqlite3.Connection
+) -> None:
+    """:func:`verify_export`'s walk of the file: the chains and the checkpoints; each entry's record link copied into
+    ``links`` (checked afterwards)."""
     marks = anchors.marks if anchors is not None else {}
     states: dict[str, _ChainState] = {}
+    pending: list[tuple[Any, ...]] = []
+
+    def flush() -> None:
+        links.execute("BEGIN")
+        links.executemany("INSERT INTO audit_log VALUES (?, ?, ?, ?, ?, ?, ?)", pending)
+        links.execute("COMMIT")
+        pending.clear()
+
     with path.open("rb") as file:
         for number, raw in enumerate(file, start=1):
             if not raw.strip():
@@ -702,11 +822,13 @@ def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress
                 entry_id, instance, seq = int(entry["id"]), str(entry["instance_id"]), int(entry["seq"])
                 entity, key, payload = str(entry["entity"]), str(entry["natural_key"]), str(entry["payload"])
                 prev_hash, digest, at = str(entry["prev_hash"]), str(entry["hash"]), str(entry["recorded_at"])
+                link = entry.get("key_prev_hash")
+                link = None if link is None else str(link)
                 if len(at) != 27:
                     at = canonical_time(datetime.fromisoformat(at.replace("Z", "+00:00")))
             except (ValueError, KeyError, TypeError) as error:
                 report.broken = Break(f"line {number} of {path} is not an exported audit entry ({error})")
-                return report
+                return
             state = states.get(instance)
             if state is None:
                 state = states[instance] = _ChainState()
@@ -717,13 +839,13 @@ def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress
                 problem = f"{missing} missing before it (a gap in the chain)"
             elif prev_hash != state.previous:
                 problem = f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
-            elif digest != entry_hash(state.previous, header_text(instance, seq, entity, key, at), payload):
+            elif digest != entry_hash(state.previous, header_text(instance, seq, entity, key, at, link), payload):
                 problem = "hash does not match the entry's contents (the entry was changed)"
             elif entry_id <= state.previous_id:
                 problem = f"its id {entry_id} is not after seq {seq - 1}'s ({state.previous_id}): the entry was moved"
             if problem is not None:
                 report.broken = Break(problem, entity, key, instance, seq)
-                return report
+                return
             found = marks.get(instance, {}).get(seq)
             for line in found or ():
                 assert line.checkpoint is not None
@@ -731,19 +853,24 @@ def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress
                     report.broken = Break(
                         _mismatch(seq, digest, line.checkpoint.hash), entity, key, instance, seq, line.describe()
                     )
-                    return report
+                    return
                 state.matched += 1
             if seq == 1 or seq - 1 in marks.get(instance, {}):
                 state.written_at[seq] = datetime.fromisoformat(at[:-1] + "+00:00")
             state.expected, state.previous, state.previous_id = seq + 1, digest, entry_id
             report.chains[instance] += 1
             state.count += 1
+            pending.append((entry_id, entity, key, instance, seq, link, digest))
+            if len(pending) >= CHUNK:
+                flush()
             if state.count % CHUNK == 0:
                 progress(sum(report.chains.values()))
+    if pending:
+        flush()
     for instance, state in states.items():
         report.heads[instance] = state.previous
     if anchors is None:
-        return report
+        return
     for instance in sorted(marks):
         state = states.get(instance)
         if state is None:
@@ -752,7 +879,7 @@ def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress
                 instance_id=instance,
                 anchor=_first(marks[instance]).describe(),
             )
-            return report
+            return
         last = state.expected - 1
         beyond = {seq: found for seq, found in marks[instance].items() if seq > last}
         if beyond:
@@ -762,10 +889,9 @@ def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress
                 seq=last,
                 anchor=_first(beyond).describe(),
             )
-            return report
+            return
         report.anchors[instance] = state.matched
         report.gaps += [
             f"instance {instance!r}: {gap}"
             for gap in unanchored_gaps(marks[instance], state.written_at, last, anchors.interval, utc_now())
         ]
-    return report
