@@ -9,7 +9,8 @@ Three passes, each streamed in chunks (memory stays bounded whatever the size of
    each ``key_prev_hash`` equal to the hash of the record's entry before (``GENESIS`` for its first); an entry
    without one (written before migration 0005) only before the record's first linked entry. The hashes cover the
    links, so two versions of a record swapped between instances (ids, rows and entries rewritten) break this unless
-   the chains are rewritten too, which a checkpoint catches. The database walks this itself (window functions).
+   the chains are rewritten too, which a checkpoint catches. The database checks each stretch of a chain as it is
+   walked (an index seek or two an entry).
 2. **Rows.** Each row of ``trades``, ``signals``, ``performance_snapshots`` and ``parameter_history`` equals the
    latest audited version of its key (the entry with the highest ``id``, whichever instance wrote it), every field
    and the ``instance_id``. A row edited by hand, or inserted by hand, breaks this.
@@ -82,7 +83,33 @@ KEY_LINKS_SQL = (
     f"WHERE (key_prev_hash IS NOT NULL AND key_prev_hash <> coalesce(prior_hash, '{GENESIS}')) "
     "OR (key_prev_hash IS NULL AND linked > 0) ORDER BY id LIMIT 1"
 )
-"""The first entry, by ``id``, that does not link to its record's entry before it (``{where}``: which records)."""
+"""The first entry, by ``id``, that does not link to its record's entry before it, in a whole trail at once (window
+functions; the offline check of an export runs it on a temporary SQLite file; ``{where}``: which records)."""
+
+_PRIOR = (
+    "(SELECT max(id) FROM audit_log AS q WHERE q.entity = e.entity AND q.natural_key = e.natural_key AND q.id < e.id)"
+)
+CHUNK_LINKS_SQL = (
+    "SELECT e.id, e.seq, e.entity, e.natural_key, e.key_prev_hash FROM audit_log AS e "  # noqa: S608 - fixed text
+    "WHERE e.instance_id = :instance AND e.seq > :after AND e.seq <= :last AND CASE "
+    f"WHEN e.key_prev_hash = '{GENESIS}' THEN EXISTS (SELECT 1 FROM audit_log AS q WHERE q.entity = e.entity "
+    "AND q.natural_key = e.natural_key AND q.id < e.id) "
+    f"WHEN e.key_prev_hash IS NULL THEN EXISTS (SELECT 1 FROM audit_log AS p WHERE p.id = {_PRIOR} "
+    "AND p.key_prev_hash IS NOT NULL) "
+    f"ELSE e.key_prev_hash {{distinct}} (SELECT p.hash FROM audit_log AS p WHERE p.id = {_PRIOR}) END "
+    "ORDER BY e.seq LIMIT 1"
+)
+"""The first entry of a stretch of a chain that does not link to its record's entry before it by ``id``.
+
+Per entry an index seek or two, in the database: a record's first entry (linked to ``GENESIS``) must have no entry
+before it (the index alone answers), a linked one must name the hash of the one before it, and an unlinked one
+(before migration 0005) must not follow a linked one. ``{distinct}``: ``IS NOT`` on SQLite, ``IS DISTINCT FROM``
+on PostgreSQL."""
+PRIOR_SQL = (
+    "SELECT instance_id, seq, hash FROM audit_log WHERE id = (SELECT max(id) FROM audit_log "
+    "WHERE entity = :entity AND natural_key = :natural_key AND id < :id)"
+)
+"""The entry before an entry of a record, by ``id`` (to name it in a break)."""
 
 Progress = Callable[[int], None]
 """Told the number of entries and rows checked so far."""
@@ -164,13 +191,14 @@ class _Verifier:
         self._anchors = anchors
         self._since = since_last_anchor and anchors is not None
         self._touched: dict[str, set[str]] = {}
-        self._after_id: int | None = None
-        """With ``since_last_anchor``: the lowest ``id`` any walk started after (the links are checked after it)."""
         """With ``since_last_anchor``: the keys written after the checkpoints, per entity (their rows are checked)."""
         self._done = 0
         self.report = VerifyReport()
         self._linked = True
         """Whether ``audit_log`` has ``key_prev_hash`` (a database before migration 0005 has not)."""
+        self._chunk_links_sql = text(
+            CHUNK_LINKS_SQL.format(distinct="IS NOT" if database.is_sqlite else "IS DISTINCT FROM")
+        )
         self._chain_statement = (
             select(*(audit_log.c[name] for name in _CHAIN_COLUMNS))
             .where(audit_log.c.instance_id == bindparam("instance"), audit_log.c.seq > bindparam("after"))
@@ -208,8 +236,6 @@ class _Verifier:
             for instance in instances:
                 if not await self._chain(connection, instance):
                     return self.report
-            if self._linked and not await self._links(connection):
-                return self.report
         for table, record in _AUDITED:
             if not await self._each_row(table, record) or not await self._deletions(table, record):
                 break
@@ -273,7 +299,6 @@ class _Verifier:
             if begun is None:
                 return False
             expected, previous, previous_id = begun
-            self._after_id = previous_id if self._after_id is None else min(self._after_id, previous_id)
         # The recorded_at of seq 1 and of each entry after a checkpoint: how long entries waited for one.
         wanted = {1, *(seq + 1 for seq in marks)}
         written_at: dict[int, datetime] = {}
@@ -314,6 +339,8 @@ class _Verifier:
                 if self._since:
                     touched.setdefault(entity, set()).add(key)
                 expected, previous, previous_id = seq + 1, digest, entry_id
+            if self._linked and not await self._chunk_links(connection, instance, rows[0][1] - 1, rows[-1][1]):
+                return False
             self.report.chains[instance] += len(rows)
             self._advance(len(rows))
             del rows  # before the next chunk arrives: one chunk in memory at a time
@@ -345,22 +372,18 @@ class _Verifier:
 
         return "key_prev_hash" in await connection.run_sync(columns)
 
-    async def _links(self, connection: AsyncConnection) -> bool:
-        """Every record's entries link to one another in ``id`` order (:data:`KEY_LINKS_SQL`); the first break."""
-        where, parameters = "", dict[str, Any]()
-        if self._instance is not None:  # the records this instance wrote, each with all its entries
-            where = (
-                "WHERE (entity, natural_key) IN "
-                "(SELECT entity, natural_key FROM audit_log WHERE instance_id = :instance)"
-            )
-            parameters["instance"] = self._instance
-        elif self._since:  # the records written after the checkpoints (and maybe a few more)
-            where = "WHERE (entity, natural_key) IN (SELECT entity, natural_key FROM audit_log WHERE id > :after)"
-            parameters["after"] = self._after_id or 0
-        found = (await connection.execute(text(KEY_LINKS_SQL.format(where=where)), parameters)).first()
+    async def _chunk_links(self, connection: AsyncConnection, instance: str, after: int, last: int) -> bool:
+        """The entries of a chain after seq ``after`` up to ``last`` link to their records' entries before them
+        (:data:`CHUNK_LINKS_SQL`); the first break."""
+        parameters = {"instance": instance, "after": after, "last": last}
+        found = (await connection.execute(self._chunk_links_sql, parameters)).first()
         if found is None:
             return True
-        self.report.broken = _link_break(*found)
+        entry_id, seq, entity, key, link = found
+        prior = (
+            await connection.execute(text(PRIOR_SQL), {"entity": entity, "natural_key": key, "id": entry_id})
+        ).first()
+        self.report.broken = _link_break(entity, key, instance, seq, link, *(prior or (None, None, None)))
         return False
 
     async def _latest(
@@ -690,7 +713,7 @@ def _link_break(
     prior_seq: int | None,
     prior_hash: str | None,
 ) -> Break:
-    """The break of an entry that does not link to its record's entry before it (a row of :data:`KEY_LINKS_SQL`)."""
+    """The break of an entry that does not link to its record's entry before it, with the entry before it."""
     if link is None:
         problem = (
             "it has no key_prev_hash, but an earlier entry of this record has one "
