@@ -321,3 +321,28 @@ def test_linked_entries_hash_each_entry_as_entry_hash_of_its_header_text_with_it
             assert (row["seq"], row["prev_hash"]) == (seq, previous)
             assert row["hash"] == entry_hash(previous, header, payload)
             previous = row["hash"]
+
+
+# ---------------------------------------------------------------------------------------------- verify's fast paths
+
+
+async def test_an_untouched_trail_is_verified_without_decoding_a_row(
+    database: Database, repos: Repositories, second: Repositories
+) -> None:
+    """Every row matches its latest version in the fast comparison (in SQLite's SQL; on PostgreSQL the row's canonical
+    JSON from the driver's values): none falls back to the slow check, which would make verify several times slower
+    without failing anything."""
+    from unittest import mock
+
+    from persistence.audit import verify as verify_module
+    from tests.support.factories import make_parameter_change, make_snapshot
+
+    await two_instances_two_versions(repos, second)
+    await repos.trades.save_trade(make_trade(trade_id="T-NON-ASCII", pattern_type="flag é € 😀", pnl=-12.5))
+    await repos.signals.save_signal(make_signal())
+    await repos.snapshots.save_snapshot(make_snapshot())
+    await repos.parameters.save_change(make_parameter_change())
+    with mock.patch.object(verify_module._Verifier, "_rows", side_effect=AssertionError("a row fell back")):
+        report = await verify(database)
+    assert report.ok, report.lines()
+    assert sum(report.rows.values()) == 7

@@ -39,14 +39,14 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Table, bindparam, func, inspect, null, select, text
+from sqlalchemy import Boolean, Table, bindparam, func, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.audit.anchors import AnchorLine, Anchors, unanchored_gaps
 from persistence.audit.chain import GENESIS, VersionEncoder, canonical_time, entry_hash, header_text
 from persistence.audit.trail import column_kinds
 from persistence.db.columns import decode_datetime
-from persistence.db.engine import Database
+from persistence.db.engine import Database, driver_of
 from persistence.db.rowcodec import RowReader
 from persistence.db.schema import audit_log, parameter_history, performance_snapshots, signals, trades
 from persistence.errors import StoredValueNotAsWritten
@@ -67,6 +67,12 @@ _SQLITE_CHAIN = (
     "WHERE instance_id = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
 _SQLITE_UNLINKED_CHAIN = _SQLITE_CHAIN.replace("key_prev_hash", "NULL")
+_POSTGRES_CHAIN = (
+    "SELECT id, seq, entity, natural_key, payload, "
+    """to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), prev_hash, hash, key_prev_hash """
+    "FROM audit_log WHERE instance_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+)
+_POSTGRES_UNLINKED_CHAIN = _POSTGRES_CHAIN.replace("key_prev_hash", "NULL")
 """The chain's query on a database from before migration 0005 (no links)."""
 _SQLITE_LATEST = (
     "SELECT id, natural_key, instance_id, seq, payload FROM audit_log WHERE id IN ("
@@ -199,12 +205,6 @@ class _Verifier:
         self._chunk_links_sql = text(
             CHUNK_LINKS_SQL.format(distinct="IS NOT" if database.is_sqlite else "IS DISTINCT FROM")
         )
-        self._chain_statement = (
-            select(*(audit_log.c[name] for name in _CHAIN_COLUMNS))
-            .where(audit_log.c.instance_id == bindparam("instance"), audit_log.c.seq > bindparam("after"))
-            .order_by(audit_log.c.seq)
-            .limit(chunk)
-        )
 
     def _advance(self, count: int) -> None:
         self._done += count
@@ -218,10 +218,6 @@ class _Verifier:
             return self.report
         async with self._db.snapshot() as connection:
             self._linked = await self._has_links(connection)
-            if not self._linked:
-                self._chain_statement = self._chain_statement.with_only_columns(
-                    *(audit_log.c[name] for name in _CHAIN_COLUMNS[:-1]), null()
-                )
             instances = await self._instances(connection)
             if anchors is not None:
                 for instance in sorted(anchors.marks):
@@ -289,7 +285,11 @@ class _Verifier:
             # this chunk be the only one alive while the next is fetched.
             await driver.execute_fetchall("SELECT 1")
             return rows
-        return (await connection.execute(self._chain_statement, {"instance": instance, "after": after})).all()
+        # PostgreSQL: on the driver, recorded_at formatted by the server as its canonical text (no datetime made).
+        driver = await driver_of(connection)
+        sql = _POSTGRES_CHAIN if self._linked else _POSTGRES_UNLINKED_CHAIN
+        rows = await driver.fetch(sql, instance, after, self._chunk)
+        return rows
 
     async def _chain(self, connection: AsyncConnection, instance: str) -> bool:
         marks = self._anchors.marks.get(instance, {}) if self._anchors is not None else {}
@@ -409,6 +409,8 @@ class _Verifier:
 
     async def _each_row(self, table: Table, record: type[Record]) -> bool:
         """Every row (or the touched keys') against its latest audited version."""
+        if self._db.dialect_name == "postgresql" and not self._since:
+            return await self._each_row_postgres(table, record)
         if not self._db.is_sqlite or self._since:
             self.report.rows[table.name] = 0
             return await self._rows(
@@ -435,6 +437,44 @@ class _Verifier:
             if different and not await self._rows(table, record, different):
                 return False
             after = str(found[-1][0])
+            self.report.rows[table.name] += len(found)
+            self._advance(len(found))
+
+    async def _each_row_postgres(self, table: Table, record: type[Record]) -> bool:
+        """PostgreSQL: each row fetched with its latest version's payload (one statement a chunk, on the driver) and
+        its canonical JSON compared with it; only rows that differ (normally none) are checked again by
+        :meth:`_rows`, which names what differs."""
+        fields = tuple(record.model_fields)
+        encode = VersionEncoder(fields, column_kinds(table)).encode
+        key = record.key_field
+        columns = ", ".join(f't."{name}"' for name in fields)
+        where = f't."{key}" > $2' + (" AND t.instance_id = $4" if self._instance is not None else "")
+        statement = (
+            f'SELECT {columns}, t.instance_id, a.payload, a.instance_id FROM "{table.name}" AS t '  # noqa: S608
+            "LEFT JOIN LATERAL (SELECT payload, instance_id FROM audit_log "
+            f'WHERE entity = $1 AND natural_key = t."{key}" ORDER BY id DESC LIMIT 1) AS a ON true '
+            f'WHERE {where} ORDER BY t."{key}" LIMIT $3'
+        )
+        key_index = fields.index(key)
+        after = ""
+        self.report.rows[table.name] = 0
+        while True:
+            parameters: tuple[Any, ...] = (record.entity, after, self._chunk)
+            if self._instance is not None:
+                parameters += (self._instance,)
+            async with self._db.snapshot() as connection:
+                driver = await driver_of(connection)
+                found = await driver.fetch(statement, *parameters)
+            if not found:
+                return True
+            different = []
+            for row in found:
+                payload = row[-2]
+                if payload is None or row[-3] != row[-1] or payload != encode(row):
+                    different.append(str(row[key_index]))
+            if different and not await self._rows(table, record, different):
+                return False
+            after = str(found[-1][key_index])
             self.report.rows[table.name] += len(found)
             self._advance(len(found))
 
@@ -527,6 +567,25 @@ class _Verifier:
 
     async def _deletions(self, table: Table, record: type[Record]) -> bool:
         key_column = table.c[record.key_field]
+        if not self._db.is_sqlite and not self._since:
+            # One statement: the first audited key whose row is gone (an anti-join).
+            anti_join = text(
+                "SELECT DISTINCT a.natural_key FROM audit_log AS a WHERE a.entity = :entity"  # noqa: S608
+                + (" AND a.instance_id = :instance" if self._instance is not None else "")
+                + f' AND NOT EXISTS (SELECT 1 FROM "{table.name}" AS t '  # noqa: S608 - schema names only
+                + f'WHERE t."{record.key_field}" = a.natural_key) ORDER BY a.natural_key LIMIT 1'
+            )
+            async with self._db.snapshot() as connection:
+                values = {"entity": record.entity, "instance": self._instance}
+                gone_key = (await connection.execute(anti_join, values)).scalar()
+                if gone_key is None:
+                    return True
+                latest = await self._latest(connection, record.entity, [str(gone_key)])
+            _, instance, seq, _ = latest[str(gone_key)]
+            self.report.broken = Break(
+                f"audited, but the {table.name} row is gone (deleted)", record.entity, str(gone_key), instance, seq
+            )
+            return False
         if self._db.is_sqlite and not self._since:
             # One statement: the first audited key whose row is gone, found by SQLite's own index walk.
             key = record.key_field
@@ -687,9 +746,12 @@ def _stored_encoder(table: Table, fields: Sequence[str]) -> Callable[[Sequence[A
 
 
 def _canonical_at(value: Any) -> str:
-    """An entry's ``recorded_at`` as its canonical text: a SQLite stored text sliced, a datetime formatted."""
+    """An entry's ``recorded_at`` as its canonical text: a SQLite stored text sliced, PostgreSQL's canonical text
+    (formatted by the server) as it is, a datetime formatted."""
     if type(value) is str and len(value) == 26:
         return f"{value[:10]}T{value[11:]}Z"
+    if type(value) is str and len(value) == 27 and value[10] == "T" and value[-1] == "Z":
+        return value
     if isinstance(value, datetime):
         return canonical_time(value)
     return _canonical_stored(value)
