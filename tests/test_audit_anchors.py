@@ -325,8 +325,8 @@ async def anchored_trail(
 
 async def rewrite_from(database: Database, database_url: str, instance: str, seq: int, old: str, new: str) -> None:
     """Replace ``old`` by ``new`` in the payload of entry ``seq`` and recompute every hash from there: a chain that
-    verifies on its own (the rewrite an attacker with the database would make)."""
-    columns = ("seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash")
+    verifies on its own, record links included (the rewrite an attacker with the database would make)."""
+    columns = ("seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "key_prev_hash", "hash")
     statement = (
         select(*(audit_log.c[name] for name in columns))
         .where(audit_log.c.instance_id == instance, audit_log.c.seq >= seq)
@@ -336,15 +336,18 @@ async def rewrite_from(database: Database, database_url: str, instance: str, seq
         rows = (await connection.execute(statement)).all()
     previous = rows[0][5]
     statements = []
-    for number, entity, key, payload, recorded_at, _ in rows:
+    renamed: dict[str, str] = {}  # old hash → new: the record links that named a rewritten entry follow it
+    for number, entity, key, payload, recorded_at, _, link, old_hash in rows:
         if number == seq:
             assert old in payload
             payload = payload.replace(old, new)
-        digest = entry_hash(previous, header_text(instance, number, entity, key, canonical_time(recorded_at)), payload)
+        link = renamed.get(link, link)
+        header = header_text(instance, number, entity, key, canonical_time(recorded_at), link)
+        digest = renamed[old_hash] = entry_hash(previous, header, payload)
         quoted = payload.replace("'", "''")
         statements.append(
-            f"UPDATE audit_log SET payload = '{quoted}', prev_hash = '{previous}', hash = '{digest}' "
-            f"WHERE instance_id = '{instance}' AND seq = {number}"
+            f"UPDATE audit_log SET payload = '{quoted}', prev_hash = '{previous}', hash = '{digest}', "
+            f"key_prev_hash = '{link}' WHERE instance_id = '{instance}' AND seq = {number}"
         )
         previous = digest
     await tamper(database_url, *statements)
@@ -597,12 +600,17 @@ def test_an_exported_trail_and_its_anchors_verify_offline_with_the_same_command(
     # The export rewritten consistently from seq 6 on (hashes recomputed): the checkpoint at seq 8 catches it.
     lines = [json.loads(line) for line in exported.read_text().splitlines()]
     previous = lines[4]["hash"]
+    renamed: dict[str, str] = {}
     for entry in lines[5:]:
         if entry["seq"] == 6:
             entry["payload"] = entry["payload"].replace('"symbol":"EURUSD"', '"symbol":"GBPUSD"')
-        header = header_text("bot-x", entry["seq"], entry["entity"], entry["natural_key"], entry["recorded_at"])
+        entry["key_prev_hash"] = renamed.get(entry["key_prev_hash"], entry["key_prev_hash"])
+        header = header_text(
+            "bot-x", entry["seq"], entry["entity"], entry["natural_key"], entry["recorded_at"], entry["key_prev_hash"]
+        )
+        old_hash = entry["hash"]
         entry["prev_hash"], entry["hash"] = previous, entry_hash(previous, header, entry["payload"])
-        previous = entry["hash"]
+        renamed[old_hash] = previous = entry["hash"]
     exported.write_text("".join(json.dumps(entry) + "\n" for entry in lines))
     caught = audit_cli(nowhere, "verify", "--from-export", str(exported), "--anchors", anchors, "--public-key", public)
     assert caught.returncode == 1 and "bot-x.jsonl:2" in caught.stdout and "the entry at seq 8" in caught.stdout

@@ -343,7 +343,17 @@ async def test_the_versions_endpoint_and_its_fields_are_documented(
     assert {p["name"] for p in operation["parameters"]} == {"trade_id", "limit", "offset"}
     assert set(operation["responses"]) >= {"200", "404", "422", "503", "504"}
     fields = document["components"]["schemas"]["TradeVersion"]["properties"]
-    assert set(fields) == {"seq", "instance_id", "entity", "natural_key", "recorded_at", "version", "prev_hash", "hash"}
+    assert set(fields) == {
+        "seq",
+        "instance_id",
+        "entity",
+        "natural_key",
+        "recorded_at",
+        "version",
+        "prev_hash",
+        "hash",
+        "key_prev_hash",
+    }
     assert all(field.get("description") for field in fields.values()), fields
     history = document["paths"]["/api/v1/trades/history"]["get"]
     instance = next(p for p in history["parameters"] if p["name"] == "instance_id")

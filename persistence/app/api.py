@@ -141,6 +141,11 @@ class TradeVersion(BaseModel):
     hash: str = Field(
         description="SHA-256 (hex) of `prev_hash`, the entry's other columns and the version's canonical JSON"
     )
+    key_prev_hash: str | None = Field(
+        default=None,
+        description="`hash` of the trade's version before this one, whichever instance wrote it; 64 zeros for its"
+        " first; null for an entry written before the trade's versions were linked (migration 0005)",
+    )
 
 
 class DatabaseHealth(BaseModel):

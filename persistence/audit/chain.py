@@ -7,9 +7,14 @@ chain::
     hash = SHA-256(prev_hash "\\n" header "\\n" payload)
 
 where ``header`` is the canonical JSON of the entry's other columns (``instance_id``, ``seq``, ``entity``,
-``natural_key``, ``recorded_at``), so every stored column is covered. A chain starts at ``seq`` 1 with ``prev_hash``
-:data:`GENESIS`. Nothing here reads a database or a clock: :mod:`persistence.audit.trail` appends what this computes,
-and :mod:`persistence.audit.verify` recomputes it.
+``natural_key``, ``recorded_at``, ``key_prev_hash``), so every stored column is covered. A chain starts at ``seq`` 1
+with ``prev_hash`` :data:`GENESIS`.
+
+``key_prev_hash`` links an entry to the previous entry of the same record (its entity and natural key), whichever
+instance wrote it (:data:`GENESIS` for a record's first): the order of one record's versions across instances is
+sealed by the hashes too, not only by ``audit_log.id``. Entries written before migration 0005 have none (``NULL``);
+their header is the one they were hashed with, without the key. Nothing here reads a database or a clock:
+:mod:`persistence.audit.trail` appends what this computes, and :mod:`persistence.audit.verify` recomputes it.
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ BASELINE_INSTANCE = "pre-audit"
 class Version:
     """One version of a record as it was written: its entity, natural key and every field's value.
 
-    ``payload`` is its canonical JSON when the writer already made it (``None``: :class:`AuditLog` makes it).
+    ``payload`` is its canonical JSON when the writer already made it (``None``: :class:`AuditLog` makes it);
+    ``key_prev_hash`` is the hash of the record's latest entry before this transaction (:data:`GENESIS`: none).
     """
 
     entity: str
     key: str
     values: Mapping[str, Any]
     payload: str | None = None
+    key_prev_hash: str = GENESIS
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +73,7 @@ class AuditEntry:
     recorded_at: datetime
     prev_hash: str
     hash: str
+    key_prev_hash: str | None = None
 
     @property
     def version(self) -> dict[str, Any]:
@@ -84,6 +92,7 @@ class AuditEntry:
             "version": self.version,
             "prev_hash": self.prev_hash,
             "hash": self.hash,
+            "key_prev_hash": self.key_prev_hash,
         }
 
 
@@ -195,11 +204,15 @@ def entry_hash(prev_hash: str, header: str, payload: str) -> str:
     return hashlib.sha256(f"{prev_hash}\n{header}\n{payload}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def header_text(instance_id: str, seq: int, entity: str, natural_key: str, recorded_at: str) -> str:
-    """The hashed header of an entry, every column but the payload and the two hashes, as canonical JSON written
-    directly (keys sorted; ``recorded_at`` already canonical)."""
+def header_text(
+    instance_id: str, seq: int, entity: str, natural_key: str, recorded_at: str, key_prev_hash: str | None = None
+) -> str:
+    """The hashed header of an entry, every column but the payload and the two chain hashes, as canonical JSON
+    written directly (keys sorted; ``recorded_at`` already canonical). ``key_prev_hash`` ``None`` (an entry from
+    before migration 0005) leaves the key out, as those entries were hashed."""
+    link = "" if key_prev_hash is None else f',"key_prev_hash":{encode_basestring_ascii(key_prev_hash)}'
     return (
-        f'{{"entity":{encode_basestring_ascii(entity)},"instance_id":{encode_basestring_ascii(instance_id)},'
+        f'{{"entity":{encode_basestring_ascii(entity)},"instance_id":{encode_basestring_ascii(instance_id)}{link},'
         f'"natural_key":{encode_basestring_ascii(natural_key)},"recorded_at":"{recorded_at}","seq":{seq}}}'
     )
 
@@ -207,7 +220,8 @@ def header_text(instance_id: str, seq: int, entity: str, natural_key: str, recor
 def chain_entries(
     head: AuditHead | None, instance_id: str, versions: Sequence[tuple[str, str, str]], recorded_at: datetime
 ) -> list[dict[str, Any]]:
-    """The rows that extend the chain ending at ``head`` by ``versions`` (entity, key, payload), in order."""
+    """The rows that extend the chain ending at ``head`` by ``versions`` (entity, key, payload), in order, without
+    key links: the form of entries before migration 0005 (migration 0003's baseline writes it)."""
     seq = head.seq if head is not None else 0
     previous = head.hash if head is not None else GENESIS
     at = canonical_time(recorded_at)
@@ -237,6 +251,51 @@ def chain_entries(
                 "recorded_at": recorded_at,
                 "prev_hash": previous,
                 "hash": digest,
+            }
+        )
+        previous = digest
+    return rows
+
+
+def linked_entries(
+    head: AuditHead | None, instance_id: str, versions: Sequence[tuple[str, str, str, str]], recorded_at: datetime
+) -> list[dict[str, Any]]:
+    """The rows that extend the chain ending at ``head`` by ``versions`` (entity, key, payload, key_prev_hash), in
+    order, each linked to the previous entry of its record: the given ``key_prev_hash`` for a record's first version
+    here, the entry before it here for the next ones. A test holds each hash to :func:`entry_hash` of its header."""
+    seq = head.seq if head is not None else 0
+    previous = head.hash if head is not None else GENESIS
+    at = canonical_time(recorded_at)
+    rows: list[dict[str, Any]] = []
+    sha256 = hashlib.sha256
+    quote = encode_basestring_ascii
+    heads: dict[str, str] = {}
+    last: dict[tuple[str, str], str] = {}
+    instance = quote(instance_id)
+    middle = f',"recorded_at":"{at}","seq":'
+    for entity, key, payload, stored_link in versions:
+        seq += 1
+        head_text = heads.get(entity)
+        if head_text is None:
+            head_text = heads[entity] = f'\n{{"entity":{quote(entity)},"instance_id":{instance},"key_prev_hash":"'
+        link = last.get((entity, key), stored_link)
+        digest = sha256(
+            f'{previous}{head_text}{link}","natural_key":{quote(key)}{middle}{seq}}}\n{payload}'.encode(
+                "utf-8", "surrogatepass"
+            )
+        ).hexdigest()
+        last[(entity, key)] = digest
+        rows.append(
+            {
+                "instance_id": instance_id,
+                "seq": seq,
+                "entity": entity,
+                "natural_key": key,
+                "payload": payload,
+                "recorded_at": recorded_at,
+                "prev_hash": previous,
+                "hash": digest,
+                "key_prev_hash": link,
             }
         )
         previous = digest

@@ -8,8 +8,11 @@ JSON (:func:`canonical_version`: sorted keys, decimals as strings with exactly e
     hash = SHA-256(prev_hash "\\n" header "\\n" payload)
 
 where ``header`` is the canonical JSON of the entry's other columns (``instance_id``, ``seq``, ``entity``,
-``natural_key``, ``recorded_at``), so every stored column is covered. A chain starts at ``seq`` 1 with ``prev_hash``
-:data:`GENESIS`. The chain's head is read inside the write transaction, under the database's lock for that chain
+``natural_key``, ``recorded_at``, ``key_prev_hash``), so every stored column is covered. A chain starts at ``seq`` 1
+with ``prev_hash`` :data:`GENESIS`. ``key_prev_hash`` is the hash of the previous entry of the same record, whichever
+instance wrote it: :mod:`persistence.tables.versioned` reads it with the stored rows it already reads (a batch of new
+records reads nothing), under the same locks, so one record's versions chain in the order they were committed. The
+chain's head is read inside the write transaction, under the database's lock for that chain
 (SQLite's write lock; ``pg_advisory_xact_lock`` on PostgreSQL, taken before the transaction's first row lock and held
 to the commit), so two processes sharing an instance id append one after the other and a chain never forks; a unique
 index on ``(instance_id, seq)`` refuses a fork outright.
@@ -30,7 +33,7 @@ from sqlalchemy import String, Table, bindparam, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from persistence.audit.chain import AuditEntry, AuditHead, Version, VersionEncoder, chain_entries
+from persistence.audit.chain import AuditEntry, AuditHead, Version, VersionEncoder, linked_entries
 from persistence.db.columns import ExactNumeric, UTCDateTime, to_sqlite_datetime
 from persistence.db.driver import DriverSession
 from persistence.db.engine import Database
@@ -45,7 +48,17 @@ LOCK_INFO = "persistence.audit_lock"
 """Key in a connection's ``info`` of the transaction that holds the chain lock (so it is taken once)."""
 HEAD_SQL = "SELECT seq, hash FROM audit_log WHERE instance_id = ? ORDER BY seq DESC LIMIT 1"
 """This instance's chain head, on SQLite's driver (the same query as :meth:`AuditLog.head`)."""
-ENTRY_COLUMNS = ("instance_id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash")
+ENTRY_COLUMNS = (
+    "instance_id",
+    "seq",
+    "entity",
+    "natural_key",
+    "payload",
+    "recorded_at",
+    "prev_hash",
+    "hash",
+    "key_prev_hash",
+)
 
 
 def column_kinds(table: Table) -> dict[str, str]:
@@ -140,16 +153,23 @@ class AuditLog:
         encoders = self._encoders
         recorded_at = utc_now()
         rows: list[dict[str, Any]] = []
+        links: dict[tuple[str, str], str] = {}  # a record's last entry in an earlier slice
         # Encoding and hashing take a few microseconds an entry: in slices, handing the loop back between them, so
         # the host's event loop never waits for a whole batch's worth.
         for start in range(0, len(versions), ENCODE_SLICE):
             if start:
                 await asyncio.sleep(0)
             payloads = [
-                (version.entity, version.key, version.payload or encoders[version.entity](version.values))
+                (
+                    version.entity,
+                    version.key,
+                    version.payload or encoders[version.entity](version.values),
+                    links.get((version.entity, version.key), version.key_prev_hash),
+                )
                 for version in versions[start : start + ENCODE_SLICE]
             ]
-            rows += chain_entries(head, self.instance_id, payloads, recorded_at)
+            rows += linked_entries(head, self.instance_id, payloads, recorded_at)
+            links.update(((row["entity"], row["natural_key"]), row["hash"]) for row in rows[-len(payloads) :])
             head = AuditHead(self.instance_id, int(rows[-1]["seq"]), str(rows[-1]["hash"]))
         if self._copy is not None and len(rows) >= COPY_MIN_ROWS:
             await self._copy.write(connection, rows)
@@ -176,10 +196,15 @@ class AuditLog:
         encoders = self._encoders
         recorded_at = utc_now()
         payloads = [
-            (version.entity, version.key, version.payload or encoders[version.entity](version.values))
+            (
+                version.entity,
+                version.key,
+                version.payload or encoders[version.entity](version.values),
+                version.key_prev_hash,
+            )
             for version in versions
         ]
-        rows = chain_entries(head, self.instance_id, payloads, recorded_at)
+        rows = linked_entries(head, self.instance_id, payloads, recorded_at)
         # The driver's values directly: every column is text or an integer but recorded_at, one value a batch.
         at = to_sqlite_datetime(recorded_at)
         session.executemany(
@@ -194,6 +219,7 @@ class AuditLog:
                     at,
                     row["prev_hash"],
                     row["hash"],
+                    row["key_prev_hash"],
                 )
                 for row in rows
             ],
@@ -249,4 +275,5 @@ def entry_of(row: Any) -> AuditEntry:
         recorded_at=row["recorded_at"],
         prev_hash=str(row["prev_hash"]),
         hash=str(row["hash"]),
+        key_prev_hash=row["key_prev_hash"],
     )

@@ -5,6 +5,12 @@ Three passes, each streamed in chunks (memory stays bounded whatever the size of
 1. **Chains.** Per instance, entries in ``seq`` order: no gap (``seq`` 1, 2, 3, …), each ``prev_hash`` equal to the
    hash of the entry before (:data:`~persistence.audit.chain.GENESIS` for the first), each ``hash`` equal to the hash of
    the entry's own columns. A changed payload, a deleted entry, a swapped pair or an inserted one breaks this.
+   **Record links.** Per record (entity and natural key), entries in ``id`` order, whichever instance wrote them:
+   each ``key_prev_hash`` equal to the hash of the record's entry before (``GENESIS`` for its first); an entry
+   without one (written before migration 0005) only before the record's first linked entry. The hashes cover the
+   links, so two versions of a record swapped between instances (ids, rows and entries rewritten) break this unless
+   the chains are rewritten too, which a checkpoint catches. The database checks each stretch of a chain as it is
+   walked (an index seek or two an entry).
 2. **Rows.** Each row of ``trades``, ``signals``, ``performance_snapshots`` and ``parameter_history`` equals the
    latest audited version of its key (the entry with the highest ``id``, whichever instance wrote it), every field
    and the ``instance_id``. A row edited by hand, or inserted by hand, breaks this.
@@ -24,6 +30,8 @@ differs; the checkpoint, for an anchor). What a passing verify proves, and what 
 from __future__ import annotations
 
 import json
+import sqlite3
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,14 +39,14 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Table, bindparam, func, select
+from sqlalchemy import Boolean, Table, bindparam, func, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.audit.anchors import AnchorLine, Anchors, unanchored_gaps
 from persistence.audit.chain import GENESIS, VersionEncoder, canonical_time, entry_hash, header_text
 from persistence.audit.trail import column_kinds
 from persistence.db.columns import decode_datetime
-from persistence.db.engine import Database
+from persistence.db.engine import Database, driver_of
 from persistence.db.rowcodec import RowReader
 from persistence.db.schema import TABLE_OF, audit_log
 from persistence.errors import StoredValueNotAsWritten
@@ -49,16 +57,61 @@ CHUNK = 20_000
 """Entries or rows fetched at once (a chunk is a few tens of MiB at most)."""
 _AUDITED: tuple[tuple[Table, type[Record]], ...] = tuple((TABLE_OF[kind.entity], kind.model) for kind in RECORD_KINDS)
 
-_CHAIN_COLUMNS = ("id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash")
+_CHAIN_COLUMNS = ("id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash", "key_prev_hash")
 _SQLITE_CHAIN = (
     f"SELECT {', '.join(_CHAIN_COLUMNS)} FROM audit_log "  # noqa: S608 - fixed column names
     "WHERE instance_id = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
+_SQLITE_UNLINKED_CHAIN = _SQLITE_CHAIN.replace("key_prev_hash", "NULL")
+_POSTGRES_CHAIN = (
+    "SELECT id, seq, entity, natural_key, payload, "
+    """to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), prev_hash, hash, key_prev_hash """
+    "FROM audit_log WHERE instance_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+)
+_POSTGRES_UNLINKED_CHAIN = _POSTGRES_CHAIN.replace("key_prev_hash", "NULL")
+"""The chain's query on a database from before migration 0005 (no links)."""
 _SQLITE_LATEST = (
     "SELECT id, natural_key, instance_id, seq, payload FROM audit_log WHERE id IN ("
     "SELECT max(id) FROM audit_log WHERE entity = ? AND natural_key IN (SELECT value FROM json_each(?)) "
     "GROUP BY natural_key)"
 )
+
+KEY_LINKS_SQL = (
+    "SELECT entity, natural_key, instance_id, seq, key_prev_hash, prior_instance, prior_seq, prior_hash FROM ("  # noqa: S608 - fixed names; {where} is one of two fixed texts
+    "SELECT id, entity, natural_key, instance_id, seq, key_prev_hash, "
+    "lag(instance_id) OVER k AS prior_instance, lag(seq) OVER k AS prior_seq, lag(hash) OVER k AS prior_hash, "
+    "sum(CASE WHEN key_prev_hash IS NULL THEN 0 ELSE 1 END) OVER k AS linked "
+    "FROM audit_log {where} WINDOW k AS (PARTITION BY entity, natural_key ORDER BY id)) AS links "
+    f"WHERE (key_prev_hash IS NOT NULL AND key_prev_hash <> coalesce(prior_hash, '{GENESIS}')) "
+    "OR (key_prev_hash IS NULL AND linked > 0) ORDER BY id LIMIT 1"
+)
+"""The first entry, by ``id``, that does not link to its record's entry before it, in a whole trail at once (window
+functions; the offline check of an export runs it on a temporary SQLite file; ``{where}``: which records)."""
+
+_PRIOR = (
+    "(SELECT max(id) FROM audit_log AS q WHERE q.entity = e.entity AND q.natural_key = e.natural_key AND q.id < e.id)"
+)
+CHUNK_LINKS_SQL = (
+    "SELECT e.id, e.seq, e.entity, e.natural_key, e.key_prev_hash FROM audit_log AS e "  # noqa: S608 - fixed text
+    "WHERE e.instance_id = :instance AND e.seq > :after AND e.seq <= :last AND CASE "
+    f"WHEN e.key_prev_hash = '{GENESIS}' THEN EXISTS (SELECT 1 FROM audit_log AS q WHERE q.entity = e.entity "
+    "AND q.natural_key = e.natural_key AND q.id < e.id) "
+    f"WHEN e.key_prev_hash IS NULL THEN EXISTS (SELECT 1 FROM audit_log AS p WHERE p.id = {_PRIOR} "
+    "AND p.key_prev_hash IS NOT NULL) "
+    f"ELSE e.key_prev_hash {{distinct}} (SELECT p.hash FROM audit_log AS p WHERE p.id = {_PRIOR}) END "
+    "ORDER BY e.seq LIMIT 1"
+)
+"""The first entry of a stretch of a chain that does not link to its record's entry before it by ``id``.
+
+Per entry an index seek or two, in the database: a record's first entry (linked to ``GENESIS``) must have no entry
+before it (the index alone answers), a linked one must name the hash of the one before it, and an unlinked one
+(before migration 0005) must not follow a linked one. ``{distinct}``: ``IS NOT`` on SQLite, ``IS DISTINCT FROM``
+on PostgreSQL."""
+PRIOR_SQL = (
+    "SELECT instance_id, seq, hash FROM audit_log WHERE id = (SELECT max(id) FROM audit_log "
+    "WHERE entity = :entity AND natural_key = :natural_key AND id < :id)"
+)
+"""The entry before an entry of a record, by ``id`` (to name it in a break)."""
 
 Progress = Callable[[int], None]
 """Told the number of entries and rows checked so far."""
@@ -143,11 +196,10 @@ class _Verifier:
         """With ``since_last_anchor``: the keys written after the checkpoints, per entity (their rows are checked)."""
         self._done = 0
         self.report = VerifyReport()
-        self._chain_statement = (
-            select(*(audit_log.c[name] for name in _CHAIN_COLUMNS))
-            .where(audit_log.c.instance_id == bindparam("instance"), audit_log.c.seq > bindparam("after"))
-            .order_by(audit_log.c.seq)
-            .limit(chunk)
+        self._linked = True
+        """Whether ``audit_log`` has ``key_prev_hash`` (a database before migration 0005 has not)."""
+        self._chunk_links_sql = text(
+            CHUNK_LINKS_SQL.format(distinct="IS NOT" if database.is_sqlite else "IS DISTINCT FROM")
         )
 
     def _advance(self, count: int) -> None:
@@ -161,6 +213,7 @@ class _Verifier:
             self.report.broken = Break(problem, anchor=line.describe())
             return self.report
         async with self._db.snapshot() as connection:
+            self._linked = await self._has_links(connection)
             instances = await self._instances(connection)
             if anchors is not None:
                 for instance in sorted(anchors.marks):
@@ -222,12 +275,17 @@ class _Verifier:
             raw = await connection.get_raw_connection()
             driver = raw.driver_connection
             assert driver is not None
-            rows: Sequence[Any] = await driver.execute_fetchall(_SQLITE_CHAIN, (instance, after, self._chunk))
+            sql = _SQLITE_CHAIN if self._linked else _SQLITE_UNLINKED_CHAIN
+            rows: Sequence[Any] = await driver.execute_fetchall(sql, (instance, after, self._chunk))
             # aiosqlite's thread keeps its last result referenced until its next call ends: a trivial call now lets
             # this chunk be the only one alive while the next is fetched.
             await driver.execute_fetchall("SELECT 1")
             return rows
-        return (await connection.execute(self._chain_statement, {"instance": instance, "after": after})).all()
+        # PostgreSQL: on the driver, recorded_at formatted by the server as its canonical text (no datetime made).
+        driver = await driver_of(connection)
+        sql = _POSTGRES_CHAIN if self._linked else _POSTGRES_UNLINKED_CHAIN
+        rows = await driver.fetch(sql, instance, after, self._chunk)
+        return rows
 
     async def _chain(self, connection: AsyncConnection, instance: str) -> bool:
         marks = self._anchors.marks.get(instance, {}) if self._anchors is not None else {}
@@ -247,7 +305,7 @@ class _Verifier:
             rows = await self._entries(connection, instance, expected - 1)
             if not rows:
                 break
-            for entry_id, seq, entity, key, payload, recorded_at, prev_hash, digest in rows:
+            for entry_id, seq, entity, key, payload, recorded_at, prev_hash, digest, link in rows:
                 problem = None
                 if seq != expected:
                     missing = f"seq {expected}" if seq == expected + 1 else f"seq {expected} to {seq - 1}"
@@ -255,7 +313,7 @@ class _Verifier:
                 elif prev_hash != previous:
                     problem = f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
                 elif digest != entry_hash(
-                    previous, header_text(instance, seq, entity, key, at := _canonical_at(recorded_at)), payload
+                    previous, header_text(instance, seq, entity, key, at := _canonical_at(recorded_at), link), payload
                 ):
                     problem = "hash does not match the entry's contents (the entry was changed)"
                 elif entry_id <= previous_id:
@@ -277,6 +335,8 @@ class _Verifier:
                 if self._since:
                     touched.setdefault(entity, set()).add(key)
                 expected, previous, previous_id = seq + 1, digest, entry_id
+            if self._linked and not await self._chunk_links(connection, instance, rows[0][1] - 1, rows[-1][1]):
+                return False
             self.report.chains[instance] += len(rows)
             self._advance(len(rows))
             del rows  # before the next chunk arrives: one chunk in memory at a time
@@ -301,6 +361,27 @@ class _Verifier:
                 ]
         return True
 
+    @staticmethod
+    async def _has_links(connection: AsyncConnection) -> bool:
+        def columns(sync: Any) -> list[str]:
+            return [str(column["name"]) for column in inspect(sync).get_columns("audit_log")]
+
+        return "key_prev_hash" in await connection.run_sync(columns)
+
+    async def _chunk_links(self, connection: AsyncConnection, instance: str, after: int, last: int) -> bool:
+        """The entries of a chain after seq ``after`` up to ``last`` link to their records' entries before them
+        (:data:`CHUNK_LINKS_SQL`); the first break."""
+        parameters = {"instance": instance, "after": after, "last": last}
+        found = (await connection.execute(self._chunk_links_sql, parameters)).first()
+        if found is None:
+            return True
+        entry_id, seq, entity, key, link = found
+        prior = (
+            await connection.execute(text(PRIOR_SQL), {"entity": entity, "natural_key": key, "id": entry_id})
+        ).first()
+        self.report.broken = _link_break(entity, key, instance, seq, link, *(prior or (None, None, None)))
+        return False
+
     async def _latest(
         self, connection: AsyncConnection, entity: str, keys: Sequence[str]
     ) -> dict[str, tuple[int, str, int, str]]:
@@ -324,6 +405,8 @@ class _Verifier:
 
     async def _each_row(self, table: Table, record: type[Record]) -> bool:
         """Every row (or the touched keys') against its latest audited version."""
+        if self._db.dialect_name == "postgresql" and not self._since:
+            return await self._each_row_postgres(table, record)
         if not self._db.is_sqlite or self._since:
             self.report.rows[table.name] = 0
             return await self._rows(
@@ -350,6 +433,44 @@ class _Verifier:
             if different and not await self._rows(table, record, different):
                 return False
             after = str(found[-1][0])
+            self.report.rows[table.name] += len(found)
+            self._advance(len(found))
+
+    async def _each_row_postgres(self, table: Table, record: type[Record]) -> bool:
+        """PostgreSQL: each row fetched with its latest version's payload (one statement a chunk, on the driver) and
+        its canonical JSON compared with it; only rows that differ (normally none) are checked again by
+        :meth:`_rows`, which names what differs."""
+        fields = tuple(record.model_fields)
+        encode = VersionEncoder(fields, column_kinds(table)).encode
+        key = record.key_field
+        columns = ", ".join(f't."{name}"' for name in fields)
+        where = f't."{key}" > $2' + (" AND t.instance_id = $4" if self._instance is not None else "")
+        statement = (
+            f'SELECT {columns}, t.instance_id, a.payload, a.instance_id FROM "{table.name}" AS t '  # noqa: S608
+            "LEFT JOIN LATERAL (SELECT payload, instance_id FROM audit_log "
+            f'WHERE entity = $1 AND natural_key = t."{key}" ORDER BY id DESC LIMIT 1) AS a ON true '
+            f'WHERE {where} ORDER BY t."{key}" LIMIT $3'
+        )
+        key_index = fields.index(key)
+        after = ""
+        self.report.rows[table.name] = 0
+        while True:
+            parameters: tuple[Any, ...] = (record.entity, after, self._chunk)
+            if self._instance is not None:
+                parameters += (self._instance,)
+            async with self._db.snapshot() as connection:
+                driver = await driver_of(connection)
+                found = await driver.fetch(statement, *parameters)
+            if not found:
+                return True
+            different = []
+            for row in found:
+                payload = row[-2]
+                if payload is None or row[-3] != row[-1] or payload != encode(row):
+                    different.append(str(row[key_index]))
+            if different and not await self._rows(table, record, different):
+                return False
+            after = str(found[-1][key_index])
             self.report.rows[table.name] += len(found)
             self._advance(len(found))
 
@@ -442,6 +563,25 @@ class _Verifier:
 
     async def _deletions(self, table: Table, record: type[Record]) -> bool:
         key_column = table.c[record.key_field]
+        if not self._db.is_sqlite and not self._since:
+            # One statement: the first audited key whose row is gone (an anti-join).
+            anti_join = text(
+                "SELECT DISTINCT a.natural_key FROM audit_log AS a WHERE a.entity = :entity"  # noqa: S608
+                + (" AND a.instance_id = :instance" if self._instance is not None else "")
+                + f' AND NOT EXISTS (SELECT 1 FROM "{table.name}" AS t '  # noqa: S608 - schema names only
+                + f'WHERE t."{record.key_field}" = a.natural_key) ORDER BY a.natural_key LIMIT 1'
+            )
+            async with self._db.snapshot() as connection:
+                values = {"entity": record.entity, "instance": self._instance}
+                gone_key = (await connection.execute(anti_join, values)).scalar()
+                if gone_key is None:
+                    return True
+                latest = await self._latest(connection, record.entity, [str(gone_key)])
+            _, instance, seq, _ = latest[str(gone_key)]
+            self.report.broken = Break(
+                f"audited, but the {table.name} row is gone (deleted)", record.entity, str(gone_key), instance, seq
+            )
+            return False
         if self._db.is_sqlite and not self._since:
             # One statement: the first audited key whose row is gone, found by SQLite's own index walk.
             key = record.key_field
@@ -602,9 +742,12 @@ def _stored_encoder(table: Table, fields: Sequence[str]) -> Callable[[Sequence[A
 
 
 def _canonical_at(value: Any) -> str:
-    """An entry's ``recorded_at`` as its canonical text: a SQLite stored text sliced, a datetime formatted."""
+    """An entry's ``recorded_at`` as its canonical text: a SQLite stored text sliced, PostgreSQL's canonical text
+    (formatted by the server) as it is, a datetime formatted."""
     if type(value) is str and len(value) == 26:
         return f"{value[:10]}T{value[11:]}Z"
+    if type(value) is str and len(value) == 27 and value[10] == "T" and value[-1] == "Z":
+        return value
     if isinstance(value, datetime):
         return canonical_time(value)
     return _canonical_stored(value)
@@ -616,6 +759,35 @@ def _canonical_stored(stored: Any) -> str:
         return canonical_time(decode_datetime(str(stored)))
     except ValueError:
         return str(stored)  # not a timestamp: its hash will not match, and that is reported
+
+
+def _link_break(
+    entity: str,
+    key: str,
+    instance: str,
+    seq: int,
+    link: str | None,
+    prior_instance: str | None,
+    prior_seq: int | None,
+    prior_hash: str | None,
+) -> Break:
+    """The break of an entry that does not link to its record's entry before it, with the entry before it."""
+    if link is None:
+        problem = (
+            "it has no key_prev_hash, but an earlier entry of this record has one "
+            "(the record's versions were reordered, or the link removed)"
+        )
+    elif prior_hash is None:
+        problem = (
+            f"its key_prev_hash {link[:16]}… links to an earlier entry, but it is the record's first entry by id "
+            "(the record's versions were reordered, or its earlier entries deleted)"
+        )
+    else:
+        problem = (
+            f"its key_prev_hash {link[:16]}… does not link to the record's entry before it by id, seq {prior_seq} "
+            f"of instance {prior_instance!r} (hash {prior_hash[:16]}…): the record's versions were reordered"
+        )
+    return Break(problem, str(entity), str(key), str(instance), int(seq))
 
 
 def _first(marks: dict[int, list[AnchorLine]]) -> AnchorLine:
@@ -678,17 +850,50 @@ class _ChainState:
 def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress = lambda done: None) -> VerifyReport:
     """Check an exported trail (``export audit --format jsonl``) and its checkpoints, without any database.
 
-    The same chain checks as :func:`verify` (no gap, every link, every hash, ids rising within a chain) and the same
-    checkpoint checks; the current rows are not in an export, so they are not checked. Streams the file (blocking:
-    run it in a thread); memory holds one line and each chain's last entry.
+    The same chain checks as :func:`verify` (no gap, every link, every hash, ids rising within a chain, every record's
+    links) and the same checkpoint checks; the current rows are not in an export, so they are not checked. Streams
+    the file (blocking: run it in a thread); memory holds one line and each chain's last entry, and the record links
+    are checked by SQLite in a temporary file (:data:`KEY_LINKS_SQL`), so memory stays bounded there too.
     """
     report = VerifyReport()
     if anchors is not None and anchors.problem is not None:
         unusable, why = anchors.problem
         report.broken = Break(why, anchor=unusable.describe())
         return report
+    with tempfile.TemporaryDirectory(prefix="persistence-verify-") as folder:
+        links = sqlite3.connect(Path(folder) / "links.db", isolation_level=None)
+        try:
+            links.execute("PRAGMA journal_mode=OFF")
+            links.execute("PRAGMA synchronous=OFF")
+            links.execute(
+                "CREATE TABLE audit_log (id INTEGER, entity TEXT, natural_key TEXT, instance_id TEXT, "
+                "seq INTEGER, key_prev_hash TEXT, hash TEXT)"
+            )
+            _export_chains(path, anchors, progress, report, links)
+            if report.broken is None:
+                found = links.execute(KEY_LINKS_SQL.format(where="")).fetchone()
+                if found is not None:
+                    report.broken = _link_break(*found)
+        finally:
+            links.close()
+    return report
+
+
+def _export_chains(
+    path: Path, anchors: Anchors | None, progress: Progress, report: VerifyReport, links: sqlite3.Connection
+) -> None:
+    """:func:`verify_export`'s walk of the file: the chains and the checkpoints; each entry's record link copied into
+    ``links`` (checked afterwards)."""
     marks = anchors.marks if anchors is not None else {}
     states: dict[str, _ChainState] = {}
+    pending: list[tuple[Any, ...]] = []
+
+    def flush() -> None:
+        links.execute("BEGIN")
+        links.executemany("INSERT INTO audit_log VALUES (?, ?, ?, ?, ?, ?, ?)", pending)
+        links.execute("COMMIT")
+        pending.clear()
+
     with path.open("rb") as file:
         for number, raw in enumerate(file, start=1):
             if not raw.strip():
@@ -698,11 +903,13 @@ def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress
                 entry_id, instance, seq = int(entry["id"]), str(entry["instance_id"]), int(entry["seq"])
                 entity, key, payload = str(entry["entity"]), str(entry["natural_key"]), str(entry["payload"])
                 prev_hash, digest, at = str(entry["prev_hash"]), str(entry["hash"]), str(entry["recorded_at"])
+                link = entry.get("key_prev_hash")
+                link = None if link is None else str(link)
                 if len(at) != 27:
                     at = canonical_time(datetime.fromisoformat(at.replace("Z", "+00:00")))
             except (ValueError, KeyError, TypeError) as error:
                 report.broken = Break(f"line {number} of {path} is not an exported audit entry ({error})")
-                return report
+                return
             state = states.get(instance)
             if state is None:
                 state = states[instance] = _ChainState()
@@ -713,13 +920,13 @@ def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress
                 problem = f"{missing} missing before it (a gap in the chain)"
             elif prev_hash != state.previous:
                 problem = f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
-            elif digest != entry_hash(state.previous, header_text(instance, seq, entity, key, at), payload):
+            elif digest != entry_hash(state.previous, header_text(instance, seq, entity, key, at, link), payload):
                 problem = "hash does not match the entry's contents (the entry was changed)"
             elif entry_id <= state.previous_id:
                 problem = f"its id {entry_id} is not after seq {seq - 1}'s ({state.previous_id}): the entry was moved"
             if problem is not None:
                 report.broken = Break(problem, entity, key, instance, seq)
-                return report
+                return
             found = marks.get(instance, {}).get(seq)
             for line in found or ():
                 assert line.checkpoint is not None
@@ -727,19 +934,24 @@ def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress
                     report.broken = Break(
                         _mismatch(seq, digest, line.checkpoint.hash), entity, key, instance, seq, line.describe()
                     )
-                    return report
+                    return
                 state.matched += 1
             if seq == 1 or seq - 1 in marks.get(instance, {}):
                 state.written_at[seq] = datetime.fromisoformat(at[:-1] + "+00:00")
             state.expected, state.previous, state.previous_id = seq + 1, digest, entry_id
             report.chains[instance] += 1
             state.count += 1
+            pending.append((entry_id, entity, key, instance, seq, link, digest))
+            if len(pending) >= CHUNK:
+                flush()
             if state.count % CHUNK == 0:
                 progress(sum(report.chains.values()))
+    if pending:
+        flush()
     for instance, state in states.items():
         report.heads[instance] = state.previous
     if anchors is None:
-        return report
+        return
     for instance in sorted(marks):
         state = states.get(instance)
         if state is None:
@@ -748,7 +960,7 @@ def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress
                 instance_id=instance,
                 anchor=_first(marks[instance]).describe(),
             )
-            return report
+            return
         last = state.expected - 1
         beyond = {seq: found for seq, found in marks[instance].items() if seq > last}
         if beyond:
@@ -758,10 +970,9 @@ def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress
                 seq=last,
                 anchor=_first(beyond).describe(),
             )
-            return report
+            return
         report.anchors[instance] = state.matched
         report.gaps += [
             f"instance {instance!r}: {gap}"
             for gap in unanchored_gaps(marks[instance], state.written_at, last, anchors.interval, utc_now())
         ]
-    return report

@@ -177,6 +177,8 @@ audit_log = Table(
     Column("recorded_at", UTCDateTime(), nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    # The hash of the previous entry of the same record (entity, natural_key); NULL in entries from before 0005.
+    Column("key_prev_hash", String(64), nullable=True),
     # One entry per (chain, position): a second writer that read a stale head fails instead of forking the chain.
     Index("idx_audit_log_chain", "instance_id", "seq", unique=True),
     Index("idx_audit_log_entity_key", "entity", "natural_key", "id"),

@@ -6,7 +6,9 @@ newer ``updated_at`` wins; a signal that is ``executed`` is never reset by a rep
 the rows to store and the versions that were really written, one by one: the audit trail's entries. A version
 identical to what is stored writes nothing and adds no entry.
 
-The rule is applied here, in Python, against the stored rows read inside the write transaction and held by it:
+The rule is applied here, in Python, against the stored rows read inside the write transaction and held by it,
+together with the hash of each stored record's latest audit entry (each version's ``key_prev_hash``: the audit
+trail links a record's versions in the order they were committed, :mod:`persistence.audit.chain`):
 
 1. read the batch's keys that exist (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite's write lock holds the whole
    database);
@@ -36,11 +38,11 @@ from functools import partial
 from operator import itemgetter
 from typing import Any, Generic
 
-from sqlalchemy import String, Table, any_, bindparam, func, select, text
+from sqlalchemy import String, Table, any_, bindparam, func, literal_column, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from persistence.audit.chain import Version, VersionEncoder
+from persistence.audit.chain import GENESIS, Version, VersionEncoder
 from persistence.audit.trail import column_kinds
 from persistence.db.driver import DriverSession
 from persistence.db.engine import Database
@@ -164,13 +166,28 @@ class VersionedTable(Generic[RecordT]):
         self._reader = RowReader(columns, record_type, sqlite=database.is_sqlite)
         # The keys go as one parameter (an array; a JSON list on SQLite), so the statement is compiled once.
         stored = select(*self._reader.columns, table.c.instance_id)
+        if not self._entity.isidentifier():
+            raise AssertionError(f"entity {self._entity!r} is not a plain name")  # it goes into SQL text below
+        self._latest_entries: Any = None
         if database.dialect_name == "postgresql":
             keys = bindparam("keys", type_=postgresql.ARRAY(String()))
             # Locked in key order, so two writers of overlapping batches queue instead of deadlocking.
             stored = stored.where(table.c[key] == any_(keys)).order_by(table.c[key]).with_for_update()
+            # Read after the rows are locked, by a statement of its own: the locking read's snapshot predates a
+            # commit it waited for, whose entries it would not see (a stale link); this one's does not.
+            self._latest_entries = text(
+                "SELECT DISTINCT ON (natural_key) natural_key, hash FROM audit_log "  # noqa: S608
+                f"WHERE entity = '{self._entity}' AND natural_key = ANY(:keys) ORDER BY natural_key, id DESC"
+            ).bindparams(keys)
         else:
             listed = func.json_each(bindparam("keys", type_=String())).table_valued("value")
             stored = stored.where(table.c[key].in_(select(listed.c.value).scalar_subquery()))
+            # The hash of each record's latest entry, in the same read (SQLite's write lock holds everything still).
+            latest: Any = literal_column(
+                "(SELECT hash FROM audit_log WHERE id = (SELECT max(id) FROM audit_log AS newest "  # noqa: S608
+                f"WHERE newest.entity = '{self._entity}' AND newest.natural_key = {table.name}.{key}))"
+            )
+            stored = stored.add_columns(latest)
         self._stored = stored
         self._stored_sql = ""
         if database.is_sqlite:
@@ -204,31 +221,39 @@ class VersionedTable(Generic[RecordT]):
         instance = self.instance_id
         return [{**record.__dict__, "instance_id": instance} for record in records]
 
-    async def stored(self, connection: AsyncConnection, keys: Sequence[str]) -> dict[str, Row]:
-        """The stored rows of ``keys`` that exist, read (and on PostgreSQL locked) inside the transaction."""
+    async def stored(self, connection: AsyncConnection, keys: Sequence[str], links: dict[str, str]) -> dict[str, Row]:
+        """The stored rows of ``keys`` that exist, read (and on PostgreSQL locked) inside the transaction; ``links``
+        gets the hash of each one's latest audit entry."""
         if self._db.is_sqlite:
-            return await self._db.on_driver(connection, partial(self.stored_on, keys=keys))
+            return await self._db.on_driver(connection, partial(self.stored_on, keys=keys, links=links))
         found: dict[str, Row] = {}
         decode = self._reader.decode
         key = self._key
         for start in range(0, len(keys), _READ_CHUNK):
             chunk = list(keys[start : start + _READ_CHUNK])
+            locked = []
             for row in (await connection.execute(self._stored, {"keys": chunk})).all():
                 values = dict(decode(row[:-1]).__dict__)
                 values["instance_id"] = row[-1]
                 found[values[key]] = values
+                locked.append(values[key])
+            if locked:
+                for natural_key, digest in (await connection.execute(self._latest_entries, {"keys": locked})).all():
+                    links[natural_key] = digest
         return found
 
-    def stored_on(self, session: DriverSession, keys: Sequence[str]) -> dict[str, Row]:
+    def stored_on(self, session: DriverSession, keys: Sequence[str], links: dict[str, str]) -> dict[str, Row]:
         """:meth:`stored`, on SQLite's driver thread."""
         found: dict[str, Row] = {}
         decode = self._reader.decode
         key = self._key
         for start in range(0, len(keys), _READ_CHUNK):
             for row in session.execute(self._stored_sql, (json.dumps(keys[start : start + _READ_CHUNK]),)):
-                values = dict(decode(row[:-1]).__dict__)
-                values["instance_id"] = row[-1]
+                values = dict(decode(row[:-2]).__dict__)
+                values["instance_id"] = row[-2]
                 found[values[key]] = values
+                if row[-1] is not None:
+                    links[values[key]] = row[-1]
         return found
 
     async def write(
@@ -260,8 +285,9 @@ class VersionedTable(Generic[RecordT]):
         claiming = asyncio.ensure_future(self._claim.claim(connection, claims, key))
         payloads = await self._encode_meanwhile(claiming, list(first.values()))
         written_first = set(await claiming or ())
-        state = await self.stored(connection, [identity for identity in keys if identity not in written_first])
-        versions, missing, finals = self._apply(rows, changes, state, written_first, payloads)
+        links: dict[str, str] = {}
+        state = await self.stored(connection, [identity for identity in keys if identity not in written_first], links)
+        versions, missing, finals = self._apply(rows, changes, state, written_first, payloads, links)
         await self._overwrite.run(connection, finals)
         return versions, missing
 
@@ -284,6 +310,7 @@ class VersionedTable(Generic[RecordT]):
             first.setdefault(row[key], row)
         fresh = list(first.values())
         state: dict[str, Row] = {}
+        links: dict[str, str] = {}
         if fresh:
             session.execute("SAVEPOINT persistence_claim")
             if self._claim.run_on(session, fresh) == len(fresh):
@@ -291,14 +318,14 @@ class VersionedTable(Generic[RecordT]):
             else:
                 session.execute("ROLLBACK TO persistence_claim")
                 session.execute("RELEASE persistence_claim")
-                state = self.stored_on(session, list(first))
+                state = self.stored_on(session, list(first), links)
                 fresh = [row for identity, row in first.items() if identity not in state]
                 self._claim.run_on(session, fresh)
         written_first = {row[key] for row in fresh}
         others = [identity for identity in keys if identity not in first]
         if others:  # keys that only changes name
-            state.update(self.stored_on(session, others))
-        versions, missing, finals = self._apply(rows, changes, state, written_first, {})
+            state.update(self.stored_on(session, others, links))
+        versions, missing, finals = self._apply(rows, changes, state, written_first, {}, links)
         self._overwrite.run_on(session, finals)
         return versions, missing
 
@@ -309,8 +336,10 @@ class VersionedTable(Generic[RecordT]):
         state: dict[str, Row],
         written_first: set[str],
         payloads: Mapping[int, str],
+        links: Mapping[str, str],
     ) -> tuple[list[Version], list[int], list[Row]]:
-        """Apply every version in order to ``state`` (the stored rows; the claimed ones are ``written_first``).
+        """Apply every version in order to ``state`` (the stored rows; the claimed ones are ``written_first``);
+        ``links`` holds the hash of each stored record's latest audit entry (none: the record's first entry).
 
         Returns the versions written, the indexes of the changes whose key has no row, and the final rows to store
         over what the table holds now.
@@ -326,12 +355,12 @@ class VersionedTable(Generic[RecordT]):
             if kept is None:
                 if identity in written_first:
                     state[identity] = stored_now[identity] = row
-                    versions.append(Version(entity, identity, row, payloads.get(id(row))))
+                    versions.append(Version(entity, identity, row, payloads.get(id(row)), links.get(identity, GENESIS)))
                 continue
             new = winning_version(row, kept, replaces)
             if new is not None:
                 state[identity] = new
-                versions.append(Version(entity, identity, new))
+                versions.append(Version(entity, identity, new, None, links.get(identity, GENESIS)))
         missing: list[int] = []
         for index, (identity, change) in enumerate(changes):
             kept = state.get(identity)
@@ -342,6 +371,6 @@ class VersionedTable(Generic[RecordT]):
             new["instance_id"] = self.instance_id
             if new != kept:
                 state[identity] = new
-                versions.append(Version(entity, identity, new))
+                versions.append(Version(entity, identity, new, None, links.get(identity, GENESIS)))
         finals = [state[identity] for identity in sorted(state) if state[identity] is not stored_now.get(identity)]
         return versions, missing, finals
