@@ -200,16 +200,70 @@ async def test_two_versions_swapped_between_the_chains_with_each_chains_hashes_r
     assert f"seq {first['seq']} of instance 'desk-a'" in broken.problem
 
 
-async def test_a_link_removed_after_a_linked_entry_is_caught(
-    database: Database, repos: Repositories, second: Repositories, database_url: str
+async def test_an_older_release_still_writing_after_0005_is_reported_and_not_a_break(
+    database: Database, repos: Repositories, second: Repositories, database_url: str, tmp_path: Path
 ) -> None:
-    """An entry made to look as if written before links existed (its link NULL, its chain recomputed)."""
+    """A rolling upgrade: ``desk-b`` still runs a release before migration 0005 (its chain has never linked an entry)
+    and closes a trade that ``desk-a``, already upgraded, opened with a link. Its entry is hashed without a link, as
+    that release writes it: reported, on the database and offline, not a break."""
     await two_instances_two_versions(repos, second)
+    chain = await chain_of(database, "desk-b")
+    await tamper(database_url, *rechained(chain, {row["seq"]: {"key_prev_hash": None} for row in chain}))
+    report = await verify(database)
+    assert report.ok, report.lines()
+    assert report.unlinked == {"desk-b": 1}
+    assert any(line.startswith("NOTE: instance desk-b: 1 entries without a record link") for line in report.lines())
+    exported = tmp_path / "rolling.jsonl"
+    await export(database, "audit", exported, "jsonl")
+    offline = verify_export(exported)
+    assert offline.ok, offline.lines()
+    assert offline.unlinked == {"desk-b": 1}
+
+
+async def test_a_link_removed_from_a_chain_that_links_is_caught(
+    database: Database, repos: Repositories, second: Repositories, database_url: str, tmp_path: Path
+) -> None:
+    """An entry made to look as if written before links existed (its link NULL, its chain recomputed), in a chain
+    that already linked an entry before it: this release wrote it, so the link was removed."""
+    opened = make_trade(trade_id="T-SWAP")
+    await repos.trades.save_trade(opened)
+    await second.trades.save_trade(make_trade(trade_id="T-DESK-B"))
+    await second.trades.save_trade(closed_version(opened, 60, "-250"))
     _, closed = await entries_of(database, "T-SWAP")
-    await tamper(database_url, *rechained(await chain_of(database, "desk-b"), {closed["seq"]: {"key_prev_hash": None}}))
+    assert closed["instance_id"] == "desk-b" and closed["seq"] == 2
+    await tamper(database_url, *rechained(await chain_of(database, "desk-b"), {2: {"key_prev_hash": None}}))
     broken = (await verify(database)).broken
-    assert broken is not None and (broken.natural_key, broken.seq) == ("T-SWAP", closed["seq"])
+    assert broken is not None and (broken.natural_key, broken.seq) == ("T-SWAP", 2)
     assert "has no key_prev_hash" in broken.problem
+    exported = tmp_path / "removed.jsonl"
+    await export(database, "audit", exported, "jsonl")
+    offline = verify_export(exported).broken
+    assert offline is not None and (offline.natural_key, offline.seq) == ("T-SWAP", 2)
+
+
+async def test_an_export_filtered_by_instance_verifies_offline_and_says_which_links_it_cannot_check(
+    database: Database, repos: Repositories, second: Repositories, tmp_path: Path
+) -> None:
+    """Versions of one trade alternate between the two instances; ``desk-b``'s entries alone link to ``desk-a``'s,
+    which the filtered file does not hold: those links are reported as not checkable, and a swap inside the file is
+    still caught."""
+    opened = make_trade(trade_id="T-ALT")
+    versions = [closed_version(opened, minutes, str(-minutes)) for minutes in (10, 20, 30, 40)]
+    await repos.trades.save_trade(opened)
+    for index, version in enumerate(versions):
+        await (second if index % 2 == 0 else repos).trades.save_trade(version)
+    only_b = tmp_path / "desk-b.jsonl"
+    await export(database, "audit", only_b, "jsonl", instance_id="desk-b")
+    lines = [json.loads(line) for line in only_b.read_text().splitlines()]
+    assert {line["instance_id"] for line in lines} == {"desk-b"} and len(lines) == 2
+    report = verify_export(only_b)
+    assert report.ok, report.lines()
+    assert report.outside == 2
+    assert any("2 entries link to entries this export does not hold" in line for line in report.lines())
+    everything = tmp_path / "all.jsonl"
+    await export(database, "audit", everything, "jsonl")
+    whole = verify_export(everything)
+    assert whole.ok and whole.outside == 0, whole.lines()
 
 
 async def test_one_instances_verify_checks_the_links_of_its_records(
