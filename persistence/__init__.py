@@ -9,11 +9,9 @@ listener to see every batch committed, breaker change, dead letter, …), and :c
 one too.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from persistence.config import Settings
-from persistence.db.engine import Database, create_database
 from persistence.errors import (
     AnalysisExtraMissingError,
     ApiPortUnavailableError,
@@ -44,65 +42,126 @@ from persistence.errors import (
     SchemaNewerError,
     SidecarClosedError,
 )
-from persistence.migrations import upgrade
-from persistence.observe.correlation import correlation_scope
-from persistence.observe.event_log import configure_logging
-from persistence.observe.events import (
-    AuditAnchored,
-    BatchCommitted,
-    BreakerChanged,
-    DatabaseRecovered,
-    DatabaseUnavailable,
-    Event,
-    EventBus,
-    JournalCorrupt,
-    JournalFailed,
-    JournalReplayed,
-    JournalSpilled,
-    JournalSynced,
-    JournalUnwritable,
-    PersistenceToggled,
-    RecordDeadLettered,
-    RecordsDropped,
-    SchemaNewerThanRelease,
-    ShutdownComplete,
-    SidecarStarted,
-    WriteFailed,
-    WriteRetried,
-)
-from persistence.records.models import ParameterChange, PerformanceSnapshot, Signal, Trade
-from persistence.records.receipts import Receipt
-from persistence.sidecar import PersistenceSidecar
-from persistence.tables.queries import SignalQuery, TradeQuery
-from persistence.tables.repositories import (
-    DeadLetterRepository,
-    ParameterHistoryRepository,
-    PerformanceSnapshotRepository,
-    Repositories,
-    SignalRepository,
-    TradeRepository,
-)
-from persistence.write.breaker import BreakerState
-from persistence.write.runtime import HealthReport
 
 if TYPE_CHECKING:
+    __version__: str
     from persistence.app.api import create_router
-from persistence.write.committer import RetryPolicy
+    from persistence.config import Settings
+    from persistence.db.engine import Database, create_database
+    from persistence.migrations import upgrade
+    from persistence.observe.correlation import correlation_scope
+    from persistence.observe.event_log import configure_logging
+    from persistence.observe.events import (
+        AuditAnchored,
+        BatchCommitted,
+        BreakerChanged,
+        DatabaseRecovered,
+        DatabaseUnavailable,
+        Event,
+        EventBus,
+        JournalCorrupt,
+        JournalFailed,
+        JournalReplayed,
+        JournalSpilled,
+        JournalSynced,
+        JournalUnwritable,
+        PersistenceToggled,
+        RecordDeadLettered,
+        RecordsDropped,
+        SchemaNewerThanRelease,
+        ShutdownComplete,
+        SidecarStarted,
+        WriteFailed,
+        WriteRetried,
+    )
+    from persistence.records.models import ParameterChange, PerformanceSnapshot, Signal, Trade
+    from persistence.records.receipts import Receipt
+    from persistence.sidecar import PersistenceSidecar
+    from persistence.tables.queries import SignalQuery, TradeQuery
+    from persistence.tables.repositories import (
+        DeadLetterRepository,
+        ParameterHistoryRepository,
+        PerformanceSnapshotRepository,
+        Repositories,
+        SignalRepository,
+        TradeRepository,
+    )
+    from persistence.write.breaker import BreakerState
+    from persistence.write.committer import RetryPolicy
+    from persistence.write.runtime import HealthReport
+
+# Everything but the errors is imported on first use: ``import persistence`` stays cheap (the command line's every run
+# pays it, and a host that only needs a record model does not load SQLAlchemy, the writer or FastAPI), while
+# ``from persistence import PersistenceSidecar`` works as ever. The name maps to the module that defines it.
+_LAZY: dict[str, str] = {
+    "AuditAnchored": "persistence.observe.events",
+    "BatchCommitted": "persistence.observe.events",
+    "BreakerChanged": "persistence.observe.events",
+    "BreakerState": "persistence.write.breaker",
+    "Database": "persistence.db.engine",
+    "DatabaseRecovered": "persistence.observe.events",
+    "DatabaseUnavailable": "persistence.observe.events",
+    "DeadLetterRepository": "persistence.tables.repositories",
+    "Event": "persistence.observe.events",
+    "EventBus": "persistence.observe.events",
+    "HealthReport": "persistence.write.runtime",
+    "JournalCorrupt": "persistence.observe.events",
+    "JournalFailed": "persistence.observe.events",
+    "JournalReplayed": "persistence.observe.events",
+    "JournalSpilled": "persistence.observe.events",
+    "JournalSynced": "persistence.observe.events",
+    "JournalUnwritable": "persistence.observe.events",
+    "ParameterChange": "persistence.records.models",
+    "ParameterHistoryRepository": "persistence.tables.repositories",
+    "PerformanceSnapshot": "persistence.records.models",
+    "PerformanceSnapshotRepository": "persistence.tables.repositories",
+    "PersistenceSidecar": "persistence.sidecar",
+    "PersistenceToggled": "persistence.observe.events",
+    "Receipt": "persistence.records.receipts",
+    "RecordDeadLettered": "persistence.observe.events",
+    "RecordsDropped": "persistence.observe.events",
+    "Repositories": "persistence.tables.repositories",
+    "RetryPolicy": "persistence.write.committer",
+    "SchemaNewerThanRelease": "persistence.observe.events",
+    "Settings": "persistence.config",
+    "ShutdownComplete": "persistence.observe.events",
+    "SidecarStarted": "persistence.observe.events",
+    "Signal": "persistence.records.models",
+    "SignalQuery": "persistence.tables.queries",
+    "SignalRepository": "persistence.tables.repositories",
+    "Trade": "persistence.records.models",
+    "TradeQuery": "persistence.tables.queries",
+    "TradeRepository": "persistence.tables.repositories",
+    "WriteFailed": "persistence.observe.events",
+    "WriteRetried": "persistence.observe.events",
+    "configure_logging": "persistence.observe.event_log",
+    "correlation_scope": "persistence.observe.correlation",
+    "create_database": "persistence.db.engine",
+    "create_router": "persistence.app.api",
+    "upgrade": "persistence.migrations",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """``create_router`` is imported on first use: FastAPI is loaded only by hosts that serve the API."""
-    if name == "create_router":
-        from persistence.app.api import create_router
+    """Each public name outside :mod:`persistence.errors` (and ``__version__``), imported on first use."""
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
 
-        return create_router
-    raise AttributeError(f"module 'persistence' has no attribute {name!r}")
+        try:
+            value: Any = version("persistence-sidecar")
+        except PackageNotFoundError:  # a source tree that was never installed
+            value = "0+unknown"
+    elif name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+    else:
+        raise AttributeError(f"module 'persistence' has no attribute {name!r}")
+    globals()[name] = value  # looked up once; later accesses are plain attribute reads
+    return value
 
 
-try:
-    __version__ = version("persistence-sidecar")
-except PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "AnalysisExtraMissingError",

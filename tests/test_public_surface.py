@@ -9,6 +9,8 @@ import importlib
 import importlib.util
 import inspect
 import pkgutil
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +33,26 @@ def test_version_is_the_installed_distributions() -> None:
 def test_everything_in_all_is_importable() -> None:
     for name in persistence.__all__:
         assert hasattr(persistence, name), name
+
+
+def _modules_loaded_by(code: str, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` a fresh interpreter has imported after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(' '.join(n for n in {names!r} if n in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    return result.stdout.split()
+
+
+def test_importing_the_package_loads_no_heavy_dependency_until_a_name_is_used() -> None:
+    """Every ``python -m persistence`` run and every host pays for ``import persistence``: it stays cheap."""
+    heavy = ("sqlalchemy", "alembic", "pydantic", "fastapi", "prometheus_client", "persistence.sidecar")
+    assert _modules_loaded_by("import persistence", heavy) == []
+    used = "from persistence import PersistenceSidecar, __version__"
+    assert {"sqlalchemy", "persistence.sidecar"} <= set(_modules_loaded_by(used, heavy))  # loaded on first use
+
+
+def test_the_command_line_loads_the_server_audit_keys_and_postgresql_driver_only_when_a_command_needs_them() -> None:
+    needed_later = ("uvicorn", "fastapi", "cryptography", "asyncpg")
+    assert _modules_loaded_by("import persistence.app.cli.main", needed_later) == []
 
 
 def test_what_the_sidecar_constructor_takes_is_exported() -> None:

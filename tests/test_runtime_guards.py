@@ -60,6 +60,26 @@ async def test_a_database_migrated_by_a_newer_release_is_never_written_and_nothi
         assert connection.execute("SELECT version_num FROM alembic_version").fetchone() == (NEWER,)
 
 
+async def test_a_start_with_a_short_query_timeout_waits_a_second_for_another_migrators_lock(
+    sqlite_url: str, sidecar_settings: Any
+) -> None:
+    """The lock wait has a floor (``DatabaseLink.min_lock_wait``, 1 s) above a 50 ms query timeout: a migrator in
+    another process holding the file for 0.4 s does not send the sidecar into an outage at start."""
+    database = create_database(make_settings(database_url=sqlite_url))
+    await upgrade(database)
+    await database.dispose()
+    holder = sqlite3.connect(sqlite_url.split("///", 1)[1], isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    asyncio.get_running_loop().call_later(0.4, holder.rollback)
+    sidecar = PersistenceSidecar(sidecar_settings(sqlite_url, query_timeout_ms=50))
+    try:
+        await sidecar.start()
+        assert sidecar.health().db.reachable is True
+    finally:
+        await sidecar.close()
+        holder.close()
+
+
 async def test_starting_on_an_older_database_holding_data_backs_it_up_before_migrating(
     sqlite_url: str, sidecar_settings: Any, tmp_path: Path
 ) -> None:

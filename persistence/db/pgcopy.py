@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
-from asyncpg import UniqueViolationError
 from sqlalchemy import Table
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -108,6 +107,8 @@ class CopyUpsert:
         A savepoint keeps the caller's transaction when a key is already there (a replay, another process's row);
         the caller then takes :meth:`write`. The transaction must have begun (a statement through SQLAlchemy).
         """
+        from asyncpg import UniqueViolationError  # here: SQLite-only processes never load the PostgreSQL driver
+
         rows = self.rows(values)
         driver = await self._driver(connection, rows)
         try:

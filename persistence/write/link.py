@@ -32,6 +32,11 @@ from persistence.write.faults import needs_schema
 class DatabaseLink:
     """Prepares one database for the writer and says whether it is prepared; see the module docstring."""
 
+    #: The shortest wait for another migrator's lock (and for a background checkpoint to end before the pool is
+    #: replaced), in seconds, however short ``DATABASE_QUERY_TIMEOUT`` is: a migration in another process may
+    #: hold the lock longer than one statement takes. Tests that start sidecars on a locked file set it shorter.
+    min_lock_wait: float = 1.0
+
     def __init__(
         self,
         settings: Settings,
@@ -71,7 +76,7 @@ class DatabaseLink:
             # Pooled connections still point at a deleted or replaced file; open fresh ones. A background checkpoint
             # holding one must end first, or its connection would go back to the discarded pool and stay open.
             if self.checkpointer is not None:
-                await self.checkpointer.close(max(self._settings.query_timeout, 1.0))
+                await self.checkpointer.close(self._lock_wait())
             await database.dispose()
             self._reset_pool = False
         if self._in_use is not None and not self._in_use.held:
@@ -80,7 +85,7 @@ class DatabaseLink:
         try:
             self.schema_revision = await upgrade(
                 database,
-                lock_wait_seconds=max(self._settings.query_timeout, 1.0),
+                lock_wait_seconds=self._lock_wait(),
                 backup_dir=backup_dir_for(self._settings),
             )
         except SchemaNewerError as error:
@@ -95,6 +100,9 @@ class DatabaseLink:
         self._remember_database_file()
         self._ready = True
         return self.history_loaded
+
+    def _lock_wait(self) -> float:
+        return max(self._settings.query_timeout, self.min_lock_wait)
 
     def committed(self, now: float, outcome: Outcome) -> None:
         """After each batch: a background checkpoint after a clean commit; a vanished schema means prepare again."""

@@ -24,22 +24,22 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alembic.script import ScriptDirectory
 from sqlalchemy.exc import SQLAlchemyError
 
 from persistence.app.cli.existing import require_existing
 from persistence.app.cli.progress import ProgressBar
-from persistence.audit.anchors import Anchors, generate_key, load_anchors, load_public_key
-from persistence.audit.trail import AuditLog
-from persistence.audit.verify import count_checks, verify, verify_export
 from persistence.config import Settings
 from persistence.db.engine import Database, create_database
 from persistence.errors import AuditKeyError
 from persistence.migrations import alembic_config, current_revision, head_revision
 from persistence.migrations.guard import is_known
 from persistence.records.models import ENTITIES
+
+if TYPE_CHECKING:  # the trail, its checker and the signing keys (cryptography) load only when a command runs
+    from persistence.audit.anchors import Anchors
 
 _BEFORE_THE_TRAIL = ("0001", "0002")
 
@@ -91,12 +91,16 @@ def _read_anchors(args: argparse.Namespace, settings: Settings) -> Anchors | Non
         if args.public_key is not None or args.since_last_anchor:
             raise AuditKeyError(Path("--anchors"), "needed by --public-key and --since-last-anchor")
         return None
+    from persistence.audit.anchors import load_anchors, load_public_key
+
     public_key = load_public_key(args.public_key) if args.public_key is not None else None
     return load_anchors(args.anchors, settings.audit_anchor_seconds, public_key)
 
 
 async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
     """``audit verify [--instance ID] [--anchors DIR [--public-key PATH.pub] [--since-last-anchor]]``."""
+    from persistence.audit.verify import count_checks, verify
+
     try:
         anchors = await asyncio.to_thread(_read_anchors, args, settings)
     except AuditKeyError as error:
@@ -129,6 +133,8 @@ async def _verify_export(args: argparse.Namespace, anchors: Anchors | None) -> i
     """``audit verify --from-export FILE``: the exported trail's chains and the checkpoints, no database."""
     if args.since_last_anchor or args.instance is not None:
         return _fail("--from-export checks the whole file: drop --since-last-anchor and --instance", 2)
+    from persistence.audit.verify import verify_export
+
     try:
         report = await asyncio.to_thread(verify_export, args.from_export, anchors)
     except OSError as error:
@@ -140,6 +146,8 @@ async def _verify_export(args: argparse.Namespace, anchors: Anchors | None) -> i
 
 async def keygen_command(args: argparse.Namespace, settings: Settings) -> int:
     """``audit keygen PATH``."""
+    from persistence.audit.anchors import generate_key
+
     try:
         public = await asyncio.to_thread(generate_key, args.path)
     except AuditKeyError as error:
@@ -151,6 +159,7 @@ async def keygen_command(args: argparse.Namespace, settings: Settings) -> int:
 
 async def versions_command(args: argparse.Namespace, settings: Settings) -> int:
     """``audit versions ENTITY KEY``."""
+    from persistence.audit.trail import AuditLog
 
     async def listing(database: Database) -> int:
         entries = await AuditLog(database).versions(args.entity, args.key)

@@ -27,7 +27,6 @@ from typing import Any
 from persistence.app.cli.audit import add_audit_commands
 from persistence.app.cli.existing import require_existing
 from persistence.app.cli.portability import add_commands, add_migrate_options, iso8601_argument
-from persistence.app.server import url_host
 from persistence.config import Settings
 from persistence.db.backups import online_backup, write_failure_cause
 from persistence.db.engine import create_database, sqlite_path
@@ -71,6 +70,8 @@ def journal_depth(directory: Path) -> int | None:
 
 def server_health(settings: Settings, timeout: float = 1.0) -> dict[str, Any] | None:
     """The health a running server reports at ``api_host:api_port``, or ``None`` when none answers."""
+    from persistence.app.server import url_host  # not at the top: it loads uvicorn
+
     url = f"http://{url_host(settings.api_host)}:{settings.api_port}/api/v1/health"
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     if settings.api_token is not None:
@@ -87,6 +88,8 @@ def server_health(settings: Settings, timeout: float = 1.0) -> dict[str, Any] | 
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from persistence.app.server import url_host
+
     await require_existing(settings)
     report: dict[str, Any] = {"database": settings.safe_database_url, "head_revision": head_revision()}
     path = sqlite_path(settings.url) if settings.is_sqlite else None
