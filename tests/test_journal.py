@@ -151,6 +151,28 @@ def test_entries_name_their_segment_and_the_offset_after_their_line(tmp_path: Pa
     ]
 
 
+def test_peek_payloads_are_the_checked_lines_undecoded_and_hold_nothing_the_collector_tracks(tmp_path: Path) -> None:
+    directory = tmp_path / "j"
+    journal = Journal(directory, segment_max_bytes=200)
+    journal.append([rec(0), rec(1)])
+    with open(directory / "segment-00000001.jsonl", "ab") as file:
+        file.write(line_bytes('{"seq": 99}', checksum=0))  # a corrupt line: skipped and counted, as by peek
+        file.write(line_bytes("[1, 2]"))  # a checksummed line that is not an object: skipped too
+    journal = Journal(directory, segment_max_bytes=200)
+    journal.append([rec(i) for i in range(2, 8)])
+    payloads = journal.peek_payloads(5)
+    entries = journal.peek(5)
+    assert [json.loads(text) for text, _, _ in payloads] == [entry.record for entry in entries]
+    assert [(segment, end) for _, segment, end in payloads] == [(e.segment, e.end_offset) for e in entries]
+    assert journal.corrupt_lines == 2
+    # Bytes and integers only: a batch waiting for its commit adds nothing to the collector's generations.
+    assert all(type(text) is bytes and type(segment) is int and type(end) is int for text, segment, end in payloads)
+    journal.peek_payloads(3)
+    journal.acknowledge_through(payloads[2][1:])
+    assert journal.pending == 5
+    assert [json.loads(text) for text, _, _ in journal.peek_payloads(10)] == [rec(i) for i in range(3, 8)]
+
+
 def test_peek_is_non_consuming(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j", segment_max_bytes=200)
     journal.append([rec(i) for i in range(20)])

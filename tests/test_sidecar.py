@@ -334,3 +334,32 @@ async def test_restart_loads_the_last_history_max_trades_in_order_with_exact_dec
     assert history == expected
     assert str(history[-1].pnl) == "98765.12345678"
     assert str(history[0].pnl) == "-70.00000001"
+
+
+async def test_the_runtime_is_built_off_the_loop_and_a_start_cancelled_meanwhile_leaves_nothing_behind(
+    sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building the repositories compiles statements and generates codecs: 15-30 ms the host's loop must not wait."""
+    import persistence.sidecar as sidecar_module
+
+    gate, threads = threading.Event(), []
+
+    class GatedRuntime(sidecar_module.Runtime):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            threads.append(threading.current_thread())
+            assert gate.wait(timeout=30)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sidecar_module, "Runtime", GatedRuntime)
+    sidecar = build(sidecar_settings(sqlite_url), sidecars)
+    listeners = len(sidecar.events._listeners)
+    starting = asyncio.ensure_future(sidecar.start())
+    await eventually(lambda: bool(threads))  # the loop runs on while the construction waits at the gate
+    assert threads[0] is not threading.main_thread()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    gate.set()
+    # Built all the same on its thread; it never ran, and its anchorer leaves the bus.
+    await eventually(lambda: len(sidecar.events._listeners) == listeners)
+    await sidecar.close()

@@ -69,6 +69,7 @@ class _Line(NamedTuple):
     end: int
     record: dict[str, Any] | None  # None: the line is corrupt (or torn)
     torn: bool  # no trailing newline at the end of the newest segment: not written yet
+    line: bytes = b""  # the whole line as read (checksum, JSON, newline)
 
 
 def _parse_line(line: bytes) -> dict[str, Any] | None:
@@ -98,7 +99,7 @@ def _iter_lines(file: io.BufferedReader, start: int, newest: bool) -> Iterator[_
             # write that never completed; anywhere else it can never complete and is corrupt.
             yield _Line(position, end, None, newest)
             return
-        yield _Line(position, end, _parse_line(line[:-1]), False)
+        yield _Line(position, end, _parse_line(line[:-1]), False, line)
         position = end
 
 
@@ -290,6 +291,28 @@ class Journal:
         self._peeked = (
             self._checkpoint,
             {(entry.segment, entry.end_offset): index for index, entry in enumerate(entries, start=1)},
+        )
+        return entries
+
+    def peek_payloads(self, max_records: int) -> list[tuple[bytes, int, int]]:
+        """:meth:`peek`, each entry as ``(payload, segment, end_offset)``: the record's JSON text, not decoded.
+
+        The lines are checked as for :meth:`peek` (checksum, a JSON object), but what is returned holds no object
+        the garbage collector tracks: a reader that decodes the records a few at a time, just before it uses them,
+        never keeps a whole batch of decoded records alive (they would be promoted to the collector's oldest
+        generation and make its full passes come sooner).
+        """
+        self._check_open()
+        entries: list[tuple[bytes, int, int]] = []
+        if max_records > 0:
+            for line, segment in self._lines_from_checkpoint():
+                if line.record is not None:
+                    entries.append((line.line[9:-1], segment, line.end))
+                    if len(entries) >= max_records:
+                        break
+        self._peeked = (
+            self._checkpoint,
+            {(segment, end): index for index, (_, segment, end) in enumerate(entries, start=1)},
         )
         return entries
 
