@@ -27,6 +27,9 @@ from persistence.config import Settings
 from persistence.db.engine import create_database
 from persistence.migrations import upgrade
 from persistence.observe.events import EventBus, RecordDeadLettered, RecordsDropped
+from persistence.records.history import TradeHistory
+from persistence.testing import FakeClock
+from persistence.write.backlog import Backlog, ReceiptBook
 from persistence.write.committer import DEAD_LETTER_FILE, RetryPolicy
 from persistence.write.journal import Journal
 from tests.support import DatabaseLock, Recorder, add_poison_trigger_postgres, add_poison_trigger_sqlite, eventually
@@ -394,3 +397,22 @@ async def test_a_host_that_records_faster_than_the_journal_writes_loses_nothing(
     await second.start()
     await second.flush(120)
     assert len(set(await stored_trade_ids(second))) == total
+
+
+async def test_the_keepers_nap_counts_from_when_it_was_decided_not_from_when_its_task_first_runs(
+    tmp_path: Path,
+) -> None:
+    """Time that passes between the keeper deciding to nap and its sleeping task first running is part of the nap.
+
+    Otherwise a clock moved in between (a test's injected clock, or real time on a busy loop) is added to the nap: the
+    keeper journals due records that much later, and with an injected clock not at all until it is moved again.
+    """
+    settings = make_settings(journal_dir=tmp_path / "journal")
+    clock = FakeClock()
+    backlog = Backlog(
+        settings, bus=EventBus(), history=TradeHistory(10), clock=clock, sleep=clock.sleep, book=ReceiptBook()
+    )
+    nap = asyncio.ensure_future(backlog._nap(5.0))
+    await asyncio.sleep(0)  # the nap decides its deadline and starts its sleeper, which has not run yet
+    clock.advance(5.0)
+    await asyncio.wait_for(nap, 2.0)

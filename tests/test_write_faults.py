@@ -459,3 +459,44 @@ async def test_the_writer_survives_an_error_nobody_foresaw_and_backs_off_through
     clock.advance(30)
     assert await asyncio.wait_for(receipt, 10) == "persisted"
     assert writer.running
+
+
+# ------------------------------------------------------------------------------ a journal that cannot be read
+
+
+async def test_a_journal_that_cannot_be_read_is_a_journal_fault_not_a_database_one_and_loses_nothing(
+    sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any], tmp_path: Path
+) -> None:
+    """A journal segment that cannot be read (here a directory where the file was: a real error from the operating
+    system) is published as ``JournalFailed("read")``: the breaker and the database's reachability are untouched, the
+    records stay on disk in order, and once the file is back they are all written."""
+    settings = sidecar_settings(sqlite_url, shutdown_timeout=0.5)
+    first = build(settings, sidecars)
+    await first.start()
+    async with DatabaseLock(sqlite_url):
+        recorded = [first.record_trade(make_trade()) for _ in range(20)]
+        await first.close()
+    assert {receipt.status for receipt in recorded} == {"journaled"}
+    [segment] = sorted((tmp_path / "journal").glob("segment-*.jsonl"))
+    clock = FakeClock()
+    second = build(settings, sidecars, clock=clock)
+    events = Recorder(second.events)
+    async with DatabaseLock(sqlite_url):
+        await asyncio.wait_for(second.start(), 10)  # the journal is open; the database cannot be prepared yet
+        moved = segment.with_name("moved-away")
+        segment.rename(moved)
+        segment.mkdir()  # reading the segment now fails with IsADirectoryError
+    await eventually(lambda: bool(events.of(JournalFailed)))
+    [failed] = events.of(JournalFailed)
+    assert (failed.operation, failed.records) == ("read", 20)
+    assert "cannot read journal segment" in failed.error
+    health = second.health()
+    assert health.breaker == "closed" and health.db.reachable is True and health.journal == 20
+    failures = [event for event in events.of(WriteFailed) if event.error_class != "OperationalError"]
+    assert failures == []  # the lock's failed preparations are the database's; the journal's fault is not
+    segment.rmdir()
+    moved.rename(segment)
+    clock.advance(1.0)  # the writer reads the journal again after a pause on its clock
+    await eventually(lambda: second.health().journal == 0)
+    assert sorted(await stored_trade_ids(second)) == sorted(receipt.key for receipt in recorded)
+    assert second.health().breaker == "closed"

@@ -166,7 +166,8 @@ class JournalReplayed(Event):
 
 @dataclass(frozen=True, slots=True)
 class JournalFailed(Event):
-    """The journal refused an operation: ``open``, ``append``, ``sync``, ``checkpoint`` (acknowledging committed
+    """The journal refused an operation: ``open``, ``append``, ``sync``, ``read`` (the writer taking records from
+    disk; the attempt is not counted against the breaker), ``checkpoint`` (acknowledging committed
     records), or its keeper met a fault (``keeper``). Nothing is lost by this alone: the ``records`` it concerns stay
     where they were (in RAM, or in the journal), and what is ever lost is published as :class:`RecordsDropped`."""
 

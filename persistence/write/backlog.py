@@ -500,8 +500,17 @@ class Backlog:
             await self._nap(min(due, self._poll))
 
     async def _nap(self, seconds: float) -> None:
-        """Wait ``seconds`` on the injected clock, or until the hot path wakes the keeper, whichever comes first."""
-        sleeper = asyncio.ensure_future(self._sleep(seconds))
+        """Wait ``seconds`` on the injected clock, or until the hot path wakes the keeper, whichever comes first.
+
+        The seconds count from now, when the keeper decided them, not from when the sleeping task first runs: time
+        that passes in between (a test moving its clock, a busy loop) is not added to the nap.
+        """
+        deadline = self._clock() + seconds
+
+        async def until_deadline() -> None:
+            await self._sleep(max(deadline - self._clock(), 0.0))
+
+        sleeper = asyncio.ensure_future(until_deadline())
         waker = asyncio.ensure_future(self._keeper_wake.wait())
         try:
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)

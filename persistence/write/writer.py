@@ -25,12 +25,14 @@ import contextvars
 from collections.abc import Sequence
 from typing import Protocol
 
+from persistence.errors import JournalError
 from persistence.observe.events import (
     BatchCommitted,
     BreakerChanged,
     DatabaseRecovered,
     DatabaseUnavailable,
     EventBus,
+    JournalFailed,
     JournalReplayed,
     RecordDeadLettered,
     WriteFailed,
@@ -60,6 +62,10 @@ class Preparer(Protocol):
 
     def committed(self, now: float, outcome: Outcome) -> None:
         """Told after every batch (a background checkpoint, a lost schema)."""
+
+
+JOURNAL_RETRY_SECONDS = 1.0
+"""How long the writer waits, on the injected clock, before reading a journal that could not be read again."""
 
 
 class Writer:
@@ -156,7 +162,8 @@ class Writer:
             if not admission.allowed:
                 return
             failures_before = self._breaker.consecutive_failures
-            await self._write_next_batch(admission)
+            if not await self._write_next_batch(admission):
+                return  # the journal cannot be read now; the loop tries again later
             if self._breaker.consecutive_failures > failures_before:
                 return  # the database failed; the loop carries on when it can
 
@@ -182,7 +189,10 @@ class Writer:
                 continue
             try:
                 if self._database.ready:
-                    await self._write_next_batch(admission)
+                    if not await self._write_next_batch(admission):
+                        if self._stopping:
+                            return  # what is on disk stays there, for the next start
+                        await self._pause(JOURNAL_RETRY_SECONDS)
                 else:
                     await self._prepare(admission)
             except asyncio.CancelledError:
@@ -227,11 +237,30 @@ class Writer:
             self._bus.publish(DatabaseRecovered(history_loaded=history_loaded))
         self._conclude(admission, Verdict.SUCCESS, self._clock())
 
-    async def _write_next_batch(self, admission: Admission) -> None:
-        batch = await self._backlog.take(self._batch_size)
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` on the injected clock, whatever is recorded meanwhile, unless the writer is stopped."""
+        deadline = self._clock() + seconds
+        while not self._stopping and self._clock() < deadline:
+            self._backlog.work.clear()
+            await self._idle(deadline - self._clock())
+
+    async def _write_next_batch(self, admission: Admission) -> bool:
+        """Take the next batch, commit it, settle and publish it; ``False`` when the journal could not be read.
+
+        A journal that cannot be read is the disk's fault, not the database's: published as :class:`JournalFailed`
+        (``read``), the attempt is not counted against the breaker nor the database's reachability, and the records
+        stay on disk, in their order, for the next attempt.
+        """
+        try:
+            batch = await self._backlog.take(self._batch_size)
+        except (OSError, JournalError) as error:
+            self._breaker.record_cancelled(admission)
+            waiting = self._backlog.on_disk_only
+            self._bus.publish(JournalFailed("read", type(error).__name__, short_error(error), waiting))
+            return False
         if not batch.slots:
             self._breaker.record_cancelled(admission)
-            return
+            return True
         started = self._clock()
         outcome = await self._committer.commit(batch.records)
         now = self._clock()
@@ -243,6 +272,7 @@ class Writer:
         # happens to this task now. A stop that cancels it here leaves committed records in the backlog; they are
         # journaled at close and replayed later, which is idempotent.
         await self._backlog.settle(batch, handled_prefix(batch, outcome))
+        return True
 
     def _conclude(self, admission: Admission | None, verdict: Verdict, now: float) -> None:
         """The one place an attempt's verdict lands: whether the database is reachable, and the breaker (``None``:
