@@ -539,3 +539,28 @@ async def test_the_way_back_after_a_move_copies_into_the_database_the_source_was
     await _source(tmp_path / "c.db", 5)
     with pytest.raises(CopyRefusedError, match=r"already holds data, copied from sqlite:\S+b\.db: trades \(31 rows\)"):
         await _copy(_sqlite(tmp_path / "c.db"), old)
+
+
+async def test_the_way_back_is_refused_before_writing_when_both_sides_were_written_since_the_move(
+    tmp_path: Path,
+) -> None:
+    """Moved from a.db to b.db, but a bot kept writing to a.db as well: each side now holds history the other lacks.
+    Copying b.db back into a.db would interleave two histories in a.db's trail for good, so it is refused naming the
+    chain, and nothing is written; the same holds the other way, for b.db as an earlier copy of a.db."""
+    old, new = _sqlite(tmp_path / "a.db"), _sqlite(tmp_path / "b.db")
+    await _source(tmp_path / "a.db", 30)
+    await _copy(old, new)
+    for url, prefix in ((new, "ON-B"), (old, "ON-A")):
+        database = _db(url)
+        try:
+            await Repositories(database).trades.save_trade(varied_trades(1, prefix=prefix)[0])
+        finally:
+            await database.dispose()
+    before = await _everything(old)
+    with pytest.raises(CopyRefusedError, match=r"the target was written to since it was copied: its audit chain of "):
+        await _copy(new, old)
+    assert await _everything(old) == before
+    before = await _everything(new)
+    with pytest.raises(CopyRefusedError, match=r"the source holds another one|the source has no such entry"):
+        await _copy(old, new)
+    assert await _everything(new) == before

@@ -4,8 +4,9 @@ Before writing anything the copy makes sure it may: source and target are compar
 URLs are spelled (:func:`database_identity`: SQLite's resolved file, symlinks included; PostgreSQL's system identifier
 and database), so a copy onto itself is refused; the source must be at this release's head revision (a newer one
 advises a newer release); and the target must be empty, an earlier copy of this same source, or the database this
-source was itself copied from (the way back after a move). The target records the source in ``copy_sources`` before
-the first row is written. Anything else is refused naming what the target holds.
+source was itself copied from (the way back after a move), and then not written to on its own since: each of its
+audit chains must end at an entry the source holds with the same hash. The target records the source in
+``copy_sources`` before the first row is written. Anything else is refused naming what the target holds.
 
 Rows are matched by what identifies them in any database, never by surrogate ids, which are each database's own:
 trades by ``trade_id``, signals by ``signal_id``, snapshots and parameter changes by their UUID ``id``, audit entries by
@@ -177,13 +178,50 @@ async def _check_target(source: Database, target: Database, source_identity: str
         return
     async with target.read() as connection:
         counts, sources = await connection.run_sync(_holdings)
-    if not counts or source_identity in sources or target_identity in await _copied_from(source):
+    if not counts:
+        return
+    if source_identity in sources or target_identity in await _copied_from(source):
+        if audit_log.name in counts:
+            await _check_not_diverged(source, target)
         return
     found = ", ".join(f"{name} ({rows:,} row{'' if rows == 1 else 's'})" for name, rows in counts.items())
     origin = f"copied from {', '.join(sources)}" if sources else "not a copy of this source"
     raise CopyRefusedError(
         f"the target already holds data, {origin}: {found}; nothing was written (copy into an empty database)"
     )
+
+
+async def _chain_heads(database: Database) -> dict[str, tuple[int, str]]:
+    """Each instance's chain head in ``database``: ``{instance_id: (seq, hash)}``."""
+    newest = select(audit_log.c.instance_id, func.max(audit_log.c.seq).label("seq")).group_by(audit_log.c.instance_id)
+    heads = newest.subquery()
+    statement = select(audit_log.c.instance_id, audit_log.c.seq, audit_log.c.hash).join(
+        heads, (audit_log.c.instance_id == heads.c.instance_id) & (audit_log.c.seq == heads.c.seq)
+    )
+    async with database.read() as connection:
+        return {instance: (int(seq), str(digest)) for instance, seq, digest in await connection.execute(statement)}
+
+
+async def _check_not_diverged(source: Database, target: Database) -> None:
+    """Refuse a target (an earlier copy of the source, or its origin) that was written to on its own since: each of its
+    chains must end at an entry the source holds with the same hash. Otherwise both sides wrote after the last copy,
+    and copying would interleave two histories in the target's trail for good; reads only."""
+    target_heads = await _chain_heads(target)
+    if not target_heads:
+        return
+    statement = select(audit_log.c.hash).where(
+        audit_log.c.instance_id == bindparam("instance"), audit_log.c.seq == bindparam("seq")
+    )
+    async with source.read() as connection:
+        for instance, (seq, digest) in sorted(target_heads.items()):
+            found = (await connection.execute(statement, {"instance": instance, "seq": seq})).scalar()
+            if found != digest:
+                what = "has no such entry" if found is None else f"holds another one ({str(found)[:16]}…)"
+                raise CopyRefusedError(
+                    f"the target was written to since it was copied: its audit chain of instance {instance!r} ends "
+                    f"at seq {seq} ({digest[:16]}…), and the source {what}; both sides hold their own history, and "
+                    "copying would interleave them in the target's trail; nothing was written"
+                )
 
 
 async def copy_database(
