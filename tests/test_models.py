@@ -607,3 +607,15 @@ def test_an_invariant_is_one_expression_for_the_model_and_the_fast_parser() -> N
     assert rule.names == {"exit_time", "entry_time"}
     assert rule.holds({"exit_time": None, "entry_time": BASE_TIME})
     assert not rule.holds({"exit_time": BASE_TIME, "entry_time": BASE_TIME + timedelta(seconds=1)})
+
+
+def test_a_refusal_of_a_huge_value_quotes_its_start_not_all_of_it() -> None:
+    """A reason goes into logs and HTTP answers: a 100,000-digit decimal is refused naming the field, in a few
+    hundred characters."""
+    data = trade_data()
+    data["pnl"] = "1" * 100_000
+    with pytest.raises(InvalidRecordError) as refused:
+        Trade.parse(data)
+    assert refused.value.field == "pnl"
+    assert len(str(refused.value)) < 400
+    assert "1111" in refused.value.reason and "characters)" in refused.value.reason

@@ -315,6 +315,10 @@ class ParameterChange(Record):
     created_at: Stamp = Field(default_factory=utc_now)
 
 
+MAX_REASON = 300
+"""The longest reason an :class:`InvalidRecordError` carries per field: it goes into logs and HTTP answers."""
+
+
 def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for error in exc.errors(include_url=False):
@@ -323,6 +327,8 @@ def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         if error.get("type") == "extra_forbidden":
             message = "unknown field"
+        elif len(message) > MAX_REASON:  # a message quoting a huge input: the value's start is enough to find it
+            message = f"{message[: MAX_REASON - 40]}… ({len(message):,} characters)"
         problems.append((field, message))
     return problems
 
