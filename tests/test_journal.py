@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from persistence.app.cli.main import journal_depth
 from persistence.errors import JournalDirectoryInUseError, JournalError, JournalNotWritableError
 from persistence.write.journal import LOCK_FILE, Journal, JournalEntry, JournalOwnership
 from tests.support.databases import examples
@@ -298,6 +299,33 @@ def test_reopen_after_crash_without_close_returns_everything(tmp_path: Path) -> 
     assert read_all(reopened) == [rec(i) for i in range(2, 8)]
     reopened.append([rec(8)])
     assert read_all(reopened) == [rec(i) for i in range(2, 9)]
+
+
+def test_status_reads_a_journal_another_process_is_writing_without_cutting_its_line_in_progress(tmp_path: Path) -> None:
+    """The owner's write in progress looks like a torn last line to a reader. ``status`` (and the demo's summary)
+    open the journal read-only: they count, change nothing on disk, and cannot append or acknowledge."""
+    directory = tmp_path / "j"
+    owner = Journal(directory)
+    owner.append([rec(i) for i in range(3)])
+    owner.sync()
+    segment = directory / "segment-00000001.jsonl"
+    whole = line_bytes(json.dumps(rec(3)))
+    with segment.open("ab") as file:
+        file.write(whole[:20])  # the owner is halfway through writing its fourth record
+    size = segment.stat().st_size
+    assert journal_depth(directory) == 3
+    reader = Journal(directory, read_only=True)
+    assert reader.pending == 3 and segment.stat().st_size == size
+    with pytest.raises(JournalError, match="read-only"):
+        reader.append([rec(9)])
+    with pytest.raises(JournalError, match="read-only"):
+        reader.acknowledge(reader.peek(1)[0])
+    reader.close()
+    assert segment.stat().st_size == size  # the reader left the owner's line alone
+    with segment.open("ab") as file:
+        file.write(whole[20:])  # the owner finishes its write
+    owner.close()
+    assert read_all(Journal(directory)) == [rec(i) for i in range(4)]
 
 
 @pytest.mark.parametrize("how", ["cut-last-line", "partial-extra-line"])

@@ -142,7 +142,9 @@ class Journal:
     injectable for tests. ``pause`` is called every :data:`YIELD_EVERY` lines of a scan or a peek (by default
     ``time.sleep(0)``, which hands the GIL to the other threads: the host's event loop runs beside the journal's
     thread). Opening does not create anything on disk; if the directory exists it is scanned to count the pending
-    records and the corrupt lines.
+    records and the corrupt lines, and a torn last line (a crashed write) is cut off. ``read_only`` opens a journal
+    another process may own (``status``, the demo's summary): nothing on disk is changed, not even a torn line,
+    which may be the owner's write in progress, and appending or acknowledging raises :class:`JournalError`.
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class Journal:
         segment_max_bytes: int = 64 * 1024 * 1024,
         fsync: Callable[[int], None] = os.fsync,
         pause: Callable[[], None] = lambda: time.sleep(0),
+        read_only: bool = False,
     ) -> None:
         if segment_max_bytes <= 0:
             raise ConfigurationError([("segment_max_bytes", "must be positive")])
@@ -159,6 +162,7 @@ class Journal:
         self._segment_max_bytes = segment_max_bytes
         self._fsync = fsync
         self._pause = pause
+        self._read_only = read_only
         self._closed = False
         self._corrupt_total = 0
         self._corrupt_seen: set[Position] = set()
@@ -213,7 +217,7 @@ class Journal:
         removed (if that fails too, the next append starts a new segment so the partial line can never glue
         onto a record).
         """
-        self._check_open()
+        self._check_writable()
         lines = [_serialize(record) for record in records]
         blob = b"".join(lines)
         if not blob:
@@ -330,7 +334,7 @@ class Journal:
         restart those records are replayed once more. Acknowledging an entry that is already
         acknowledged does nothing; an entry that is not a position of this journal raises :class:`JournalPositionError`.
         """
-        self._check_open()
+        self._check_writable()
         target: Position = (entry.segment, entry.end_offset)
         if target <= self._checkpoint:
             return
@@ -407,7 +411,7 @@ class Journal:
         except FileNotFoundError as exc:
             raise JournalError("journal segment vanished while opening", self._dir) from exc
         newest = self._segments[-1] if self._segments else -1
-        if torn_at is not None:
+        if torn_at is not None and not self._read_only:
             # Cut the torn write off now, so that it is counted once, not at every open until the next append.
             with contextlib.suppress(OSError):
                 os.truncate(self._segment_path(newest), torn_at)
@@ -593,6 +597,11 @@ class Journal:
     def _check_open(self) -> None:
         if self._closed:
             raise JournalError("journal is closed", self._dir)
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._read_only:
+            raise JournalError("journal was opened read-only", self._dir)
 
     def _close_files(self) -> None:
         for file in [*self._retired, *([self._writer] if self._writer is not None else [])]:

@@ -59,7 +59,7 @@ def journal_depth(directory: Path) -> int | None:
     if not directory.exists():
         return 0
     try:
-        journal = Journal(directory)
+        journal = Journal(directory, read_only=True)
     except (JournalError, OSError):
         return None
     try:

@@ -554,7 +554,7 @@ async def _result(
         result.notes.append(f"could not count the trades in the database: {type(exc).__name__}")
     finally:
         await database.dispose()
-    journal = Journal(settings.journal_dir)
+    journal = Journal(settings.journal_dir, read_only=True)
     try:
         result.journal_left = journal.pending
     finally:
