@@ -316,6 +316,17 @@ async def test_dead_letters_keep_the_payload_and_error(repos: Repositories) -> N
     assert await repos.dead_letters.count() == 1
 
 
+async def test_a_record_dead_lettered_again_is_kept_once_and_another_version_is_kept_too(repos: Repositories) -> None:
+    """A replay (a stop or a crash between the dead letter's commit and the journal's acknowledgement) dead-letters
+    the same record again: it is kept once. Another version of the same trade is another dead letter."""
+    trade = make_trade(pnl=Decimal("-1.5"))
+    await repos.dead_letters.add(trade, ValueError("value out of range"))
+    await repos.dead_letters.add(trade, ValueError("value out of range, again"))
+    assert await repos.dead_letters.count() == 1
+    await repos.dead_letters.add(trade.model_copy(update={"pnl": Decimal("-2.5")}), ValueError("value out of range"))
+    assert await repos.dead_letters.count() == 2
+
+
 async def test_the_table_survives_an_injection_attempt_in_sort_by(database: Database, repos: Repositories) -> None:
     await repos.trades.save_trade(make_trade())
     with pytest.raises(InvalidQueryError):

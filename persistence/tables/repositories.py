@@ -23,7 +23,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any, Generic
 
-from sqlalchemy import ColumnElement, Select, Table, func, or_, select
+from sqlalchemy import ColumnElement, Select, Table, bindparam, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.audit.chain import BASELINE_INSTANCE, AuditHead, Version
@@ -446,6 +446,19 @@ class ParameterHistoryRepository(_AppendOnlyRepository[ParameterChange]):
         return await self._between(start_date, end_date, session, limit)
 
 
+_SAME_DEAD_LETTER = (
+    select(dead_letters.c.id)
+    .where(
+        dead_letters.c.entity == bindparam("entity"),
+        dead_letters.c.natural_key == bindparam("natural_key"),
+        dead_letters.c.payload == bindparam("payload"),
+    )
+    .limit(1)
+)
+"""A dead letter of the same record with the same content (found through the ``(entity, natural_key)`` index)."""
+_SAME_DEAD_LETTER_SQLITE = "SELECT 1 FROM dead_letters WHERE entity = ? AND natural_key = ? AND payload = ? LIMIT 1"
+
+
 class DeadLetterRepository:
     """Records that can never be written, kept with their error for a human to look at."""
 
@@ -456,14 +469,28 @@ class DeadLetterRepository:
         )
 
     async def insert(self, connection: AsyncConnection, entries: Sequence[tuple[Record, BaseException | str]]) -> None:
-        """Put each (record, error) into ``dead_letters`` inside the caller's transaction."""
-        if entries:
-            await connection.execute(dead_letters.insert(), self._rows(entries))
+        """Put each (record, error) into ``dead_letters`` inside the caller's transaction, once: a record already
+        there with the same content (a replay of a record dead-lettered before a stop or a crash could settle it)
+        is not added again."""
+        rows = []
+        for row in self._rows(entries):
+            found = await connection.execute(_SAME_DEAD_LETTER, row)
+            if found.first() is None:
+                rows.append(row)
+        if rows:
+            await connection.execute(dead_letters.insert(), rows)
 
     def insert_on(self, session: DriverSession, entries: Sequence[tuple[Record, BaseException | str]]) -> None:
         """:meth:`insert`, on SQLite's driver thread."""
-        if entries and self._driver_batch is not None:
-            session.executemany(self._driver_batch.sql, self._driver_batch.encode(self._rows(entries)))
+        if not entries or self._driver_batch is None:
+            return
+        rows = [
+            row
+            for row in self._rows(entries)
+            if not session.execute(_SAME_DEAD_LETTER_SQLITE, (row["entity"], row["natural_key"], row["payload"]))
+        ]
+        if rows:
+            session.executemany(self._driver_batch.sql, self._driver_batch.encode(rows))
 
     @staticmethod
     def _rows(entries: Sequence[tuple[Record, BaseException | str]]) -> list[dict[str, Any]]:
