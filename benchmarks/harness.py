@@ -40,8 +40,8 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import registry as orm_registry
 
 from persistence import PersistenceSidecar, Settings
-from persistence.audit.chain import AuditHead, VersionEncoder, chain_entries
-from persistence.audit.trail import HEAD_SQL, column_kinds
+from persistence.audit.chain import GENESIS, AuditHead, VersionEncoder, linked_entries
+from persistence.audit.trail import ENTRY_COLUMNS, HEAD_SQL, column_kinds
 from persistence.db.engine import create_database
 from persistence.db.rowcodec import DriverBatch
 from persistence.db.schema import audit_log, trades
@@ -188,7 +188,6 @@ def raw_executemany(path: Path, count: int, prefix: str) -> float:
 
 
 TRADE_FIELDS = tuple(Trade.model_fields)
-ENTRY_COLUMNS = ("instance_id", "seq", "entity", "natural_key", "payload", "recorded_at", "prev_hash", "hash")
 
 
 def same_work_sqlite(path: Path, count: int, prefix: str) -> float:
@@ -196,8 +195,9 @@ def same_work_sqlite(path: Path, count: int, prefix: str) -> float:
 
     Inside the timing, as for the sidecar: the rows encoded as the schema stores them, each version's canonical JSON
     (the project's :class:`VersionEncoder`, standard library only), the chain's head read, the entries hashed
-    (:func:`chain_entries`), then one ``executemany`` of the rows and one of the entries between ``BEGIN IMMEDIATE``
-    and ``COMMIT``. The file must be migrated (``trades`` and ``audit_log`` exist).
+    (:func:`~persistence.audit.chain.linked_entries`, each a record's first version, so the entries are the ones the
+    sidecar writes, record links included), then one ``executemany`` of the rows and one of the entries between
+    ``BEGIN IMMEDIATE`` and ``COMMIT``. The file must be migrated (``trades`` and ``audit_log`` exist).
     """
     records = [Trade.parse(trade_mapping(i, prefix)) for i in range(count)]
     dialect = sqlite_dialect.dialect(paramstyle="qmark")
@@ -211,11 +211,11 @@ def same_work_sqlite(path: Path, count: int, prefix: str) -> float:
         started = time.perf_counter()
         values = [{**record.__dict__, "instance_id": BENCH_INSTANCE} for record in records]
         rows = batch.encode(values)
-        payloads = [("trade", value["trade_id"], encode(value)) for value in values]
+        payloads = [("trade", value["trade_id"], encode(value), GENESIS) for value in values]  # new: first versions
         connection.execute("BEGIN IMMEDIATE")
         found = connection.execute(HEAD_SQL, (BENCH_INSTANCE,)).fetchall()
         head = AuditHead(BENCH_INSTANCE, int(found[0][0]), str(found[0][1])) if found else None
-        entries = chain_entries(head, BENCH_INSTANCE, payloads, datetime.now(UTC))
+        entries = linked_entries(head, BENCH_INSTANCE, payloads, datetime.now(UTC))
         connection.executemany(batch.sql, rows)
         connection.executemany(entry_batch.sql, entry_batch.encode(entries))
         connection.execute("COMMIT")
@@ -241,8 +241,8 @@ async def same_work_postgres(database_url: str, count: int, prefix: str) -> floa
                 "SELECT seq, hash FROM audit_log WHERE instance_id = $1 ORDER BY seq DESC LIMIT 1", instance
             )
             head = AuditHead(instance, int(found[0]), str(found[1])) if found else None
-            payloads = [("trade", record["trade_id"], encode(record)) for record in records]
-            entries = chain_entries(head, instance, payloads, datetime.now(UTC))
+            payloads = [("trade", record["trade_id"], encode(record), GENESIS) for record in records]
+            entries = linked_entries(head, instance, payloads, datetime.now(UTC))
             await connection.copy_records_to_table("trades", records=rows, columns=columns)
             await connection.copy_records_to_table(
                 "audit_log",
