@@ -297,6 +297,10 @@ class AuditKeyError(PersistenceError):
         super().__init__(f"{path}: {reason}")
 
 
+class AuditVerifyError(PersistenceError):
+    """``audit verify`` could not finish its check (its rows check's process failed): no verdict on the trail."""
+
+
 # ---------------------------------------------------------------------------------------------- internal signals
 # Raised and caught inside the package; none reaches a caller, so none is exported.
 

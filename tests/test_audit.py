@@ -413,6 +413,7 @@ def test_a_kill_9_mid_stream_leaves_chains_that_verify_and_miss_nothing(fresh_ur
     acknowledged = [child.stdout.readline().strip() for _ in range(600)]
     os.kill(child.pid, signal.SIGKILL)
     child.wait(timeout=30)
+    child.stdout.close()
     checked = audit_cli(fresh_url, "verify")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.strip().endswith("audit trail verified")

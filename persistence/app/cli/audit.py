@@ -33,15 +33,26 @@ from persistence.app.cli.existing import require_existing
 from persistence.app.cli.progress import ProgressBar
 from persistence.config import Settings
 from persistence.db.engine import Database, create_database
-from persistence.errors import AuditKeyError
+from persistence.errors import AuditKeyError, AuditVerifyError
 from persistence.migrations import alembic_config, current_revision, head_revision
 from persistence.migrations.guard import is_known
+from persistence.observe.event_log import mask_secrets
 from persistence.records.models import ENTITIES
 
 if TYPE_CHECKING:  # the trail, its checker and the signing keys (cryptography) load only when a command runs
     from persistence.audit.anchors import Anchors
 
 _BEFORE_THE_TRAIL = ("0001", "0002")
+VERIFY_JOBS = 3
+"""``audit verify``'s processes by default: the chain walk here, the rows in two parts elsewhere (on two cores, about
+half the time of one process: the walk is about 40 % of the work, and the parts fill the other core and the rest)."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def _fail(message: str, status: int) -> int:
@@ -119,7 +130,10 @@ async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
                 progress=bar.update,
                 anchors=anchors,
                 since_last_anchor=args.since_last_anchor,
+                jobs=args.jobs,
             )
+        except AuditVerifyError as error:
+            return _fail(mask_secrets(str(error), settings.secrets), 2)
         finally:
             bar.close()
         for line in report.lines():
@@ -207,6 +221,14 @@ def add_audit_commands(commands: Any) -> None:
         "--since-last-anchor",
         action="store_true",
         help="check only what follows each chain's newest checkpoint that still matches (needs --anchors)",
+    )
+    checking.add_argument(
+        "--jobs",
+        type=_positive,
+        default=VERIFY_JOBS,
+        metavar="N",
+        help=f"processes that check (default {VERIFY_JOBS}): this one walks the chains while N - 1 others check the "
+        "rows, each its part of every table's keys; 1 checks everything here, one pass after the other",
     )
     checking.set_defaults(handler=verify_command)
     keygen = actions.add_parser(

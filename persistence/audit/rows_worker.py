@@ -1,0 +1,173 @@
+"""``audit verify``'s rows and deletions checks in a process of their own, beside the chain walk.
+
+The chain walk (hashes, in Python) and the rows check (a comparison SQLite or PostgreSQL runs) need no answer from
+each other unless ``since_last_anchor`` names the keys to check. So with ``jobs=N`` :func:`~persistence.audit.verify.
+verify` starts ``N - 1`` children of this module (``python -m persistence.audit.rows_worker``: no
+``multiprocessing``, which would import the host's ``__main__`` again), each checking the rows of its part of every
+table's keys (the parts cut once by the parent; the first part's child checks deletions too), walks the chains
+itself, and reads the children's results.
+
+The protocol is JSON lines. The parent writes one request on the child's stdin: the database settings the engine
+needs, ``instance_id``, ``chunk``, ``ranges`` and ``deletions`` (the URL, which may hold a password, never appears on
+a command line). The child writes ``{"progress": n}`` after each chunk (``n`` rows or keys more) and ends with
+``{"rows": {...}, "broken": {...} | null, "where": [table index, 0 row | 1 deletion] | null}``, or
+``{"error": "..."}`` when it could not check (exit status 1). Anything else (a crash, a kill) is an
+:class:`~persistence.errors.AuditVerifyError` in the parent, naming the exit status and the end of the child's
+stderr. A child is killed if the parent stops waiting (a break in a chain ends the verify at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from persistence.config import Settings
+from persistence.errors import AuditVerifyError
+
+ENGINE_SETTINGS = ("database_url", "query_timeout_ms", "sqlite_cache_mib", "pool_size", "max_overflow")
+"""What :func:`~persistence.db.engine.create_database` reads of the settings: the child builds its engine alike."""
+STDERR_KEPT = 2_000
+"""Characters of the child's stderr quoted in an error."""
+
+
+class RowsWorker:
+    """The child process checking rows and deletions; :meth:`result` waits for its verdict."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+        self._stderr = b""
+        assert process.stderr is not None
+        self._drain = asyncio.create_task(self._keep_stderr(process.stderr))
+
+    @classmethod
+    async def start(
+        cls,
+        settings: Settings,
+        instance_id: str | None,
+        chunk: int,
+        ranges: dict[str, tuple[str, str | None]],
+        part: int,
+    ) -> RowsWorker:
+        """Start the child and hand it its request: the part of each table's keys it checks (``ranges``: after, up
+        to); part 0 also checks deletions."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            __name__,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        request = {
+            "settings": {name: getattr(settings, name) for name in ENGINE_SETTINGS},
+            "instance_id": instance_id,
+            "chunk": chunk,
+            "ranges": ranges,
+            "deletions": part == 0,
+        }
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(request).encode() + b"\n")
+        with contextlib.suppress(ConnectionError):  # a child that died at once: reported by result()
+            await process.stdin.drain()
+        process.stdin.close()
+        return cls(process)
+
+    async def _keep_stderr(self, stream: asyncio.StreamReader) -> None:
+        while block := await stream.read(65_536):
+            self._stderr = (self._stderr + block)[-STDERR_KEPT:]
+
+    async def result(
+        self, progress: Callable[[int], None]
+    ) -> tuple[dict[str, int], dict[str, Any] | None, tuple[int, int] | None]:
+        """The rows checked per table, the first break (a dict of :class:`~persistence.audit.verify.Break`'s fields)
+        and where it was found (table index, 0 for a row or 1 for a deletion), once the child is done; its progress is
+        passed on as it comes."""
+        stdout = self._process.stdout
+        assert stdout is not None
+        outcome: dict[str, Any] | None = None
+        while line := await stdout.readline():
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue  # not the protocol's (a library printing on the child's stdout): ignored
+            if not isinstance(message, dict):
+                continue
+            if "progress" in message:
+                progress(int(message["progress"]))
+            elif "rows" in message or "error" in message:
+                outcome = message
+        status = await self._process.wait()
+        await self._drain
+        if outcome is not None and "error" in outcome:
+            raise AuditVerifyError(f"the rows check could not finish: {outcome['error']}")
+        if outcome is None or status != 0:
+            tail = self._stderr.decode(errors="replace").strip()
+            raise AuditVerifyError(
+                f"the rows check's process ended with exit status {status} before its result"
+                + (f": {tail}" if tail else "")
+            )
+        where = outcome["where"]
+        rows = {str(table): int(count) for table, count in outcome["rows"].items()}
+        return rows, outcome["broken"], None if where is None else (int(where[0]), int(where[1]))
+
+    async def stop(self) -> None:
+        """Kill the child if it still runs, and reap it."""
+        if self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+        await self._process.wait()
+        self._drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._drain
+
+
+async def _check(request: dict[str, Any]) -> dict[str, Any]:
+    from persistence.audit.verify import rows_and_deletions
+    from persistence.db.engine import create_database
+
+    settings = Settings(_env_file=None, **request["settings"])
+    database = create_database(settings)
+
+    sent = 0
+
+    def progress(done: int) -> None:  # told the total so far; the parent is sent what is new
+        nonlocal sent
+        _send({"progress": done - sent})
+        sent = done
+
+    try:
+        ranges = {table: (after, upto) for table, (after, upto) in request["ranges"].items()}
+        rows, broken, where = await rows_and_deletions(
+            database, request["instance_id"], request["chunk"], progress, ranges, request["deletions"]
+        )
+    finally:
+        await database.dispose()
+    return {"rows": rows, "broken": None if broken is None else asdict(broken), "where": where}
+
+
+def _send(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    """The child's entry point: one request on stdin, its progress and result on stdout."""
+    request = json.loads(sys.stdin.readline())
+    try:
+        result = asyncio.run(_check(request))
+    except Exception as error:
+        _send({"error": f"{type(error).__name__}: {error}"})
+        return 1
+    _send(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""``audit verify`` with its rows checked by child processes (``jobs=3``, the command line's default, on a trail
+large enough): the same report as one process gives, on an untouched trail and under every attack, whichever part
+of the keys holds the break; a chain break still named first and the children killed; a child killed by a signal,
+or unable to reach the database, reported as no verdict (exit status 2), never as a pass."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from persistence import AuditVerifyError
+from persistence.audit.anchors import load_anchors
+from persistence.audit.rows_worker import RowsWorker
+from persistence.audit.verify import VerifyReport, count_checks, verify
+from persistence.db.engine import Database, create_database
+from persistence.migrations import upgrade
+from persistence.tables.repositories import Repositories
+from tests.support.audit import audit_cli, closed_version, tamper
+from tests.support.databases import make_settings
+from tests.support.factories import make_parameter_change, make_signal, make_snapshot, make_trade
+
+
+@pytest.fixture
+async def seeded(database: Database) -> Database:
+    """A trail of every kind of record: a trade in three versions (seq 1 to 3), 30 more trades, a signal, a
+    snapshot and a parameter change; checked in chunks of 7 so every pass takes several chunks."""
+    repos = Repositories(database)
+    trade = make_trade(trade_id="T-AUDITED")
+    for version in (trade, closed_version(trade, 60, "1.5"), closed_version(trade, 120, "2.5")):
+        await repos.trades.save_trade(version)
+    for n in range(30):
+        await repos.trades.save_trade(make_trade(trade_id=f"T-{n:02d}"))
+    await repos.signals.save_signal(make_signal())
+    async with database.write() as connection:
+        await repos.snapshots.insert(connection, [make_snapshot()])
+        await repos.parameters.insert(connection, [make_parameter_change()])
+    return database
+
+
+async def by_jobs(database: Database) -> tuple[VerifyReport, VerifyReport]:
+    """The report of one process, and of three (the rows parted between two children)."""
+    reports = []
+    for jobs in (1, 3):
+        done: list[int] = [0]
+        report = await verify(
+            database, chunk=7, jobs=jobs, parallel_from=0, progress=lambda n, done=done: done.__setitem__(0, n)
+        )
+        reports.append(report)
+        if report.ok:  # the progress reaches the total the command line's bar is given
+            assert done[0] == await count_checks(database)
+    return reports[0], reports[1]
+
+
+async def test_three_processes_report_what_one_reports_on_an_untouched_trail(seeded: Database) -> None:
+    one, three = await by_jobs(seeded)
+    assert three.ok and asdict(three) == asdict(one)
+    assert three.rows == {"trades": 31, "signals": 1, "performance_snapshots": 1, "parameter_history": 1}
+
+
+EDIT_T29 = "UPDATE trades SET pnl = 7 WHERE trade_id = 'T-29'"
+
+
+@pytest.mark.parametrize(
+    ("statements", "where"),
+    [
+        pytest.param(["DELETE FROM trades WHERE trade_id = 'T-17'"], "T-17", id="row-deleted"),
+        pytest.param(["UPDATE signals SET symbol = 'XAUUSD'"], None, id="signal-edited"),
+        pytest.param(["DELETE FROM audit_log WHERE seq = 3 AND natural_key = 'T-AUDITED'"], "T-00", id="gap-in-chain"),
+        # Two breaks in different parts: the one a single process meets first is named. Every trade row is checked
+        # before any trade deletion, and every trade before any signal, whichever part holds the key.
+        pytest.param(["UPDATE signals SET symbol = 'XAUUSD'", EDIT_T29], "T-29", id="later-part-earlier-table"),
+        pytest.param(["DELETE FROM trades WHERE trade_id = 'T-01'", EDIT_T29], "T-29", id="row-before-deletion"),
+        pytest.param(["UPDATE trades SET symbol = 'X' WHERE trade_id IN ('T-02', 'T-29')"], "T-02", id="first-key"),
+    ],
+)
+async def test_any_number_of_processes_name_the_same_break_as_one(
+    seeded: Database, database_url: str, statements: list[str], where: str | None
+) -> None:
+    await tamper(database_url, *statements)
+    one, three = await by_jobs(seeded)
+    assert not one.ok and one.broken is not None
+    # Rows checked before the break differ (each process stops at its own first break); the break itself may not.
+    assert three.broken == one.broken
+    assert three.heads == one.heads
+    if where is not None:
+        assert one.broken.natural_key == where
+
+
+async def test_a_break_in_a_chain_is_named_first_and_the_rows_child_is_killed(
+    seeded: Database, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A changed entry and an edited row: the chain's break is the report (as with one process), and the child
+    checking rows is not left running."""
+    await tamper(
+        database_url,
+        'UPDATE audit_log SET payload = REPLACE(payload, \'"pnl":"1.50000000"\', \'"pnl":"9.50000000"\') WHERE seq = 2',
+        "DELETE FROM trades WHERE trade_id = 'T-17'",
+    )
+    started: list[RowsWorker] = []
+    start = RowsWorker.start
+
+    async def keep(*args: Any) -> RowsWorker:
+        worker = await start(*args)
+        started.append(worker)
+        return worker
+
+    monkeypatch.setattr(RowsWorker, "start", keep)
+    one, three = await by_jobs(seeded)
+    assert one.broken is not None and "hash does not match" in one.broken.problem and one.broken.seq == 2
+    assert asdict(three) == asdict(one)  # no row counted: the walk ended first
+    assert len(started) == 2
+    assert all(worker._process.returncode is not None for worker in started)  # reaped, not left behind
+
+
+async def test_a_rows_child_killed_by_a_signal_is_no_verdict(seeded: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    start = RowsWorker.start
+
+    async def killed(*args: Any) -> RowsWorker:
+        worker = await start(*args)
+        os.kill(worker._process.pid, signal.SIGKILL)
+        return worker
+
+    monkeypatch.setattr(RowsWorker, "start", killed)
+    with pytest.raises(AuditVerifyError, match=f"exit status {-signal.SIGKILL} before its result"):
+        await verify(seeded, chunk=7, jobs=2, parallel_from=0)
+
+
+async def test_a_rows_child_that_cannot_reach_the_database_says_why(
+    seeded: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The child is handed settings it cannot open (a directory where the file should be): its error comes back."""
+    (tmp_path / "not-a-database").mkdir()
+    elsewhere = make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'not-a-database'}")
+    start = RowsWorker.start
+
+    async def misdirected(settings: Any, *args: Any) -> RowsWorker:
+        return await start(elsewhere, *args)
+
+    monkeypatch.setattr(RowsWorker, "start", misdirected)
+    with pytest.raises(AuditVerifyError, match="the rows check could not finish: OperationalError"):
+        await verify(seeded, chunk=7, jobs=2, parallel_from=0)
+
+
+async def test_one_job_a_small_trail_an_in_memory_database_and_since_last_anchor_start_no_process(
+    seeded: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    async def refuse(*args: Any) -> RowsWorker:
+        raise AssertionError("no child process expected")
+
+    monkeypatch.setattr(RowsWorker, "start", refuse)
+    assert (await verify(seeded, jobs=1, parallel_from=0)).ok
+    assert (await verify(seeded, jobs=3)).rows["trades"] == 31  # fewer rows than a child's start-up is worth
+    anchors = load_anchors(tmp_path, 30.0, None)  # no checkpoint yet: every key is checked, here
+    assert (await verify(seeded, jobs=3, anchors=anchors, since_last_anchor=True, parallel_from=0)).ok
+    memory = create_database(make_settings(database_url="sqlite+aiosqlite:///:memory:"))
+    try:
+        await upgrade(memory)
+        await Repositories(memory).trades.save_trade(make_trade())
+        assert (await verify(memory, jobs=2, parallel_from=0)).rows["trades"] == 1
+    finally:
+        await memory.dispose()
+
+
+def test_the_command_line_takes_jobs_and_reports_the_same_break_with_one(
+    sqlite_url: str,
+) -> None:
+    async def prepare() -> None:
+        database = create_database(make_settings(database_url=sqlite_url, instance_id="desk-1"))
+        try:
+            await upgrade(database)
+            for n in range(5):
+                await Repositories(database).trades.save_trade(make_trade(trade_id=f"T-CLI-{n}"))
+        finally:
+            await database.dispose()
+
+    asyncio.run(prepare())
+    good = audit_cli(sqlite_url, "verify")
+    assert good.returncode == 0 and "trades: 5 rows match" in good.stdout, good.stdout + good.stderr
+    asyncio.run(tamper(sqlite_url, "DELETE FROM trades WHERE trade_id = 'T-CLI-3'"))
+    default, single = audit_cli(sqlite_url, "verify"), audit_cli(sqlite_url, "verify", "--jobs", "1")
+    assert default.returncode == single.returncode == 1
+    assert "BROKEN: " in default.stdout and "'T-CLI-3': audited, but the trades row is gone" in default.stdout
+    assert default.stdout.splitlines()[-1] == single.stdout.splitlines()[-1]
+    refused = audit_cli(sqlite_url, "verify", "--jobs", "0")
+    assert refused.returncode == 2 and "--jobs" in refused.stderr
