@@ -118,17 +118,23 @@ async def test_a_break_in_a_chain_is_named_first_and_the_rows_child_is_killed(
     assert all(worker._process.returncode is not None for worker in started)  # reaped, not left behind
 
 
-async def test_a_rows_child_killed_by_a_signal_is_no_verdict(seeded: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_rows_child_killed_by_a_signal_is_no_verdict_and_its_sibling_is_stopped(
+    seeded: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
     start = RowsWorker.start
+    started: list[RowsWorker] = []
 
-    async def killed(*args: Any) -> RowsWorker:
+    async def first_killed(*args: Any) -> RowsWorker:
         worker = await start(*args)
-        os.kill(worker._process.pid, signal.SIGKILL)
+        if not started:
+            os.kill(worker._process.pid, signal.SIGKILL)
+        started.append(worker)
         return worker
 
-    monkeypatch.setattr(RowsWorker, "start", killed)
+    monkeypatch.setattr(RowsWorker, "start", first_killed)
     with pytest.raises(AuditVerifyError, match=f"exit status {-signal.SIGKILL} before its result"):
-        await verify(seeded, chunk=7, jobs=2, parallel_from=0)
+        await verify(seeded, chunk=7, jobs=3, parallel_from=0)
+    assert len(started) == 2 and all(worker._process.returncode is not None for worker in started)
 
 
 async def test_a_rows_child_that_cannot_reach_the_database_says_why(

@@ -330,7 +330,14 @@ class _Verifier:
     async def _results_of(self, workers: list[RowsWorker]) -> None:
         """Every child's rows counted, and the break the checks in one process would have named first: the earliest
         table, a row before a deletion, then the earliest part of the keys."""
-        results = await asyncio.gather(*(worker.result(self._advance) for worker in workers))
+        waits = [asyncio.ensure_future(worker.result(self._advance)) for worker in workers]
+        try:
+            results = await asyncio.gather(*waits)
+        except BaseException:  # one child failed: the others are stopped by the caller, their waits end here
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+            raise
         first: tuple[tuple[int, int, int], dict[str, Any]] | None = None
         for part, (rows, broken, where) in enumerate(results):
             for table, count in rows.items():
