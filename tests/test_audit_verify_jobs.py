@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+import persistence
 from persistence import AuditVerifyError
 from persistence.audit.anchors import load_anchors
-from persistence.audit.rows_worker import RowsWorker
+from persistence.audit.rows_worker import RowsWorker, _child_environment
 from persistence.audit.verify import VerifyReport, count_checks, verify
 from persistence.db.engine import Database, create_database
 from persistence.migrations import upgrade
@@ -195,3 +196,13 @@ def test_the_command_line_takes_jobs_and_reports_the_same_break_with_one(
     assert default.stdout.splitlines()[-1] == single.stdout.splitlines()[-1]
     refused = audit_cli(sqlite_url, "verify", "--jobs", "0")
     assert refused.returncode == 2 and "--jobs" in refused.stderr
+
+
+def test_a_child_imports_the_same_package_as_its_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own folder goes first on the child's ``PYTHONPATH``, before what the host set: a host running a copy of the
+    package put on ``sys.path`` at run time gets that copy in the child too."""
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    first, rest = _child_environment()["PYTHONPATH"].split(os.pathsep)
+    assert Path(first, "persistence", "__init__.py") == Path(persistence.__file__).resolve() and rest == "/elsewhere"
+    monkeypatch.delenv("PYTHONPATH")
+    assert Path(_child_environment()["PYTHONPATH"], "persistence", "__init__.py").is_file()

@@ -25,6 +25,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from persistence.config import Settings
@@ -63,7 +64,7 @@ class RowsWorker:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=_child_environment(),
         )
         request = {
             "settings": {name: getattr(settings, name) for name in ENGINE_SETTINGS},
@@ -126,6 +127,14 @@ class RowsWorker:
         self._drain.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._drain
+
+
+def _child_environment() -> dict[str, str]:
+    """The host's environment, with this package's own folder first on ``PYTHONPATH``: the child imports the same
+    ``persistence`` as the parent, even one a host put on ``sys.path`` at run time (a vendored copy, a source tree)."""
+    home = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": home if not path else os.pathsep.join((home, path))}
 
 
 async def _check(request: dict[str, Any]) -> dict[str, Any]:
