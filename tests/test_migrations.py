@@ -8,13 +8,16 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from textwrap import dedent
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from persistence.db.engine import Database, create_database
@@ -80,6 +83,33 @@ async def test_upgrade_is_idempotent_and_keeps_data(fresh_url: str) -> None:
         assert await Repositories(database).trades.get_trade_by_id(trade.trade_id) == trade
         async with database.read() as connection:
             assert (await connection.execute(text("SELECT count(*) FROM alembic_version"))).scalar_one() == 1
+    finally:
+        await database.dispose()
+
+
+async def test_a_current_database_is_upgraded_without_alembic_work_on_the_hosts_loop(
+    fresh_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every start but the first finds the schema current: the version files are read in a worker thread and
+    Alembic's command (env.py loaded, the plan made, on the loop's thread) is not run at all."""
+    database = create_database(make_settings(database_url=fresh_url))
+    loop_thread = threading.get_ident()
+    read_on: list[int] = []
+    loading = ScriptDirectory.get_heads
+
+    def heads(self: ScriptDirectory) -> list[str]:
+        read_on.append(threading.get_ident())
+        return list(loading(self))
+
+    def refused(*_: object, **__: object) -> None:
+        raise AssertionError("alembic's upgrade ran on a current database")
+
+    try:
+        await upgrade(database)
+        monkeypatch.setattr(ScriptDirectory, "get_heads", heads)
+        monkeypatch.setattr(command, "upgrade", refused)
+        assert await upgrade(database) == head_revision()
+        assert read_on and loop_thread not in read_on
     finally:
         await database.dispose()
 

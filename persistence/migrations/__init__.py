@@ -75,6 +75,14 @@ def alembic_config(extra_version_locations: Sequence[Path] = ()) -> Config:
     return config
 
 
+def _loaded_script(config: Config) -> ScriptDirectory:
+    """The migration scripts of ``config``, every version file read and compiled (blocking: run it in a thread, so
+    that the host's loop does not wait for the files)."""
+    script = ScriptDirectory.from_config(config)
+    script.get_heads()
+    return script
+
+
 def head_revision(extra_version_locations: Sequence[Path] = ()) -> str:
     """The newest revision the packaged migrations know."""
     head = ScriptDirectory.from_config(alembic_config(extra_version_locations)).get_current_head()
@@ -108,14 +116,19 @@ async def upgrade(
     know. With ``backup_dir`` set, a SQLite database that holds data is backed up there before a pending migration.
     """
     config = alembic_config(extra_version_locations)
-    script = ScriptDirectory.from_config(config)
+    script = await asyncio.to_thread(_loaded_script, config)
     if backup_dir is not None:
         current = await _checked_revision(database, script, lock_wait_seconds)
         if _pending(script, current, revision):
             await _backup_if_holding_data(database, backup_dir, current, keep_backups)
 
     def run(sync_connection: Connection) -> str | None:
-        check_known_revision(script, _revision_of(sync_connection))
+        current = _revision_of(sync_connection)
+        check_known_revision(script, current)
+        if revision in ("head", "heads") and current is not None and current == script.get_current_head():
+            # Already there (every start but the first): Alembic's command, which loads env.py and plans on the
+            # host's loop thread (6-40 ms), is not run for nothing.
+            return current
         config.attributes["connection"] = sync_connection
         command.upgrade(config, revision)
         return _revision_of(sync_connection)
