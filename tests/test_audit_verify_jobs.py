@@ -93,6 +93,24 @@ async def test_any_number_of_processes_name_the_same_break_as_one(
         assert one.broken.natural_key == where
 
 
+async def test_one_instance_is_checked_in_parts_too(seeded: Database, database_url: str) -> None:
+    """``--instance`` with children: each part holds only that instance's rows (the filter and the part's upper
+    bound both reach the statement)."""
+    other = create_database(make_settings(database_url=database_url, instance_id="bot-b"))
+    try:
+        for n in range(12):
+            await Repositories(other).trades.save_trade(make_trade(trade_id=f"T-B{n:02d}"))
+    finally:
+        await other.dispose()
+    await tamper(database_url, "UPDATE trades SET symbol = 'GBPUSD' WHERE trade_id = 'T-B07'")
+    mine = seeded.settings.instance_id
+    for jobs in (1, 3):
+        report = await verify(seeded, instance_id=mine, chunk=5, jobs=jobs, parallel_from=0)
+        assert report.ok and report.rows["trades"] == 31, (jobs, report.rows)
+        broken = (await verify(seeded, instance_id="bot-b", chunk=5, jobs=jobs, parallel_from=0)).broken
+        assert broken is not None and (broken.natural_key, broken.instance_id) == ("T-B07", "bot-b"), jobs
+
+
 async def test_a_break_in_a_chain_is_named_first_and_the_rows_child_is_killed(
     seeded: Database, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

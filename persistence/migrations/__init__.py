@@ -125,7 +125,7 @@ async def upgrade(
     def run(sync_connection: Connection) -> str | None:
         current = _revision_of(sync_connection)
         check_known_revision(script, current)
-        if revision in ("head", "heads") and current is not None and current == script.get_current_head():
+        if revision in ("head", "heads") and current is not None and script.get_heads() == [current]:
             # Already there (every start but the first): Alembic's command, which loads env.py and plans on the
             # host's loop thread (6-40 ms), is not run for nothing.
             return current
