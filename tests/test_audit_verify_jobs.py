@@ -93,6 +93,17 @@ async def test_any_number_of_processes_name_the_same_break_as_one(
         assert one.broken.natural_key == where
 
 
+async def test_a_child_takes_the_parents_settings_not_the_environment(
+    seeded: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that passes its Settings in code may run in an environment the settings would refuse; the children,
+    which inherit that environment, check with the parent's values."""
+    monkeypatch.setenv("PERSISTENCE_API_PORT", "not-a-port")
+    monkeypatch.setenv("DATABASE_URL", "sqlite+aiosqlite:////nonexistent/elsewhere.db")
+    report = await verify(seeded, jobs=3, parallel_from=0)
+    assert report.ok and report.rows["trades"] == 31
+
+
 async def test_one_instance_is_checked_in_parts_too(seeded: Database, database_url: str) -> None:
     """``--instance`` with children: each part holds only that instance's rows (the filter and the part's upper
     bound both reach the statement)."""

@@ -141,7 +141,9 @@ async def _check(request: dict[str, Any]) -> dict[str, Any]:
     from persistence.audit.verify import rows_and_deletions
     from persistence.db.engine import create_database
 
-    settings = Settings(_env_file=None, **request["settings"])
+    # The parent's own validated values, taken as they are: the child's environment (the host's, which may hold
+    # anything) is not read again.
+    settings = Settings.model_construct(**request["settings"])
     database = create_database(settings)
 
     sent = 0
