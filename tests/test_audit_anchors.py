@@ -38,7 +38,7 @@ from persistence.observe.events import AuditAnchored, Event
 from persistence.records.models import utc_now
 from persistence.testing import FakeClock
 from tests.support import eventually
-from tests.support.audit import audit_cli, closed_version, tamper
+from tests.support.audit import audit_cli, audit_cli_in_a_subprocess, closed_version, tamper
 from tests.support.databases import make_settings, reset_postgres
 from tests.support.factories import make_trade
 
@@ -501,7 +501,7 @@ def test_audit_verify_with_anchors_on_the_command_line_and_its_refusals(
     sqlite_url: str, sidecar_settings: SettingsFactory, tmp_path: Path
 ) -> None:
     key = tmp_path / "signing.pem"
-    made = audit_cli(sqlite_url, "keygen", str(key))
+    made = audit_cli_in_a_subprocess(sqlite_url, "keygen", str(key))
     assert made.returncode == 0, made.stderr
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and (tmp_path / "signing.pem.pub").exists()
     asyncio.run(anchored_trail(sqlite_url, sidecar_settings, audit_signing_key=key))
