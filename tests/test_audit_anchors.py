@@ -620,16 +620,8 @@ def test_an_exported_trail_and_its_anchors_verify_offline_with_the_same_command(
 
 
 def audit_export(database_url: str, output: Path) -> Any:
-    import subprocess
-    import sys
+    """``export audit`` by its ``main()`` in this process; test_audit runs the same command in a real subprocess."""
+    from tests.support.cli import run_in_process
 
-    from tests.support import REPO_ROOT
-
-    return subprocess.run(
-        [sys.executable, "-m", "persistence", "export", "audit", "--format", "jsonl", "--output", str(output)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = {**os.environ, "DATABASE_URL": database_url}
+    return run_in_process("export", "audit", "--format", "jsonl", "--output", str(output), cwd=output.parent, env=env)

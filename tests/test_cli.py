@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -18,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -243,6 +245,9 @@ def test_serve_on_a_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- backup
 
 
+Seeder = Callable[[Path, int], None]
+
+
 def seed_trades(database: Path, count: int, *, prefix: str = "SEED", instance_id: str | None = None) -> None:
     """``count`` trades recorded through a real sidecar into ``database`` (P&L alternating in sign), by the
     orchestrator ``instance_id`` when one is given (else the host name)."""
@@ -268,9 +273,25 @@ def seed_trades(database: Path, count: int, *, prefix: str = "SEED", instance_id
     asyncio.run(record())
 
 
-def test_backup_while_a_writer_is_busy_is_a_consistent_copy(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeder:
+    """``seeded(database, count)``: what ``seed_trades(database, count)`` leaves in ``database``'s folder, recorded
+    through a real sidecar once per module and copied into place for each test; each test changes only its copy."""
+    made: dict[int, Path] = {}
+
+    def place(database: Path, count: int) -> None:
+        if count not in made:
+            folder = tmp_path_factory.mktemp(f"seeded-{count}") / database.parent.name
+            seed_trades(folder / database.name, count)
+            made[count] = folder
+        shutil.copytree(made[count], database.parent, dirs_exist_ok=True)
+
+    return place
+
+
+def test_backup_while_a_writer_is_busy_is_a_consistent_copy(tmp_path: Path, seeded: Seeder) -> None:
     database = tmp_path / "data" / "trading_system.db"
-    seed_trades(database, 3000)
+    seeded(database, 3000)
     stop = threading.Event()
     written = [0]
 
@@ -312,9 +333,9 @@ def test_backup_while_a_writer_is_busy_is_a_consistent_copy(tmp_path: Path) -> N
 
 
 def test_a_backup_that_cannot_be_written_is_one_line_and_leaves_nothing_nor_harms_the_last_backup(
-    tmp_path: Path,
+    tmp_path: Path, seeded: Seeder
 ) -> None:
-    seed_trades(tmp_path / "data" / "trading_system.db", 3000)
+    seeded(tmp_path / "data" / "trading_system.db", 3000)
     (tmp_path / "a-file").write_text("not a folder")
     for destination, cause in (
         ("missing/b.db", "the folder missing does not exist"),
@@ -351,8 +372,8 @@ def test_backup_on_postgres_points_to_pg_dump_and_exits_2(tmp_path: Path) -> Non
 # ---------------------------------------------------------------------------------------------- history
 
 
-def test_history_prints_a_table_with_the_apis_filters_and_sorting(tmp_path: Path) -> None:
-    seed_trades(tmp_path / "data" / "trading_system.db", 12)
+def test_history_prints_a_table_with_the_apis_filters_and_sorting(tmp_path: Path, seeded: Seeder) -> None:
+    seeded(tmp_path / "data" / "trading_system.db", 12)
     result = run_cli(
         "history", "--symbol", "GBPUSD", "--sort-by", "pnl", "--sort-order", "asc", "--limit", "3", cwd=tmp_path
     )
@@ -376,8 +397,8 @@ def test_history_prints_a_table_with_the_apis_filters_and_sorting(tmp_path: Path
     assert cli("history", "--symbol", "XAUUSD", cwd=tmp_path).stdout.strip() == "no trades match"
 
 
-def test_history_filters_by_trade_id_and_prints_json_in_the_apis_shape(tmp_path: Path) -> None:
-    seed_trades(tmp_path / "data" / "trading_system.db", 12)
+def test_history_filters_by_trade_id_and_prints_json_in_the_apis_shape(tmp_path: Path, seeded: Seeder) -> None:
+    seeded(tmp_path / "data" / "trading_system.db", 12)
     result = cli("history", "--trade-id", "SEED-00003", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
@@ -416,8 +437,8 @@ def test_history_filters_by_the_orchestrator_that_wrote_the_trades(tmp_path: Pat
         ("--end-date", "0001-01-01T00:00:00+05:00"),
     ],
 )
-def test_history_refuses_bad_arguments_with_exit_2(tmp_path: Path, args: tuple[str, str]) -> None:
-    seed_trades(tmp_path / "data" / "trading_system.db", 1)
+def test_history_refuses_bad_arguments_with_exit_2(tmp_path: Path, args: tuple[str, str], seeded: Seeder) -> None:
+    seeded(tmp_path / "data" / "trading_system.db", 1)
     result = cli("history", *args, cwd=tmp_path)
     assert result.returncode == 2 and args[0] in result.stderr and "Traceback" not in result.stderr
     with sqlite3.connect(tmp_path / "data" / "trading_system.db") as connection:
