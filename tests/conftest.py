@@ -5,6 +5,8 @@ Helpers that tests import live in ``tests/support/``; this file holds only fixtu
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from persistence.config import Settings
 from persistence.db.engine import Database, create_database
 from persistence.migrations import upgrade
 from persistence.tables.repositories import Repositories
+from tests.support import sqlite_file as sqlite_path_of
 from tests.support.databases import (
     FUZZ,
     create_postgres_database,
@@ -61,11 +64,33 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file the migrations brought to head, once per session; ``database`` copies it for each test."""
+    path = tmp_path_factory.mktemp("migrated") / "trading.db"
+
+    async def migrate() -> None:
+        db = create_database(make_settings(database_url=f"sqlite+aiosqlite:///{path}"))
+        try:
+            await upgrade(db)
+        finally:
+            await db.dispose()
+
+    asyncio.run(migrate())
+    assert not path.with_name("trading.db-wal").exists(), "the template is whole in one file"
+    return path
+
+
 @pytest.fixture
-async def database(database_url: str) -> AsyncIterator[Database]:
+async def database(database_url: str, migrated_sqlite_file: Path) -> AsyncIterator[Database]:
+    """A migrated, empty database. On SQLite a copy of the file the migrations made once for the session (the same
+    bytes a fresh upgrade writes; the migrations themselves are tested on fresh databases in test_migrations.py);
+    on PostgreSQL the session's database, upgraded and emptied."""
+    if database_url.startswith("sqlite"):
+        shutil.copyfile(migrated_sqlite_file, sqlite_path_of(database_url))
     db = create_database(make_settings(database_url=database_url, query_timeout_ms=5000))
-    await upgrade(db)
     if db.dialect_name == "postgresql":
+        await upgrade(db)
         async with db.write() as connection:
             await empty_every_table(connection)
     try:

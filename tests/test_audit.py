@@ -58,7 +58,7 @@ from tests.support import (
     sqlite_file,
     start_recorder_until_killed,
 )
-from tests.support.audit import audit_cli, closed_version, tamper
+from tests.support.audit import audit_cli, audit_cli_in_a_subprocess, closed_version, tamper
 from tests.support.databases import empty_every_table, make_settings
 from tests.support.factories import make_parameter_change, make_signal, make_snapshot, make_trade, trade_data
 
@@ -447,7 +447,7 @@ def test_the_audit_commands_report_a_broken_entry_and_list_versions(sqlite_url: 
             await database.dispose()
 
     asyncio.run(prepare())
-    listed = audit_cli(sqlite_url, "versions", "trade", "T-AUDITED")
+    listed = audit_cli_in_a_subprocess(sqlite_url, "versions", "trade", "T-AUDITED")
     assert listed.returncode == 0, listed.stderr
     versions = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [version["seq"] for version in versions] == [1, 2, 3]

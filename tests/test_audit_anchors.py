@@ -38,7 +38,7 @@ from persistence.observe.events import AuditAnchored, Event
 from persistence.records.models import utc_now
 from persistence.testing import FakeClock
 from tests.support import eventually
-from tests.support.audit import audit_cli, closed_version, tamper
+from tests.support.audit import audit_cli, audit_cli_in_a_subprocess, closed_version, tamper
 from tests.support.databases import make_settings, reset_postgres
 from tests.support.factories import make_trade
 
@@ -501,7 +501,7 @@ def test_audit_verify_with_anchors_on_the_command_line_and_its_refusals(
     sqlite_url: str, sidecar_settings: SettingsFactory, tmp_path: Path
 ) -> None:
     key = tmp_path / "signing.pem"
-    made = audit_cli(sqlite_url, "keygen", str(key))
+    made = audit_cli_in_a_subprocess(sqlite_url, "keygen", str(key))
     assert made.returncode == 0, made.stderr
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and (tmp_path / "signing.pem.pub").exists()
     asyncio.run(anchored_trail(sqlite_url, sidecar_settings, audit_signing_key=key))
@@ -620,16 +620,8 @@ def test_an_exported_trail_and_its_anchors_verify_offline_with_the_same_command(
 
 
 def audit_export(database_url: str, output: Path) -> Any:
-    import subprocess
-    import sys
+    """``export audit`` by its ``main()`` in this process; test_audit runs the same command in a real subprocess."""
+    from tests.support.cli import run_in_process
 
-    from tests.support import REPO_ROOT
-
-    return subprocess.run(
-        [sys.executable, "-m", "persistence", "export", "audit", "--format", "jsonl", "--output", str(output)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = {**os.environ, "DATABASE_URL": database_url}
+    return run_in_process("export", "audit", "--format", "jsonl", "--output", str(output), cwd=output.parent, env=env)

@@ -29,6 +29,7 @@ from persistence.migrations import upgrade
 from persistence.records.models import Trade
 from persistence.tables.repositories import Repositories
 from persistence.tools.export import iter_batches
+from tests.support.cli import run_in_process
 from tests.support.databases import create_postgres_database, drop_postgres_database, make_settings
 from tests.support.factories import BASE_TIME
 from tests.support.portability import as_rows, fill_trades_fast, record_everything, small_tmpfs, varied_trades
@@ -314,10 +315,9 @@ def test_the_export_command_writes_the_file_and_prints_one_summary_line(tmp_path
     assert done.stderr == ""  # not a terminal: no progress bar
     rows = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
     assert len(rows) == 75 and {row["symbol"] for row in rows} == {"EURUSD"}
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    again = run_in_process(*command[3:], cwd=tmp_path, env=env)
     assert again.returncode == 1 and "exists; pass --force" in again.stderr
-    wrong_filter = [*command, "--force", "--executed", "true"]
-    wrong = subprocess.run(wrong_filter, cwd=tmp_path, env=env, capture_output=True, text=True)
+    wrong = run_in_process(*command[3:], "--force", "--executed", "true", cwd=tmp_path, env=env)
     assert wrong.returncode == 2 and "executed" in wrong.stderr
 
 
@@ -427,9 +427,10 @@ def exportable_database(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _export_to(output: str, fmt: str, url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": url}
-    command = [sys.executable, "-m", "persistence", "export", "trades", "--format", fmt, "-o", output]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    """The export command by its ``main()`` in this process: only its output and status are checked here (the
+    command runs in a real subprocess in the summary-line test above)."""
+    env = {**os.environ, "DATABASE_URL": url}
+    return run_in_process("export", "trades", "--format", fmt, "-o", output, cwd=cwd, env=env)
 
 
 def _assert_one_line(done: subprocess.CompletedProcess[str], output: str, cause: str) -> None:

@@ -26,6 +26,7 @@ from persistence.db.schema import metadata
 from persistence.errors import DowngradeDataLossError
 from persistence.migrations import current_revision, head_revision, migrate_to, upgrade
 from persistence.tables.repositories import Repositories
+from tests.support.cli import run_in_process
 from tests.support.databases import make_settings
 from tests.support.factories import make_trade
 
@@ -282,27 +283,25 @@ def test_migrate_to_base_on_a_database_with_data_is_refused_without_force(tmp_pa
         "DATABASE_URL": f"sqlite+aiosqlite:///{path}",
         "PERSISTENCE_BACKUP_DIR": str(tmp_path / "backups"),
     }
-    command = [sys.executable, "-m", "persistence", "migrate"]
-    assert subprocess.run(command, cwd=tmp_path, env=env, capture_output=True).returncode == 0
+    # The command by its main() in this process; migrate runs in real subprocesses in the tests around this one.
+    assert run_in_process("migrate", cwd=tmp_path, env=env).returncode == 0
     with sqlite3.connect(path) as connection:
         connection.execute(
             "INSERT INTO parameter_history (id, change_time, parameter_mode, changed_by, created_at)"
             " VALUES ('p1', '2026-01-01 00:00:00.000000', 'safe', 'manual', '2026-01-01 00:00:00.000000')"
         )
-    refused = subprocess.run([*command, "--to", "base"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    refused = run_in_process("migrate", "--to", "base", cwd=tmp_path, env=env)
     assert refused.returncode == 1
     assert "would drop parameter_history, which hold data; pass --force" in refused.stderr
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT count(*) FROM parameter_history").fetchone() == (1,)
-    one = subprocess.run([*command, "--to", "0001"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    one = run_in_process("migrate", "--to", "0001", cwd=tmp_path, env=env)
     assert one.returncode == 0, one.stderr
     assert (
         f"schema downgraded from revision {head_revision()} to 0001" in one.stdout
         and "backed up the database to" in one.stdout
     )
-    forced = subprocess.run(
-        [*command, "--to", "base", "--force"], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    forced = run_in_process("migrate", "--to", "base", "--force", cwd=tmp_path, env=env)
     assert forced.returncode == 0, forced.stderr
     assert "schema downgraded from revision 0001 to base" in forced.stdout
     with sqlite3.connect(path) as connection:

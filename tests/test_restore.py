@@ -22,6 +22,7 @@ from persistence.errors import DatabaseInUseError, RestoreError
 from persistence.migrations import head_revision, upgrade
 from persistence.tables.repositories import Repositories
 from persistence.tools.restore import pre_restore_path, restore_sqlite
+from tests.support.cli import run_in_process
 from tests.support.databases import make_settings
 from tests.support.portability import as_rows, record_everything, varied_trades
 
@@ -229,14 +230,9 @@ def test_an_earlier_pre_restore_copy_is_replaced_only_with_force(
     with pytest.raises(RestoreError, match="pass --force"):
         restore_sqlite(backup_path, database_path)
     assert _digest(kept) == first_copy
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": _url(database_path)}
-    done = subprocess.run(
-        [sys.executable, "-m", "persistence", "restore", str(backup_path), "--force"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    env = {**os.environ, "DATABASE_URL": _url(database_path)}
+    # By its main() in this process (tests.support.cli); the lock test above runs restore in a real process.
+    done = run_in_process("restore", str(backup_path), "--force", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"restored {database_path.resolve()} from {backup_path.resolve()}")
     assert len(done.stdout.splitlines()) == 1
@@ -253,10 +249,8 @@ def test_restore_into_a_missing_database_just_places_the_backup(
 
 
 def test_the_restore_command_refuses_a_postgresql_database(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": "postgresql+asyncpg://u@127.0.0.1:1/db"}
-    done = subprocess.run(
-        [sys.executable, "-m", "persistence", "restore", "x.db"], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    env = {**os.environ, "DATABASE_URL": "postgresql+asyncpg://u@127.0.0.1:1/db"}
+    done = run_in_process("restore", "x.db", cwd=tmp_path, env=env)
     assert done.returncode == 2 and "pg_restore" in done.stderr
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from persistence.errors import MigrationError, PersistenceError, SchemaNewerErro
 from persistence.migrations import current_revision, head_revision, migrate_to, upgrade
 from persistence.tables.repositories import Repositories
 from tests.support import save_trade_before_the_trail
+from tests.support.cli import run_in_process
 from tests.support.databases import make_settings
 from tests.support.factories import make_trade
 
@@ -79,14 +78,14 @@ async def test_upgrade_refuses_a_database_stamped_by_a_newer_release_and_writes_
 
 def test_the_migrate_command_refuses_a_newer_schema_naming_both_revisions(tmp_path: Path) -> None:
     path = tmp_path / "newer.db"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": f"sqlite+aiosqlite:///{path}"}
-    migrate = [sys.executable, "-m", "persistence", "migrate"]
-    assert subprocess.run(migrate, cwd=tmp_path, env=env, capture_output=True).returncode == 0
+    env = {**os.environ, "DATABASE_URL": f"sqlite+aiosqlite:///{path}"}
+    migrate = ["migrate"]  # by its main() in this process (tests.support.cli); test_migrations runs it in processes
+    assert run_in_process(*migrate, cwd=tmp_path, env=env).returncode == 0
     with sqlite3.connect(path) as connection:
         connection.execute("UPDATE alembic_version SET version_num = ?", (NEWER,))
     size = path.stat().st_size
     for command in (migrate, [*migrate, "--to", "0001", "--force"]):
-        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+        done = run_in_process(*command, cwd=tmp_path, env=env)
         assert done.returncode == 1
         assert NEWER in done.stderr and f"'{head_revision()}'" in done.stderr and "newer release" in done.stderr
         assert "Traceback" not in done.stderr and done.stdout == ""
@@ -170,14 +169,11 @@ def test_the_migrate_command_backs_up_first_unless_turned_off(tmp_path: Path, en
     backups = tmp_path / "backups"
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO_ROOT),
         "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
         "PERSISTENCE_BACKUP_DIR": str(backups),
         "PERSISTENCE_BACKUP_BEFORE_MIGRATE": "true" if enabled else "false",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "persistence", "migrate"], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    done = run_in_process("migrate", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert f"schema at revision {head_revision()}" in done.stdout
     found = automatic_backups(backups, "bot")

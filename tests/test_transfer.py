@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from persistence.records.models import Trade
 from persistence.sidecar import PersistenceSidecar
 from persistence.tables.repositories import AMENDMENT_RULES, Repositories
 from persistence.tools.copy import copy_database, table_checksum
+from tests.support.cli import run_in_process
 from tests.support.databases import create_postgres_database, drop_postgres_database, make_settings
 from tests.support.portability import record_everything, varied_trades
 
@@ -177,12 +177,11 @@ def target_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def test_a_row_tampered_in_the_target_fails_the_copy_naming_the_table(tmp_path: Path, target_url: str) -> None:
     asyncio.run(_source(tmp_path / "bot.db", 1_000))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": _sqlite(tmp_path / "bot.db")}
-    command = [sys.executable, "-m", "persistence", "copy", "--to", target_url]
-    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    env = {**os.environ, "DATABASE_URL": _sqlite(tmp_path / "bot.db")}
+    first = run_in_process("copy", "--to", target_url, cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr
     _tamper(target_url)
-    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    second = run_in_process("copy", "--to", target_url, cwd=tmp_path, env=env)
     assert second.returncode == 1
     assert "the copy differs from the source in performance_snapshots" in second.stderr
     assert "performance_snapshots: 7 rows, 0 added, DIFFERS: same row count, different checksum" in second.stdout
@@ -321,14 +320,10 @@ def _amended(trade: Trade, round_number: int) -> Trade:
 
 
 async def _cli(*args: str, cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "persistence", *args,
-        cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    """``persistence-sidecar ARGS`` by its ``main()`` in this process (``tests.support.cli``); ``copy`` runs in a real
+    subprocess in the tests above (the report, a kill half way)."""
+    done = run_in_process(*args, cwd=cwd, env={**os.environ, **env})
+    return done.returncode, done.stdout, done.stderr
 
 
 async def test_the_documented_move_with_a_bot_amending_during_the_first_run_ends_equal_and_verified(

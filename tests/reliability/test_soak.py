@@ -1,4 +1,5 @@
-"""The chaos soak's short run (in a subprocess, so RSS is its own) and the lone record that must not wait for traffic.
+"""The chaos soak's short run (in a subprocess, so RSS is its own; it runs beside the rest of the suite, see
+``conftest.py``) and the lone record that must not wait for traffic.
 
 The long run is by hand: ``PYTHONPATH=. python -m tests.reliability.soak --minutes 10``.
 """
@@ -6,13 +7,8 @@ The long run is by hand: ``PYTHONPATH=. python -m tests.reliability.soak --minut
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,26 +21,10 @@ from persistence.write.committer import RetryPolicy
 from tests.support import Recorder
 from tests.support.factories import make_trade
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SOAK_SECONDS = 40
 SettingsFactory = Callable[..., Settings]
 
-
-@pytest.fixture(scope="module")
-def soak_figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One short soak for the whole module: ~500 records/s for 40 s under locks, full disks, poison, a restart."""
-    workdir = tmp_path_factory.mktemp("soak")
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.reliability.soak", "--seconds", str(SOAK_SECONDS), "--workdir", str(workdir)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=SOAK_SECONDS + 180,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return figures
+# ``soak_figures`` (tests/reliability/conftest.py): one soak for the run, started in its own process when
+# collection ends, ~500 records/s for 40 s under locks, full disks, poison and a restart; these tests run last.
 
 
 @pytest.mark.slow

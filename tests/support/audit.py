@@ -1,4 +1,5 @@
-"""Audit-trail helpers shared by the audit tests: a trade's closed version, tampering past the triggers, the CLI."""
+"""Audit-trail helpers shared by the audit tests: a trade's closed version, tampering past the triggers, the CLI
+(in this process, or in a subprocess for the end-to-end runs)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 from persistence.records.models import Trade
 from tests.support import REPO_ROOT
+from tests.support.cli import run_in_process
 
 
 def closed_version(trade: Trade, seconds: int = 60, pnl: str = "12.5") -> Trade:
@@ -50,6 +52,12 @@ async def tamper(database_url: str, *statements: str) -> None:
 
 
 def audit_cli(database_url: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """``persistence-sidecar audit ARGUMENTS`` on ``database_url``, by its ``main()`` in this process."""
+    return run_in_process("audit", *arguments, cwd=REPO_ROOT, env={**os.environ, "DATABASE_URL": database_url})
+
+
+def audit_cli_in_a_subprocess(database_url: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """The same in a real ``python -m persistence`` process: each audit command runs so at least once."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": database_url}
     return subprocess.run(
         [sys.executable, "-m", "persistence", "audit", *arguments],
