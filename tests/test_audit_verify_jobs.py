@@ -235,3 +235,12 @@ def test_a_child_imports_the_same_package_as_its_parent(monkeypatch: pytest.Monk
     assert Path(first, "persistence", "__init__.py") == Path(persistence.__file__).resolve() and rest == "/elsewhere"
     monkeypatch.delenv("PYTHONPATH")
     assert Path(_child_environment()["PYTHONPATH"], "persistence", "__init__.py").is_file()
+
+
+async def test_a_break_quoting_a_long_value_is_named_by_children_too(seeded: Database, database_url: str) -> None:
+    """The break quotes the values that differ; a text field 200,000 characters long still comes back whole."""
+    long_text = "replace(hex(zeroblob(100000)), '0', 'x')" if seeded.is_sqlite else "repeat('x', 200000)"
+    await tamper(database_url, f"UPDATE parameter_history SET reason = {long_text}")
+    one, three = await by_jobs(seeded)
+    assert one.broken is not None and "reason is 'xxx" in one.broken.problem
+    assert three.broken == one.broken

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import site
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -33,6 +34,8 @@ from persistence.errors import AuditVerifyError
 
 ENGINE_SETTINGS = ("database_url", "query_timeout_ms", "sqlite_cache_mib", "pool_size", "max_overflow")
 """What :func:`~persistence.db.engine.create_database` reads of the settings: the child builds its engine alike."""
+MESSAGE_LIMIT = 64 * 1024 * 1024
+"""The longest line the child may write: a break quotes the values that differ, and a text field may be long."""
 STDERR_KEPT = 2_000
 """Characters of the child's stderr quoted in an error."""
 
@@ -59,12 +62,14 @@ class RowsWorker:
         to); part 0 also checks deletions."""
         process = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-P",  # not the current directory first: it may hold another copy of the package
             "-m",
             __name__,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=_child_environment(),
+            limit=MESSAGE_LIMIT,
         )
         request = {
             "settings": {name: getattr(settings, name) for name in ENGINE_SETTINGS},
@@ -93,7 +98,13 @@ class RowsWorker:
         stdout = self._process.stdout
         assert stdout is not None
         outcome: dict[str, Any] | None = None
-        while line := await stdout.readline():
+        while True:
+            try:
+                line = await stdout.readline()
+            except ValueError as error:  # a line past MESSAGE_LIMIT
+                raise AuditVerifyError(f"the rows check's process wrote a message too long to read: {error}") from None
+            if not line:
+                break
             try:
                 message = json.loads(line)
             except ValueError:
@@ -134,6 +145,8 @@ def _child_environment() -> dict[str, str]:
     ``persistence`` as the parent, even one a host put on ``sys.path`` at run time (a vendored copy, a source tree)."""
     home = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")
+    if home in site.getsitepackages() or home == site.getusersitepackages():
+        return dict(os.environ)  # installed: the child finds it where the parent did, after the standard library
     return {**os.environ, "PYTHONPATH": home if not path else os.pathsep.join((home, path))}
 
 

@@ -681,7 +681,7 @@ class _Verifier:
                 for row in rows_left:
                     try:
                         decoded.append((reader.decode(row[:-1]).__dict__, row[-1]))
-                    except (ValueError, TypeError, OverflowError) as error:  # a stored value nothing writes
+                    except (ValueError, TypeError, ArithmeticError) as error:  # a stored value nothing writes
                         key = str(row[fields.index(record.key_field)])
                         self.report.broken = Break(f"the {table.name} row cannot be read: {error}", record.entity, key)
                         return False
