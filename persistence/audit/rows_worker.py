@@ -129,11 +129,15 @@ class RowsWorker:
         rows = {str(table): int(count) for table, count in outcome["rows"].items()}
         return rows, outcome["broken"], None if where is None else (int(where[0]), int(where[1]))
 
-    async def stop(self) -> None:
-        """Kill the child if it still runs, and reap it."""
+    def kill(self) -> None:
+        """Kill the child if it still runs (at once: no wait, so a cancellation cannot come between two kills)."""
         if self._process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._process.kill()
+
+    async def stop(self) -> None:
+        """Kill the child if it still runs, and reap it."""
+        self.kill()
         await self._process.wait()
         self._drain.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -279,6 +279,8 @@ class _Verifier:
                     await self._results_of(workers)
                     return self.report
             finally:
+                for worker in workers:  # every child killed before any wait
+                    worker.kill()
                 for worker in workers:
                     await worker.stop()
         await self.rows_and_deletions()
@@ -304,6 +306,8 @@ class _Verifier:
                 ranges = {name: (str(cuts[part]), cuts[part + 1]) for name, cuts in bounds.items()}
                 workers.append(await RowsWorker.start(self._db.settings, self._instance, self._chunk, ranges, part))
         except BaseException:
+            for worker in workers:
+                worker.kill()
             for worker in workers:
                 await worker.stop()
             raise
