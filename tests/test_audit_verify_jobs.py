@@ -8,22 +8,27 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 import persistence
 from persistence import AuditVerifyError
+from persistence.audit import verify as verify_module
 from persistence.audit.anchors import load_anchors
 from persistence.audit.rows_worker import RowsWorker, _child_environment
 from persistence.audit.verify import VerifyReport, count_checks, verify
 from persistence.db.engine import Database, create_database
 from persistence.migrations import upgrade
 from persistence.tables.repositories import Repositories
+from tests.support import REPO_ROOT
 from tests.support.audit import audit_cli, closed_version, tamper
-from tests.support.databases import make_settings
+from tests.support.databases import create_postgres_database, drop_postgres_database, make_settings
 from tests.support.factories import make_parameter_change, make_signal, make_snapshot, make_trade
 
 
@@ -78,6 +83,8 @@ EDIT_T29 = "UPDATE trades SET pnl = 7 WHERE trade_id = 'T-29'"
         pytest.param(["UPDATE signals SET symbol = 'XAUUSD'", EDIT_T29], "T-29", id="later-part-earlier-table"),
         pytest.param(["DELETE FROM trades WHERE trade_id = 'T-01'", EDIT_T29], "T-29", id="row-before-deletion"),
         pytest.param(["UPDATE trades SET symbol = 'X' WHERE trade_id IN ('T-02', 'T-29')"], "T-02", id="first-key"),
+        # An empty key sorts before every other: the first page of the first part starts below it.
+        pytest.param(["UPDATE trades SET trade_id = '' WHERE trade_id = 'T-05'"], "", id="empty-key"),
     ],
 )
 async def test_any_number_of_processes_name_the_same_break_as_one(
@@ -204,8 +211,20 @@ async def test_one_job_a_small_trail_an_in_memory_database_and_since_last_anchor
 
 
 def test_the_command_line_takes_jobs_and_reports_the_same_break_with_one(
-    sqlite_url: str,
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """By default the command checks the rows in children (the threshold lowered here to reach them on five rows),
+    and names the break one process names."""
+    monkeypatch.setattr(verify_module, "PARALLEL_FROM_ROWS", 0)
+    started: list[RowsWorker] = []
+    start = RowsWorker.start
+
+    async def counted(*args: Any) -> RowsWorker:
+        started.append(await start(*args))
+        return started[-1]
+
+    monkeypatch.setattr(RowsWorker, "start", counted)
+
     async def prepare() -> None:
         database = create_database(make_settings(database_url=sqlite_url, instance_id="desk-1"))
         try:
@@ -223,8 +242,10 @@ def test_the_command_line_takes_jobs_and_reports_the_same_break_with_one(
     assert default.returncode == single.returncode == 1
     assert "BROKEN: " in default.stdout and "'T-CLI-3': audited, but the trades row is gone" in default.stdout
     assert default.stdout.splitlines()[-1] == single.stdout.splitlines()[-1]
-    refused = audit_cli(sqlite_url, "verify", "--jobs", "0")
-    assert refused.returncode == 2 and "--jobs" in refused.stderr
+    assert len(started) == 2 * 2  # two children for each run with the default of three jobs, none with one
+    for refused_jobs in ("0", "33"):
+        refused = audit_cli(sqlite_url, "verify", "--jobs", refused_jobs)
+        assert refused.returncode == 2 and "--jobs" in refused.stderr and "1 to 32" in refused.stderr
 
 
 def test_a_child_imports_the_same_package_as_its_parent(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,3 +265,86 @@ async def test_a_break_quoting_a_long_value_is_named_by_children_too(seeded: Dat
     one, three = await by_jobs(seeded)
     assert one.broken is not None and "reason is 'xxx" in one.broken.problem
     assert three.broken == one.broken
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 100])
+async def test_an_unreadable_row_and_an_edited_one_are_named_in_key_order_whatever_the_chunks(
+    sqlite_url: str, chunk: int
+) -> None:
+    """The first row that breaks, in key order, is named: an edited row before an unreadable one in the same chunk
+    is not hidden behind it, whichever the chunk size or the number of processes."""
+    database = create_database(make_settings(database_url=sqlite_url))
+    try:
+        await upgrade(database)
+        repos = Repositories(database)
+        for n in range(30):
+            await repos.trades.save_trade(make_trade(trade_id=f"T-{n:02d}"))
+        await tamper(
+            sqlite_url,
+            "UPDATE trades SET pnl = 7 WHERE trade_id = 'T-03'",
+            "UPDATE trades SET entry_time = 'yesterday' WHERE trade_id = 'T-20'",
+        )
+        for jobs in (1, 3):
+            broken = (await verify(database, chunk=chunk, jobs=jobs, parallel_from=0)).broken
+            assert broken is not None and broken.natural_key == "T-03", (jobs, broken)
+            assert "differs from its latest audited version" in broken.problem
+    finally:
+        await database.dispose()
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie left for its new parent to reap has ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.postgres
+async def test_a_rows_child_ends_when_its_parent_is_killed_even_inside_a_long_statement() -> None:
+    """``kill -9`` of the process running ``audit verify`` leaves no rows child behind, even one waiting in a
+    statement (here on a lock another connection holds, with a query timeout of a minute)."""
+    url = await asyncio.to_thread(create_postgres_database, "persistence_orphan")
+    try:
+        database = create_database(make_settings(database_url=url))
+        try:
+            await upgrade(database)
+            await Repositories(database).trades.save_trade(make_trade())
+        finally:
+            await database.dispose()
+        holder = await asyncpg.connect(make_url(url).set(drivername="postgresql").render_as_string(False))
+        try:
+            async with holder.transaction():
+                await holder.execute("LOCK TABLE trades IN ACCESS EXCLUSIVE MODE")
+                parent = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "tests.children.rows_worker_parent",
+                    url,
+                    stdout=asyncio.subprocess.PIPE,
+                    cwd=REPO_ROOT,
+                    env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                )
+                assert parent.stdout is not None
+                child = int(await asyncio.wait_for(parent.stdout.readline(), 60))
+                waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'"
+                for _ in range(600):  # until the child's statement waits on the lock
+                    await holder.execute("SELECT pg_stat_clear_snapshot()")  # else read once per transaction
+                    if await holder.fetchval(waiting, make_url(url).database):
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    parent.kill()
+                    pytest.fail("the rows child never reached its statement")
+                parent.kill()
+                await parent.wait()
+                for _ in range(200):
+                    if not _running(child):
+                        break
+                    await asyncio.sleep(0.05)
+                assert not _running(child), "the rows child outlived its killed parent"
+        finally:
+            await holder.close()
+    finally:
+        await asyncio.to_thread(drop_postgres_database, url)

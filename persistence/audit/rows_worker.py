@@ -13,7 +13,9 @@ a command line). The child writes ``{"progress": n}`` after each chunk (``n`` ro
 ``{"rows": {...}, "broken": {...} | null, "where": [table index, 0 row | 1 deletion] | null}``, or
 ``{"error": "..."}`` when it could not check (exit status 1). Anything else (a crash, a kill) is an
 :class:`~persistence.errors.AuditVerifyError` in the parent, naming the exit status and the end of the child's
-stderr. A child is killed if the parent stops waiting (a break in a chain ends the verify at once).
+stderr. A child is killed if the parent stops waiting (a break in a chain ends the verify at once). The parent keeps
+the child's stdin open until it is done with it: a child whose stdin ends (its parent killed, even by ``kill -9``)
+exits at once, even in the middle of a long statement.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import site
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -55,7 +58,7 @@ class RowsWorker:
         settings: Settings,
         instance_id: str | None,
         chunk: int,
-        ranges: dict[str, tuple[str, str | None]],
+        ranges: dict[str, tuple[str | None, str | None]],
         part: int,
     ) -> RowsWorker:
         """Start the child and hand it its request: the part of each table's keys it checks (``ranges``: after, up
@@ -82,8 +85,7 @@ class RowsWorker:
         process.stdin.write(json.dumps(request).encode() + b"\n")
         with contextlib.suppress(ConnectionError):  # a child that died at once: reported by result()
             await process.stdin.drain()
-        process.stdin.close()
-        return cls(process)
+        return cls(process)  # stdin stays open: the child exits when it ends
 
     async def _keep_stderr(self, stream: asyncio.StreamReader) -> None:
         while block := await stream.read(65_536):
@@ -131,6 +133,8 @@ class RowsWorker:
 
     def kill(self) -> None:
         """Kill the child if it still runs (at once: no wait, so a cancellation cannot come between two kills)."""
+        assert self._process.stdin is not None
+        self._process.stdin.close()
         if self._process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._process.kill()
@@ -185,9 +189,19 @@ def _send(message: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _exit_when_orphaned() -> None:
+    """Wait for the end of stdin, which the parent holds open while it waits for this child, and exit then: a
+    parent that is gone (killed, even by ``kill -9``) leaves no child running a long statement."""
+    descriptor = sys.stdin.fileno()  # read below the buffered reader, whose lock a daemon thread must not hold
+    while os.read(descriptor, 65_536):
+        pass
+    os._exit(3)
+
+
 def main() -> int:
     """The child's entry point: one request on stdin, its progress and result on stdout."""
-    request = json.loads(sys.stdin.readline())
+    request = json.loads(sys.stdin.buffer.readline())
+    threading.Thread(target=_exit_when_orphaned, name="rows-worker-orphan-watch", daemon=True).start()
     try:
         result = asyncio.run(_check(request))
     except Exception as error:

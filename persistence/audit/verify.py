@@ -217,7 +217,7 @@ class _Verifier:
         anchors: Anchors | None,
         since_last_anchor: bool,
         jobs: int = 1,
-        ranges: dict[str, tuple[str, str | None]] | None = None,
+        ranges: dict[str, tuple[str | None, str | None]] | None = None,
         check_deletions: bool = True,
         parallel_from: int = PARALLEL_FROM_ROWS,
     ) -> None:
@@ -225,7 +225,8 @@ class _Verifier:
         self._jobs = jobs
         self._parallel_from = parallel_from
         self._ranges = ranges or {}
-        """Per table, the part of its keys whose rows are checked: after the first, up to the second (``None``: all)."""
+        """Per table, the part of its keys whose rows are checked: after the first (``None``: from the first key, ``""``
+        included), up to the second (``None``: to the last)."""
         self._check_deletions = check_deletions
         self.broken_at: tuple[int, int] | None = None
         self._instance = instance_id
@@ -271,16 +272,21 @@ class _Verifier:
                         )
                         return self.report
             workers = await self._rows_elsewhere(connection)
+            # The children are read from the start: their progress counts while this process walks the chains.
+            waits = [asyncio.ensure_future(worker.result(self._advance)) for worker in workers]
             try:
                 for instance in instances:
                     if not await self._chain(connection, instance):
                         return self.report
                 if workers:
-                    await self._results_of(workers)
+                    self._conclude(await asyncio.gather(*waits))
                     return self.report
             finally:
                 for worker in workers:  # every child killed before any wait
                     worker.kill()
+                for wait in waits:
+                    wait.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
                 for worker in workers:
                     await worker.stop()
         await self.rows_and_deletions()
@@ -303,7 +309,7 @@ class _Verifier:
         workers: list[RowsWorker] = []
         try:
             for part in range(parts):
-                ranges = {name: (str(cuts[part]), cuts[part + 1]) for name, cuts in bounds.items()}
+                ranges = {name: (cuts[part], cuts[part + 1]) for name, cuts in bounds.items()}
                 workers.append(await RowsWorker.start(self._db.settings, self._instance, self._chunk, ranges, part))
         except BaseException:
             for worker in workers:
@@ -317,31 +323,25 @@ class _Verifier:
         self, connection: AsyncConnection, table: Table, record: type[Record], parts: int, counted: dict[str, int]
     ) -> list[str | None]:
         """``parts + 1`` cuts of ``table``'s keys into parts of about equal size: part ``i`` is the keys after cut
-        ``i`` up to cut ``i + 1`` (``""`` before the first key, ``None`` past the last). Taken once, here, and handed
-        to every child, so the parts cover every key exactly once whatever is written meanwhile."""
+        ``i`` up to cut ``i + 1`` (the first cut ``None``: from the first key, ``""`` included; the last ``None``: to
+        the last). Taken once, here, and handed to every child, so the parts cover every key exactly once whatever is
+        written meanwhile."""
         key = table.c[record.key_field]
         count = counted[table.name] = int(
             (await connection.execute(select(func.count()).select_from(table))).scalar_one()
         )
-        cuts: list[str | None] = [""]
+        cuts: list[str | None] = [None]
         for part in range(1, parts):
             at = select(key).order_by(key).limit(1).offset(max(count * part // parts - 1, 0))
             found = (await connection.execute(at)).scalar()
-            cuts.append(str(found) if found is not None and count >= parts else cuts[-1])
+            # Too few keys for a cut here: this part holds nothing (it starts and ends at the cut before).
+            cuts.append(str(found) if found is not None and count >= parts else (cuts[-1] or ""))
         cuts.append(None)
         return cuts
 
-    async def _results_of(self, workers: list[RowsWorker]) -> None:
+    def _conclude(self, results: list[tuple[dict[str, int], dict[str, Any] | None, tuple[int, int] | None]]) -> None:
         """Every child's rows counted, and the break the checks in one process would have named first: the earliest
         table, a row before a deletion, then the earliest part of the keys."""
-        waits = [asyncio.ensure_future(worker.result(self._advance)) for worker in workers]
-        try:
-            results = await asyncio.gather(*waits)
-        except BaseException:  # one child failed: the others are stopped by the caller, their waits end here
-            for wait in waits:
-                wait.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-            raise
         first: tuple[tuple[int, int, int], dict[str, Any]] | None = None
         for part, (rows, broken, where) in enumerate(results):
             for table, count in rows.items():
@@ -560,23 +560,25 @@ class _Verifier:
 
     async def _each_row(self, table: Table, record: type[Record]) -> bool:
         """Every row (or the touched keys') against its latest audited version."""
-        if self._db.dialect_name == "postgresql" and not self._since:
-            return await self._each_row_postgres(table, record)
-        if not self._db.is_sqlite or self._since:
+        if self._since:
             self.report.rows[table.name] = 0
-            return await self._rows(
-                table, record, sorted(self._touched.get(record.entity, ())) if self._since else None
-            )
+            return await self._rows(table, record, sorted(self._touched.get(record.entity, ())))
+        if not self._db.is_sqlite:
+            return await self._each_row_postgres(table, record)
         # SQLite: SQLite itself compares each row with its latest version (its JSON read back into stored values),
         # in chunks; only rows it finds different (normally none) are decoded and compared here, to name the field.
         key = record.key_field
-        after, upto = self._ranges.get(table.name, ("", None))
-        statement = _sqlite_comparison(
-            table, tuple(record.model_fields), key, self._instance is not None, upto is not None
-        )
+        after, upto = self._ranges.get(table.name, (None, None))
+        fields = tuple(record.model_fields)
+        one_instance = self._instance is not None
+        statements = {
+            start: _sqlite_comparison(table, fields, key, one_instance, upto is not None, start)
+            for start in (False, True)
+        }
         self.report.rows[table.name] = 0
         while True:
-            parameters: tuple[Any, ...] = (record.entity, after)
+            statement = statements[after is None]
+            parameters: tuple[Any, ...] = (record.entity,) if after is None else (record.entity, after)
             if upto is not None:
                 parameters += (upto,)
             if self._instance is not None:
@@ -602,19 +604,25 @@ class _Verifier:
         fields = tuple(record.model_fields)
         encode = VersionEncoder(fields, column_kinds(table)).encode
         key = record.key_field
-        after, upto = self._ranges.get(table.name, ("", None))
+        after, upto = self._ranges.get(table.name, (None, None))
         columns = ", ".join(f't."{name}"' for name in fields)
-        where = f't."{key}" > $2' + (" AND t.instance_id = $4" if self._instance is not None else "")
-        where += f' AND t."{key}" <= ${5 if self._instance is not None else 4}' if upto is not None else ""
-        statement = (
-            f'SELECT {columns}, t.instance_id, a.payload, a.instance_id FROM "{table.name}" AS t '  # noqa: S608
-            "LEFT JOIN LATERAL (SELECT payload, instance_id FROM audit_log "
-            f'WHERE entity = $1 AND natural_key = t."{key}" ORDER BY id DESC LIMIT 1) AS a ON true '
-            f'WHERE {where} ORDER BY t."{key}" LIMIT $3'
-        )
+
+        def statement_for(start: bool) -> str:  # ``start``: from the first key ("" included), $2 unused
+            where = "$2::text IS NULL" if start else f't."{key}" > $2'
+            where += " AND t.instance_id = $4" if self._instance is not None else ""
+            where += f' AND t."{key}" <= ${5 if self._instance is not None else 4}' if upto is not None else ""
+            return (
+                f'SELECT {columns}, t.instance_id, a.payload, a.instance_id FROM "{table.name}" AS t '  # noqa: S608
+                "LEFT JOIN LATERAL (SELECT payload, instance_id FROM audit_log "
+                f'WHERE entity = $1 AND natural_key = t."{key}" ORDER BY id DESC LIMIT 1) AS a ON true '
+                f'WHERE {where} ORDER BY t."{key}" LIMIT $3'
+            )
+
+        statements = {start: statement_for(start) for start in (False, True)}
         key_index = fields.index(key)
         self.report.rows[table.name] = 0
         while True:
+            statement = statements[after is None]
             parameters: tuple[Any, ...] = (record.entity, after, self._chunk)
             if self._instance is not None:
                 parameters += (self._instance,)
@@ -636,35 +644,25 @@ class _Verifier:
             self.report.rows[table.name] += len(found)
             self._advance(len(found))
 
-    async def _rows(self, table: Table, record: type[Record], touched: list[str] | None) -> bool:
+    async def _rows(self, table: Table, record: type[Record], keys: list[str]) -> bool:
+        """The rows of ``keys`` (those of them still present) decoded and compared with their latest audited
+        versions, naming what differs; counted as checked with ``since_last_anchor`` (whose rows are these)."""
         fields = tuple(record.model_fields)
         reader = RowReader([table.c[name] for name in fields], record, sqlite=self._db.is_sqlite)
         encode = VersionEncoder(fields, column_kinds(table)).encode
         stored_text = _stored_encoder(table, fields) if self._db.is_sqlite else None
         key_column = table.c[record.key_field]
-        statement = select(*reader.columns, table.c.instance_id).where(key_column > bindparam("after"))
-        if self._instance is not None:
-            statement = statement.where(table.c.instance_id == self._instance)
-        statement = statement.order_by(key_column).limit(self._chunk)
-        if touched is not None:  # only these keys
-            statement = (
-                select(*reader.columns, table.c.instance_id)
-                .where(key_column.in_(bindparam("keys", expanding=True)))
-                .order_by(key_column)
-            )
-        after = ""
-        counted = touched is None or self._since
-        while True:
+        statement = (
+            select(*reader.columns, table.c.instance_id)
+            .where(key_column.in_(bindparam("keys", expanding=True)))
+            .order_by(key_column)
+        )
+        while keys:
+            chunk, keys = keys[: self._chunk], keys[self._chunk :]
             async with self._db.snapshot() as connection:
-                if touched is None:
-                    rows = (await connection.execute(statement, {"after": after})).all()
-                else:
-                    keys, touched = touched[: self._chunk], touched[self._chunk :]
-                    rows = (await connection.execute(statement, {"keys": keys})).all() if keys else []
+                rows = (await connection.execute(statement, {"keys": chunk})).all()
                 if not rows:
-                    if touched:
-                        continue
-                    return True
+                    continue
                 key_index = fields.index(record.key_field)
                 latest = await self._latest(connection, record.entity, [str(row[key_index]) for row in rows])
                 if stored_text is not None:
@@ -681,47 +679,22 @@ class _Verifier:
                         rows_left.append(row)
                 else:
                     rows_left = list(rows)
-                decoded = []
-                for row in rows_left:
-                    try:
-                        decoded.append((reader.decode(row[:-1]).__dict__, row[-1]))
-                    except (ValueError, TypeError, ArithmeticError) as error:  # a stored value nothing writes
-                        key = str(row[fields.index(record.key_field)])
-                        self.report.broken = Break(f"the {table.name} row cannot be read: {error}", record.entity, key)
-                        return False
-            for values, instance in decoded:
-                key = values[record.key_field]
-                entry = latest.get(key)
-                if entry is None:
-                    self.report.broken = Break(
-                        "the row has no audited version (it was written outside the sidecar)", record.entity, key
-                    )
+            for row in rows_left:  # in key order: the first that breaks is named, whatever the chunks
+                key = str(row[key_index])
+                try:
+                    values = reader.decode(row[:-1]).__dict__
+                except (ValueError, TypeError, ArithmeticError) as error:  # a stored value nothing writes
+                    self.report.broken = Break(f"the {table.name} row cannot be read: {error}", record.entity, key)
                     return False
-                _, audited_instance, seq, payload = entry
-                stored = encode(values)
-                if stored != payload:
-                    difference = _difference(json.loads(stored), json.loads(payload))
-                    self.report.broken = Break(
-                        f"the {table.name} row differs from its latest audited version: {difference}",
-                        record.entity,
-                        key,
-                        audited_instance,
-                        seq,
-                    )
+                self.report.broken = _row_break(
+                    table.name, record.entity, key, encode(values), row[-1], latest.get(key)
+                )
+                if self.report.broken is not None:
                     return False
-                if instance != audited_instance:
-                    self.report.broken = Break(
-                        f"the row's instance_id is {instance!r}, its latest audited version's {audited_instance!r}",
-                        record.entity,
-                        key,
-                        audited_instance,
-                        seq,
-                    )
-                    return False
-            after = str(rows[-1][fields.index(record.key_field)])
-            if counted:
+            if self._since:
                 self.report.rows[table.name] += len(rows)
                 self._advance(len(rows))
+        return True
 
     async def _deletions(self, table: Table, record: type[Record]) -> bool:
         key_column = table.c[record.key_field]
@@ -767,25 +740,12 @@ class _Verifier:
                 f"audited, but the {table.name} row is gone (deleted)", record.entity, str(gone[0][0]), instance, seq
             )
             return False
-        statement = (
-            select(audit_log.c.natural_key)
-            .distinct()
-            .where(audit_log.c.entity == record.entity, audit_log.c.natural_key > bindparam("after"))
-        )
-        if self._instance is not None:
-            statement = statement.where(audit_log.c.instance_id == self._instance)
-        statement = statement.order_by(audit_log.c.natural_key).limit(self._chunk)
+        # ``since_last_anchor``: the keys written after the checkpoints, each still with its row.
         present = select(key_column).where(key_column.in_(bindparam("keys", expanding=True)))
-        touched = sorted(self._touched.get(record.entity, ())) if self._since else None
-        after = ""
-        while True:
+        touched = sorted(self._touched.get(record.entity, ()))
+        while touched:
+            keys, touched = touched[: self._chunk], touched[self._chunk :]
             async with self._db.snapshot() as connection:
-                if touched is None:
-                    keys = [str(key) for key in (await connection.execute(statement, {"after": after})).scalars()]
-                else:
-                    keys, touched = touched[: self._chunk], touched[self._chunk :]
-                if not keys:
-                    return True
                 found = {str(key) for key in (await connection.execute(present, {"keys": keys})).scalars()}
                 missing = [key for key in keys if key not in found]
                 if missing:
@@ -795,16 +755,43 @@ class _Verifier:
                         f"audited, but the {table.name} row is gone (deleted)", record.entity, missing[0], instance, seq
                     )
                     return False
-            after = keys[-1]
+        return True
 
 
-def _sqlite_comparison(table: Table, fields: Sequence[str], key: str, one_instance: bool, bounded: bool) -> str:
+def _row_break(
+    table: str, entity: str, key: str, stored: str, instance: str, entry: tuple[int, str, int, str] | None
+) -> Break | None:
+    """How a row (its canonical JSON ``stored`` and its ``instance``) differs from its latest audited version
+    ``entry`` (id, instance, seq, payload), if it does."""
+    if entry is None:
+        return Break("the row has no audited version (it was written outside the sidecar)", entity, key)
+    _, audited_instance, seq, payload = entry
+    if stored != payload:
+        difference = _difference(json.loads(stored), json.loads(payload))
+        return Break(
+            f"the {table} row differs from its latest audited version: {difference}", entity, key, audited_instance, seq
+        )
+    if instance != audited_instance:
+        return Break(
+            f"the row's instance_id is {instance!r}, its latest audited version's {audited_instance!r}",
+            entity,
+            key,
+            audited_instance,
+            seq,
+        )
+    return None
+
+
+def _sqlite_comparison(
+    table: Table, fields: Sequence[str], key: str, one_instance: bool, bounded: bool, start: bool = False
+) -> str:
     """SQLite SQL: per row after a key, its key and whether it equals its latest audited version (1) or not (0).
 
     The version's JSON values are turned back into what the row stores: a decimal string without its point is the
     stored scaled integer, a canonical timestamp with a space for ``T`` and no ``Z`` is the stored text, JSON
     ``true``/``false`` read back as 1/0; compared with ``IS`` (NULL equals NULL). A row with no audited version
-    compares as 0. Parameters: entity, after[, up to (``bounded``)][, instance], limit.
+    compares as 0. Parameters: entity, after (not with ``start``: from the first key, ``""`` included)[, up to
+    (``bounded``)][, instance], limit.
     """
     kinds = column_kinds(table)
     tests = ["a.id IS NOT NULL", "t.instance_id IS a.instance_id"]
@@ -815,16 +802,16 @@ def _sqlite_comparison(table: Table, fields: Sequence[str], key: str, one_instan
         elif kinds[name] == "datetime":
             value = f"replace(replace({value}, 'T', ' '), 'Z', '')"
         tests.append(f't."{name}" IS {value}')
-    where = (
-        f't."{key}" > ?'
-        + (f' AND t."{key}" <= ?' if bounded else "")
-        + (" AND t.instance_id = ?" if one_instance else "")
+    where = " AND ".join(
+        ([] if start else [f't."{key}" > ?'])
+        + ([f't."{key}" <= ?'] if bounded else [])
+        + (["t.instance_id = ?"] if one_instance else [])
     )
     return (
         f'SELECT t."{key}", ({" AND ".join(tests)}) FROM "{table.name}" AS t '  # noqa: S608 - schema names only
         "LEFT JOIN audit_log AS a ON a.id = "
         f'(SELECT max(id) FROM audit_log WHERE entity = ? AND natural_key = t."{key}") '
-        f'WHERE {where} ORDER BY t."{key}" LIMIT ?'
+        f'WHERE {where or "1"} ORDER BY t."{key}" LIMIT ?'
     )
 
 
@@ -995,19 +982,26 @@ async def verify(
     anchors: Anchors | None = None,
     since_last_anchor: bool = False,
     jobs: int = 1,
-    parallel_from: int = PARALLEL_FROM_ROWS,
+    parallel_from: int | None = None,
 ) -> VerifyReport:
     """Check every chain (or ``instance_id``'s), every row against its latest audited version, and deletions.
 
     With ``anchors`` (:func:`~persistence.audit.anchors.load_anchors`) every checkpoint is held against its chain;
     with ``since_last_anchor`` too, only what follows each chain's newest matching checkpoint is checked. With
-    ``jobs=N`` (N > 1) and at least ``parallel_from`` rows, the rows and deletions are checked by ``N - 1`` child
-    processes, each on its part of every table's keys, while this one walks the chains (on two cores, about half the
-    time); the report names the same break, a break in a chain still first. A child that cannot finish raises
-    :class:`~persistence.errors.AuditVerifyError`.
+    ``jobs=N`` (N > 1) and at least ``parallel_from`` rows (default :data:`PARALLEL_FROM_ROWS`), the rows and
+    deletions are checked by ``N - 1`` child processes, each on its part of every table's keys, while this one walks
+    the chains (on two cores, about half the time); the report names the same break, a break in a chain still first.
+    A child that cannot finish raises :class:`~persistence.errors.AuditVerifyError`.
     """
     verifier = _Verifier(
-        database, instance_id, progress, chunk, anchors, since_last_anchor, jobs, parallel_from=parallel_from
+        database,
+        instance_id,
+        progress,
+        chunk,
+        anchors,
+        since_last_anchor,
+        jobs,
+        parallel_from=PARALLEL_FROM_ROWS if parallel_from is None else parallel_from,
     )
     return await verifier.run()
 
@@ -1017,7 +1011,7 @@ async def rows_and_deletions(
     instance_id: str | None,
     chunk: int,
     progress: Progress,
-    ranges: dict[str, tuple[str, str | None]],
+    ranges: dict[str, tuple[str | None, str | None]],
     check_deletions: bool,
 ) -> tuple[dict[str, int], Break | None, tuple[int, int] | None]:
     """Passes 2 and 3 of :func:`verify` on a part of each table's keys (``ranges``: after, up to), run by

@@ -46,12 +46,16 @@ _BEFORE_THE_TRAIL = ("0001", "0002")
 VERIFY_JOBS = 3
 """``audit verify``'s processes by default: the chain walk here, the rows in two parts elsewhere (on two cores, about
 half the time of one process: the walk is about 40 % of the work, and the parts fill the other core and the rest)."""
+MAX_VERIFY_JOBS = 32
+"""The most ``--jobs`` takes: each job is a process (about 70 MB) and a database connection of its own."""
 
 
-def _positive(text: str) -> int:
+def _jobs(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    if not 1 <= value <= MAX_VERIFY_JOBS:
+        raise argparse.ArgumentTypeError(
+            f"must be 1 to {MAX_VERIFY_JOBS} (each job is a process and a database connection), not {value}"
+        )
     return value
 
 
@@ -224,7 +228,7 @@ def add_audit_commands(commands: Any) -> None:
     )
     checking.add_argument(
         "--jobs",
-        type=_positive,
+        type=_jobs,
         default=VERIFY_JOBS,
         metavar="N",
         help=f"processes that check (default {VERIFY_JOBS}): this one walks the chains while N - 1 others check the "
