@@ -9,6 +9,8 @@ bound is logged (``metrics_exporter_failed``) and never stops start-up: observab
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 from wsgiref.simple_server import WSGIServer
 
@@ -50,13 +52,16 @@ class MetricsExporter:
         return self._thread.is_alive()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop serving, close the socket and join the thread. Blocks up to the server's poll interval (0.5 s).
+        """Stop serving, close the socket and join the thread: a few milliseconds (the listening socket is shut down
+        first, which wakes the server's loop at once instead of at its next poll, up to 0.5 s later).
 
         Idempotent. Call it off the event loop (``asyncio.to_thread``) from async code.
         """
         if self._closed:
             return
         self._closed = True
+        with contextlib.suppress(OSError):
+            self._server.socket.shutdown(socket.SHUT_RDWR)
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout)
