@@ -113,6 +113,9 @@ async def test_a_current_database_is_upgraded_without_alembic_work_on_the_hosts_
         monkeypatch.setattr(command, "upgrade", refused)
         assert await upgrade(database) == head
         assert read_on and loop_thread not in read_on
+        read_on.clear()
+        plan = await migrate_to(database, head)  # the same at the command's entry: nothing to do, nothing on the loop
+        assert plan.direction == "none" and read_on and loop_thread not in read_on
     finally:
         await database.dispose()
 

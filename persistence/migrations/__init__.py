@@ -167,7 +167,7 @@ async def migrate_to(
     changed) unless ``force``. The schema guard and the backup apply as in :func:`upgrade`.
     """
     config = alembic_config(extra_version_locations)
-    script = ScriptDirectory.from_config(config)
+    script = await asyncio.to_thread(_loaded_script, config)
     current = await _checked_revision(database, script, lock_wait_seconds)
     plan = plan_migration(script, current, revision)
     if plan.direction == "upgrade":
