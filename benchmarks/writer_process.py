@@ -7,7 +7,7 @@ The host validates each record on its loop (``Trade.parse``, as ``record_trade``
 the caller), queues it with a future and, once per loop iteration, sends the queued records in batches of
 :data:`BATCH` to the child over its stdin (a frame: batch id, length, the serialized values). The child decodes a
 batch, encodes the rows as the schema stores them, reads the stored rows of the batch's keys and the chain's head,
-builds the audit entries with the project's own :class:`VersionEncoder` and :func:`chain_entries`, writes rows and
+builds the audit entries with the project's own :class:`VersionEncoder` and :func:`linked_entries`, writes rows and
 entries in one ``BEGIN IMMEDIATE … COMMIT`` and acks the batch id on its stdout; the host resolves the batch's
 futures. Left out, so the figures are a floor for the design: the journal, receipts' states, the breaker, retries,
 the version rule beyond "new keys only", supervision of the child.
@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from persistence.audit.chain import AuditHead, VersionEncoder, chain_entries
+from persistence.audit.chain import GENESIS, AuditHead, VersionEncoder, linked_entries
 from persistence.audit.trail import HEAD_SQL, column_kinds
 from persistence.db.rowcodec import DriverBatch
 from persistence.db.schema import audit_log, trades
@@ -148,9 +148,8 @@ class ChildWriter:
             found = connection.execute(HEAD_SQL, (instance,)).fetchall()
             head = AuditHead(instance, int(found[0][0]), str(found[0][1])) if found else None
             encode = self.encode
-            entries = chain_entries(
-                head, instance, [("trade", value["trade_id"], encode(value)) for value in fresh], datetime.now(UTC)
-            )
+            versions = [("trade", value["trade_id"], encode(value), GENESIS) for value in fresh]  # first versions
+            entries = linked_entries(head, instance, versions, datetime.now(UTC))
             connection.executemany(self.rows.sql, self.rows.encode(fresh))
             connection.executemany(self.entries.sql, self.entries.encode(entries))
             connection.execute("COMMIT")
@@ -237,7 +236,13 @@ class ProcessWriter:
         while True:
             try:
                 data = await stdout.readexactly(ACK.size)
-            except asyncio.IncompleteReadError:
+            except asyncio.IncompleteReadError:  # the child ended: what it did not ack fails, nothing waits forever
+                ended = RuntimeError("the writer process ended before acknowledging its batches")
+                for futures in self._in_flight.values():
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(ended)
+                self._in_flight.clear()
                 return
             for future in self._in_flight.pop(ACK.unpack(data)[0]):
                 future.set_result(None)
