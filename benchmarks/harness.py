@@ -332,14 +332,31 @@ async def user_steady(
 
 
 class LoopStallProbe:
-    """A task sleeping 1 ms in a loop and recording how late it wakes: the host loop's stalls."""
+    """A task sleeping 1 ms in a loop and recording how late it wakes: the host loop's stalls. The garbage collector's
+    passes of the oldest generation are timed beside it (``gc.callbacks``, any thread), so a stall can be told apart
+    from a full collection of the host's heap that happened inside it."""
 
     def __init__(self, interval: float = 0.001) -> None:
         self.interval = interval
         self.overshoots: list[float] = []
+        self.spans: list[tuple[float, float]] = []
+        """Each wake-up's (start of the sleep, wake-up), beside :attr:`overshoots`."""
+        self.full_collections: list[tuple[float, float]] = []
+        """(start, end) of each collection of the oldest generation while probing."""
         self._task: asyncio.Task[None] | None = None
+        self._collecting: float | None = None
+
+    def _on_collection(self, phase: str, info: dict[str, Any]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._collecting = time.perf_counter()
+        elif self._collecting is not None:
+            self.full_collections.append((self._collecting, time.perf_counter()))
+            self._collecting = None
 
     def start(self) -> None:
+        gc.callbacks.append(self._on_collection)
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -347,7 +364,9 @@ class LoopStallProbe:
         while True:
             before = clock()
             await asyncio.sleep(self.interval)
-            self.overshoots.append(clock() - before - self.interval)
+            after = clock()
+            self.overshoots.append(after - before - self.interval)
+            self.spans.append((before, after))
 
     async def stop(self) -> float:
         """Stop probing; returns the largest stall seen (seconds)."""
@@ -355,11 +374,33 @@ class LoopStallProbe:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_collection)
         return self.largest
 
     @property
     def largest(self) -> float:
         return max(self.overshoots, default=0.0)
+
+    @property
+    def largest_without_a_full_collection(self) -> float:
+        """The largest stall with no collection of the oldest generation inside it: what is left when the collector's
+        passes over the host's heap are set aside."""
+        return max(
+            (
+                overshoot
+                for overshoot, (before, after) in zip(self.overshoots, self.spans, strict=True)
+                if not any(start < after and end > before for start, end in self.full_collections)
+            ),
+            default=0.0,
+        )
+
+    def describe_collections(self) -> str:
+        """The full collections seen, for a figure's baseline: how many, and the longest."""
+        if not self.full_collections:
+            return "no full collection while probing"
+        longest = max(end - start for start, end in self.full_collections)
+        return f"{len(self.full_collections)} full collections while probing, the longest {longest * 1000:.1f} ms"
 
 
 TEXT_TABLE = "trades_text"

@@ -778,6 +778,8 @@ def test_loop_stall_during_an_outage(
 
     stalls: list[float] = []
     spilled: list[int] = []
+    apart: list[float] = []  # the largest stall with no full collection inside it
+    collections: list[str] = []
     counter = iter(range(10_000))
 
     async def outage(settings: Settings, prefix: str) -> float:
@@ -802,7 +804,10 @@ def test_loop_stall_during_an_outage(
                 sidecar.record_trade(trade_mapping(i, prefix))
             await sidecar.flush(timeout=120)
             spilled[-1] = sum(spills)
-            return await probe.stop()
+            stall = await probe.stop()
+            apart.append(probe.largest_without_a_full_collection)
+            collections.append(probe.describe_collections())
+            return stall
 
     def one_round() -> None:
         n = next(counter)
@@ -819,12 +824,16 @@ def test_loop_stall_during_an_outage(
             "measured": ms(stall),
             "baseline": (
                 f"per round: {', '.join(ms(value) for value in stalls)}; records spilled to the journal per round: "
-                f"{', '.join(str(value) for value in spilled)}"
+                f"{', '.join(str(value) for value in spilled)}; the largest stall with no full collection of the "
+                f"heap inside it: {ms(statistics.median(apart))} (per round {', '.join(ms(value) for value in apart)}; "
+                f"{'; '.join(collections)})"
             ),
             "values": {
                 "largest_stall_ms": stall * 1000,
                 "per_round_ms": [value * 1000 for value in stalls],
                 "journal_spilled_per_round": spilled,
+                "largest_stall_without_a_full_collection_ms": [value * 1000 for value in apart],
+                "full_collections": collections,
             },
         }
     )
@@ -838,6 +847,8 @@ def test_loop_stall_during_a_journal_replay_of_100000_records(
     count = 100_000
     stalls: list[float] = []
     durations: list[float] = []
+    apart: list[float] = []  # the largest stall with no full collection inside it
+    collections: list[str] = []
     counter = iter(range(10_000))
 
     async def journal_then_replay(settings: Settings, prefix: str) -> tuple[float, float]:
@@ -865,6 +876,8 @@ def test_loop_stall_during_a_journal_replay_of_100000_records(
         await sidecar.flush(timeout=600)
         elapsed = time.perf_counter() - started
         stall = await probe.stop()
+        apart.append(probe.largest_without_a_full_collection)
+        collections.append(probe.describe_collections())
         landed = await sidecar.trades.count()
         await sidecar.close()
         assert landed == count
@@ -889,12 +902,16 @@ def test_loop_stall_during_a_journal_replay_of_100000_records(
             "measured": ms(stall),
             "baseline": (
                 f"per round: {', '.join(ms(value) for value in stalls)}; replay took "
-                f"{statistics.median(durations):.1f} s ({count / statistics.median(durations):,.0f} records/s)"
+                f"{statistics.median(durations):.1f} s ({count / statistics.median(durations):,.0f} records/s); "
+                f"the largest stall with no full collection of the heap inside it: {ms(statistics.median(apart))} "
+                f"(per round {', '.join(ms(value) for value in apart)}; {'; '.join(collections)})"
             ),
             "values": {
                 "largest_stall_ms": stall * 1000,
                 "per_round_ms": [value * 1000 for value in stalls],
                 "replay_seconds": statistics.median(durations),
+                "largest_stall_without_a_full_collection_ms": [value * 1000 for value in apart],
+                "full_collections": collections,
             },
         }
     )
