@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m persistence demo
 
+# The suite in two pytest processes at once (tests/support/shards.py); `$(PY) -m pytest` runs it in one.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m tests.support.shards
 
 # Property and model tests with random seeds and 20x the examples (make test runs them derandomized).
 fuzz: $(STAMP)

@@ -1,7 +1,8 @@
 """Shared fixtures: a migrated database on every backend (a SQLite file per test; PostgreSQL when
 ``PERSISTENCE_TEST_POSTGRES_URL`` is set, in a throwaway database created for the session and dropped after).
 
-Helpers that tests import live in ``tests/support/``; this file holds only fixtures."""
+Helpers that tests import live in ``tests/support/``; this file holds fixtures, and the ``--shard`` option with which
+``make test`` runs the suite in several processes at once (:mod:`tests.support.shards`)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,33 @@ from tests.support.databases import (
     make_settings,
     reset_postgres,
 )
+from tests.support.shards import parse_shard, split
 
 hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 hypothesis_settings.register_profile("fuzz", max_examples=2000, derandomize=False, print_blob=True)
 hypothesis_settings.load_profile("fuzz" if FUZZ else "ci")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="run only this shard's tests: every N-th from the K-th, counted from 0 (`make test` runs N at once)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``--shard K/N``: only this shard's tests (the others run in the other shards)."""
+    option = config.getoption("shard")
+    if option is None:
+        return
+    shard, shards = parse_shard(option)
+    pinned = ["soak_figures" in getattr(item, "fixturenames", ()) for item in items]
+    kept, dropped = split(items, shard, shards, pinned)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
 
 
 @pytest.fixture(scope="session")
