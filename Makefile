@@ -19,9 +19,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m persistence demo
 
-# The suite in two pytest processes at once (tests/support/shards.py); `$(PY) -m pytest` runs it in one.
 test: $(STAMP)
-	$(PY) -m tests.support.shards
+	$(PY) -m pytest
 
 # Property and model tests with random seeds and 20x the examples (make test runs them derandomized).
 fuzz: $(STAMP)

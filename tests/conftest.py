@@ -2,7 +2,7 @@
 ``PERSISTENCE_TEST_POSTGRES_URL`` is set, in a throwaway database created for the session and dropped after).
 
 Helpers that tests import live in ``tests/support/``; this file holds fixtures, and the ``--shard`` option with which
-``make test`` runs the suite in several processes at once (:mod:`tests.support.shards`)."""
+:mod:`tests.support.shards` runs the suite in several processes at once."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--shard",
         default=None,
         metavar="K/N",
-        help="run only this shard's tests: every N-th from the K-th, counted from 0 (`make test` runs N at once)",
+        help="run only this shard's tests: every N-th from the K-th, counted from 0 (see tests/support/shards.py)",
     )
 
 

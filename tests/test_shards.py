@@ -1,12 +1,18 @@
-"""``make test`` runs the suite in shards (:mod:`tests.support.shards`): between them the shards run every test
-exactly once, and the tests that read the chaos soak's figures all run in shard 0, beside the soak."""
+"""The suite in shards (:mod:`tests.support.shards`): between them the shards run every test exactly once, the tests
+that read the chaos soak's figures all run in shard 0, beside the soak, and a shard's failure is the run's."""
 
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support import REPO_ROOT
 from tests.support.shards import parse_shard, split
 
 
@@ -29,3 +35,37 @@ def test_a_shard_outside_its_count_is_refused(text: str) -> None:
 
 def test_a_shard_within_its_count_is_read() -> None:
     assert parse_shard("1/2") == (1, 2)
+
+
+def run_shards(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.support.shards", *arguments],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TEST_SHARDS": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_two_shards_run_a_module_between_them_and_report_each() -> None:
+    module = "tests/test_write_policies.py"
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", module],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    total = sum(1 for line in collected.splitlines() if "::" in line)
+    done = run_shards(module, "-q")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "shard 1 of 2: exit status 0" in done.stdout and "shard 2 of 2: exit status 0" in done.stdout
+    passed = [int(count) for count in re.findall(r"(\d+) passed", done.stdout)]
+    assert len(passed) == 2 and all(passed) and sum(passed) == total
+    assert done.stdout.rstrip().endswith("all passed")
+
+
+def test_a_shard_that_fails_fails_the_run_with_its_status() -> None:
+    done = run_shards("tests/test_write_policies.py", "-q", "-k", "no_test_is_named_so")  # no test: pytest's status 5
+    assert done.returncode == 5 and done.stdout.rstrip().endswith("FAILED")
