@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
 
-from persistence.db.engine import SQLITE_MAX_BUSY_MS, Database, create_database, sqlite_path
+from persistence.db.engine import SQLITE_MAX_BUSY_MS, Database, create_database, driver_of, sqlite_path
 from persistence.errors import QueryTimeoutError
 from tests.support.databases import make_settings
 
@@ -212,5 +214,36 @@ async def test_a_runaway_batch_write_on_the_driver_fast_path_is_interrupted_at_t
         assert time.monotonic() - started < 5
         async with database.read() as connection:  # the connection is fine afterwards
             assert (await connection.execute(text("SELECT count(*) FROM trades"))).scalar_one() == 0
+    finally:
+        await database.dispose()
+
+
+async def test_a_cancelled_bounded_statement_is_interrupted_and_ended_before_the_cancellation_goes_on(
+    sqlite_url: str,
+) -> None:
+    """A background checkpoint cancelled at ``close()`` must not leave its statement running in the driver's thread,
+    to finish later on a loop that may be closed by then: the cancellation interrupts it and waits for its end."""
+    database = create_database(make_settings(database_url=sqlite_url, query_timeout_ms=120_000))
+    running = threading.Event()
+
+    def mark(value: int) -> int:
+        running.set()
+        return value
+
+    endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(mark(x)) FROM c"
+    try:
+        async with database.read() as connection:
+            driver = await driver_of(connection)
+            await driver.create_function("mark", 1, mark)
+            task = asyncio.ensure_future(database._bounded(driver, endless, lambda: driver.execute_fetchall(endless)))
+            assert await asyncio.to_thread(running.wait, 60), "the statement never started"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 60)  # not the query timeout (120 s): the cancellation interrupted it
+            # The driver's thread is free: the next statement is not queued behind the endless one.
+            try:
+                assert await asyncio.wait_for(driver.execute_fetchall("SELECT 42"), 10) == [(42,)]
+            finally:
+                await driver.interrupt()  # if it still runs (the test failing), it must not hold the pool forever
     finally:
         await database.dispose()

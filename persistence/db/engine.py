@@ -148,10 +148,22 @@ class Database:
             return await self.on_driver(connection, partial(transaction, "BEGIN IMMEDIATE", work))
 
     async def _bounded(self, driver: Any, sql: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Await ``call`` (one statement on the aiosqlite ``driver``), interrupting it past the query timeout."""
+        """Await ``call`` (one statement on the aiosqlite ``driver``), interrupting it past the query timeout.
+
+        A caller cancelled meanwhile (a background checkpoint stopped at ``close()``) interrupts the statement and
+        waits for the driver's thread to end it: no statement outlives its caller to finish on a closed loop.
+        """
         timer = InterruptTimer(driver, self.settings.query_timeout)
+        statement = asyncio.ensure_future(call())
         try:
-            return await call()
+            return await asyncio.shield(statement)
+        except asyncio.CancelledError:
+            if not statement.done():
+                await driver.interrupt()  # sqlite3's interrupt(), at once: not queued behind the statement
+                await asyncio.wait([statement])
+            if not statement.cancelled():
+                statement.exception()  # retrieved: the cancellation is what the caller hears of
+            raise
         except sqlite3.Error as error:
             if timer.timed_out(error):
                 raise QueryTimeoutError(self.settings.query_timeout_ms, sql) from error
