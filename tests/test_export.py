@@ -466,3 +466,32 @@ def test_an_export_that_cannot_write_says_why_in_one_line_naming_the_users_path(
         )
         assert list(full.iterdir()) == [], "the temporary file is removed"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file", "full", "ro"]
+
+
+def test_a_csv_export_works_in_a_fresh_process_that_loaded_nothing_of_pyarrow_before(tmp_path: Path) -> None:
+    """The CSV writer formats decimals and timestamps with ``pyarrow.compute``, which ``pyarrow`` alone does not load:
+    in a process where nothing else imported it (the command line, a host's job), the export must load it itself."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from datetime import UTC, datetime
+        from pathlib import Path
+
+        from persistence.tools.export_files import _iso_text, require_pyarrow
+
+        assert "pyarrow.compute" not in sys.modules
+        pa = require_pyarrow()
+        column = pa.array([datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)], type=pa.timestamp("us", tz="UTC"))
+        print(_iso_text(pa, column)[0].as_py())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2026-01-02T03:04:05.000000Z"

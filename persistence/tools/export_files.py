@@ -27,9 +27,11 @@ PARQUET_ROW_GROUP_ROWS = 65_536
 
 
 def require_pyarrow() -> Any:
-    """The ``pyarrow`` module, or :class:`AnalysisExtraMissingError` naming the extra to install."""
+    """The ``pyarrow`` module with the submodules used here loaded (``compute``, ``csv``, ``parquet``), or
+    :class:`AnalysisExtraMissingError` naming the extra to install."""
     try:
         import pyarrow
+        import pyarrow.compute
         import pyarrow.csv
         import pyarrow.parquet
     except ImportError as exc:
