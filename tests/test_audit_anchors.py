@@ -625,3 +625,28 @@ def audit_export(database_url: str, output: Path) -> Any:
 
     env = {**os.environ, "DATABASE_URL": database_url}
     return run_in_process("export", "audit", "--format", "jsonl", "--output", str(output), cwd=output.parent, env=env)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        pytest.param('"pnl":"12.50000000"', '"pnl":"twelve"', id="not-a-decimal"),
+        pytest.param('"exit_time":"', '"exit_time":"yesterday', id="not-a-timestamp"),
+    ],
+)
+async def test_a_version_rewritten_with_a_value_of_the_wrong_type_is_named_not_crashed_on(
+    clean_database_url: str, sidecar_settings: SettingsFactory, old: str, new: str
+) -> None:
+    """A consistent rewrite (every hash recomputed) that gives a field a value its column cannot hold: the database
+    cannot compare it (PostgreSQL refuses the cast), so the row is compared here, and named, in one process or in
+    parts."""
+    settings, trades = await anchored_trail(clean_database_url, sidecar_settings)
+    database = create_database(settings)
+    try:
+        await rewrite_from(database, clean_database_url, "bot-x", 6, old, new)
+        for jobs in (1, 3):
+            broken = (await verify(database, jobs=jobs, parallel_from=0)).broken
+            assert broken is not None and broken.natural_key == trades[1].trade_id, (jobs, broken)
+            assert "differs from its latest audited version" in broken.problem and broken.seq == 6
+    finally:
+        await database.dispose()

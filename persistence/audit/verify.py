@@ -40,6 +40,7 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy import Boolean, Table, bindparam, func, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -598,51 +599,68 @@ class _Verifier:
             self._advance(len(found))
 
     async def _each_row_postgres(self, table: Table, record: type[Record]) -> bool:
-        """PostgreSQL: each row fetched with its latest version's payload (one statement a chunk, on the driver) and
-        its canonical JSON compared with it; only rows that differ (normally none) are checked again by
-        :meth:`_rows`, which names what differs."""
+        """PostgreSQL: the server compares each row with its latest version's values (:func:`_postgres_comparison`,
+        one statement a chunk, on the driver); only rows it finds different (normally none) are checked again by
+        :meth:`_rows`, which names what differs. A chunk whose versions the server cannot read as JSON values (a
+        payload written by hand) is compared here instead, each row's canonical JSON against its payload."""
         fields = tuple(record.model_fields)
-        encode = VersionEncoder(fields, column_kinds(table)).encode
         key = record.key_field
         after, upto = self._ranges.get(table.name, (None, None))
-        columns = ", ".join(f't."{name}"' for name in fields)
-
-        def statement_for(start: bool) -> str:  # ``start``: from the first key ("" included), $2 unused
-            where = "$2::text IS NULL" if start else f't."{key}" > $2'
-            where += " AND t.instance_id = $4" if self._instance is not None else ""
-            where += f' AND t."{key}" <= ${5 if self._instance is not None else 4}' if upto is not None else ""
-            return (
-                f'SELECT {columns}, t.instance_id, a.payload, a.instance_id FROM "{table.name}" AS t '  # noqa: S608
-                "LEFT JOIN LATERAL (SELECT payload, instance_id FROM audit_log "
-                f'WHERE entity = $1 AND natural_key = t."{key}" ORDER BY id DESC LIMIT 1) AS a ON true '
-                f'WHERE {where} ORDER BY t."{key}" LIMIT $3'
-            )
-
-        statements = {start: statement_for(start) for start in (False, True)}
-        key_index = fields.index(key)
+        one_instance = self._instance is not None
+        statements = {
+            start: _postgres_comparison(table, fields, key, one_instance, upto is not None, start)
+            for start in (False, True)
+        }
         self.report.rows[table.name] = 0
         while True:
-            statement = statements[after is None]
             parameters: tuple[Any, ...] = (record.entity, after, self._chunk)
             if self._instance is not None:
                 parameters += (self._instance,)
             if upto is not None:
                 parameters += (upto,)
-            async with self._db.snapshot() as connection:
-                driver = await driver_of(connection)
-                found = await driver.fetch(statement, *parameters)
+            try:
+                async with self._db.snapshot() as connection:
+                    driver = await driver_of(connection)
+                    found = [
+                        (str(key_value), bool(same))
+                        for key_value, same in await driver.fetch(statements[after is None], *parameters)
+                    ]
+            except asyncpg.DataError:  # a payload that is not JSON, or a value that is not its field's type
+                found = await self._compare_in_python(table, record, parameters, upto is not None)
             if not found:
                 return True
-            different = []
-            for row in found:
-                payload = row[-2]
-                if payload is None or row[-3] != row[-1] or payload != encode(row):
-                    different.append(str(row[key_index]))
+            different = [key_value for key_value, same in found if not same]
             if different and not await self._rows(table, record, different):
                 return False
-            after = str(found[-1][key_index])
+            after = found[-1][0]
             self.report.rows[table.name] += len(found)
             self._advance(len(found))
+
+    async def _compare_in_python(
+        self, table: Table, record: type[Record], parameters: tuple[Any, ...], bounded: bool
+    ) -> list[tuple[str, bool]]:
+        """One chunk of :meth:`_each_row_postgres` compared here: each row's canonical JSON against its latest
+        version's payload, byte for byte."""
+        fields = tuple(record.model_fields)
+        encode = VersionEncoder(fields, column_kinds(table)).encode
+        key = record.key_field
+        columns = ", ".join(f't."{name}"' for name in fields)
+        where = "$2::text IS NULL" if parameters[1] is None else f't."{key}" > $2'
+        where += " AND t.instance_id = $4" if self._instance is not None else ""
+        where += f' AND t."{key}" <= ${5 if self._instance is not None else 4}' if bounded else ""
+        statement = (
+            f'SELECT {columns}, t.instance_id, a.payload, a.instance_id FROM "{table.name}" AS t '  # noqa: S608
+            "LEFT JOIN LATERAL (SELECT payload, instance_id FROM audit_log "
+            f'WHERE entity = $1 AND natural_key = t."{key}" ORDER BY id DESC LIMIT 1) AS a ON true '
+            f'WHERE {where} ORDER BY t."{key}" LIMIT $3'
+        )
+        key_index = fields.index(key)
+        async with self._db.snapshot() as connection:
+            driver = await driver_of(connection)
+            rows = await driver.fetch(statement, *parameters)
+        return [
+            (str(row[key_index]), row[-2] is not None and row[-3] == row[-1] and row[-2] == encode(row)) for row in rows
+        ]
 
     async def _rows(self, table: Table, record: type[Record], keys: list[str]) -> bool:
         """The rows of ``keys`` (those of them still present) decoded and compared with their latest audited
@@ -780,6 +798,40 @@ def _row_break(
             seq,
         )
     return None
+
+
+def _postgres_comparison(
+    table: Table, fields: Sequence[str], key: str, one_instance: bool, bounded: bool, start: bool
+) -> str:
+    """PostgreSQL SQL: per row after a key, its key and whether it equals its latest audited version (true) or not.
+
+    The version's JSON values are read back as the columns' types (a decimal string as ``numeric``, a canonical
+    timestamp as ``timestamptz``, text as text, any other value compared as JSON), compared with ``IS NOT DISTINCT
+    FROM`` (NULL equals NULL); a row with no audited version, or another ``instance_id``, compares as false. A payload
+    that is not JSON, or a value that is not its field's type, raises ``DataError``. Parameters: entity ($1), after
+    ($2; with ``start`` it is NULL: from the first key), limit ($3)[, instance ($4)][, up to ($4 or $5)].
+    """
+    kinds = column_kinds(table)
+    tests = ["a.id IS NOT NULL", "t.instance_id IS NOT DISTINCT FROM a.instance_id"]
+    for name in fields:
+        value = f"(a.j ->> '{name}')"
+        if kinds[name] == "decimal":
+            tests.append(f't."{name}" IS NOT DISTINCT FROM {value}::numeric')
+        elif kinds[name] == "datetime":
+            tests.append(f't."{name}" IS NOT DISTINCT FROM {value}::timestamptz')
+        elif kinds[name] == "text":
+            tests.append(f't."{name}" IS NOT DISTINCT FROM {value}')
+        else:
+            tests.append(f"COALESCE(to_jsonb(t.\"{name}\"), 'null'::jsonb) IS NOT DISTINCT FROM (a.j -> '{name}')")
+    where = "$2::text IS NULL" if start else f't."{key}" > $2'
+    where += " AND t.instance_id = $4" if one_instance else ""
+    where += f' AND t."{key}" <= ${5 if one_instance else 4}' if bounded else ""
+    return (
+        f'SELECT t."{key}", COALESCE({" AND ".join(tests)}, false) FROM "{table.name}" AS t '  # noqa: S608
+        "LEFT JOIN LATERAL (SELECT id, instance_id, payload::jsonb AS j FROM audit_log "
+        f'WHERE entity = $1 AND natural_key = t."{key}" ORDER BY id DESC LIMIT 1) AS a ON true '
+        f'WHERE {where} ORDER BY t."{key}" LIMIT $3'
+    )
 
 
 def _sqlite_comparison(
