@@ -348,3 +348,46 @@ async def test_a_rows_child_ends_when_its_parent_is_killed_even_inside_a_long_st
             await holder.close()
     finally:
         await asyncio.to_thread(drop_postgres_database, url)
+
+
+async def test_a_row_keyed_by_a_blob_is_a_break_not_an_endless_walk(sqlite_url: str) -> None:
+    """SQLite sorts a BLOB after every text; a row written by hand with a BLOB key is named (it once made the paging
+    ask for the same row forever), in one process and in parts."""
+    database = create_database(make_settings(database_url=sqlite_url))
+    try:
+        await upgrade(database)
+        for n in range(6):
+            await Repositories(database).trades.save_trade(make_trade(trade_id=f"T-{n}"))
+        await tamper(sqlite_url, "UPDATE trades SET trade_id = x'41' WHERE trade_id = 'T-3'")
+        for jobs in (1, 3):
+            report = await asyncio.wait_for(verify(database, chunk=2, jobs=jobs, parallel_from=0), 60)
+            assert report.broken is not None and "is not text but bytes b'A'" in report.broken.problem, jobs
+    finally:
+        await database.dispose()
+
+
+async def test_with_one_instance_the_parts_cut_that_instances_rows(seeded: Database, database_url: str) -> None:
+    """``--instance`` in parts: the keys are cut among that instance's rows, so a small instance in a large database
+    starts no child, and its parts hold about as many of its rows each."""
+    other = create_database(make_settings(database_url=database_url, instance_id="bot-big"))
+    try:
+        for n in range(40):
+            await Repositories(other).trades.save_trade(make_trade(trade_id=f"A-{n:02d}"))
+    finally:
+        await other.dispose()
+    bounds: list[dict[str, tuple[str | None, str | None]]] = []
+    start = RowsWorker.start
+
+    async def counted(*args: Any) -> RowsWorker:
+        bounds.append(args[3])
+        return await start(*args)
+
+    mine = seeded.settings.instance_id
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RowsWorker, "start", counted)
+        report = await verify(seeded, instance_id=mine, jobs=3, parallel_from=35)  # 34 rows of its own: under 35
+        assert report.ok and report.rows["trades"] == 31 and bounds == []
+        report = await verify(seeded, instance_id=mine, jobs=3, parallel_from=0)
+    assert report.ok and report.rows["trades"] == 31
+    # Its 31 trades, cut in two near the middle of its own keys (T-AUDITED, T-00 … T-29), not of bot-big's A-…
+    assert bounds[0]["trades"][1] is not None and bounds[0]["trades"][1].startswith("T-")

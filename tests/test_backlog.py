@@ -86,6 +86,8 @@ def test_kill_9_during_an_outage_loses_only_records_younger_than_the_sync_interv
     killed_at = time.monotonic()
     os.kill(child.pid, signal.SIGKILL)
     child.wait(timeout=30)
+    child.stdin.close()
+    child.stdout.close()
     lock.rollback()
     lock.close()
     recorded = [line.split("\t") for line in log.read_text().splitlines() if line.count("\t") == 1]

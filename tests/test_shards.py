@@ -66,6 +66,9 @@ def test_two_shards_run_a_module_between_them_and_report_each() -> None:
     assert done.stdout.rstrip().endswith("all passed")
 
 
-def test_a_shard_that_fails_fails_the_run_with_its_status() -> None:
-    done = run_shards("tests/test_write_policies.py", "-q", "-k", "no_test_is_named_so")  # no test: pytest's status 5
-    assert done.returncode == 5 and done.stdout.rstrip().endswith("FAILED")
+def test_a_shard_that_fails_fails_the_run_and_one_with_nothing_to_run_does_not() -> None:
+    one_test = "tests/test_shards.py::test_a_shard_within_its_count_is_read"
+    alone = run_shards(one_test, "-q")  # one shard runs it, the other selects nothing (pytest's status 5)
+    assert alone.returncode == 0 and alone.stdout.rstrip().endswith("all passed"), alone.stdout
+    refused = run_shards(one_test, "--no-such-option")  # pytest's usage error, status 4, in both
+    assert refused.returncode == 4 and refused.stdout.rstrip().endswith("FAILED")

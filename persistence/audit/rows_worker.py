@@ -15,7 +15,8 @@ a command line). The child writes ``{"progress": n}`` after each chunk (``n`` ro
 :class:`~persistence.errors.AuditVerifyError` in the parent, naming the exit status and the end of the child's
 stderr. A child is killed if the parent stops waiting (a break in a chain ends the verify at once). The parent keeps
 the child's stdin open until it is done with it: a child whose stdin ends (its parent killed, even by ``kill -9``)
-exits at once, even in the middle of a long statement.
+exits at once, even in the middle of a long statement (PostgreSQL itself notices the closed connection when that
+statement ends, at the latest at the query timeout).
 """
 
 from __future__ import annotations

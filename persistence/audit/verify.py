@@ -328,12 +328,15 @@ class _Verifier:
         the last). Taken once, here, and handed to every child, so the parts cover every key exactly once whatever is
         written meanwhile."""
         key = table.c[record.key_field]
-        count = counted[table.name] = int(
-            (await connection.execute(select(func.count()).select_from(table))).scalar_one()
-        )
+        counting = select(func.count()).select_from(table)
+        keys = select(key)
+        if self._instance is not None:  # the parts of that instance's rows, which are the ones checked
+            counting = counting.where(table.c.instance_id == self._instance)
+            keys = keys.where(table.c.instance_id == self._instance)
+        count = counted[table.name] = int((await connection.execute(counting)).scalar_one())
         cuts: list[str | None] = [None]
         for part in range(1, parts):
-            at = select(key).order_by(key).limit(1).offset(max(count * part // parts - 1, 0))
+            at = keys.order_by(key).limit(1).offset(max(count * part // parts - 1, 0))
             found = (await connection.execute(at)).scalar()
             # Too few keys for a cut here: this part holds nothing (it starts and ends at the cut before).
             cuts.append(str(found) if found is not None and count >= parts else (cuts[-1] or ""))
@@ -591,6 +594,15 @@ class _Verifier:
                 found = await driver.execute_fetchall(statement, (*parameters, self._chunk))
             if not found:
                 return True
+            for row in found:
+                if type(row[0]) is not str:  # a BLOB (sorted after all text): written by hand, not by the sidecar
+                    self.report.broken = Break(
+                        f"the {table.name} row's {key} is not text but {type(row[0]).__name__} {row[0]!r} "
+                        "(written outside the sidecar)",
+                        record.entity,
+                        repr(row[0]),
+                    )
+                    return False
             different = [str(row[0]) for row in found if not row[1]]
             if different and not await self._rows(table, record, different):
                 return False
