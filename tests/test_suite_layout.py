@@ -60,3 +60,9 @@ def test_the_support_packages_repo_root_is_the_repository() -> None:
     from tests.support import REPO_ROOT
 
     assert REPO_ROOT == ROOT and (REPO_ROOT / "pyproject.toml").is_file()
+
+
+def test_settings_made_for_tests_write_no_checkpoint_into_the_checkout() -> None:
+    from tests.support.databases import make_settings
+
+    assert not make_settings().audit_anchor_dir.resolve().is_relative_to(ROOT)

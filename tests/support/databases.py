@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -53,8 +55,14 @@ POSTGRES_ENV = "PERSISTENCE_TEST_POSTGRES_URL"
 POSTGRES_SKIP_REASON = f"{POSTGRES_ENV} is not set; PostgreSQL tests skipped"
 
 
+_FOLDERS = tempfile.TemporaryDirectory(prefix="persistence-test-folders-")
+"""Where a test's settings put what they do not name, once per test process (removed when the process ends)."""
+
+
 def make_settings(**overrides: Any) -> Settings:
-    """Settings for tests: never read a developer's .env file."""
+    """Settings for tests: never read a developer's .env file, and never write in the checkout: the checkpoints'
+    folder (``./data/anchors`` by default) is a temporary one of this process unless the test names one."""
+    overrides.setdefault("audit_anchor_dir", Path(_FOLDERS.name) / "anchors")
     return Settings(_env_file=None, **overrides)
 
 
