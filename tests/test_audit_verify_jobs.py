@@ -111,15 +111,20 @@ async def test_a_child_takes_the_parents_settings_not_the_environment(
     assert report.ok and report.rows["trades"] == 31
 
 
+async def trades_of_another_instance(database_url: str, instance_id: str, trade_ids: list[str]) -> None:
+    """Trades written by another orchestrator instance into the same database."""
+    other = create_database(make_settings(database_url=database_url, instance_id=instance_id))
+    try:
+        for trade_id in trade_ids:
+            await Repositories(other).trades.save_trade(make_trade(trade_id=trade_id))
+    finally:
+        await other.dispose()
+
+
 async def test_one_instance_is_checked_in_parts_too(seeded: Database, database_url: str) -> None:
     """``--instance`` with children: each part holds only that instance's rows (the filter and the part's upper
     bound both reach the statement)."""
-    other = create_database(make_settings(database_url=database_url, instance_id="bot-b"))
-    try:
-        for n in range(12):
-            await Repositories(other).trades.save_trade(make_trade(trade_id=f"T-B{n:02d}"))
-    finally:
-        await other.dispose()
+    await trades_of_another_instance(database_url, "bot-b", [f"T-B{n:02d}" for n in range(12)])
     await tamper(database_url, "UPDATE trades SET symbol = 'GBPUSD' WHERE trade_id = 'T-B07'")
     mine = seeded.settings.instance_id
     for jobs in (1, 3):
@@ -369,12 +374,7 @@ async def test_a_row_keyed_by_a_blob_is_a_break_not_an_endless_walk(sqlite_url: 
 async def test_with_one_instance_the_parts_cut_that_instances_rows(seeded: Database, database_url: str) -> None:
     """``--instance`` in parts: the keys are cut among that instance's rows, so a small instance in a large database
     starts no child, and its parts hold about as many of its rows each."""
-    other = create_database(make_settings(database_url=database_url, instance_id="bot-big"))
-    try:
-        for n in range(40):
-            await Repositories(other).trades.save_trade(make_trade(trade_id=f"A-{n:02d}"))
-    finally:
-        await other.dispose()
+    await trades_of_another_instance(database_url, "bot-big", [f"A-{n:02d}" for n in range(40)])
     bounds: list[dict[str, tuple[str | None, str | None]]] = []
     start = RowsWorker.start
 
