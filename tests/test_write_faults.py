@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 
 from persistence import DeadLetteredError, PersistenceSidecar, RecordDroppedError
 from persistence.config import Settings
+from persistence.db.engine import Database
 from persistence.observe.events import (
     BatchCommitted,
     BreakerChanged,
@@ -188,6 +189,30 @@ async def test_close_during_an_outage_returns_in_time_journals_the_backlog_and_a
         ids = await stored_trade_ids(restarted)
         assert restarted.health().journal == 0
     assert sorted(ids) == sorted(r.key for r in recorded)
+
+
+async def test_close_waits_for_the_pool_to_close_past_its_reserve_before_it_returns(
+    sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing the pool can take longer than the slice of the shutdown timeout kept for it (closing SQLite's last
+    connection checkpoints its write-ahead log): ``close()`` waits for it, and says so in the log, instead of
+    returning with connections still closing in their threads, to answer later on a loop that may be closed."""
+    dispose = Database.dispose
+    done: list[str] = []
+
+    async def slow(self: Database) -> None:
+        await asyncio.sleep(0.3)  # longer than the 0.1 s kept for it by a 0.4 s shutdown timeout
+        await dispose(self)
+        done.append("disposed")
+
+    monkeypatch.setattr(Database, "dispose", slow)
+    sidecar = build(sidecar_settings(sqlite_url, shutdown_timeout=0.4), sidecars)
+    await sidecar.start()
+    assert await sidecar.record_trade(make_trade()) == "persisted"
+    with capture_logs() as logs:
+        await sidecar.close()
+    assert done == ["disposed"]
+    assert any(entry["event"] == "database_close_slow" for entry in logs)
 
 
 # ------------------------------------------------------------------------------ (d) kill -9

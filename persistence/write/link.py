@@ -23,10 +23,13 @@ from persistence.db.wal_checkpoint import WalCheckpointer
 from persistence.errors import DatabaseUnavailableError, SchemaNewerError
 from persistence.migrations import upgrade
 from persistence.observe.events import EventBus, SchemaNewerThanRelease
+from persistence.observe.logger import get_logger
 from persistence.records.history import TradeHistory
 from persistence.tables.repositories import Repositories
 from persistence.write.committer import Outcome
 from persistence.write.faults import needs_schema
+
+log = get_logger(__name__)
 
 
 class DatabaseLink:
@@ -36,6 +39,8 @@ class DatabaseLink:
     #: replaced), in seconds, however short ``DATABASE_QUERY_TIMEOUT`` is: a migration in another process may
     #: hold the lock longer than one statement takes. Tests that start sidecars on a locked file set it shorter.
     min_lock_wait: float = 1.0
+    #: The longest ``close()`` waits, past its timeout, for the pool's connections to close, in seconds.
+    dispose_limit: float = 5.0
 
     def __init__(
         self,
@@ -134,11 +139,21 @@ class DatabaseLink:
             raise DatabaseUnavailableError(f"the database file {path} vanished or was replaced")
 
     async def close(self, timeout: float) -> None:
-        """End the background checkpoint, dispose of the pool, release the in-use lock."""
+        """End the background checkpoint, dispose of the pool, release the in-use lock.
+
+        The pool's connections are closed before the lock is released and before this returns, past ``timeout`` if
+        need be (closing SQLite's last connection checkpoints its write-ahead log), up to :attr:`dispose_limit`: a
+        connection left closing in its thread would answer on a loop the host may have closed by then.
+        """
         if self.checkpointer is not None:
             await self.checkpointer.close(timeout)
+        disposal = asyncio.ensure_future(self._database.dispose())
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._database.dispose(), timeout)
+            try:
+                await asyncio.wait_for(asyncio.shield(disposal), timeout)
+            except TimeoutError:
+                log.warning("database_close_slow", waited_seconds=round(timeout, 3))
+                await asyncio.wait_for(disposal, max(self._settings.query_timeout, self.dispose_limit))
         if self._in_use is not None:
             self._in_use.release()
 
