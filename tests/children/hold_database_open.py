@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 from persistence import PersistenceSidecar, Settings
 
 
 async def main(database_url: str, journal_dir: str) -> None:
-    settings = Settings(_env_file=None, database_url=database_url, journal_dir=journal_dir)
+    anchors = Path(journal_dir).parent / "anchors"  # beside the journal, not in the working directory
+    settings = Settings(_env_file=None, database_url=database_url, journal_dir=journal_dir, audit_anchor_dir=anchors)
     async with PersistenceSidecar(settings, log_events=False) as sidecar:
         await sidecar.record_trade(
             {

@@ -12,6 +12,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 from persistence import PersistenceSidecar, Settings
 
@@ -33,7 +34,8 @@ async def main(database_url: str, journal_dir: str, mode: str) -> None:
         logger = logging.getLogger("persistence")
         logger.setLevel(logging.DEBUG)
         logger.addHandler(collect)
-    settings = Settings(_env_file=None, database_url=database_url, journal_dir=journal_dir)
+    anchors = Path(journal_dir).parent / "anchors"  # beside the journal, not in the working directory
+    settings = Settings(_env_file=None, database_url=database_url, journal_dir=journal_dir, audit_anchor_dir=anchors)
     print("HOST starting")
     async with PersistenceSidecar(settings) as sidecar:
         for i in range(20):

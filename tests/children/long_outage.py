@@ -13,6 +13,7 @@ import sqlite3
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 from persistence import PersistenceSidecar, Settings
 from persistence.testing import FakeClock
@@ -30,6 +31,7 @@ async def main(db_path: str, journal_dir: str, total: int, max_pending: int) -> 
         _env_file=None,
         database_url=f"sqlite+aiosqlite:///{db_path}",
         journal_dir=journal_dir,
+        audit_anchor_dir=Path(journal_dir).parent / "anchors",  # beside the journal, not in the cwd
         max_pending=max_pending,
         history_max=1000,
         breaker_failure_threshold=1,

@@ -9,13 +9,15 @@ import asyncio
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 from persistence import PersistenceSidecar, Settings
 from persistence.records.receipts import Receipt
 
 
 async def main(database_url: str, journal_dir: str, versions: bool) -> None:
-    settings = Settings(_env_file=None, database_url=database_url, journal_dir=journal_dir)
+    anchors = Path(journal_dir).parent / "anchors"  # beside the journal, not in the working directory
+    settings = Settings(_env_file=None, database_url=database_url, journal_dir=journal_dir, audit_anchor_dir=anchors)
     sidecar = PersistenceSidecar(settings, log_events=False)
     await sidecar.start()
     queue: asyncio.Queue[Receipt] = asyncio.Queue()
