@@ -66,6 +66,7 @@ def soak_settings(workdir: Path) -> Settings:
         _env_file=None,
         database_url=f"sqlite+aiosqlite:///{workdir / 'trading.db'}",
         journal_dir=workdir / "journal",
+        audit_anchor_dir=workdir / "anchors",  # not the working directory's ./data/anchors
         breaker_failure_threshold=3,
         breaker_reset_seconds=1.0,
         query_timeout_ms=250,
