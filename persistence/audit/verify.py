@@ -657,14 +657,14 @@ class _Verifier:
         encode = VersionEncoder(fields, column_kinds(table)).encode
         key = record.key_field
         columns = ", ".join(f't."{name}"' for name in fields)
-        where = "$2::text IS NULL" if parameters[1] is None else f't."{key}" > $2'
-        where += " AND t.instance_id = $4" if self._instance is not None else ""
-        where += f' AND t."{key}" <= ${5 if self._instance is not None else 4}' if bounded else ""
-        statement = (
-            f'SELECT {columns}, t.instance_id, a.payload, a.instance_id FROM "{table.name}" AS t '  # noqa: S608
-            "LEFT JOIN LATERAL (SELECT payload, instance_id FROM audit_log "
-            f'WHERE entity = $1 AND natural_key = t."{key}" ORDER BY id DESC LIMIT 1) AS a ON true '
-            f'WHERE {where} ORDER BY t."{key}" LIMIT $3'
+        statement = _postgres_page(
+            table,
+            key,
+            f"{columns}, t.instance_id, a.payload, a.instance_id",
+            "payload, instance_id",
+            self._instance is not None,
+            bounded,
+            start=parameters[1] is None,
         )
         key_index = fields.index(key)
         async with self._db.snapshot() as connection:
@@ -835,12 +835,21 @@ def _postgres_comparison(
             tests.append(f't."{name}" IS NOT DISTINCT FROM {value}')
         else:
             tests.append(f"COALESCE(to_jsonb(t.\"{name}\"), 'null'::jsonb) IS NOT DISTINCT FROM (a.j -> '{name}')")
+    selected = f't."{key}", COALESCE({" AND ".join(tests)}, false)'
+    return _postgres_page(table, key, selected, "id, instance_id, payload::jsonb AS j", one_instance, bounded, start)
+
+
+def _postgres_page(
+    table: Table, key: str, selected: str, version: str, one_instance: bool, bounded: bool, start: bool
+) -> str:
+    """PostgreSQL SQL: ``selected`` of one page of ``table``'s rows in key order, each joined (``a``) with
+    ``version``'s columns of its latest audit entry. Parameters as :func:`_postgres_comparison`'s."""
     where = "$2::text IS NULL" if start else f't."{key}" > $2'
     where += " AND t.instance_id = $4" if one_instance else ""
     where += f' AND t."{key}" <= ${5 if one_instance else 4}' if bounded else ""
     return (
-        f'SELECT t."{key}", COALESCE({" AND ".join(tests)}, false) FROM "{table.name}" AS t '  # noqa: S608
-        "LEFT JOIN LATERAL (SELECT id, instance_id, payload::jsonb AS j FROM audit_log "
+        f'SELECT {selected} FROM "{table.name}" AS t '  # noqa: S608 - schema names only
+        f"LEFT JOIN LATERAL (SELECT {version} FROM audit_log "
         f'WHERE entity = $1 AND natural_key = t."{key}" ORDER BY id DESC LIMIT 1) AS a ON true '
         f'WHERE {where} ORDER BY t."{key}" LIMIT $3'
     )
