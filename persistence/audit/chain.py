@@ -217,6 +217,32 @@ def header_text(
     )
 
 
+def entry_problem(
+    expected: int,
+    previous: str,
+    previous_id: int,
+    instance_id: str,
+    entry: Sequence[Any],
+    at: str,
+) -> str | None:
+    """What is wrong with one entry of ``instance_id``'s chain, given what the entry before it left (the seq it
+    expects, its hash and its id), or ``None``. ``entry`` is (id, seq, entity, natural_key, payload, recorded_at,
+    prev_hash, hash, key_prev_hash) and ``at`` its ``recorded_at`` as canonical text: a gap first, then the link to
+    the entry before, then the entry's own hash, then its id (which orders a record's versions across chains, so it
+    rises with seq in one chain)."""
+    entry_id, seq, entity, key, payload, _, prev_hash, digest, link = entry
+    if seq != expected:
+        missing = f"seq {expected}" if seq == expected + 1 else f"seq {expected} to {seq - 1}"
+        return f"{missing} missing before it (a gap in the chain)"
+    if prev_hash != previous:
+        return f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
+    if digest != entry_hash(previous, header_text(instance_id, seq, entity, key, at, link), payload):
+        return "hash does not match the entry's contents (the entry was changed)"
+    if entry_id <= previous_id:
+        return f"its id {entry_id} is not after seq {seq - 1}'s ({previous_id}): the entry was moved"
+    return None
+
+
 def chain_entries(
     head: AuditHead | None, instance_id: str, versions: Sequence[tuple[str, str, str]], recorded_at: datetime
 ) -> list[dict[str, Any]]:

@@ -40,13 +40,16 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from sqlalchemy import Boolean, Table, bindparam, func, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.audit.anchors import AnchorLine, Anchors, unanchored_gaps
-from persistence.audit.chain import GENESIS, VersionEncoder, canonical_time, entry_hash, header_text
+from persistence.audit.chain import GENESIS, VersionEncoder, canonical_time, entry_problem
+from persistence.audit.links import KEY_LINKS_SQL, ChainLinks, link_break
+from persistence.audit.report import Break, Progress, VerifyReport, mismatch
 from persistence.audit.rows_worker import RowsWorker
+from persistence.audit.server_checks import CANONICAL_TIME, rows_comparison
+from persistence.audit.stretches import StretchWalker, beside, join
 from persistence.audit.trail import column_kinds
 from persistence.db.columns import decode_datetime
 from persistence.db.engine import Database, driver_of, sqlite_path
@@ -70,142 +73,22 @@ _SQLITE_CHAIN = (
 )
 _SQLITE_UNLINKED_CHAIN = _SQLITE_CHAIN.replace("key_prev_hash", "NULL")
 _POSTGRES_CHAIN = (
-    "SELECT id, seq, entity, natural_key, payload, "
-    """to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), prev_hash, hash, key_prev_hash """
+    f"SELECT id, seq, entity, natural_key, payload, {CANONICAL_TIME.format('recorded_at')}, "  # noqa: S608 - fixed
+    "prev_hash, hash, key_prev_hash "
     "FROM audit_log WHERE instance_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
 )
 _POSTGRES_UNLINKED_CHAIN = _POSTGRES_CHAIN.replace("key_prev_hash", "NULL")
 """The chain's query on a database from before migration 0005 (no links)."""
+_POSTGRES_WRITTEN_AT = (
+    f"SELECT seq, {CANONICAL_TIME.format('recorded_at')} FROM audit_log "  # noqa: S608 - fixed text
+    "WHERE instance_id = $1 AND seq = ANY($2::bigint[])"
+)
+"""The canonical ``recorded_at`` of some entries of a chain."""
 _SQLITE_LATEST = (
     "SELECT id, natural_key, instance_id, seq, payload FROM audit_log WHERE id IN ("
     "SELECT max(id) FROM audit_log WHERE entity = ? AND natural_key IN (SELECT value FROM json_each(?)) "
     "GROUP BY natural_key)"
 )
-
-KEY_LINKS_SQL = (
-    "SELECT entity, natural_key, instance_id, seq, key_prev_hash, prior_instance, prior_seq, prior_hash, chain_linked "  # noqa: S608 - fixed text
-    "FROM (SELECT id, entity, natural_key, instance_id, seq, key_prev_hash, "
-    "lag(instance_id) OVER k AS prior_instance, lag(seq) OVER k AS prior_seq, lag(hash) OVER k AS prior_hash, "
-    "sum(CASE WHEN key_prev_hash IS NULL THEN 0 ELSE 1 END) OVER k AS linked, "
-    "sum(CASE WHEN key_prev_hash IS NULL THEN 0 ELSE 1 END) OVER c AS chain_linked "
-    "FROM audit_log WINDOW k AS (PARTITION BY entity, natural_key ORDER BY id), "
-    "c AS (PARTITION BY instance_id ORDER BY seq)) AS links "
-    f"WHERE (key_prev_hash IS NOT NULL AND key_prev_hash <> coalesce(prior_hash, '{GENESIS}')) "
-    "OR (key_prev_hash IS NULL AND linked > 0) ORDER BY id"
-)
-"""The entries of a whole exported trail, by ``id``, that do not link to their record's entry before it (window
-functions, on the offline check's temporary SQLite file). Not all are breaks (:func:`_export_links`): a link to an
-entry the file does not hold (an export filtered by instance), and an unlinked entry of a chain that never linked
-one (a release before migration 0005 still writing), are reported."""
-
-_PRIOR = (
-    "(SELECT max(id) FROM audit_log AS q WHERE q.entity = e.entity AND q.natural_key = e.natural_key AND q.id < e.id)"
-)
-CHUNK_LINKS_SQL = (
-    "SELECT e.id, e.seq, e.entity, e.natural_key, e.key_prev_hash FROM audit_log AS e "  # noqa: S608 - fixed text
-    "WHERE e.instance_id = :instance AND e.seq > :after AND e.seq <= :last AND CASE "
-    f"WHEN e.key_prev_hash = '{GENESIS}' THEN EXISTS (SELECT 1 FROM audit_log AS q WHERE q.entity = e.entity "
-    "AND q.natural_key = e.natural_key AND q.id < e.id) "
-    f"WHEN e.key_prev_hash IS NULL THEN EXISTS (SELECT 1 FROM audit_log AS p WHERE p.id = {_PRIOR} "
-    "AND p.key_prev_hash IS NOT NULL) "
-    f"ELSE e.key_prev_hash {{distinct}} (SELECT p.hash FROM audit_log AS p WHERE p.id = {_PRIOR}) END "
-    "ORDER BY e.seq LIMIT 1"
-)
-"""The first entry of a stretch of a chain that does not link to its record's entry before it by ``id``.
-
-Per entry an index seek or two, in the database: a record's first entry (linked to ``GENESIS``) must have no entry
-before it (the index alone answers), a linked one must name the hash of the one before it, and an unlinked one
-(before migration 0005) must not follow a linked one. ``{distinct}``: ``IS NOT`` on SQLite, ``IS DISTINCT FROM``
-on PostgreSQL."""
-FIRST_LINKED_SQL = (
-    "SELECT min(seq) FROM audit_log WHERE instance_id = :instance AND seq >= :start AND seq < :seq "
-    "AND key_prev_hash IS NOT NULL"
-)
-"""The first linked entry of a chain before ``seq``, if any: a chain that has one was written by this release."""
-PRIOR_SQL = (
-    "SELECT instance_id, seq, hash FROM audit_log WHERE id = (SELECT max(id) FROM audit_log "
-    "WHERE entity = :entity AND natural_key = :natural_key AND id < :id)"
-)
-"""The entry before an entry of a record, by ``id`` (to name it in a break)."""
-
-Progress = Callable[[int], None]
-"""Told the number of entries and rows checked so far."""
-
-
-@dataclass(frozen=True, slots=True)
-class Break:
-    """The first problem found: where, and what is wrong."""
-
-    problem: str
-    entity: str | None = None
-    natural_key: str | None = None
-    instance_id: str | None = None
-    seq: int | None = None
-    anchor: str | None = None
-    """The checkpoint that does not match (its file, line, instance and seq), when a checkpoint found it."""
-
-    def describe(self) -> str:
-        """One line for a human: the checkpoint, the entry or row, then the problem."""
-        where: list[str] = [self.anchor] if self.anchor is not None else []
-        if self.instance_id is not None and self.seq is not None:
-            where.append(f"entry seq {self.seq} of instance {self.instance_id!r}")
-        if self.entity is not None and self.natural_key is not None:
-            where.append(f"{self.entity} {self.natural_key!r}")
-        return f"{', '.join(where)}: {self.problem}" if where else self.problem
-
-
-@dataclass(slots=True)
-class VerifyReport:
-    """What ``verify`` checked, and the first break (``None`` when everything holds)."""
-
-    chains: dict[str, int] = field(default_factory=dict)
-    """Entries walked per instance."""
-    heads: dict[str, str] = field(default_factory=dict)
-    """Each chain's last hash."""
-    rows: dict[str, int] = field(default_factory=dict)
-    """Rows checked per table."""
-    anchors: dict[str, int] = field(default_factory=dict)
-    """Checkpoints that matched their chain, per instance (with anchors)."""
-    since: dict[str, int] = field(default_factory=dict)
-    """Per instance, the ``seq`` of the checkpoint the walk started after (``since_last_anchor``)."""
-    gaps: list[str] = field(default_factory=list)
-    """Where entries waited more than twice the interval for a checkpoint (reported, not a break)."""
-    unlinked: dict[str, int] = field(default_factory=dict)
-    """Per instance, entries without a record link written after a linked entry of their record by an instance that
-    has never linked one: a release from before migration 0005 still writing (a rolling upgrade). Reported, not a
-    break; their order against the record's other versions is not sealed."""
-    outside: int = 0
-    """In an export: entries whose record link names an entry the file does not hold (an export filtered by
-    instance). Reported, not a break."""
-    broken: Break | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.broken is None
-
-    def lines(self) -> list[str]:
-        """The report for a terminal: one line per chain and per table, then the verdict."""
-        lines = [
-            f"chain {instance}: {count:,} entries"
-            + (f" after checkpoint seq {self.since[instance]:,}" if instance in self.since else "")
-            + f", head {self.heads.get(instance, GENESIS)}"
-            for instance, count in self.chains.items()
-        ]
-        lines += [f"anchors {instance}: {count:,} checkpoints match" for instance, count in self.anchors.items()]
-        lines += [f"GAP: {gap}" for gap in self.gaps]
-        lines += [
-            f"NOTE: instance {instance}: {count:,} entries without a record link after linked ones (a release before "
-            "migration 0005 still writing): their order is not sealed"
-            for instance, count in self.unlinked.items()
-        ]
-        if self.outside:
-            lines.append(
-                f"NOTE: {self.outside:,} entries link to entries this export does not hold (a filtered export): "
-                "those links are not checked"
-            )
-        lines += [f"{table}: {count:,} rows match their latest audited version" for table, count in self.rows.items()]
-        lines.append("audit trail verified" if self.broken is None else f"BROKEN: {self.broken.describe()}")
-        return lines
 
 
 class _Verifier:
@@ -241,13 +124,7 @@ class _Verifier:
         self.report = VerifyReport()
         self._linked = True
         """Whether ``audit_log`` has ``key_prev_hash`` (a database before migration 0005 has not)."""
-        self._first_linked: dict[str, int] = {}
-        """Per chain, its first linked entry's seq, once asked for."""
-        self._unlinked_before: dict[str, int] = {}
-        """Per chain, a seq below which it has no linked entry, once asked for."""
-        self._chunk_links_sql = text(
-            CHUNK_LINKS_SQL.format(distinct="IS NOT" if database.is_sqlite else "IS DISTINCT FROM")
-        )
+        self._links = ChainLinks(database.is_sqlite, self.report.unlinked)
 
     def _advance(self, count: int) -> None:
         self._done += count
@@ -277,7 +154,12 @@ class _Verifier:
             waits = [asyncio.ensure_future(worker.result(self._advance)) for worker in workers]
             try:
                 for instance in instances:
-                    if not await self._chain(connection, instance):
+                    walked = (
+                        await self._chain(connection, instance)
+                        if self._db.is_sqlite or self._since
+                        else await self._chain_on_server(connection, instance)
+                    )
+                    if not walked:
                         return self.report
                 if workers:
                     self._conclude(await asyncio.gather(*waits))
@@ -395,7 +277,7 @@ class _Verifier:
             if row is None:
                 problem = f"there is no entry at seq {seq}: the chain ends before it (entries were deleted)"
             else:
-                problem = _mismatch(seq, str(row[1]), line.checkpoint.hash)
+                problem = mismatch(seq, str(row[1]), line.checkpoint.hash)
             self.report.broken = Break(problem, instance_id=instance, seq=seq, anchor=line.describe())
             return None
         return 1, GENESIS, 0
@@ -440,20 +322,10 @@ class _Verifier:
             rows = await self._entries(connection, instance, expected - 1)
             if not rows:
                 break
-            for entry_id, seq, entity, key, payload, recorded_at, prev_hash, digest, link in rows:
-                problem = None
-                if seq != expected:
-                    missing = f"seq {expected}" if seq == expected + 1 else f"seq {expected} to {seq - 1}"
-                    problem = f"{missing} missing before it (a gap in the chain)"
-                elif prev_hash != previous:
-                    problem = f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
-                elif digest != entry_hash(
-                    previous, header_text(instance, seq, entity, key, at := _canonical_at(recorded_at), link), payload
-                ):
-                    problem = "hash does not match the entry's contents (the entry was changed)"
-                elif entry_id <= previous_id:
-                    # The id orders a key's versions across chains: within one chain it rises with seq.
-                    problem = f"its id {entry_id} is not after seq {seq - 1}'s ({previous_id}): the entry was moved"
+            for row in rows:
+                entry_id, seq, entity, key, _, recorded_at, _, digest, _ = row
+                at = _canonical_at(recorded_at)
+                problem = entry_problem(expected, previous, previous_id, instance, row, at)
                 if problem is not None:
                     self.report.broken = Break(problem, entity, key, instance, seq)
                     return False
@@ -461,7 +333,7 @@ class _Verifier:
                     for line in marks[seq]:
                         assert line.checkpoint is not None
                         if line.checkpoint.hash != digest:
-                            problem = _mismatch(seq, digest, line.checkpoint.hash)
+                            problem = mismatch(seq, digest, line.checkpoint.hash)
                             self.report.broken = Break(problem, entity, key, instance, seq, line.describe())
                             return False
                         matched += 1
@@ -470,30 +342,78 @@ class _Verifier:
                 if self._since:
                     touched.setdefault(entity, set()).add(key)
                 expected, previous, previous_id = seq + 1, digest, entry_id
-            if self._linked and not await self._chunk_links(connection, instance, rows[0][1] - 1, rows[-1][1]):
-                return False
+            if self._linked:
+                broken = await self._links.first_break(connection, instance, rows[0][1] - 1, rows[-1][1])
+                if broken is not None:
+                    self.report.broken = broken
+                    return False
             self.report.chains[instance] += len(rows)
             self._advance(len(rows))
             del rows  # before the next chunk arrives: one chunk in memory at a time
         self.report.heads[instance] = previous
-        if self._anchors is not None:
-            last = expected - 1
-            beyond = [seq for seq in marks if seq > last]
-            if beyond:
-                line = _first({seq: marks[seq] for seq in beyond})
-                self.report.broken = Break(
-                    f"the chain ends at seq {last}, before the checkpoint's seq (entries were deleted)",
-                    instance_id=instance,
-                    seq=last,
-                    anchor=line.describe(),
-                )
-                return False
-            self.report.anchors[instance] = self.report.anchors.get(instance, 0) + matched
-            if not self._since:
-                self.report.gaps += [
-                    f"instance {instance!r}: {gap}"
-                    for gap in unanchored_gaps(marks, written_at, last, self._anchors.interval, utc_now())
-                ]
+        return self._ends(instance, marks, expected - 1, matched, written_at)
+
+    async def _chain_on_server(self, connection: AsyncConnection, instance: str) -> bool:
+        """PostgreSQL: the chain cut into up to ``jobs`` stretches, checked side by side by the server
+        (:mod:`.stretches`), each on a connection in this one's snapshot."""
+        marks = self._anchors.marks.get(instance, {}) if self._anchors is not None else {}
+        last_seq = select(func.max(audit_log.c.seq)).where(audit_log.c.instance_id == instance)
+        last = int((await connection.execute(last_seq)).scalar() or 0)
+        chunks = -(-last // self._chunk)
+        parts = max(1, min(self._jobs, self._db.settings.pool_size, chunks))
+        # At multiples of the chunk: the chunks, and so the break named, are those of the walk in one process.
+        cuts = [min(chunks * part // parts * self._chunk, last) for part in range(parts + 1)]
+        walker = StretchWalker(self._links if self._linked else None, self._chunk, self._advance)
+        async with beside(self._db, connection, parts - 1) as others, asyncio.TaskGroup() as group:
+            walks = [
+                group.create_task(walker.walk(each, instance, cuts[part], cuts[part + 1], marks))
+                for part, each in enumerate([connection, *others])
+            ]
+        stretches = [walk.result() for walk in walks]
+        end, matched, found = join(instance, stretches)
+        self.report.chains[instance] = sum(stretch.count for stretch in stretches)
+        if found is not None:
+            # As the walk in one process counts: the chunks before the broken one.
+            self.report.chains[instance] = found[0][0]
+            self.report.broken = found[1]
+            return False
+        self.report.heads[instance] = end[1]
+        written_at: dict[int, datetime] = {}
+        if marks:
+            wanted = sorted(seq for seq in {1, *(seq + 1 for seq in marks)} if seq < end[0])
+            driver = await driver_of(connection)
+            for seq, at in await driver.fetch(_POSTGRES_WRITTEN_AT, instance, wanted):
+                written_at[seq] = datetime.fromisoformat(at[:-1] + "+00:00")
+        return self._ends(instance, marks, end[0] - 1, matched, written_at)
+
+    def _ends(
+        self,
+        instance: str,
+        marks: dict[int, list[AnchorLine]],
+        last: int,
+        matched: int,
+        written_at: dict[int, datetime],
+    ) -> bool:
+        """A chain walked up to seq ``last`` without a break, held to its checkpoints: none beyond its end (a deleted
+        tail); the checkpoints matched counted, and where entries waited too long for one reported."""
+        if self._anchors is None:
+            return True
+        beyond = [seq for seq in marks if seq > last]
+        if beyond:
+            line = _first({seq: marks[seq] for seq in beyond})
+            self.report.broken = Break(
+                f"the chain ends at seq {last}, before the checkpoint's seq (entries were deleted)",
+                instance_id=instance,
+                seq=last,
+                anchor=line.describe(),
+            )
+            return False
+        self.report.anchors[instance] = self.report.anchors.get(instance, 0) + matched
+        if not self._since:
+            self.report.gaps += [
+                f"instance {instance!r}: {gap}"
+                for gap in unanchored_gaps(marks, written_at, last, self._anchors.interval, utc_now())
+            ]
         return True
 
     @staticmethod
@@ -502,44 +422,6 @@ class _Verifier:
             return [str(column["name"]) for column in inspect(sync).get_columns("audit_log")]
 
         return "key_prev_hash" in await connection.run_sync(columns)
-
-    async def _chunk_links(self, connection: AsyncConnection, instance: str, after: int, last: int) -> bool:
-        """The entries of a chain after seq ``after`` up to ``last`` link to their records' entries before them
-        (:data:`CHUNK_LINKS_SQL`); the first break."""
-        while True:
-            parameters = {"instance": instance, "after": after, "last": last}
-            found = (await connection.execute(self._chunk_links_sql, parameters)).first()
-            if found is None:
-                return True
-            entry_id, seq, entity, key, link = found
-            if link is not None or await self._chain_linked_before(connection, instance, seq):
-                break
-            # An instance that has never linked an entry runs a release from before migration 0005 (a rolling
-            # upgrade): its entries are hashed without a link, as that release writes them. Not a break.
-            self.report.unlinked[instance] = self.report.unlinked.get(instance, 0) + 1
-            after = seq
-        prior = (
-            await connection.execute(text(PRIOR_SQL), {"entity": entity, "natural_key": key, "id": entry_id})
-        ).first()
-        self.report.broken = _link_break(entity, key, instance, seq, link, *(prior or (None, None, None)))
-        return False
-
-    async def _chain_linked_before(self, connection: AsyncConnection, instance: str, seq: int) -> bool:
-        """Whether ``instance``'s chain has a linked entry before ``seq`` (asked only of an unlinked entry that follows
-        a linked entry of its record: rare, so one query each, answered from the first linked entry of the chain)."""
-        known = self._first_linked.get(instance)
-        if known is not None:
-            return known < seq
-        start = self._unlinked_before.get(instance, 0)  # no linked entry below this seq: not asked again
-        if start >= seq:
-            return False
-        parameters = {"instance": instance, "start": start, "seq": seq}
-        found = (await connection.execute(text(FIRST_LINKED_SQL), parameters)).scalar()
-        if found is None:
-            self._unlinked_before[instance] = seq
-            return False
-        self._first_linked[instance] = int(found)
-        return True
 
     async def _latest(
         self, connection: AsyncConnection, entity: str, keys: Sequence[str]
@@ -611,17 +493,15 @@ class _Verifier:
             self._advance(len(found))
 
     async def _each_row_postgres(self, table: Table, record: type[Record]) -> bool:
-        """PostgreSQL: the server compares each row with its latest version's values (:func:`_postgres_comparison`,
-        one statement a chunk, on the driver); only rows it finds different (normally none) are checked again by
-        :meth:`_rows`, which names what differs. A chunk whose versions the server cannot read as JSON values (a
-        payload written by hand) is compared here instead, each row's canonical JSON against its payload."""
+        """PostgreSQL: the server compares each row with its latest version's payload (:func:`~persistence.audit.
+        server_checks.rows_comparison`, one statement a chunk, on the driver); only rows it does not find equal
+        (normally none) are checked again by :meth:`_rows`, which names what differs."""
         fields = tuple(record.model_fields)
         key = record.key_field
         after, upto = self._ranges.get(table.name, (None, None))
         one_instance = self._instance is not None
         statements = {
-            start: _postgres_comparison(table, fields, key, one_instance, upto is not None, start)
-            for start in (False, True)
+            start: rows_comparison(table, fields, key, one_instance, upto is not None, start) for start in (False, True)
         }
         self.report.rows[table.name] = 0
         while True:
@@ -630,49 +510,17 @@ class _Verifier:
                 parameters += (self._instance,)
             if upto is not None:
                 parameters += (upto,)
-            try:
-                async with self._db.snapshot() as connection:
-                    driver = await driver_of(connection)
-                    found = [
-                        (str(key_value), bool(same))
-                        for key_value, same in await driver.fetch(statements[after is None], *parameters)
-                    ]
-            except asyncpg.DataError:  # a payload that is not JSON, or a value that is not its field's type
-                found = await self._compare_in_python(table, record, parameters, upto is not None)
+            async with self._db.snapshot() as connection:
+                driver = await driver_of(connection)
+                found = await driver.fetch(statements[after is None], *parameters)
             if not found:
                 return True
-            different = [key_value for key_value, same in found if not same]
+            different = [str(key_value) for key_value, same, _ in found if not same]
             if different and not await self._rows(table, record, different):
                 return False
-            after = found[-1][0]
-            self.report.rows[table.name] += len(found)
-            self._advance(len(found))
-
-    async def _compare_in_python(
-        self, table: Table, record: type[Record], parameters: tuple[Any, ...], bounded: bool
-    ) -> list[tuple[str, bool]]:
-        """One chunk of :meth:`_each_row_postgres` compared here: each row's canonical JSON against its latest
-        version's payload, byte for byte."""
-        fields = tuple(record.model_fields)
-        encode = VersionEncoder(fields, column_kinds(table)).encode
-        key = record.key_field
-        columns = ", ".join(f't."{name}"' for name in fields)
-        statement = _postgres_page(
-            table,
-            key,
-            f"{columns}, t.instance_id, a.payload, a.instance_id",
-            "payload, instance_id",
-            self._instance is not None,
-            bounded,
-            start=parameters[1] is None,
-        )
-        key_index = fields.index(key)
-        async with self._db.snapshot() as connection:
-            driver = await driver_of(connection)
-            rows = await driver.fetch(statement, *parameters)
-        return [
-            (str(row[key_index]), row[-2] is not None and row[-3] == row[-1] and row[-2] == encode(row)) for row in rows
-        ]
+            after, count = str(found[-1][0]), int(found[-1][2])
+            self.report.rows[table.name] += count
+            self._advance(count)
 
     async def _rows(self, table: Table, record: type[Record], keys: list[str]) -> bool:
         """The rows of ``keys`` (those of them still present) decoded and compared with their latest audited
@@ -812,49 +660,6 @@ def _row_break(
     return None
 
 
-def _postgres_comparison(
-    table: Table, fields: Sequence[str], key: str, one_instance: bool, bounded: bool, start: bool
-) -> str:
-    """PostgreSQL SQL: per row after a key, its key and whether it equals its latest audited version (true) or not.
-
-    The version's JSON values are read back as the columns' types (a decimal string as ``numeric``, a canonical
-    timestamp as ``timestamptz``, text as text, any other value compared as JSON), compared with ``IS NOT DISTINCT
-    FROM`` (NULL equals NULL); a row with no audited version, or another ``instance_id``, compares as false. A payload
-    that is not JSON, or a value that is not its field's type, raises ``DataError``. Parameters: entity ($1), after
-    ($2; with ``start`` it is NULL: from the first key), limit ($3)[, instance ($4)][, up to ($4 or $5)].
-    """
-    kinds = column_kinds(table)
-    tests = ["a.id IS NOT NULL", "t.instance_id IS NOT DISTINCT FROM a.instance_id"]
-    for name in fields:
-        value = f"(a.j ->> '{name}')"
-        if kinds[name] == "decimal":
-            tests.append(f't."{name}" IS NOT DISTINCT FROM {value}::numeric')
-        elif kinds[name] == "datetime":
-            tests.append(f't."{name}" IS NOT DISTINCT FROM {value}::timestamptz')
-        elif kinds[name] == "text":
-            tests.append(f't."{name}" IS NOT DISTINCT FROM {value}')
-        else:
-            tests.append(f"COALESCE(to_jsonb(t.\"{name}\"), 'null'::jsonb) IS NOT DISTINCT FROM (a.j -> '{name}')")
-    selected = f't."{key}", COALESCE({" AND ".join(tests)}, false)'
-    return _postgres_page(table, key, selected, "id, instance_id, payload::jsonb AS j", one_instance, bounded, start)
-
-
-def _postgres_page(
-    table: Table, key: str, selected: str, version: str, one_instance: bool, bounded: bool, start: bool
-) -> str:
-    """PostgreSQL SQL: ``selected`` of one page of ``table``'s rows in key order, each joined (``a``) with
-    ``version``'s columns of its latest audit entry. Parameters as :func:`_postgres_comparison`'s."""
-    where = "$2::text IS NULL" if start else f't."{key}" > $2'
-    where += " AND t.instance_id = $4" if one_instance else ""
-    where += f' AND t."{key}" <= ${5 if one_instance else 4}' if bounded else ""
-    return (
-        f'SELECT {selected} FROM "{table.name}" AS t '  # noqa: S608 - schema names only
-        f"LEFT JOIN LATERAL (SELECT {version} FROM audit_log "
-        f'WHERE entity = $1 AND natural_key = t."{key}" ORDER BY id DESC LIMIT 1) AS a ON true '
-        f'WHERE {where} ORDER BY t."{key}" LIMIT $3'
-    )
-
-
 def _sqlite_comparison(
     table: Table, fields: Sequence[str], key: str, one_instance: bool, bounded: bool, start: bool = False
 ) -> str:
@@ -987,45 +792,9 @@ def _canonical_stored(stored: Any) -> str:
         return str(stored)  # not a timestamp: its hash will not match, and that is reported
 
 
-def _link_break(
-    entity: str,
-    key: str,
-    instance: str,
-    seq: int,
-    link: str | None,
-    prior_instance: str | None,
-    prior_seq: int | None,
-    prior_hash: str | None,
-) -> Break:
-    """The break of an entry that does not link to its record's entry before it, with the entry before it."""
-    if link is None:
-        problem = (
-            "it has no key_prev_hash, but an earlier entry of this record has one "
-            "(the record's versions were reordered, or the link removed)"
-        )
-    elif prior_hash is None:
-        problem = (
-            f"its key_prev_hash {link[:16]}… links to an earlier entry, but it is the record's first entry by id "
-            "(the record's versions were reordered, or its earlier entries deleted)"
-        )
-    else:
-        problem = (
-            f"its key_prev_hash {link[:16]}… does not link to the record's entry before it by id, seq {prior_seq} "
-            f"of instance {prior_instance!r} (hash {prior_hash[:16]}…): the record's versions were reordered"
-        )
-    return Break(problem, str(entity), str(key), str(instance), int(seq))
-
-
 def _first(marks: dict[int, list[AnchorLine]]) -> AnchorLine:
     """The checkpoint of the lowest seq among ``marks``."""
     return marks[min(marks)][0]
-
-
-def _mismatch(seq: int, found: str, anchored: str) -> str:
-    return (
-        f"the entry at seq {seq} has hash {found[:16]}…, the checkpoint says {anchored[:16]}… "
-        "(the chain was rewritten after it was anchored)"
-    )
 
 
 def _difference(stored: dict[str, Any], audited: dict[str, Any]) -> str:
@@ -1144,13 +913,13 @@ def _export_links(links: sqlite3.Connection, report: VerifyReport) -> None:
     ):
         if link is None:
             if chain_linked:
-                report.broken = _link_break(entity, key, instance, seq, link, prior_instance, prior_seq, prior_hash)
+                report.broken = link_break(entity, key, instance, seq, link, prior_instance, prior_seq, prior_hash)
                 return
             report.unlinked[str(instance)] = report.unlinked.get(str(instance), 0) + 1
         elif link != GENESIS and held.execute("SELECT 1 FROM audit_log WHERE hash = ?", (link,)).fetchone() is None:
             report.outside += 1  # it links to an entry left out of this export: not checkable here
         else:
-            report.broken = _link_break(entity, key, instance, seq, link, prior_instance, prior_seq, prior_hash)
+            report.broken = link_break(entity, key, instance, seq, link, prior_instance, prior_seq, prior_hash)
             return
 
 
@@ -1189,16 +958,14 @@ def _export_chains(
             if state is None:
                 state = states[instance] = _ChainState()
                 report.chains[instance] = 0
-            problem = None
-            if seq != state.expected:
-                missing = f"seq {state.expected}" if seq == state.expected + 1 else f"seq {state.expected} to {seq - 1}"
-                problem = f"{missing} missing before it (a gap in the chain)"
-            elif prev_hash != state.previous:
-                problem = f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
-            elif digest != entry_hash(state.previous, header_text(instance, seq, entity, key, at, link), payload):
-                problem = "hash does not match the entry's contents (the entry was changed)"
-            elif entry_id <= state.previous_id:
-                problem = f"its id {entry_id} is not after seq {seq - 1}'s ({state.previous_id}): the entry was moved"
+            problem = entry_problem(
+                state.expected,
+                state.previous,
+                state.previous_id,
+                instance,
+                (entry_id, seq, entity, key, payload, at, prev_hash, digest, link),
+                at,
+            )
             if problem is not None:
                 report.broken = Break(problem, entity, key, instance, seq)
                 return
@@ -1207,7 +974,7 @@ def _export_chains(
                 assert line.checkpoint is not None
                 if line.checkpoint.hash != digest:
                     report.broken = Break(
-                        _mismatch(seq, digest, line.checkpoint.hash), entity, key, instance, seq, line.describe()
+                        mismatch(seq, digest, line.checkpoint.hash), entity, key, instance, seq, line.describe()
                     )
                     return
                 state.matched += 1
