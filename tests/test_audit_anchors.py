@@ -29,7 +29,8 @@ from persistence.audit.anchors import (
     sign,
 )
 from persistence.audit.chain import canonical_time, entry_hash, header_text
-from persistence.audit.verify import VerifyReport, verify
+from persistence.audit.report import VerifyReport
+from persistence.audit.verify import verify
 from persistence.config import Settings
 from persistence.db.engine import Database, create_database
 from persistence.db.schema import audit_log

@@ -18,10 +18,11 @@ from sqlalchemy.engine import make_url
 
 from persistence.audit import verify as verify_module
 from persistence.audit.chain import VersionEncoder
+from persistence.audit.report import VerifyReport
 from persistence.audit.server_checks import STRETCH_SQL, rows_comparison
 from persistence.audit.stretches import beside
 from persistence.audit.trail import column_kinds
-from persistence.audit.verify import VerifyReport, verify
+from persistence.audit.verify import verify
 from persistence.db.engine import Database
 from persistence.db.schema import trades
 from persistence.records.models import Trade

@@ -21,8 +21,9 @@ import persistence
 from persistence import AuditVerifyError
 from persistence.audit import verify as verify_module
 from persistence.audit.anchors import load_anchors
+from persistence.audit.report import VerifyReport
 from persistence.audit.rows_worker import RowsWorker, _child_environment
-from persistence.audit.verify import VerifyReport, count_checks, verify
+from persistence.audit.verify import count_checks, verify
 from persistence.db.engine import Database, create_database
 from persistence.migrations import upgrade
 from persistence.tables.repositories import Repositories
