@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from sqlalchemy import BigInteger, Boolean, Integer, SmallInteger, Table
+from sqlalchemy import BigInteger, Boolean, Integer, SmallInteger, Table, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.audit.trail import column_kinds
+from persistence.db.engine import driver_of
 
 CANONICAL_TIME = """to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
 """A ``timestamptz`` as :func:`~persistence.audit.chain.canonical_time` writes it (``NULL`` for an infinite one)."""
@@ -143,3 +145,11 @@ def rows_comparison(
         "SELECT k, same, n FROM (SELECT k, same, row_number() OVER w AS n, lead(k) OVER w AS next "  # noqa: S608
         f"FROM ({page}) AS page WINDOW w AS (ORDER BY k)) AS counted WHERE NOT same OR next IS NULL ORDER BY k"
     )
+
+
+async def without_jit(connection: AsyncConnection) -> None:
+    """No JIT compilation in ``connection``'s transaction (PostgreSQL 11 and later; ``SET LOCAL``). These statements
+    are cheap, but their estimated cost counts the escaping branch of every row (which runs for almost none), and
+    compiling them took over a second each, longer than running them."""
+    if (await driver_of(connection)).get_server_version().major >= 11:
+        await connection.execute(text("SET LOCAL jit = off"))

@@ -26,7 +26,7 @@ from persistence.audit.anchors import AnchorLine
 from persistence.audit.chain import GENESIS, entry_problem
 from persistence.audit.links import ChainLinks
 from persistence.audit.report import Break, Progress, mismatch
-from persistence.audit.server_checks import STRETCH_SQL, UNLINKED_STRETCH_SQL
+from persistence.audit.server_checks import STRETCH_SQL, UNLINKED_STRETCH_SQL, without_jit
 from persistence.db.engine import Database, driver_of
 from persistence.errors import AuditVerifyError
 
@@ -176,5 +176,6 @@ async def beside(database: Database, connection: AsyncConnection, count: int) ->
         for _ in range(count):
             other = await stack.enter_async_context(database.snapshot())
             await other.execute(text(f"SET TRANSACTION SNAPSHOT '{snapshot}'"))
+            await without_jit(other)
             others.append(other)
         yield others

@@ -48,7 +48,7 @@ from persistence.audit.chain import GENESIS, VersionEncoder, canonical_time, ent
 from persistence.audit.links import KEY_LINKS_SQL, ChainLinks, link_break
 from persistence.audit.report import Break, Progress, VerifyReport, mismatch
 from persistence.audit.rows_worker import RowsWorker
-from persistence.audit.server_checks import CANONICAL_TIME, rows_comparison
+from persistence.audit.server_checks import CANONICAL_TIME, rows_comparison, without_jit
 from persistence.audit.stretches import StretchWalker, beside, join
 from persistence.audit.trail import column_kinds
 from persistence.db.columns import decode_datetime
@@ -137,6 +137,8 @@ class _Verifier:
             self.report.broken = Break(problem, anchor=line.describe())
             return self.report
         async with self._db.snapshot() as connection:
+            if not self._db.is_sqlite:
+                await without_jit(connection)
             self._linked = await self._has_links(connection)
             instances = await self._instances(connection)
             if anchors is not None:
@@ -511,6 +513,7 @@ class _Verifier:
             if upto is not None:
                 parameters += (upto,)
             async with self._db.snapshot() as connection:
+                await without_jit(connection)
                 driver = await driver_of(connection)
                 found = await driver.fetch(statements[after is None], *parameters)
             if not found:
