@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test fuzz bench lint typecheck clean
+.PHONY: run test test-serial fuzz bench lint typecheck clean
 
 $(STAMP): pyproject.toml
 	@echo "==> creating the virtual environment in $(VENV) (first run only)"
@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m persistence demo
 
+# The whole suite in two pytest processes at once (tests/support/shards.py); test-serial runs it in one.
 test: $(STAMP)
+	$(PY) -m tests.support.shards
+
+test-serial: $(STAMP)
 	$(PY) -m pytest
 
 # Property and model tests with random seeds and 20x the examples (make test runs them derandomized).

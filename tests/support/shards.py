@@ -1,5 +1,6 @@
 """The whole suite in two pytest processes at once (``TEST_SHARDS``, default 2), so both of the machine's cores
-work: ``.venv/bin/python -m tests.support.shards [PYTEST ARGUMENTS]`` (``make test`` runs it in one process).
+work: ``.venv/bin/python -m tests.support.shards [PYTEST ARGUMENTS]``, which ``make test`` runs (``make
+test-serial`` runs the suite in one process).
 
 ``pytest --shard K/N`` keeps every N-th test of the collection, from the K-th (counted from 0), so the N processes
 started with K = 0 … N-1 run every test exactly once between them. The tests that read the chaos soak's figures all go
