@@ -229,13 +229,16 @@ def entry_problem(
     expects, its hash and its id), or ``None``. ``entry`` is (id, seq, entity, natural_key, payload, recorded_at,
     prev_hash, hash, key_prev_hash) and ``at`` its ``recorded_at`` as canonical text: a gap first, then the link to
     the entry before, then the entry's own hash, then its id (which orders a record's versions across chains, so it
-    rises with seq in one chain)."""
+    rises with seq in one chain). An empty ``at`` is a time PostgreSQL holds and Python cannot (before year 1, after
+    9999, infinity)."""
     entry_id, seq, entity, key, payload, _, prev_hash, digest, link = entry
     if seq != expected:
         missing = f"seq {expected}" if seq == expected + 1 else f"seq {expected} to {seq - 1}"
         return f"{missing} missing before it (a gap in the chain)"
     if prev_hash != previous:
         return f"prev_hash {prev_hash[:16]}… does not link to the hash of seq {seq - 1}"
+    if not at:
+        return "its recorded_at is outside the years 1 to 9999 (no writer stores such a time)"
     if digest != entry_hash(previous, header_text(instance_id, seq, entity, key, at, link), payload):
         return "hash does not match the entry's contents (the entry was changed)"
     if entry_id <= previous_id:

@@ -10,9 +10,12 @@ entry_problem`, the row decoded), which names what is wrong; what they hold back
 - :func:`rows_comparison`: each row of a page, rendered by the server as the canonical JSON Python writes for it,
   held to its latest audited version's payload, byte for byte.
 
-The server writes JSON as Python does (text escaped by ``encode_basestring_ascii``'s rules, a character at a time
-when it needs escaping). What it cannot write that way (an infinite timestamp; in a header, text beyond ASCII, which
-the hash check leaves to Python) is sent back, so a filter is never more lenient than Python.
+The server writes JSON as Python does where it can: ``to_json`` escapes ASCII as ``encode_basestring_ascii`` does
+(but DEL), timestamps of the years 1 to 9999. Text with DEL or beyond ASCII, and other timestamps, are sent back to
+Python, so a filter is never more lenient than Python. The statements run with :func:`for_verify`'s settings, so a
+database's own settings (``standard_conforming_strings``, a ``search_path`` putting another ``=`` before the
+built-in one) do not change what they compute; they trust the server's catalog, which the checks in Python, reading
+plain values, did not need to.
 """
 
 from __future__ import annotations
@@ -26,8 +29,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from persistence.audit.trail import column_kinds
 from persistence.db.engine import driver_of
 
-CANONICAL_TIME = """to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
-"""A ``timestamptz`` as :func:`~persistence.audit.chain.canonical_time` writes it (``NULL`` for an infinite one)."""
+_YEARS_1_TO_9999 = "{0} >= '0001-01-01 00:00:00+00'::timestamptz AND {0} < '10000-01-01 00:00:00+00'::timestamptz"
+CANONICAL_TIME = (
+    f"CASE WHEN {_YEARS_1_TO_9999} "
+    """THEN to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') END"""
+)
+"""A ``timestamptz`` as :func:`~persistence.audit.chain.canonical_time` writes it; ``NULL`` outside the years 1 to
+9999, which Python cannot hold (``to_char`` would drop a BC era, and gives ``NULL`` for infinity)."""
 
 _HEADER_SAFE = "octet_length({0}) = char_length({0}) AND strpos({0}, chr(127)) = 0"
 """A header value whose ``to_json`` is Python's ``encode_basestring_ascii``: every character below 0x7F (both escape
@@ -62,18 +70,6 @@ UNLINKED_STRETCH_SQL = _STRETCH.format(link="NULL::varchar")
 
 _PRINTABLE = "'^[ !#-\\[\\]-~]*$'"
 """Printable ASCII but the quote and the backslash: text that is its own JSON between quotes."""
-_ESCAPED = (
-    "(SELECT string_agg(CASE WHEN n BETWEEN 32 AND 126 AND ch <> '\"' AND ch <> '\\' THEN ch "
-    "WHEN ch = '\"' THEN '\\\"' WHEN ch = '\\' THEN '\\\\' WHEN n = 8 THEN '\\b' WHEN n = 12 THEN '\\f' "
-    "WHEN n = 10 THEN '\\n' WHEN n = 13 THEN '\\r' WHEN n = 9 THEN '\\t' "
-    "WHEN n < 65536 THEN '\\u' || lpad(to_hex(n), 4, '0') "
-    "ELSE '\\u' || to_hex(55296 + ((n - 65536) >> 10)) || '\\u' || to_hex(56320 + ((n - 65536) & 1023)) END, '' "
-    "ORDER BY i) FROM regexp_split_to_table({0}, '') WITH ORDINALITY AS chars(ch, i), LATERAL (SELECT ascii(ch) AS n) "
-    "AS code WHERE ch <> '')"
-)
-"""Text as Python's ``encode_basestring_ascii`` writes it, between the quotes (``\\uXXXX`` in lowercase hex beyond
-printable ASCII, a surrogate pair beyond the Basic Multilingual Plane), a character at a time: slow, for the rare row
-whose text needs it."""
 
 
 def rows_comparison(
@@ -83,8 +79,9 @@ def rows_comparison(
     and its last row: (key, whether it is (true) or may not be (false: Python decides), its place in the page).
 
     The row is written by the server as its canonical JSON (keys sorted, decimals as their eight-place text, timestamps
-    as :data:`CANONICAL_TIME`, text quoted, escaped as Python escapes it when it needs to be) and compared with the
-    payload, and ``instance_id`` with the version's. A row with an infinite timestamp compares as false.
+    as :data:`CANONICAL_TIME`, text quoted, escaped by ``to_json`` when it needs to be) and compared with the payload,
+    and ``instance_id`` with the version's. A row with text beyond ASCII or DEL, or a timestamp outside the years 1 to
+    9999, compares as false.
 
     The versions are read in key order beside the rows (the latest of a key is the one the next entry does not share
     its key with), bounded by the page's last key, so a page costs its own rows whichever join the planner picks.
@@ -95,7 +92,7 @@ def rows_comparison(
     pieces: list[str] = []
     escaped: list[str] = []
     texts: list[str] = []
-    finite: list[str] = []
+    in_range: list[str] = []
     for index, name in enumerate(sorted(fields)):
         column = f't."{name}"'
         label = (("{" if index == 0 else ",") + json.dumps(name) + ":").replace("'", "''")
@@ -103,12 +100,11 @@ def rows_comparison(
             value = f"""'"' || {column}::text || '"'"""
         elif kinds[name] == "datetime":
             value = f"""'"' || {CANONICAL_TIME.format(column)} || '"'"""
-            finite.append(f"isfinite({column}) IS NOT FALSE")
+            in_range.append(f"({column} IS NULL OR {_YEARS_1_TO_9999.format(column)})")
         elif kinds[name] == "text":
             value = f"""'"' || {column} || '"'"""
             texts.append(column)
-            spelled = f"""'"' || COALESCE({_ESCAPED.format(column)}, '') || '"'"""
-            escaped.append(f"'{label}' || CASE WHEN {column} IS NULL THEN 'null' ELSE {spelled} END")
+            escaped.append(f"'{label}' || COALESCE(to_json({column})::text, 'null')")
         elif isinstance(table.c[name].type, Boolean | Integer | SmallInteger | BigInteger):
             value = f"{column}::text"
         else:
@@ -117,10 +113,15 @@ def rows_comparison(
         if kinds[name] != "text":
             escaped.append(pieces[-1])
     rendered = f"{' || '.join(pieces)} || '}}'"
-    if texts:  # text of printable ASCII but the quote and the backslash is its own JSON; any other is escaped
-        plain = f"concat({', '.join(texts)}) ~ {_PRINTABLE}"
-        rendered = f"CASE WHEN {plain} THEN {rendered} ELSE {' || '.join(escaped)} || '}}' END"
-    tests = [f"a.payload = {rendered}", "t.instance_id IS NOT DISTINCT FROM a.instance_id", *finite]
+    if texts:
+        # Printable ASCII but the quote and the backslash is its own JSON; other ASCII but DEL is written by to_json
+        # as Python escapes it; text with DEL or beyond ASCII (NULL here) is left to Python, which is faster at it.
+        every = f"concat({', '.join(texts)})"
+        rendered = (
+            f"CASE WHEN {every} ~ {_PRINTABLE} THEN {rendered} "
+            f"WHEN {_HEADER_SAFE.format(every)} THEN {' || '.join(escaped)} || '}}' END"
+        )
+    tests = [f"a.payload = {rendered}", "t.instance_id IS NOT DISTINCT FROM a.instance_id", *in_range]
     where = ["$2::text IS NULL" if start else f't."{key}" > $2']
     if one_instance:
         where.append("t.instance_id = $4")
@@ -147,9 +148,16 @@ def rows_comparison(
     )
 
 
-async def without_jit(connection: AsyncConnection) -> None:
-    """No JIT compilation in ``connection``'s transaction (PostgreSQL 11 and later; ``SET LOCAL``). These statements
-    are cheap, but their estimated cost counts the escaping branch of every row (which runs for almost none), and
-    compiling them took over a second each, longer than running them."""
-    if (await driver_of(connection)).get_server_version().major >= 11:
-        await connection.execute(text("SET LOCAL jit = off"))
+async def for_verify(connection: AsyncConnection) -> None:
+    """Settings for the rest of ``connection``'s transaction (``set_config(…, true)``, as ``SET LOCAL``), so that the
+    statements here compute what they say whatever the database's own settings: the built-in operators and functions
+    first on the search path, standard string literals, and no JIT compilation (these statements are cheap, but their
+    estimated cost counts branches that run for almost no row, and compiling one took over a second, longer than
+    running it)."""
+    jit = ", set_config('jit', 'off', true)" if (await driver_of(connection)).get_server_version().major >= 11 else ""
+    await connection.execute(
+        text(
+            "SELECT set_config('search_path', 'pg_catalog, ' || current_setting('search_path'), true), "
+            f"set_config('standard_conforming_strings', 'on', true){jit}"
+        )
+    )

@@ -26,7 +26,7 @@ from persistence.audit.anchors import AnchorLine
 from persistence.audit.chain import GENESIS, entry_problem
 from persistence.audit.links import ChainLinks
 from persistence.audit.report import Break, Progress, mismatch
-from persistence.audit.server_checks import STRETCH_SQL, UNLINKED_STRETCH_SQL, without_jit
+from persistence.audit.server_checks import STRETCH_SQL, UNLINKED_STRETCH_SQL, for_verify
 from persistence.db.engine import Database, driver_of
 from persistence.errors import AuditVerifyError
 
@@ -36,6 +36,7 @@ _MARKS_SQL = (
     "SELECT seq, hash, entity, natural_key FROM audit_log WHERE instance_id = $1 AND seq = ANY($2::bigint[]) "
     "ORDER BY seq"
 )
+_NEXT_SQL = "SELECT min(seq) FROM audit_log WHERE instance_id = $1 AND seq > $2"
 _SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+(-[0-9]+)?")
 
 End = tuple[int, str, int]
@@ -86,6 +87,13 @@ class StretchWalker:
         while after < last:
             upto = min(after + self._chunk, last)
             rows = await driver.fetch(self._sql, instance, after, upto, quoted)
+            if not rows:
+                # Seq numbers no entry holds (a gap, or an entry given a far seq by hand): on to the next entry's chunk.
+                following = await driver.fetchval(_NEXT_SQL, instance, upto)
+                if following is None or following > last:
+                    break
+                after = max(upto, (following - 1) // self._chunk * self._chunk)
+                continue
             found: Found | None = None
             for row in rows:
                 if row[9] is not None:  # the entry before it is in this chunk
@@ -176,6 +184,6 @@ async def beside(database: Database, connection: AsyncConnection, count: int) ->
         for _ in range(count):
             other = await stack.enter_async_context(database.snapshot())
             await other.execute(text(f"SET TRANSACTION SNAPSHOT '{snapshot}'"))
-            await without_jit(other)
+            await for_verify(other)
             others.append(other)
         yield others

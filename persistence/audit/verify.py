@@ -48,14 +48,14 @@ from persistence.audit.chain import GENESIS, VersionEncoder, canonical_time, ent
 from persistence.audit.links import KEY_LINKS_SQL, ChainLinks, link_break
 from persistence.audit.report import Break, Progress, VerifyReport, mismatch
 from persistence.audit.rows_worker import RowsWorker
-from persistence.audit.server_checks import CANONICAL_TIME, rows_comparison, without_jit
+from persistence.audit.server_checks import CANONICAL_TIME, for_verify, rows_comparison
 from persistence.audit.stretches import StretchWalker, beside, join
 from persistence.audit.trail import column_kinds
 from persistence.db.columns import decode_datetime
 from persistence.db.engine import Database, driver_of, sqlite_path
 from persistence.db.rowcodec import RowReader
 from persistence.db.schema import TABLE_OF, audit_log
-from persistence.errors import StoredValueNotAsWritten
+from persistence.errors import AuditVerifyError, StoredValueNotAsWritten
 from persistence.records.models import Record, utc_now
 from persistence.records.registry import RECORD_KINDS
 
@@ -138,7 +138,7 @@ class _Verifier:
             return self.report
         async with self._db.snapshot() as connection:
             if not self._db.is_sqlite:
-                await without_jit(connection)
+                await for_verify(connection)
             self._linked = await self._has_links(connection)
             instances = await self._instances(connection)
             if anchors is not None:
@@ -513,7 +513,7 @@ class _Verifier:
             if upto is not None:
                 parameters += (upto,)
             async with self._db.snapshot() as connection:
-                await without_jit(connection)
+                await for_verify(connection)
                 driver = await driver_of(connection)
                 found = await driver.fetch(statements[after is None], *parameters)
             if not found:
@@ -541,7 +541,12 @@ class _Verifier:
         while keys:
             chunk, keys = keys[: self._chunk], keys[self._chunk :]
             async with self._db.snapshot() as connection:
-                rows = (await connection.execute(statement, {"keys": chunk})).all()
+                if not self._db.is_sqlite:
+                    await for_verify(connection)
+                try:
+                    rows = (await connection.execute(statement, {"keys": chunk})).all()
+                except OverflowError:  # a value the driver cannot read (asyncpg: a time outside the years 1 to 9999)
+                    return await self._unreadable(table, record, sorted(chunk), statement)
                 if not rows:
                     continue
                 key_index = fields.index(record.key_field)
@@ -577,6 +582,20 @@ class _Verifier:
                 self._advance(len(rows))
         return True
 
+    async def _unreadable(self, table: Table, record: type[Record], keys: list[str], statement: Any) -> bool:
+        """``keys`` (in order) of which a row the driver cannot read: the rows before the first such one checked as
+        usual, then that one named."""
+        for index, key in enumerate(keys):
+            async with self._db.snapshot() as connection:
+                try:
+                    await connection.execute(statement, {"keys": [key]})
+                except OverflowError as error:
+                    if not await self._rows(table, record, keys[:index]):
+                        return False
+                    self.report.broken = Break(f"the {table.name} row cannot be read: {error}", record.entity, key)
+                    return False
+        raise AuditVerifyError(f"{table.name}: {len(keys)} rows could not be read together, yet each can alone")
+
     async def _deletions(self, table: Table, record: type[Record]) -> bool:
         key_column = table.c[record.key_field]
         if not self._db.is_sqlite and not self._since:
@@ -588,6 +607,7 @@ class _Verifier:
                 + f'WHERE t."{record.key_field}" = a.natural_key) ORDER BY a.natural_key LIMIT 1'
             )
             async with self._db.snapshot() as connection:
+                await for_verify(connection)
                 values = {"entity": record.entity, "instance": self._instance}
                 gone_key = (await connection.execute(anti_join, values)).scalar()
                 if gone_key is None:
@@ -784,6 +804,8 @@ def _canonical_at(value: Any) -> str:
         return value
     if isinstance(value, datetime):
         return canonical_time(value)
+    if value is None:  # PostgreSQL's text of a time outside the years 1 to 9999 (:data:`CANONICAL_TIME`)
+        return ""
     return _canonical_stored(value)
 
 
