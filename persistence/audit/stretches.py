@@ -113,10 +113,9 @@ class StretchWalker:
             if found is not None:
                 stretch.found = found
                 return stretch
-            if rows:
-                end = (rows[-1][1] + 1, rows[-1][7], rows[-1][0])
-                stretch.count += rows[-1][1] - rows[0][1] + 1
-                self._progress(rows[-1][1] - rows[0][1] + 1)
+            end = (rows[-1][1] + 1, rows[-1][7], rows[-1][0])
+            stretch.count += rows[-1][1] - rows[0][1] + 1  # no gap: every seq from the first to the last
+            self._progress(rows[-1][1] - rows[0][1] + 1)
             after = upto
         stretch.end = end
         return stretch
