@@ -23,6 +23,9 @@ with its rows, a whole chain replaced. Entries that waited more than twice the i
 (not a break). ``since_last_anchor`` starts each chain after its newest checkpoint that still matches and checks the
 rows of only the keys written after it.
 
+On PostgreSQL the server does passes 1 and 2 itself and sends back only what may be wrong, which is checked again
+here (:mod:`.server_checks`); a chain is walked in stretches side by side (:mod:`.stretches`).
+
 The first problem found ends the walk: :class:`VerifyReport` names it (instance, ``seq``, entity, key and what
 differs; the checkpoint, for an anchor). What a passing verify proves, and what it cannot, is in docs/audit.md.
 """
@@ -858,7 +861,9 @@ async def verify(
     ``jobs=N`` (N > 1) and at least ``parallel_from`` rows (default :data:`PARALLEL_FROM_ROWS`), the rows and
     deletions are checked by ``N - 1`` child processes, each on its part of every table's keys, while this one walks
     the chains (on two cores, about half the time); the report names the same break, a break in a chain still first.
-    A child that cannot finish raises :class:`~persistence.errors.AuditVerifyError`.
+    A child that cannot finish raises :class:`~persistence.errors.AuditVerifyError`. On PostgreSQL the server checks
+    the hashes and rows itself (:mod:`.server_checks`), each chain in up to ``N`` stretches side by side
+    (:mod:`.stretches`).
     """
     verifier = _Verifier(
         database,
