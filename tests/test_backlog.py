@@ -360,14 +360,17 @@ async def test_a_journal_replay_validates_its_records_a_slice_per_turn_of_the_ho
             await asyncio.sleep(0)
 
     prober = asyncio.create_task(probe())
-    sidecar = build(sidecar_settings(sqlite_url), sidecars)
+    # A generous query timeout: on a loaded machine a batch that outlasts the usual 300 ms fails and its records are
+    # read from the journal again, validated twice (measured: 21,500 slices' records for 20,000), which is right but
+    # not what this test counts.
+    sidecar = build(sidecar_settings(sqlite_url, query_timeout_ms=30_000), sidecars)
     await sidecar.start()
     await sidecar.flush(120)
     stop.set()
     await prober
     assert len(await stored_trade_ids(sidecar)) == count
     assert reads_on_the_loop and not any(reads_on_the_loop)
-    assert sum(records for _, records in slices) == count
+    assert sum(records for _, records in slices) == count  # each record validated once
     assert max(records for _, records in slices) <= PARSE_SLICE
     turns = [at for at, _ in slices]
     assert len(set(turns)) == len(turns), "two slices validated in one turn of the loop"
