@@ -161,12 +161,17 @@ async def test_a_time_python_cannot_hold_is_left_to_python(database: Database, d
     assert broken is not None and broken.natural_key == "T-ERA"
 
 
-async def test_an_entry_recorded_at_a_time_python_cannot_hold_is_a_break(database: Database, database_url: str) -> None:
-    """An entry's ``recorded_at`` moved to the same date BC keeps its canonical text under ``to_char``, and so its
-    hash: the walk names it, by the server or in Python."""
+async def three_trades(database: Database) -> None:
+    """A chain of three entries, seq 1 to 3."""
     repos = Repositories(database)
     for n in range(3):
         await repos.trades.save_trade(make_trade(trade_id=f"T-{n}"))
+
+
+async def test_an_entry_recorded_at_a_time_python_cannot_hold_is_a_break(database: Database, database_url: str) -> None:
+    """An entry's ``recorded_at`` moved to the same date BC keeps its canonical text under ``to_char``, and so its
+    hash: the walk names it, by the server or in Python."""
+    await three_trades(database)
     await tamper(
         database_url,
         "UPDATE audit_log SET recorded_at = ((recorded_at AT TIME ZONE 'UTC')::text || '+00 BC')::timestamptz "
@@ -179,9 +184,7 @@ async def test_an_entry_recorded_at_a_time_python_cannot_hold_is_a_break(databas
 async def test_an_entry_given_a_far_seq_is_named_at_once(database: Database, database_url: str) -> None:
     """One entry inserted with seq 2**62: the walk skips the seq numbers no entry holds instead of reading them a
     chunk at a time (2**62 / 20,000 statements), and names the gap the walk in one process names."""
-    repos = Repositories(database)
-    for n in range(3):
-        await repos.trades.save_trade(make_trade(trade_id=f"T-{n}"))
+    await three_trades(database)
     await tamper(
         database_url,
         "INSERT INTO audit_log (id, instance_id, seq, entity, natural_key, payload, recorded_at, prev_hash, hash, "

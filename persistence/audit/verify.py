@@ -376,12 +376,11 @@ class _Verifier:
             ]
         stretches = [walk.result() for walk in walks]
         end, matched, found = join(instance, stretches)
-        self.report.chains[instance] = sum(stretch.count for stretch in stretches)
         if found is not None:
-            # As the walk in one process counts: the chunks before the broken one.
-            self.report.chains[instance] = found[0][0]
+            self.report.chains[instance] = found[0][0]  # as the walk in one process counts: the chunks before the break
             self.report.broken = found[1]
             return False
+        self.report.chains[instance] = sum(stretch.count for stretch in stretches)
         self.report.heads[instance] = end[1]
         written_at: dict[int, datetime] = {}
         if marks:
@@ -590,6 +589,8 @@ class _Verifier:
         usual, then that one named."""
         for index, key in enumerate(keys):
             async with self._db.snapshot() as connection:
+                if not self._db.is_sqlite:
+                    await for_verify(connection)
                 try:
                     await connection.execute(statement, {"keys": [key]})
                 except OverflowError as error:
