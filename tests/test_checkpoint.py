@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 from persistence import PersistenceSidecar
 from persistence.db.engine import WAL_AUTOCHECKPOINT_PAGES, Database, create_database
 from persistence.db.wal_checkpoint import CHECKPOINT_INTERVAL, WalCheckpointer
+from persistence.errors import QueryTimeoutError
 from persistence.migrations import upgrade
 from persistence.testing import FakeClock
 from persistence.write.committer import RetryPolicy
@@ -91,6 +92,28 @@ async def test_a_failing_checkpoint_is_logged_and_every_record_is_still_written(
     assert len(failures) == 1 and failures[0]["error"] == "disk I/O error"  # four failed; one streak, one line
     with sqlite3.connect(sqlite_url.split(":///", 1)[1]) as connection:
         assert connection.execute("SELECT count(*) FROM trades").fetchone()[0] == 200
+
+
+async def test_a_checkpoint_that_outlasts_the_query_timeout_is_logged_at_info_other_failures_warn(
+    sqlite_url: str, sidecar_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PASSIVE checkpoint stopped by the query timeout (a busy machine) has only stopped early: INFO, so a host that
+    alerts on warnings is not woken for it. A disk error, in the next streak, stays a WARNING."""
+    failures = iter([QueryTimeoutError(150, "PRAGMA wal_checkpoint(PASSIVE)"), None, sqlite3.OperationalError("disk")])
+
+    async def slow_then_broken(self: Database) -> tuple[int, int, int]:
+        failure = next(failures, None)
+        if failure is None:
+            return (0, 0, 0)
+        raise failure
+
+    monkeypatch.setattr(Database, "checkpoint", slow_then_broken)
+    clock = FakeClock()
+    with capture_logs() as logs:
+        async with PersistenceSidecar(sidecar_settings(sqlite_url), clock=clock, sleep=clock.sleep) as sidecar:
+            await record_one_by_one(sidecar, clock, 200)
+    failed = [(line["log_level"], line["error_class"]) for line in logs if line["event"] == "wal_checkpoint_failed"]
+    assert failed == [("info", "QueryTimeoutError"), ("warning", "OperationalError")]
 
 
 async def test_after_a_streak_of_failures_the_recovery_is_logged(

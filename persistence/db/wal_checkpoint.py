@@ -8,7 +8,8 @@ connection, in the background, at most every :data:`CHECKPOINT_INTERVAL` seconds
 waits for a lock and never blocks a reader or a writer. The log restarts from its beginning at the first write after
 a checkpoint that copied all of it; under a steady stream of commits that may not happen before the backstop, but
 by then the background has copied almost every page, so the commit that runs it has little left to do. A failed
-background checkpoint costs nothing else: the first failure of a streak is logged, and so is the recovery. The
+background checkpoint costs nothing else: the first failure of a streak is logged (at INFO when it only outlasted
+the query timeout, else at WARNING), and so is the recovery. The
 writer waits for a running checkpoint before it closes or replaces its connections.
 """
 
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 
 from persistence.db.engine import Database
+from persistence.errors import QueryTimeoutError
 from persistence.observe.logger import get_logger
 
 log = get_logger(__name__)
@@ -60,7 +62,10 @@ class WalCheckpointer:
             self.failures += 1
             self._streak += 1
             if self._streak == 1:  # once per streak: a full disk would otherwise log four times a second
-                log.warning("wal_checkpoint_failed", error_class=type(error).__name__, error=str(error)[:200])
+                # Interrupted past the query timeout (a busy machine, a large log), a PASSIVE checkpoint has only
+                # stopped early: the next one goes on from there. Any other error is a fault worth a warning.
+                level = log.info if isinstance(error, QueryTimeoutError) else log.warning
+                level("wal_checkpoint_failed", error_class=type(error).__name__, error=str(error)[:200])
         else:
             self.runs += 1
             if self._streak:
