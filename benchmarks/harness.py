@@ -79,6 +79,11 @@ def trade_mapping(i: int, prefix: str = "B") -> dict[str, Any]:
     }
 
 
+def ms(seconds: float) -> str:
+    """Seconds as milliseconds, for a figure's text."""
+    return f"{seconds * 1000:.2f} ms"
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0–100) by the nearest-rank method."""
     if not values:

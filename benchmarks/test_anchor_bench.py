@@ -13,17 +13,27 @@ checkpoints without their fsync, to show what is left without it.
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from benchmarks.harness import LoopStallProbe, migrated, percentile, run, sqlite_settings, user_burst, user_steady
-from benchmarks.test_benchmarks import ROUNDS, ms
+from benchmarks.harness import (
+    LoopStallProbe,
+    migrated,
+    ms,
+    percentile,
+    run,
+    sqlite_settings,
+    user_burst,
+    user_steady,
+)
 from persistence import Settings
 from persistence.audit import anchors
 from persistence.audit.anchors import Checkpoint, anchor_path, generate_key, read_anchor_lines
 
+ROUNDS = max(int(os.environ.get("BENCH_ROUNDS", "5")) // 2, 3)
 INTERVAL = 0.05
 STEADY_COUNT, STEADY_RATE = 3000, 1000
 BURST = 1000
@@ -91,7 +101,7 @@ def test_checkpoints_beside_none_on_the_write_path(
                 latencies, _ = run(loop, user_burst(settings, BURST, f"B{n}{b}{anchored:d}"))
                 bursts[anchored].append(percentile(latencies, 95))
 
-    benchmark.pedantic(one_round, rounds=max(ROUNDS // 2, 3), iterations=1)
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     # 3 s at one checkpoint every 50 ms: about 60 a run when the loop keeps time; far fewer means they stopped.
     assert min(written) >= 20, written
 

@@ -19,6 +19,7 @@ from benchmarks.harness import (
     LatencyProbe,
     LoopStallProbe,
     migrated,
+    ms,
     naive_burst,
     percentile,
     pg_ceilings,
@@ -42,10 +43,6 @@ from persistence.tables.repositories import Repositories
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 POSTGRES_URL = os.environ.get("PERSISTENCE_TEST_POSTGRES_URL")
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f} ms"
 
 
 def test_burst_of_1000_trades_p95_against_naive_and_ceiling(

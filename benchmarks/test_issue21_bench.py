@@ -31,6 +31,7 @@ import pytest
 from benchmarks.harness import (
     LoopStallProbe,
     migrated,
+    ms,
     percentile,
     run,
     same_work_sqlite,
@@ -47,10 +48,6 @@ HEAP_OBJECTS = 1_000_000
 BURSTS = 8
 """Bursts per host process: enough that a host's periodic full collection can fall inside one."""
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f} ms"
 
 
 def burst_children(directory: Path, url: str | None, rounds: int) -> dict[str, list[dict[str, Any]]]:
