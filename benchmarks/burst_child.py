@@ -22,7 +22,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import migrated, percentile, sqlite_settings, trade_mapping
+from benchmarks.harness import bench_settings, migrated, percentile, sqlite_settings, trade_mapping
 from persistence import PersistenceSidecar, Settings
 
 
@@ -77,7 +77,7 @@ async def main(directory: Path, heap_objects: int, bursts: int, url: str | None)
         if url is None:
             settings = sqlite_settings(directory / f"{tag}-{n}.db")
         else:
-            settings = Settings(_env_file=None, database_url=url, journal_dir=directory / f"{tag}-{n}-journal")
+            settings = bench_settings(url, directory / f"{tag}-{n}-journal")
         await migrated(settings)
         collections = Collections()
         gc.callbacks.append(collections)

@@ -97,13 +97,20 @@ def run(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T
     return loop.run_until_complete(coroutine)
 
 
-def sqlite_settings(path: Path, **overrides: Any) -> Settings:
+def bench_settings(database_url: str, journal_dir: Path, **overrides: Any) -> Settings:
+    """A benchmark sidecar's settings: its journal and its audit checkpoints in the benchmark's own folder, never in
+    the folder it was started from (the defaults' ``./data``)."""
     values: dict[str, Any] = {
-        "database_url": f"sqlite+aiosqlite:///{path}",
-        "journal_dir": path.parent / f"{path.stem}-journal",
+        "database_url": database_url,
+        "journal_dir": journal_dir,
+        "audit_anchor_dir": journal_dir.with_name(f"{journal_dir.name}-anchors"),
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)
+
+
+def sqlite_settings(path: Path, **overrides: Any) -> Settings:
+    return bench_settings(f"sqlite+aiosqlite:///{path}", path.parent / f"{path.stem}-journal", **overrides)
 
 
 async def migrated(settings: Settings) -> None:

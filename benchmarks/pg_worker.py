@@ -13,14 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import trade_mapping
-from persistence import PersistenceSidecar, Settings
+from benchmarks.harness import bench_settings, trade_mapping
+from persistence import PersistenceSidecar
 
 
 async def main(url: str, prefix: str, count: int, journal_dir: Path) -> dict[str, float]:
     # Each process is an orchestrator of its own, with its own audit chain (processes sharing an instance id take
     # turns on theirs).
-    settings = Settings(_env_file=None, database_url=url, journal_dir=journal_dir, instance_id=f"bench-{prefix}")
+    settings = bench_settings(url, journal_dir, instance_id=f"bench-{prefix}")
     mappings = [trade_mapping(i, prefix) for i in range(count)]
     async with PersistenceSidecar(settings, log_events=False) as sidecar:
         started_wall, started = time.time(), time.perf_counter()

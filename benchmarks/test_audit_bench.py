@@ -33,7 +33,15 @@ from sqlalchemy import insert
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 
-from benchmarks.harness import BENCH_INSTANCE, migrated, run, sidecar_burst, sqlite_settings, trade_mapping
+from benchmarks.harness import (
+    BENCH_INSTANCE,
+    bench_settings,
+    migrated,
+    run,
+    sidecar_burst,
+    sqlite_settings,
+    trade_mapping,
+)
 from persistence import Settings
 from persistence.app.cli.audit import VERIFY_JOBS
 from persistence.audit.chain import GENESIS, AuditHead, VersionEncoder, linked_entries
@@ -141,7 +149,7 @@ def test_audit_trail_cost_on_postgresql(
     def settings_for(name: str) -> Settings:
         url = create_postgres_database("persistence_audit_bench")
         created.append(url)
-        return Settings(_env_file=None, database_url=url, journal_dir=tmp_path / f"journal-{name}")
+        return bench_settings(url, tmp_path / f"journal-{name}")
 
     def once() -> None:
         audited, plain = _measure(loop, settings_for, "AP", max(ROUNDS // 2, 3))
@@ -400,7 +408,7 @@ def test_audit_verify_of_1000000_entries_on_postgresql(
     count = VERIFY_COUNT
     url = create_postgres_database("persistence_verify_bench")
     try:
-        settings = Settings(_env_file=None, database_url=url, journal_dir=tmp_path / "journal")
+        settings = bench_settings(url, tmp_path / "journal")
         run(loop, migrated(settings))
         run(loop, fill_audited_postgres(url, count))
         runs: list[dict[str, float]] = []

@@ -18,6 +18,7 @@ from sqlalchemy import event
 from benchmarks.harness import (
     LatencyProbe,
     LoopStallProbe,
+    bench_settings,
     migrated,
     ms,
     naive_burst,
@@ -614,7 +615,7 @@ def test_postgres_burst_and_throughput(
         n = next(counter)
         url = create_postgres_database("persistence_bench")
         try:
-            settings = Settings(_env_file=None, database_url=url, journal_dir=tmp_path / f"pg-journal-{n}")
+            settings = bench_settings(url, tmp_path / f"pg-journal-{n}")
             run(loop, migrated(settings))
             latencies, _ = run(loop, user_burst(settings, 1000, f"PGU{n}"))
             user_p95s.append(percentile(latencies, 95))
@@ -743,7 +744,7 @@ def test_postgres_three_processes_on_one_database(
         n = next(counter)
         url = create_postgres_database("persistence_bench3")
         try:
-            run(loop, migrated(Settings(_env_file=None, database_url=url, journal_dir=tmp_path / f"m-{n}")))
+            run(loop, migrated(bench_settings(url, tmp_path / f"m-{n}")))
             [single] = workers(url, [f"P{n}-solo"], n)
             singles.append(single["rate"])
             results = workers(url, [f"P{n}-a", f"P{n}-b", f"P{n}-c"], n)

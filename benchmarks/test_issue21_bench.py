@@ -30,6 +30,7 @@ import pytest
 
 from benchmarks.harness import (
     LoopStallProbe,
+    bench_settings,
     migrated,
     ms,
     percentile,
@@ -143,7 +144,7 @@ def test_postgres_burst_in_a_host_with_a_large_heap_beside_a_fresh_process(
     url = create_postgres_database("persistence_bench_heap")
     measured: dict[str, list[dict[str, Any]]] = {}
     try:
-        run(loop, migrated(Settings(_env_file=None, database_url=url, journal_dir=tmp_path / "migrate")))
+        run(loop, migrated(bench_settings(url, tmp_path / "migrate")))
         benchmark.pedantic(lambda: measured.update(burst_children(tmp_path, url, ROUNDS)), rounds=1, iterations=1)
     finally:
         loop.close()
