@@ -253,7 +253,7 @@ async def same_work_postgres(database_url: str, count: int, prefix: str) -> floa
                 "SELECT seq, hash FROM audit_log WHERE instance_id = $1 ORDER BY seq DESC LIMIT 1", instance
             )
             head = AuditHead(instance, int(found[0]), str(found[1])) if found else None
-            payloads = [("trade", record["trade_id"], encode(record), GENESIS) for record in records]
+            payloads = [("trade", str(record["trade_id"]), encode(record), GENESIS) for record in records]
             entries = linked_entries(head, instance, payloads, datetime.now(UTC))
             await connection.copy_records_to_table("trades", records=rows, columns=columns)
             await connection.copy_records_to_table(

@@ -486,7 +486,7 @@ def test_filtered_history_queries_over_100000_trades(
     run(loop, seed())
     samples: list[float] = []
     by_query: dict[int, list[float]] = {}
-    queries = [
+    queries: list[dict[str, Any]] = [
         {"symbol": "EURUSD", "limit": 100},
         {"session": "LONDON", "sort_by": "pnl", "sort_order": "desc", "limit": 100},
         {"pattern_type": "flag", "start_date": "2026-01-05T12:00:00Z", "end_date": "2026-01-06T12:00:00Z"},
@@ -517,7 +517,7 @@ def test_filtered_history_queries_over_100000_trades(
             # per connection, and a new engine starts with none).
             for iteration in range(11):
                 for number, query in enumerate(queries):
-                    arguments = {
+                    arguments: dict[str, Any] = {
                         key: datetime.fromisoformat(value) if key.endswith("_date") else value
                         for key, value in query.items()
                     }

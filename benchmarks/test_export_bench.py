@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +61,24 @@ def ceiling_export(database: Path, output: Path) -> int:
     spec = EXPORTABLES["trades"]
     schema = arrow_schema(spec)
     decimal, unscaled, naive = pa.decimal128(18, 8), pa.decimal128(19, 0), pa.timestamp("us")
-    converters = []
+
+    def decimals(values: Sequence[Any]) -> Any:
+        return pa.array(values, pa.int64()).cast(unscaled).view(decimal)
+
+    def times(kind: Any) -> Callable[[Sequence[Any]], Any]:
+        return lambda values: pa.array(values, pa.string()).cast(naive).cast(kind)
+
+    def plain(kind: Any) -> Callable[[Sequence[Any]], Any]:
+        return lambda values: pa.array(values, kind)
+
+    converters: list[Callable[[Sequence[Any]], Any]] = []
     for field in schema:
         if pa.types.is_decimal(field.type):
-            converters.append(lambda v: pa.array(v, pa.int64()).cast(unscaled).view(decimal))
+            converters.append(decimals)
         elif pa.types.is_timestamp(field.type):
-            converters.append(lambda v, t=field.type: pa.array(v, pa.string()).cast(naive).cast(t))
+            converters.append(times(field.type))
         else:
-            converters.append(lambda v, t=field.type: pa.array(v, t))
+            converters.append(plain(field.type))
     names = ", ".join(f'"{field.name}"' for field in schema)
     connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     rows_written = 0

@@ -16,7 +16,7 @@ import msgspec
 Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
-class MsgspecTrade(msgspec.Struct, forbid_unknown_fields=True):
+class MsgspecTrade(msgspec.Struct, forbid_unknown_fields=True):  # type: ignore[call-arg, unused-ignore]
     trade_id: Identifier
     symbol: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
     direction: Literal["BUY", "SELL"]

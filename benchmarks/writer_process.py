@@ -104,7 +104,7 @@ if importlib.util.find_spec("msgspec") is not None:  # pragma: no cover - not a 
     _msgpack_encoder = msgspec.msgpack.Encoder(decimal_format="string")
 
     def _msgspec_tuples(records: list[Trade]) -> bytes:
-        return _msgpack_encoder.encode([tuple(record.__dict__.values()) for record in records])
+        return bytes(_msgpack_encoder.encode([tuple(record.__dict__.values()) for record in records]))
 
     def _unmsgspec_tuples(body: bytes) -> list[dict[str, Any]]:
         from benchmarks.validators import MsgspecTrade
