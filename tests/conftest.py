@@ -57,6 +57,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = kept
 
 
+def _files_under(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each file under ``folder`` (relative path) with its size and modification time; empty if there is none."""
+    if not folder.is_dir():
+        return {}
+    return {
+        str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_folder_the_suite_runs_in_is_not_written() -> Iterator[None]:
+    """No test leaves the defaults' ``./data`` (database, journal, audit checkpoints) in the folder the suite was
+    started from, the checkout: a test's sidecar keeps everything in a temporary folder (``make_settings``). The
+    suite fails at its end if a file there was created or changed."""
+    folder = Path.cwd() / "data"
+    before = _files_under(folder)
+    yield
+    after = _files_under(folder)
+    written = sorted(name for name, stamp in after.items() if before.get(name) != stamp)
+    assert not written, f"tests wrote into {folder}: {written}"
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     url = create_postgres_database()

@@ -58,6 +58,7 @@ class SidecarMachine(RuleBasedStateMachine):
             _env_file=None,
             database_url=f"sqlite+aiosqlite:///{self.db_path}",
             journal_dir=self.directory / "journal",
+            audit_anchor_dir=self.directory / "anchors",
             max_pending=MAX_PENDING,
             batch_size=BATCH_SIZE,
             history_max=HISTORY_MAX,
