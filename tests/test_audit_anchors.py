@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import stat
 import threading
 from collections.abc import Callable
@@ -39,16 +38,20 @@ from persistence.observe.events import AuditAnchored, Event
 from persistence.records.models import utc_now
 from persistence.testing import FakeClock
 from tests.support import eventually
-from tests.support.audit import audit_cli, audit_cli_in_a_subprocess, closed_version, tamper
+from tests.support.audit import (
+    anchored_trail,
+    audit_cli,
+    audit_cli_in_a_subprocess,
+    audit_export,
+    closed_version,
+    lines_of,
+    tamper,
+)
 from tests.support.databases import make_settings, reset_postgres
 from tests.support.factories import make_trade
 
 SettingsFactory = Callable[..., Settings]
 INTERVAL = 30.0
-
-
-def lines_of(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 async def head_of(database: Database, instance: str) -> tuple[int, str]:
@@ -307,21 +310,6 @@ async def test_signed_checkpoints_verify_with_their_key_and_fail_with_another(
 
 
 # ---------------------------------------------------------------------------------------------- attacks
-
-
-async def anchored_trail(
-    database_url: str, sidecar_settings: SettingsFactory, instance: str = "bot-x", **overrides: Any
-) -> tuple[Settings, list[Any]]:
-    """Two runs of a sidecar: four trades opened, then closed; a checkpoint at each close()."""
-    settings = sidecar_settings(database_url, instance_id=instance, **overrides)
-    trades = [make_trade(trade_id=f"T-{instance}-{i}") for i in range(4)]
-    async with PersistenceSidecar(settings) as sidecar:
-        for trade in trades:
-            sidecar.record_trade(trade)
-    async with PersistenceSidecar(settings) as sidecar:
-        for trade in trades:
-            sidecar.record_trade(closed_version(trade))
-    return settings, trades
 
 
 async def rewrite_from(database: Database, database_url: str, instance: str, seq: int, old: str, new: str) -> None:
@@ -618,14 +606,6 @@ def test_an_exported_trail_and_its_anchors_verify_offline_with_the_same_command(
     exported.write_text("".join(json.dumps(entry) + "\n" for entry in lines[:6]))  # a deleted tail
     cut = audit_cli(nowhere, "verify", "--from-export", str(exported), "--anchors", anchors, "--public-key", public)
     assert cut.returncode == 1 and "the chain ends at seq 6" in cut.stdout
-
-
-def audit_export(database_url: str, output: Path) -> Any:
-    """``export audit`` by its ``main()`` in this process; test_audit runs the same command in a real subprocess."""
-    from tests.support.cli import run_in_process
-
-    env = {**os.environ, "DATABASE_URL": database_url}
-    return run_in_process("export", "audit", "--format", "jsonl", "--output", str(output), cwd=output.parent, env=env)
 
 
 @pytest.mark.parametrize(

@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import os
+import re
 import stat
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,11 @@ from persistence.observe.logger import get_logger
 log = get_logger("persistence.anchors")
 
 _HEX = frozenset("0123456789abcdef")
+_CANONICAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z", re.ASCII)
+MAX_SEQ = 2**63 - 1
+"""The largest ``seq`` a database column holds (a 64-bit integer)."""
+_NAME_BYTES = 200
+"""The longest anchor file name made from an instance id as it is; a longer one is shortened (file names: 255)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +93,8 @@ class AnchorLine:
     line: int
     checkpoint: Checkpoint | None
     problem: str | None = None
+    cut_short: bool = False
+    """The line is the start of a checkpoint that was never finished (a crash or a full disk while appending)."""
 
     @property
     def where(self) -> str:
@@ -108,22 +117,28 @@ def parse_checkpoint(text: str) -> Checkpoint:
         fields = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"not JSON ({error.msg})") from None
+    except RecursionError:
+        raise ValueError("not JSON (nested too deeply)") from None
     if not isinstance(fields, dict):
         raise ValueError("not a JSON object")
     instance, seq, digest, at = (fields.get(name) for name in ("instance_id", "seq", "hash", "time"))
     signature = fields.get("signature")
     if not isinstance(instance, str) or not instance:
         raise ValueError("no instance_id")
-    if type(seq) is not int or seq < 1:
-        raise ValueError("no seq (a positive integer)")
+    if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
+        raise ValueError("no seq (a positive integer a database holds)")
     if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
         raise ValueError("no hash (64 hex digits)")
     if not isinstance(at, str):
         raise ValueError("no time")
     try:
+        if not _CANONICAL_TIME.fullmatch(at):
+            raise ValueError
         datetime.fromisoformat(at.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"time {at!r} is not a timestamp") from None
+        raise ValueError(
+            f"time {at!r} is not a UTC time as the sidecar writes it (YYYY-MM-DDTHH:MM:SS.ffffffZ)"
+        ) from None
     if signature is not None and not isinstance(signature, str):
         raise ValueError("signature is not text")
     extra = set(fields) - {"instance_id", "seq", "hash", "time", "signature"}
@@ -133,21 +148,42 @@ def parse_checkpoint(text: str) -> Checkpoint:
 
 
 def anchor_path(directory: Path, instance_id: str) -> Path:
-    """The anchor file of ``instance_id`` in ``directory`` (the id percent-encoded where a file name needs it)."""
-    return directory / f"{quote(instance_id, safe='-_.@+=,')}.jsonl"
+    """The anchor file of ``instance_id`` in ``directory``: the id percent-encoded where a file name needs it; an id
+    whose encoding is too long for a file name (non-ASCII takes 9 characters a letter) keeps its first characters and
+    adds a digest of the whole id, so two ids never share a file."""
+    name = quote(instance_id, safe="-_.@+=,")
+    if len(name) > _NAME_BYTES:
+        digest = hashlib.sha256(instance_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        kept = ""
+        for character in instance_id:
+            encoded = quote(character, safe="-_.@+=,")
+            if len(kept) + len(encoded) > _NAME_BYTES - 40:
+                break
+            kept += encoded
+        name = f"{kept}~{digest}"
+    return directory / f"{name}.jsonl"
 
 
 def append_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Append ``checkpoint`` as one line and fsync it (blocking: run it in a thread)."""
     created = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         data = (checkpoint.to_line() + "\n").encode("ascii")
+        size = os.fstat(descriptor).st_size
+        if size and os.pread(descriptor, 1, size - 1) != b"\n":
+            data = b"\n" + data  # a line cut short by a crash stays a line of its own, never glued to this one
         written = 0
-        while written < len(data):
-            written += os.write(descriptor, data[written:])
-        os.fsync(descriptor)
+        try:
+            while written < len(data):
+                written += os.write(descriptor, data[written:])
+            os.fsync(descriptor)
+        except OSError:
+            if written:  # a full disk took part of the line: take it back, so the file holds whole lines only
+                with contextlib.suppress(OSError):
+                    os.ftruncate(descriptor, size)
+            raise
     finally:
         os.close(descriptor)
     if created:  # the new file's name must survive a crash too
@@ -157,6 +193,13 @@ def append_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
                 os.fsync(folder)
             finally:
                 os.close(folder)
+
+
+def _cut_short(raw: bytes) -> bool:
+    """Whether ``raw`` is the start of a checkpoint line that was never finished: it begins as every line the sidecar
+    writes (``{"hash":"``) and stops before the closing brace."""
+    text = raw.strip()
+    return text.startswith(b'{"hash":"') and not text.endswith(b"}")
 
 
 def read_anchor_lines(directory: Path) -> list[AnchorLine]:
@@ -172,7 +215,7 @@ def read_anchor_lines(directory: Path) -> list[AnchorLine]:
                 try:
                     checkpoint = parse_checkpoint(raw.decode("utf-8"))
                 except (ValueError, UnicodeDecodeError) as error:
-                    lines.append(AnchorLine(path, number, None, f"cannot be read: {error}"))
+                    lines.append(AnchorLine(path, number, None, f"cannot be read: {error}", _cut_short(raw)))
                     continue
                 lines.append(AnchorLine(path, number, checkpoint))
     return lines
@@ -234,6 +277,8 @@ def generate_key(path: Path) -> Path:
 
     Refuses to replace either file. Returns the public key's path.
     """
+    if not path.name or path.name in (".", ".."):
+        raise AuditKeyError(path, "is not a file name for the key")
     public = public_key_path(path)
     for existing in (path, public):
         if existing.exists():
@@ -401,34 +446,55 @@ class Anchors:
     signed_checked: bool
     marks: dict[str, dict[int, list[AnchorLine]]]
     problem: tuple[AnchorLine, str] | None = None
+    cut_short: list[AnchorLine] = field(default_factory=list)
+    """Lines that are the start of a checkpoint never finished: no more than a missing checkpoint (reported)."""
+    unsigned: int = 0
+    """With public keys: unsigned checkpoints written before their file's first signed one (reported)."""
 
     @property
     def count(self) -> int:
         return sum(len(found) for marks in self.marks.values() for found in marks.values())
 
 
-def load_anchors(directory: Path, interval: float, public_key: Ed25519PublicKey | None) -> Anchors:
+def load_anchors(
+    directory: Path, interval: float, public_key: Ed25519PublicKey | Sequence[Ed25519PublicKey] | None
+) -> Anchors:
     """Read ``directory``'s anchor files and check each line on its own (blocking: run it in a thread).
 
+    With public keys (several: a key replaced by another), every signed line must verify with one of them, and a
+    file's lines must stay signed from its first signed line on; the unsigned lines before it (written before
+    signing was turned on) are checked against the chain like any other and counted in :attr:`Anchors.unsigned`.
     :class:`AuditKeyError` when the checkpoints are signed and no public key is given: signed checkpoints are
     never taken on trust.
     """
+    keys = [] if public_key is None else [public_key] if isinstance(public_key, Ed25519PublicKey) else list(public_key)
     lines = read_anchor_lines(directory)
-    anchors = Anchors(directory, interval, lines, public_key is not None, {})
-    if public_key is None and any(line.checkpoint and line.checkpoint.signature for line in lines):
+    anchors = Anchors(directory, interval, lines, bool(keys), {})
+    if not keys and any(line.checkpoint and line.checkpoint.signature for line in lines):
         raise AuditKeyError(
             directory, "the checkpoints are signed: pass --public-key PATH.pub (written by `audit keygen`)"
         )
+    signing_began: set[Path] = set()
     for line in lines:
+        if line.cut_short:
+            # A crash or a full disk while appending: what the line would have anchored is covered by the gap check,
+            # like a checkpoint that was never written. Deleting whole lines is no harder than cutting one short.
+            anchors.cut_short.append(line)
+            continue
         checkpoint = line.checkpoint
         problem: str | None = line.problem
         if checkpoint is not None and problem is None:
             if anchor_path(line.path.parent, checkpoint.instance_id).name != line.path.name:
                 problem = f"names instance {checkpoint.instance_id!r}, not this file's"
-            elif public_key is not None and checkpoint.signature is None:
-                problem = "is not signed (a line added by hand?)"
-            elif public_key is not None and not signature_ok(public_key, checkpoint):
+            elif keys and checkpoint.signature is None:
+                if line.path in signing_began:
+                    problem = "is not signed, after signed checkpoints in its file (a line added by hand?)"
+                else:
+                    anchors.unsigned += 1
+            elif keys and not any(signature_ok(key, checkpoint) for key in keys):
                 problem = "its signature does not verify with the public key (the line was altered or forged)"
+            else:
+                signing_began.add(line.path)
         if problem is not None:
             if anchors.problem is None:
                 anchors.problem = (line, problem)
@@ -458,7 +524,7 @@ def unanchored_gaps(
         first = written_at.get(previous + 1)
         if first is not None and (at - first).total_seconds() > limit:
             gaps.append(
-                f"seq {previous + 1} to {seq} waited {(at - first).total_seconds():,.0f} s for a checkpoint "
+                f"seq {previous + 1} to {seq} waited {_seconds((at - first).total_seconds())} for a checkpoint "
                 f"(more than twice the {interval:g} s interval)"
             )
         previous = seq
@@ -466,6 +532,11 @@ def unanchored_gaps(
     if previous < last_seq and first is not None and (now - first).total_seconds() > limit:
         gaps.append(
             f"seq {previous + 1} to {last_seq} have no checkpoint, "
-            f"{(now - first).total_seconds():,.0f} s after seq {previous + 1} was written"
+            f"{_seconds((now - first).total_seconds())} after seq {previous + 1} was written"
         )
     return gaps
+
+
+def _seconds(value: float) -> str:
+    """A duration for a report line: whole seconds, or hundredths below ten (short test intervals)."""
+    return f"{value:,.0f} s" if value >= 10 else f"{value:.2f} s"

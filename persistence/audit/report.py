@@ -49,6 +49,12 @@ class VerifyReport:
     """Per instance, the ``seq`` of the checkpoint the walk started after (``since_last_anchor``)."""
     gaps: list[str] = field(default_factory=list)
     """Where entries waited more than twice the interval for a checkpoint (reported, not a break)."""
+    unsigned: int = 0
+    """With public keys: checkpoints written before their file's first signed one, held against their chains
+    unsigned (signing turned on later). Reported, not a break."""
+    cut_short: list[str] = field(default_factory=list)
+    """Anchor lines (``FILE:LINE``) that are the start of a checkpoint never finished, a crash or a full disk while
+    appending: reported, not a break (what they would have anchored is covered by the gap check)."""
     unlinked: dict[str, int] = field(default_factory=dict)
     """Per instance, entries without a record link written after a linked entry of their record by an instance that
     has never linked one: a release from before migration 0005 still writing (a rolling upgrade). Reported, not a
@@ -72,6 +78,15 @@ class VerifyReport:
         ]
         lines += [f"anchors {instance}: {count:,} checkpoints match" for instance, count in self.anchors.items()]
         lines += [f"GAP: {gap}" for gap in self.gaps]
+        if self.unsigned:
+            lines.append(
+                f"NOTE: {self.unsigned:,} checkpoints written before signing was turned on are not signed; they were "
+                "held against their chains like the others"
+            )
+        lines += [
+            f"NOTE: checkpoint {where} was cut short while it was written (a crash or a full disk); not used"
+            for where in self.cut_short
+        ]
         lines += [
             f"NOTE: instance {instance}: {count:,} entries without a record link after linked ones (a release before "
             "migration 0005 still writing): their order is not sealed"

@@ -135,6 +135,9 @@ class _Verifier:
 
     async def run(self) -> VerifyReport:
         anchors = self._anchors
+        if anchors is not None:
+            self.report.cut_short = [line.where for line in anchors.cut_short]
+            self.report.unsigned = anchors.unsigned
         if anchors is not None and anchors.problem is not None:
             line, problem = anchors.problem
             self.report.broken = Break(problem, anchor=line.describe())
@@ -273,18 +276,21 @@ class _Verifier:
         )
         for seq in sorted(marks, reverse=True):
             row = (await connection.execute(statement, {"seq": seq})).first()
-            line = marks[seq][0]
-            assert line.checkpoint is not None
-            if row is not None and str(row[1]) == line.checkpoint.hash:
-                self.report.since[instance] = seq
-                self.report.anchors[instance] = 1
-                return seq + 1, str(row[1]), int(row[0])
-            if row is None:
-                problem = f"there is no entry at seq {seq}: the chain ends before it (entries were deleted)"
-            else:
-                problem = mismatch(seq, str(row[1]), line.checkpoint.hash)
-            self.report.broken = Break(problem, instance_id=instance, seq=seq, anchor=line.describe())
-            return None
+            # Every checkpoint of that seq must match, not only the first: two lines may contradict each other.
+            for line in marks[seq]:
+                assert line.checkpoint is not None
+                if row is not None and str(row[1]) == line.checkpoint.hash:
+                    continue
+                if row is None:
+                    problem = f"there is no entry at seq {seq}: the chain ends before it (entries were deleted)"
+                else:
+                    problem = mismatch(seq, str(row[1]), line.checkpoint.hash)
+                self.report.broken = Break(problem, instance_id=instance, seq=seq, anchor=line.describe())
+                return None
+            assert row is not None
+            self.report.since[instance] = seq
+            self.report.anchors[instance] = len(marks[seq])
+            return seq + 1, str(row[1]), int(row[0])
         return 1, GENESIS, 0
 
     async def _entries(self, connection: AsyncConnection, instance: str, after: int) -> Sequence[Any]:
@@ -914,6 +920,9 @@ def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress
     are checked by SQLite in a temporary file (:data:`KEY_LINKS_SQL`), so memory stays bounded there too.
     """
     report = VerifyReport()
+    if anchors is not None:
+        report.cut_short = [line.where for line in anchors.cut_short]
+        report.unsigned = anchors.unsigned
     if anchors is not None and anchors.problem is not None:
         unusable, why = anchors.problem
         report.broken = Break(why, anchor=unusable.describe())
@@ -969,6 +978,7 @@ def _export_chains(
         links.execute("COMMIT")
         pending.clear()
 
+    entries = 0
     with path.open("rb") as file:
         for number, raw in enumerate(file, start=1):
             if not raw.strip():
@@ -982,9 +992,20 @@ def _export_chains(
                 link = None if link is None else str(link)
                 if len(at) != 27:
                     at = canonical_time(datetime.fromisoformat(at.replace("Z", "+00:00")))
-            except (ValueError, KeyError, TypeError) as error:
+            except (ValueError, KeyError, TypeError, RecursionError) as error:
+                if not entries:  # another format (Parquet, CSV) or another file: nothing to check, no verdict
+                    raise AuditVerifyError(
+                        f"{path} is not an audit trail exported as JSON Lines (line {number}: {error}); "
+                        "export it with `export audit --format jsonl`"
+                    ) from None
+                if not raw.endswith(b"\n"):  # the last line, unfinished
+                    raise AuditVerifyError(
+                        f"{path} ends in the middle of its line {number}: the export was cut short or copied while "
+                        "it was written; export it again"
+                    ) from None
                 report.broken = Break(f"line {number} of {path} is not an exported audit entry ({error})")
                 return
+            entries += 1
             state = states.get(instance)
             if state is None:
                 state = states[instance] = _ChainState()

@@ -108,8 +108,8 @@ def _read_anchors(args: argparse.Namespace, settings: Settings) -> Anchors | Non
         return None
     from persistence.audit.anchors import load_anchors, load_public_key
 
-    public_key = load_public_key(args.public_key) if args.public_key is not None else None
-    return load_anchors(args.anchors, settings.audit_anchor_seconds, public_key)
+    keys = [load_public_key(path) for path in args.public_key or ()]
+    return load_anchors(args.anchors, settings.audit_anchor_seconds, keys)
 
 
 async def verify_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -157,6 +157,8 @@ async def _verify_export(args: argparse.Namespace, anchors: Anchors | None) -> i
         report = await asyncio.to_thread(verify_export, args.from_export, anchors)
     except OSError as error:
         return _fail(f"cannot read the export {args.from_export}: {error.strerror or error}", 2)
+    except AuditVerifyError as error:
+        return _fail(str(error), 2)
     for line in report.lines():
         print(line)
     return 0 if report.ok else 1
@@ -213,7 +215,11 @@ def add_audit_commands(commands: Any) -> None:
         help="also hold every checkpoint in DIR (PERSISTENCE_AUDIT_ANCHOR_DIR) against its chain",
     )
     checking.add_argument(
-        "--public-key", metavar="PATH.pub", type=Path, help="check the checkpoints' signatures with this key"
+        "--public-key",
+        metavar="PATH.pub",
+        type=Path,
+        action="append",
+        help="check the checkpoints' signatures with this key; repeat it for the keys of a key replaced by another",
     )
     checking.add_argument(
         "--from-export",
