@@ -23,6 +23,7 @@ from persistence.audit.anchors import (
 from persistence.audit.verify import verify
 from persistence.db.engine import create_database
 from tests.support.audit import anchored_trail, audit_cli, audit_export, lines_of
+from tests.support.databases import make_settings
 from tests.support.factories import make_trade
 from tests.support.portability import small_tmpfs
 from tests.support.sidecars import SettingsFactory
@@ -209,3 +210,41 @@ def test_keygen_to_a_path_that_is_no_file_name_is_refused_clearly(path: str, sql
     result = audit_cli(sqlite_url, "keygen", path)
     assert result.returncode == 2 and "is not a file name for the key" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_checkpoint_is_appended_only_after_the_sqlite_log_it_names_is_fsynced(
+    sidecar_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With synchronous=NORMAL a power cut can take back the newest commits until the log is synced: a checkpoint
+    # written before that could name an entry the database no longer has. A power cut cannot be had here; the order
+    # of the fsyncs is what shows it. The database is reached through a symlink, as a user may.
+    real = tmp_path / "real" / "trading.db"
+    real.parent.mkdir()
+    link = tmp_path / "trading.db"
+    link.symlink_to(real)
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    settings = sidecar_settings(f"sqlite+aiosqlite:///{link}", instance_id="bot-sync")
+    async with PersistenceSidecar(settings) as sidecar:
+        for _ in range(3):
+            sidecar.record_trade(make_trade())
+        await sidecar.flush()
+        synced.clear()
+    anchor = str(anchor_path(tmp_path / "anchors", "bot-sync"))
+    assert anchor in synced, synced
+    before = synced[: synced.index(anchor)]
+    assert f"{real}-wal" in before and str(real) in before, synced
+
+
+def test_only_a_sqlite_file_has_commits_to_make_durable_before_a_checkpoint() -> None:
+    from persistence.write.runtime import _durability_of
+
+    assert _durability_of(make_settings(database_url="sqlite+aiosqlite:///:memory:")) is None
+    assert _durability_of(make_settings(database_url="postgresql+asyncpg://bot@db.example/trading")) is None
+    assert _durability_of(make_settings(database_url="sqlite+aiosqlite:///x.db")) is not None

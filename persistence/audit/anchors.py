@@ -346,6 +346,7 @@ class Anchorer:
         sleep: Sleep,
         now: Now,
         key_path: Path | None = None,
+        durable: Callable[[], None] | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.path = anchor_path(directory, instance_id)
@@ -354,6 +355,7 @@ class Anchorer:
         self._sleep = sleep
         self._now = now
         self._key_path = key_path
+        self._durable = durable
         self._key: Ed25519PrivateKey | None = None
         self._head: tuple[int, str] | None = None
         self._anchored: tuple[int, str] | None = None
@@ -391,7 +393,7 @@ class Anchorer:
             if self._key is not None:
                 checkpoint = sign(self._key, checkpoint)
             try:
-                await asyncio.to_thread(append_checkpoint, self.path, checkpoint)
+                await asyncio.to_thread(self._append, checkpoint)
             except OSError as error:
                 log.warning("audit_anchor_failed", path=str(self.path), error=f"{type(error).__name__}: {error}")
                 return None
@@ -407,6 +409,13 @@ class Anchorer:
             )
         )
         return checkpoint
+
+    def _append(self, checkpoint: Checkpoint) -> None:
+        """What the database committed made durable first (``durable``), then the checkpoint appended: a checkpoint
+        never names an entry a power cut could take back. Blocking: run in a thread."""
+        if self._durable is not None:
+            self._durable()
+        append_checkpoint(self.path, checkpoint)
 
     async def stop(self) -> None:
         """End the periodic task and write the last checkpoint."""

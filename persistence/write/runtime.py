@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 from tenacity import RetryCallState
 
 from persistence.audit.anchors import Anchorer
 from persistence.config import Settings
-from persistence.db.engine import Database, create_database
+from persistence.db.durable import sync_committed
+from persistence.db.engine import Database, create_database, sqlite_path
 from persistence.db.wal_checkpoint import WalCheckpointer
 from persistence.observe.events import EventBus, WriteRetried
 from persistence.records.history import TradeHistory
@@ -126,6 +128,7 @@ class Runtime:
             sleep=sleep,
             now=utc_now,
             key_path=settings.audit_signing_key,
+            durable=_durability_of(settings),
         )
 
     @property
@@ -187,3 +190,10 @@ class Runtime:
                 error=short_error(error) if error else "",
             )
         )
+
+
+def _durability_of(settings: Settings) -> Callable[[], None] | None:
+    """What makes the database's commits durable before an audit checkpoint names them: a SQLite file's log and file
+    fsynced; nothing for an in-memory database or a server (whose commits are durable when they return)."""
+    path = sqlite_path(settings.url) if settings.is_sqlite else None
+    return None if path is None else partial(sync_committed, path)
