@@ -353,9 +353,12 @@ async def test_a_consistent_rewrite_of_a_row_and_every_later_entry_is_caught_by_
         await rewrite_from(database, clean_database_url, "bot-x", 6, '"symbol":"EURUSD"', '"symbol":"GBPUSD"')
         await tamper(clean_database_url, f"UPDATE trades SET symbol = 'GBPUSD' WHERE trade_id = '{trades[1].trade_id}'")
         assert (await verify(database)).ok  # the chain and the rows alone cannot tell
-        broken = (await check(database, tmp_path / "anchors")).broken
+        report = await check(database, tmp_path / "anchors")
+        broken = report.broken
         assert broken is not None and broken.seq == 8 and broken.anchor is not None
         assert "bot-x.jsonl:2" in broken.anchor and "seq 8" in broken.anchor
+        # The walk ended at the break: the chain's line shows no head (it had none to show), only what was checked.
+        assert report.lines()[0] == "chain bot-x: 0 entries checked before the break", report.lines()
         assert "the entry at seq 8 has hash" in broken.problem and "rewritten" in broken.problem
     finally:
         await database.dispose()

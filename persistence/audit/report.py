@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from persistence.audit.chain import GENESIS
-
 Progress = Callable[[int], None]
 """Told the number of entries and rows checked so far."""
 
@@ -73,7 +71,8 @@ class VerifyReport:
         lines = [
             f"chain {instance}: {count:,} entries"
             + (f" after checkpoint seq {self.since[instance]:,}" if instance in self.since else "")
-            + f", head {self.heads.get(instance, GENESIS)}"
+            # A chain whose walk ended at a break has no head to show: its count is what was checked before it.
+            + (f", head {self.heads[instance]}" if instance in self.heads else " checked before the break")
             for instance, count in self.chains.items()
         ]
         lines += [f"anchors {instance}: {count:,} checkpoints match" for instance, count in self.anchors.items()]
