@@ -76,6 +76,33 @@ async def test_committed_pages_reach_the_database_file_in_the_background(
         await eventually(lambda: rows_in_database_file() >= 250)
 
 
+async def test_the_last_commit_of_a_burst_reaches_the_database_file_once_its_interval_is_up(
+    sqlite_url: str, sidecar_settings: Any, tmp_path: Path
+) -> None:
+    # With synchronous=NORMAL a commit reaches the disk itself when a checkpoint syncs the log: a commit that came
+    # within the interval of the last checkpoint must still get one, or it waits for the next commit (or close()).
+    path = Path(sqlite_url.split(":///", 1)[1])
+    clock = FakeClock()
+
+    def rows_in_database_file() -> int:
+        alone = tmp_path / "alone.db"
+        shutil.copyfile(path, alone)
+        try:
+            with contextlib.closing(sqlite3.connect(alone)) as connection:
+                return int(connection.execute("SELECT count(*) FROM trades").fetchone()[0])
+        except sqlite3.DatabaseError:
+            return -1
+
+    async with PersistenceSidecar(sidecar_settings(sqlite_url), clock=clock, sleep=clock.sleep) as sidecar:
+        await sidecar.record_trade(make_trade())
+        await eventually(lambda: rows_in_database_file() == 1)  # the first commit's checkpoint, at once
+        await sidecar.record_trade(make_trade())  # within the interval: owed one
+        await asyncio.sleep(0.2)
+        assert rows_in_database_file() == 1
+        clock.advance(CHECKPOINT_INTERVAL)
+        await eventually(lambda: rows_in_database_file() == 2)
+
+
 async def test_a_failing_checkpoint_is_logged_and_every_record_is_still_written(
     sqlite_url: str, sidecar_settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -140,24 +167,64 @@ async def test_after_a_streak_of_failures_the_recovery_is_logged(
     assert recovered["failed_before"] >= 3
 
 
-async def test_one_checkpoint_at_a_time_at_most_once_per_interval(sqlite_url: str) -> None:
+async def test_one_checkpoint_at_a_time_at_most_once_per_interval_and_none_owed_is_forgotten(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     database = create_database(make_settings(database_url=sqlite_url))
+    waits: list[float] = []
+    release = asyncio.Event()
+    inside = asyncio.Event()
+    leave = asyncio.Event()
+    leave.set()
+    real = Database.checkpoint
+
+    async def gated(self: Database) -> tuple[int, int, int]:  # a checkpoint the test holds open while it commits
+        inside.set()
+        await leave.wait()
+        return await real(self)
+
+    monkeypatch.setattr(Database, "checkpoint", gated)
+
+    async def sleep(seconds: float) -> None:  # the writer's injected clock: the test says when the wait is over
+        waits.append(seconds)
+        await release.wait()
+        release.clear()
+
     try:
         await upgrade(database)
-        checkpointer = WalCheckpointer(database, interval=1.0)
-        checkpointer.after_commit(10.0)
+        checkpointer = WalCheckpointer(database, interval=1.0, sleep=sleep)
+        leave.clear()
+        checkpointer.after_commit(10.0)  # none ran yet: at once
         running = checkpointer._task
-        checkpointer.after_commit(20.0)  # one is still running: no second one
+        await inside.wait()
+        checkpointer.after_commit(10.2)  # one is running: this commit is owed one, after the interval
+        leave.set()
         assert checkpointer._task is running
+        await eventually(lambda: waits == [1.0])
+        assert checkpointer.runs == 1
+        release.set()
+        await eventually(lambda: running is not None and running.done())
+        assert checkpointer.runs == 2
+        checkpointer.after_commit(11.5)  # within the interval of the last start (11.0): owed, after 0.5
+        owed = checkpointer._task
+        assert owed is not running
+        await eventually(lambda: waits == [1.0, 0.5])
+        assert checkpointer.runs == 2
+        release.set()
+        await eventually(lambda: owed is not None and owed.done())
+        assert (checkpointer.runs, checkpointer.failures) == (3, 0)
+        checkpointer.after_commit(20.0)  # long after: at once, no wait
+        await eventually(lambda: checkpointer.runs == 4)
         await checkpointer.close(5.0)
-        checkpointer.after_commit(10.5)  # within the interval of the last start
-        assert checkpointer._task is running
-        checkpointer.after_commit(11.0)
-        assert checkpointer._task is not running
-        await checkpointer.close(5.0)
-        assert (checkpointer.runs, checkpointer.failures) == (2, 0)
+        assert waits == [1.0, 0.5]
         busy, log_pages, checkpointed = checkpointer.last_result or (-1, -1, -1)
         assert busy == 0 and checkpointed == log_pages
+        # One that waits for its interval is cancelled at once by close(): the last connection's close checkpoints.
+        checkpointer.after_commit(20.5)
+        await eventually(lambda: len(waits) == 3)
+        started = asyncio.get_running_loop().time()
+        await checkpointer.close(5.0)
+        assert asyncio.get_running_loop().time() - started < 1.0 and checkpointer.runs == 4
     finally:
         await database.dispose()
 

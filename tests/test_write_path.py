@@ -106,7 +106,7 @@ class Profiler:
 async def test_one_trades_walk_to_commit_and_receipt_stays_short(
     sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def no_checkpoint(self: WalCheckpointer) -> None:
+    async def no_checkpoint(self: WalCheckpointer, delay: float) -> None:
         return None
 
     # The background WAL checkpoint is not on a trade's way, but on a busy machine it ran, whole or in part, inside

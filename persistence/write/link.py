@@ -19,7 +19,7 @@ from persistence.config import Settings
 from persistence.db.backups import backup_dir_for
 from persistence.db.engine import Database, sqlite_path
 from persistence.db.inuse_lock import DatabaseInUseLock
-from persistence.db.wal_checkpoint import WalCheckpointer
+from persistence.db.wal_checkpoint import Sleep, WalCheckpointer
 from persistence.errors import DatabaseUnavailableError, SchemaNewerError
 from persistence.migrations import upgrade
 from persistence.observe.events import EventBus, SchemaNewerThanRelease
@@ -50,6 +50,7 @@ class DatabaseLink:
         *,
         bus: EventBus,
         history: TradeHistory,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._settings = settings
         self._database = database
@@ -57,7 +58,7 @@ class DatabaseLink:
         self._bus = bus
         self._history = history
         self._path: Path | None = sqlite_path(settings.url) if database.is_sqlite else None
-        self.checkpointer = WalCheckpointer(database) if self._path is not None else None
+        self.checkpointer = WalCheckpointer(database, sleep=sleep) if self._path is not None else None
         self._in_use = DatabaseInUseLock(self._path) if self._path is not None else None
         self._ready = False
         self._database_file: tuple[int, int] | None = None

@@ -98,7 +98,7 @@ class Runtime:
         self.backlog = backlog
         self.database = database_factory(settings)
         self.repositories = Repositories(self.database)
-        self.link = DatabaseLink(settings, self.database, self.repositories, bus=bus, history=history)
+        self.link = DatabaseLink(settings, self.database, self.repositories, bus=bus, history=history, sleep=sleep)
         self.committer = Committer(
             self.database,
             self.repositories,
