@@ -34,6 +34,17 @@ def wal_pages(url: str) -> int:
     return wal.stat().st_size // page_size if wal.exists() else 0
 
 
+def rows_in_database_file(path: Path, folder: Path) -> int:
+    """The trades in the SQLite file at ``path`` without its log: what checkpoints have copied into it."""
+    alone = folder / "alone.db"
+    shutil.copyfile(path, alone)
+    try:
+        with contextlib.closing(sqlite3.connect(alone)) as connection:
+            return int(connection.execute("SELECT count(*) FROM trades").fetchone()[0])
+    except sqlite3.DatabaseError:  # copied while a checkpoint was writing it: try again
+        return -1
+
+
 async def record_one_by_one(sidecar: PersistenceSidecar, clock: FakeClock, count: int) -> None:
     """One record per transaction, the clock moving a checkpoint interval every 50 commits."""
     for number in range(count):
@@ -61,19 +72,10 @@ async def test_committed_pages_reach_the_database_file_in_the_background(
     path = Path(sqlite_url.split(":///", 1)[1])
     clock = FakeClock()
 
-    def rows_in_database_file() -> int:
-        alone = tmp_path / "alone.db"  # the database file without its log: what a checkpoint has copied
-        shutil.copyfile(path, alone)
-        try:
-            with contextlib.closing(sqlite3.connect(alone)) as connection:
-                return int(connection.execute("SELECT count(*) FROM trades").fetchone()[0])
-        except sqlite3.DatabaseError:  # copied while a checkpoint was writing it: try again
-            return -1
-
     async with PersistenceSidecar(sidecar_settings(sqlite_url), clock=clock, sleep=clock.sleep) as sidecar:
         await record_one_by_one(sidecar, clock, 300)
         assert wal_pages(sqlite_url) < WAL_AUTOCHECKPOINT_PAGES
-        await eventually(lambda: rows_in_database_file() >= 250)
+        await eventually(lambda: rows_in_database_file(path, tmp_path) >= 250)
 
 
 async def test_the_last_commit_of_a_burst_reaches_the_database_file_once_its_interval_is_up(
@@ -84,23 +86,14 @@ async def test_the_last_commit_of_a_burst_reaches_the_database_file_once_its_int
     path = Path(sqlite_url.split(":///", 1)[1])
     clock = FakeClock()
 
-    def rows_in_database_file() -> int:
-        alone = tmp_path / "alone.db"
-        shutil.copyfile(path, alone)
-        try:
-            with contextlib.closing(sqlite3.connect(alone)) as connection:
-                return int(connection.execute("SELECT count(*) FROM trades").fetchone()[0])
-        except sqlite3.DatabaseError:
-            return -1
-
     async with PersistenceSidecar(sidecar_settings(sqlite_url), clock=clock, sleep=clock.sleep) as sidecar:
         await sidecar.record_trade(make_trade())
-        await eventually(lambda: rows_in_database_file() == 1)  # the first commit's checkpoint, at once
+        await eventually(lambda: rows_in_database_file(path, tmp_path) == 1)  # the first commit's checkpoint, at once
         await sidecar.record_trade(make_trade())  # within the interval: owed one
         await asyncio.sleep(0.2)
-        assert rows_in_database_file() == 1
+        assert rows_in_database_file(path, tmp_path) == 1
         clock.advance(CHECKPOINT_INTERVAL)
-        await eventually(lambda: rows_in_database_file() == 2)
+        await eventually(lambda: rows_in_database_file(path, tmp_path) == 2)
 
 
 async def test_a_failing_checkpoint_is_logged_and_every_record_is_still_written(
