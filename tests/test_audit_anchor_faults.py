@@ -75,13 +75,11 @@ async def test_a_checkpoint_cut_short_by_a_crash_is_noted_not_a_break_and_the_ne
     assert lines[2] == whole[:70] and json.loads(lines[3])["seq"] == 9  # never glued to the fragment
     database = create_database(settings)
     try:
-        report = await verify(database, anchors=load_anchors(tmp_path / "anchors", INTERVAL, None))
+        report = await verify(database, anchors=load_anchors(tmp_path / "anchors", INTERVAL))
         assert report.ok, report.lines()
         assert report.cut_short == [f"{path}:3"] and report.anchors == {"bot-x": 3}
         assert f"NOTE: checkpoint {path}:3 was cut short" in "\n".join(report.lines())
-        since = await verify(
-            database, anchors=load_anchors(tmp_path / "anchors", INTERVAL, None), since_last_anchor=True
-        )
+        since = await verify(database, anchors=load_anchors(tmp_path / "anchors", INTERVAL), since_last_anchor=True)
         assert since.ok and since.since == {"bot-x": 9}
     finally:
         await database.dispose()

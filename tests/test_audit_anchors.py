@@ -66,8 +66,8 @@ async def head_of(database: Database, instance: str) -> tuple[int, str]:
 
 
 async def check(database: Database, directory: Path, *, public: Path | None = None, **options: Any) -> VerifyReport:
-    key = load_public_key(public) if public is not None else None
-    anchors = load_anchors(directory, INTERVAL, key)
+    keys = [load_public_key(public)] if public is not None else []
+    anchors = load_anchors(directory, INTERVAL, keys)
     return await verify(database, anchors=anchors, **options)
 
 
@@ -304,7 +304,7 @@ async def test_signed_checkpoints_verify_with_their_key_and_fail_with_another(
         assert broken is not None and broken.anchor is not None and "bot-signed.jsonl:1" in broken.anchor
         assert "signature does not verify" in broken.problem
         with pytest.raises(AuditKeyError, match="signed: pass --public-key"):
-            load_anchors(tmp_path / "anchors", INTERVAL, None)
+            load_anchors(tmp_path / "anchors", INTERVAL)
     finally:
         await database.dispose()
 
@@ -521,7 +521,7 @@ def test_audit_verify_with_anchors_on_the_command_line_and_its_refusals(
 def test_anchor_files_are_named_by_instance_safely(tmp_path: Path) -> None:
     assert anchor_path(tmp_path, "bot-a").name == "bot-a.jsonl"
     assert anchor_path(tmp_path, "../etc/x").parent == tmp_path
-    assert isinstance(load_anchors(tmp_path, INTERVAL, None), Anchors)
+    assert isinstance(load_anchors(tmp_path, INTERVAL), Anchors)
 
 
 # ---------------------------------------------------------------------------------------------- the fast path

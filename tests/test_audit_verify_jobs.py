@@ -205,7 +205,7 @@ async def test_one_job_a_small_trail_an_in_memory_database_and_since_last_anchor
     monkeypatch.setattr(RowsWorker, "start", refuse)
     assert (await verify(seeded, jobs=1, parallel_from=0)).ok
     assert (await verify(seeded, jobs=3)).rows["trades"] == 31  # fewer rows than a child's start-up is worth
-    anchors = load_anchors(tmp_path, 30.0, None)  # no checkpoint yet: every key is checked, here
+    anchors = load_anchors(tmp_path, 30.0)  # no checkpoint yet: every key is checked, here
     assert (await verify(seeded, jobs=3, anchors=anchors, since_last_anchor=True, parallel_from=0)).ok
     memory = create_database(make_settings(database_url="sqlite+aiosqlite:///:memory:"))
     try:

@@ -465,18 +465,15 @@ class Anchors:
         return sum(len(found) for marks in self.marks.values() for found in marks.values())
 
 
-def load_anchors(
-    directory: Path, interval: float, public_key: Ed25519PublicKey | Sequence[Ed25519PublicKey] | None
-) -> Anchors:
+def load_anchors(directory: Path, interval: float, keys: Sequence[Ed25519PublicKey] = ()) -> Anchors:
     """Read ``directory``'s anchor files and check each line on its own (blocking: run it in a thread).
 
-    With public keys (several: a key replaced by another), every signed line must verify with one of them, and a
+    With public ``keys`` (several: a key replaced by another), every signed line must verify with one of them, and a
     file's lines must stay signed from its first signed line on; the unsigned lines before it (written before
     signing was turned on) are checked against the chain like any other and counted in :attr:`Anchors.unsigned`.
     :class:`AuditKeyError` when the checkpoints are signed and no public key is given: signed checkpoints are
     never taken on trust.
     """
-    keys = [] if public_key is None else [public_key] if isinstance(public_key, Ed25519PublicKey) else list(public_key)
     lines = read_anchor_lines(directory)
     anchors = Anchors(directory, interval, lines, bool(keys), {})
     if not keys and any(line.checkpoint and line.checkpoint.signature for line in lines):

@@ -135,12 +135,7 @@ class _Verifier:
 
     async def run(self) -> VerifyReport:
         anchors = self._anchors
-        if anchors is not None:
-            self.report.cut_short = [line.where for line in anchors.cut_short]
-            self.report.unsigned = anchors.unsigned
-        if anchors is not None and anchors.problem is not None:
-            line, problem = anchors.problem
-            self.report.broken = Break(problem, anchor=line.describe())
+        if _anchor_files_break(self.report, anchors):
             return self.report
         async with self._db.snapshot() as connection:
             if not self._db.is_sqlite:
@@ -911,6 +906,20 @@ class _ChainState:
     written_at: dict[int, datetime] = field(default_factory=dict)
 
 
+def _anchor_files_break(report: VerifyReport, anchors: Anchors | None) -> bool:
+    """Put in ``report`` what the anchor files hold beside their checkpoints (lines cut short, unsigned lines from
+    before signing began); ``True``, with the break, when one of their lines cannot be trusted on its own."""
+    if anchors is None:
+        return False
+    report.cut_short = [line.where for line in anchors.cut_short]
+    report.unsigned = anchors.unsigned
+    if anchors.problem is None:
+        return False
+    line, problem = anchors.problem
+    report.broken = Break(problem, anchor=line.describe())
+    return True
+
+
 def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress = lambda done: None) -> VerifyReport:
     """Check an exported trail (``export audit --format jsonl``) and its checkpoints, without any database.
 
@@ -920,12 +929,7 @@ def verify_export(path: Path, anchors: Anchors | None = None, progress: Progress
     are checked by SQLite in a temporary file (:data:`KEY_LINKS_SQL`), so memory stays bounded there too.
     """
     report = VerifyReport()
-    if anchors is not None:
-        report.cut_short = [line.where for line in anchors.cut_short]
-        report.unsigned = anchors.unsigned
-    if anchors is not None and anchors.problem is not None:
-        unusable, why = anchors.problem
-        report.broken = Break(why, anchor=unusable.describe())
+    if _anchor_files_break(report, anchors):
         return report
     with tempfile.TemporaryDirectory(prefix="persistence-verify-") as folder:
         links = sqlite3.connect(Path(folder) / "links.db", isolation_level=None)
