@@ -508,6 +508,25 @@ async def test_two_large_batches_in_one_transaction_and_a_replay_of_append_only_
     assert (counts["performance_snapshots"], counts["parameter_history"], counts["trades"]) == (BATCH, BATCH, 2 * BATCH)
 
 
+async def test_a_later_tables_conflict_takes_back_only_its_own_copy(repos: Repositories) -> None:
+    """On PostgreSQL each table's batch of new keys goes by a ``COPY`` under a savepoint that stays open to the
+    commit; a later table's copy that meets a stored key goes back to its own savepoint, never to an earlier one."""
+    stored = make_signal()
+    await repos.signals.save_signal(stored)
+    new_trades = [make_trade() for _ in range(BATCH)]
+    signals = [make_signal() for _ in range(BATCH)]
+    signals[BATCH // 2] = stored.model_copy(update={"executed": True, "execution_status": "filled"})
+    written = await repos.write_batch(new_trades, signals, [], [], [], unknown_signal="none")
+    assert written.unknown == []
+    assert await repos.trades.count() == BATCH
+    for trade in new_trades:
+        assert await repos.trades.get_trade_by_id(trade.trade_id) == trade
+    for signal in signals:
+        assert await repos.signals.get_signal_by_id(signal.signal_id) == signal
+    assert len(await repos.audit.versions("trade", new_trades[0].trade_id)) == 1
+    assert len(await repos.audit.versions("signal", stored.signal_id)) == 2
+
+
 async def test_a_large_batch_rolls_back_with_its_transaction(repos: Repositories) -> None:
     class Abort(Exception):
         pass

@@ -105,7 +105,9 @@ class CopyUpsert:
 
         The common case of a batch of new records, at the cost of a plain ``COPY``: no stage, no second statement.
         A savepoint keeps the caller's transaction when a key is already there (a replay, another process's row);
-        the caller then takes :meth:`write`. The transaction must have begun (a statement through SQLAlchemy).
+        the caller then takes :meth:`write`. A savepoint that is not rolled back stays open until the commit (a later
+        one of the same name, for the next table, is the one a rollback goes back to). The transaction must have
+        begun (a statement through SQLAlchemy).
         """
         from asyncpg import UniqueViolationError  # here: SQLite-only processes never load the PostgreSQL driver
 
@@ -118,7 +120,7 @@ class CopyUpsert:
             except UniqueViolationError:
                 await driver.execute("ROLLBACK TO SAVEPOINT persistence_copy")
                 return False
-            await driver.execute("RELEASE SAVEPOINT persistence_copy")
+            # Not released: the commit ends it with the transaction, and a RELEASE is one more round trip a batch.
             return True
         except Exception as error:
             raise self._translate(self.announced_sql, error) from error
