@@ -527,6 +527,44 @@ async def test_a_later_tables_conflict_takes_back_only_its_own_copy(repos: Repos
     assert len(await repos.audit.versions("signal", stored.signal_id)) == 2
 
 
+async def test_records_made_ahead_are_written_and_audited_exactly_as_without(repos: Repositories) -> None:
+    """What the writer makes ahead of a batch (rows, first versions' JSON) is what the transaction would make: the
+    rows stored and every entry's payload are each version's canonical JSON, for new records, a record with two
+    versions in the batch, a record made ahead but not in the batch, and one in the batch but not made ahead."""
+    from persistence.audit.chain import canonical_version
+    from persistence.records.models import Trade
+
+    opened = [make_trade(exit_time=None, pnl=None) for _ in range(BATCH)]
+    closed = opened[3].model_copy(update={"pnl": Decimal("12.5"), "updated_at": opened[3].updated_at + timedelta(1)})
+    signals = [make_signal() for _ in range(BATCH)]
+    not_written = make_trade()
+    late = make_trade()
+    await repos.prepare_ahead([*opened, closed, not_written, *signals])
+    written = await repos.write_batch([*opened, closed, late], signals, [], [], [], unknown_signal="none")
+    assert written.unknown == []
+    if repos.database.dialect_name == "postgresql":  # taken by the transaction; only the one not written is left
+        assert set(repos.trades._versions._ahead) == {id(not_written)}
+    assert await repos.trades.get_trade_by_id(not_written.trade_id) is None
+    for trade in [*opened[:3], closed, *opened[4:], late]:
+        assert await repos.trades.get_trade_by_id(trade.trade_id) == trade
+    for signal in signals:
+        assert await repos.signals.get_signal_by_id(signal.signal_id) == signal
+    fields = tuple(Trade.model_fields)
+    versions = await repos.audit.versions("trade", opened[3].trade_id)
+    assert [entry.payload for entry in versions] == [
+        canonical_version(opened[3].__dict__, fields),
+        canonical_version(closed.__dict__, fields),
+    ]
+    for trade in [*opened[:3], *opened[4:], late]:
+        [entry] = await repos.audit.versions("trade", trade.trade_id)
+        assert entry.payload == canonical_version(trade.__dict__, fields)
+    # what was made ahead and never written is not used by a later batch that holds another version of it
+    changed = not_written.model_copy(update={"pnl": Decimal("-1")})
+    await repos.write_batch([changed], [], [], [], [], unknown_signal="none")
+    [entry] = await repos.audit.versions("trade", not_written.trade_id)
+    assert entry.payload == canonical_version(changed.__dict__, fields)
+
+
 async def test_a_large_batch_rolls_back_with_its_transaction(repos: Repositories) -> None:
     class Abort(Exception):
         pass

@@ -45,6 +45,8 @@ class FakeTarget:
         self.unreachable = 0  # prepare() fails this many times first
         self.poison: set[str] = set()
         self.batches: list[list[str]] = []
+        self.ahead: list[list[str]] = []
+        self.ahead_stopped = 0
 
     async def prepare(self) -> int:
         if self.unreachable:
@@ -55,6 +57,7 @@ class FakeTarget:
 
     async def commit(self, records: Sequence[Pending]) -> Outcome:
         self.batches.append([item.record.key for item in records])
+        await asyncio.sleep(0)  # a commit waits for its database: the batch after it may be made ahead meanwhile
         if self.fail:
             self.fail -= 1
             return Outcome(failure=OSError("disk I/O error"), attempts=1)
@@ -65,6 +68,13 @@ class FakeTarget:
             else:
                 outcome.committed.append(item)
         return outcome
+
+    async def prepare_ahead(self, records: Sequence[Pending]) -> None:
+        self.ahead.append([item.record.key for item in records])
+        try:
+            await asyncio.Event().wait()  # longer than any commit here
+        finally:
+            self.ahead_stopped += 1
 
     def committed(self, now: float, outcome: Outcome) -> None:
         return None
@@ -111,6 +121,45 @@ async def test_records_are_committed_in_batches_oldest_first_and_receipts_resolv
     assert keys == [f"W-{i:02d}" for i in range(25)]
     assert all(len(batch) <= 10 for batch in loop.target.batches)
     assert sum(event.records for event in loop.events.of(BatchCommitted)) == 25
+
+
+async def test_the_next_batch_is_made_ahead_while_a_commit_waits_and_stopped_when_it_is_done(loop: Loop) -> None:
+    receipts = [loop.backlog.submit(make_trade(trade_id=f"A-{i:02d}")) for i in range(25)]
+    assert await asyncio.wait_for(asyncio.gather(*receipts), 5) == ["persisted"] * 25
+    assert loop.target.ahead == [[f"A-{i:02d}" for i in range(10, 20)], [f"A-{i:02d}" for i in range(20, 25)]]
+    assert loop.target.ahead_stopped == 2  # each stopped when its commit was done: none outlives it
+    assert [len(batch) for batch in loop.target.batches] == [10, 10, 5]
+
+
+async def test_nothing_is_made_ahead_of_a_batch_read_from_the_journal(tmp_path: Path) -> None:
+    settings = make_settings(journal_dir=tmp_path / "journal")
+    clock, bus, book = FakeClock(), EventBus(), ReceiptBook()
+    earlier = Backlog(settings, bus=bus, history=TradeHistory(100), clock=clock, sleep=clock.sleep, book=book)
+    await earlier.open()
+    for i in range(25):
+        earlier.submit(make_trade(trade_id=f"J-{i:02d}"))
+    await earlier.close()  # journals what it holds: the next backlog starts with 25 records on disk only
+    backlog = Backlog(settings, bus=bus, history=TradeHistory(100), clock=clock, sleep=clock.sleep, book=book)
+    target = FakeTarget()
+    writer = Writer(
+        backlog,
+        target,
+        target,
+        breaker=CircuitBreaker(5, 30.0),
+        book=book,
+        bus=bus,
+        clock=clock,
+        sleep=clock.sleep,
+        batch_size=10,
+    )
+    await backlog.open()
+    writer.start()
+    try:
+        await eventually(lambda: sum(len(batch) for batch in target.batches) == 25)
+        assert target.ahead == []
+    finally:
+        await writer.stop(1.0)
+        await backlog.close()
 
 
 async def test_five_transient_failures_open_the_breaker_no_call_while_open_then_one_probe_closes_it(

@@ -601,6 +601,23 @@ class Repositories:
             self.dead_letters.insert_on(session, [(change, unknown_signal) for change in unknown])
         return BatchWritten(unknown, appender.appended)
 
+    async def prepare_ahead(self, records: Sequence[Record]) -> None:
+        """Make the rows and payloads of records a later :meth:`write_batch` will write, while the loop would wait
+        (PostgreSQL; :meth:`VersionedTable.prepare_ahead <persistence.tables.versioned.VersionedTable.prepare_ahead>`).
+        """
+        if self.database.is_sqlite:
+            return
+        tables: dict[type[Record], VersionedTable[Any]] = {
+            Trade: self.trades._versions,
+            Signal: self.signals._versions,
+            PerformanceSnapshot: self.snapshots._versions,
+            ParameterChange: self.parameters._versions,
+        }
+        for record_type, table in tables.items():
+            chosen = [record for record in records if type(record) is record_type]
+            if chosen:
+                await table.prepare_ahead(chosen)
+
     def _batch_parts(
         self,
         trades: Sequence[Trade],

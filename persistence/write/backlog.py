@@ -389,6 +389,14 @@ class Backlog:
         slots = list(itertools.islice(self._ram, size))
         return Batch(list(slots), False, [None] * len(slots))
 
+    def upcoming(self, batch: Batch, size: int) -> list[Pending]:
+        """The records after ``batch`` that the next :meth:`take` will give, up to ``size``, when they are in RAM
+        (nothing when ``batch`` came from the journal: what follows it may be on disk only). No I/O."""
+        if batch.from_journal:
+            return []
+        start = len(batch.slots)
+        return list(itertools.islice(self._ram, start, start + size))
+
     def _parse_entries(
         self, lines: Sequence[tuple[bytes, int, int]], positions: list[Position | None]
     ) -> list[Pending | None]:

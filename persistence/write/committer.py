@@ -13,6 +13,7 @@ nothing of the breaker, the backlog or receipts: the writer turns its :class:`Ou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -148,6 +149,12 @@ class Committer:
                 else:
                     outcome.committed.append(item)
         return outcome
+
+    async def prepare_ahead(self, batch: Sequence[Pending]) -> None:
+        """Make what the transaction of ``batch`` (the next one) can make before it begins, while the current commit
+        waits for the server; nothing that fails here matters (the transaction makes it again and meets the error)."""
+        with contextlib.suppress(Exception):
+            await self._repos.prepare_ahead([item.record for item in batch])
 
     async def _dead_letter(self, item: Pending, cause: BaseException, outcome: Outcome) -> bool:
         """Keep one bad record in ``dead_letters``, else in the file; ``False`` if the database failed meanwhile."""

@@ -49,6 +49,9 @@ class BatchCommitter(Protocol):
     async def commit(self, records: Sequence[Pending]) -> Outcome:
         """Write a batch; see :class:`~persistence.write.committer.Committer`."""
 
+    async def prepare_ahead(self, records: Sequence[Pending]) -> None:
+        """Make ahead what the next batch's transaction can, while a commit waits (cancelled when it is done)."""
+
 
 class Preparer(Protocol):
     """What prepares the database: the :class:`~persistence.write.link.DatabaseLink` in production, a fake in tests."""
@@ -262,7 +265,13 @@ class Writer:
             self._breaker.record_cancelled(admission)
             return True
         started = self._clock()
-        outcome = await self._committer.commit(batch.records)
+        upcoming = self._backlog.upcoming(batch, self._batch_size)
+        ahead = asyncio.ensure_future(self._committer.prepare_ahead(upcoming)) if upcoming else None
+        try:
+            outcome = await self._committer.commit(batch.records)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
         now = self._clock()
         self._settle_receipts(outcome)
         self._publish_events(batch, outcome, started, now)
