@@ -60,6 +60,13 @@ async def kill(postgres_url: str, pid: int) -> None:
         await connection.close()
 
 
+async def pooled_then_killed(engine: AsyncEngine, postgres_url: str) -> int:
+    """Use the pool's one connection, return it, then kill its backend (as a restart would); its pid."""
+    pid = await backend_of(engine)
+    await kill(postgres_url, pid)
+    return pid
+
+
 async def test_a_connection_used_a_moment_ago_is_not_pinged(engine: tuple[AsyncEngine, Clock, list[object]]) -> None:
     built, clock, pings = engine
     first = await backend_of(built)
@@ -73,8 +80,7 @@ async def test_an_idle_connection_that_died_is_replaced_before_use(
     engine: tuple[AsyncEngine, Clock, list[object]], postgres_url: str
 ) -> None:
     built, clock, pings = engine
-    first = await backend_of(built)
-    await kill(postgres_url, first)
+    first = await pooled_then_killed(built, postgres_url)
     clock.now += IDLE_SECONDS + 0.1
     second = await backend_of(built)  # no error: the ping found it gone and the pool connected anew
     assert second != first
@@ -87,8 +93,7 @@ async def test_a_connection_that_died_within_the_window_fails_once_then_the_pool
     engine: tuple[AsyncEngine, Clock, list[object]], postgres_url: str
 ) -> None:
     built, _clock, pings = engine
-    first = await backend_of(built)
-    await kill(postgres_url, first)
+    first = await pooled_then_killed(built, postgres_url)
     with pytest.raises(DBAPIError) as failure:
         await backend_of(built)
     assert failure.value.connection_invalidated  # what the writer's retry sees as transient
@@ -99,8 +104,7 @@ async def test_a_connection_that_died_within_the_window_fails_once_then_the_pool
 async def test_the_sidecars_engine_replaces_a_connection_that_died_while_idle(postgres_url: str) -> None:
     database = create_database(make_settings(database_url=postgres_url))
     try:
-        first = await backend_of(database.engine)
-        await kill(postgres_url, first)
+        first = await pooled_then_killed(database.engine, postgres_url)
         await asyncio.sleep(IDLE_SECONDS + 0.1)  # the real clock: one idle window
         assert await backend_of(database.engine) != first  # no error: pinged and replaced
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -563,6 +564,43 @@ async def test_records_made_ahead_are_written_and_audited_exactly_as_without(rep
     await repos.write_batch([changed], [], [], [], [], unknown_signal="none")
     [entry] = await repos.audit.versions("trade", not_written.trade_id)
     assert entry.payload == canonical_version(changed.__dict__, fields)
+
+
+async def test_a_retry_never_takes_payloads_made_for_the_rows_of_a_failed_attempt(repos: Repositories) -> None:
+    """A first attempt takes the rows made ahead and fails before their payloads are used; the retry makes new rows,
+    which may sit where the freed ones did: each entry's payload is still its own record's canonical JSON."""
+    import gc
+
+    from persistence.audit.chain import canonical_version
+    from persistence.records.models import Trade
+
+    records = [make_trade() for _ in range(BATCH)]
+    fields = tuple(Trade.model_fields)
+    table = repos.trades._versions
+    await repos.prepare_ahead(records)
+    table.rows(records)  # the failed attempt: its rows are dropped
+    gc.collect()
+    retry = table.rows(records[3:] + records[:3])  # the retry's rows, made the instant the freed ones are gone
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    payloads = await table._encode_meanwhile(done, retry)
+    assert [payloads[id(row)] for row in retry] == [canonical_version(row, fields) for row in retry]
+    await repos.write_batch(records, [], [], [], [], unknown_signal="none")
+    for trade in records:
+        [entry] = await repos.audit.versions("trade", trade.trade_id)
+        assert entry.payload == canonical_version(trade.__dict__, fields)
+
+
+async def test_what_is_made_ahead_and_never_written_is_held_for_two_batches_at_most(repos: Repositories) -> None:
+    table = repos.trades._versions
+    batches = [[make_trade() for _ in range(BATCH)] for _ in range(3)]
+    for batch in batches:
+        await repos.prepare_ahead(batch)
+    held = set(table._ahead) | set(table._ahead_before)
+    if repos.database.dialect_name == "postgresql":
+        assert held == {id(record) for record in batches[1] + batches[2]}
+    else:
+        assert held == set()  # SQLite's transaction makes its rows on the driver's thread
 
 
 async def test_a_large_batch_rolls_back_with_its_transaction(repos: Repositories) -> None:

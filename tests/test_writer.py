@@ -7,6 +7,7 @@ and check what the breaker, the receipts and the events make of each outcome.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,9 +90,9 @@ class Loop:
     events: Recorder
 
 
-@pytest.fixture
-async def loop(tmp_path: Path) -> AsyncIterator[Loop]:
-    settings: Settings = make_settings(journal_dir=tmp_path / "journal", breaker_failure_threshold=5)
+@contextlib.asynccontextmanager
+async def writer_loop(settings: Settings) -> AsyncIterator[Loop]:
+    """A started writer over a real backlog (journal in ``settings.journal_dir``), a fake committer and clock."""
     clock, bus, book = FakeClock(), EventBus(), ReceiptBook()
     events = Recorder(bus)
     backlog = Backlog(settings, bus=bus, history=TradeHistory(100), clock=clock, sleep=clock.sleep, book=book)
@@ -109,9 +110,17 @@ async def loop(tmp_path: Path) -> AsyncIterator[Loop]:
     )
     await backlog.open()
     writer.start()
-    yield Loop(writer, backlog, target, clock, events)
-    await writer.stop(1.0)
-    await backlog.close()
+    try:
+        yield Loop(writer, backlog, target, clock, events)
+    finally:
+        await writer.stop(1.0)
+        await backlog.close()
+
+
+@pytest.fixture
+async def loop(tmp_path: Path) -> AsyncIterator[Loop]:
+    async with writer_loop(make_settings(journal_dir=tmp_path / "journal", breaker_failure_threshold=5)) as running:
+        yield running
 
 
 async def test_records_are_committed_in_batches_oldest_first_and_receipts_resolve(loop: Loop) -> None:
@@ -133,33 +142,17 @@ async def test_the_next_batch_is_made_ahead_while_a_commit_waits_and_stopped_whe
 
 async def test_nothing_is_made_ahead_of_a_batch_read_from_the_journal(tmp_path: Path) -> None:
     settings = make_settings(journal_dir=tmp_path / "journal")
-    clock, bus, book = FakeClock(), EventBus(), ReceiptBook()
-    earlier = Backlog(settings, bus=bus, history=TradeHistory(100), clock=clock, sleep=clock.sleep, book=book)
+    clock = FakeClock()
+    earlier = Backlog(
+        settings, bus=EventBus(), history=TradeHistory(100), clock=clock, sleep=clock.sleep, book=ReceiptBook()
+    )
     await earlier.open()
     for i in range(25):
         earlier.submit(make_trade(trade_id=f"J-{i:02d}"))
     await earlier.close()  # journals what it holds: the next backlog starts with 25 records on disk only
-    backlog = Backlog(settings, bus=bus, history=TradeHistory(100), clock=clock, sleep=clock.sleep, book=book)
-    target = FakeTarget()
-    writer = Writer(
-        backlog,
-        target,
-        target,
-        breaker=CircuitBreaker(5, 30.0),
-        book=book,
-        bus=bus,
-        clock=clock,
-        sleep=clock.sleep,
-        batch_size=10,
-    )
-    await backlog.open()
-    writer.start()
-    try:
-        await eventually(lambda: sum(len(batch) for batch in target.batches) == 25)
-        assert target.ahead == []
-    finally:
-        await writer.stop(1.0)
-        await backlog.close()
+    async with writer_loop(settings) as running:
+        await eventually(lambda: sum(len(batch) for batch in running.target.batches) == 25)
+        assert running.target.ahead == []
 
 
 async def test_five_transient_failures_open_the_breaker_no_call_while_open_then_one_probe_closes_it(

@@ -61,8 +61,6 @@ OVERLAP_SLICE = 32
 AHEAD_SLICE = 16
 """Records made ahead between two hand-backs of the loop (:meth:`VersionedTable.prepare_ahead`): a slice delays the
 transaction under way by at most its own time when the server answers meanwhile."""
-AHEAD_MAX = 4096
-"""Records kept made ahead at most; past it the oldest are dropped (a record that was never written)."""
 
 
 def winning_version(new: Row, stored: Row, replaces: Replaces) -> Row | None:
@@ -194,8 +192,12 @@ class VersionedTable(Generic[RecordT]):
             )
             stored = stored.add_columns(latest)
         self._stored = stored
+        # Made ahead, by id of record: this preparation's and the one before it (what neither took is dropped at the
+        # next preparation, so at most two batches are held). Each entry holds its record: no id is reused meanwhile.
         self._ahead: dict[int, tuple[Record, Row, str]] = {}
-        self._made_ahead: dict[int, str] = {}
+        self._ahead_before: dict[int, tuple[Record, Row, str]] = {}
+        # The payloads of the rows :meth:`rows` last gave, by id of row, each with its row (checked by identity).
+        self._made_ahead: dict[int, tuple[Row, str]] = {}
         self._stored_sql = ""
         if database.is_sqlite:
             compiled = stored.compile(dialect=database.engine.dialect)
@@ -216,8 +218,8 @@ class VersionedTable(Generic[RecordT]):
             for start in range(0, len(rows), OVERLAP_SLICE):
                 await asyncio.sleep(0)
                 for row in rows[start : start + OVERLAP_SLICE]:
-                    payload = made.get(id(row))
-                    encoded[id(row)] = encode(row) if payload is None else payload
+                    hit = made.get(id(row))
+                    encoded[id(row)] = hit[1] if hit is not None and hit[0] is row else encode(row)
         except BaseException:
             claiming.cancel()
             with contextlib.suppress(BaseException):
@@ -229,19 +231,19 @@ class VersionedTable(Generic[RecordT]):
         """The rows of ``records`` as this process writes them (its ``instance_id`` added); those made ahead
         (:meth:`prepare_ahead`) are taken, with their payloads, for the transaction that writes them."""
         instance = self.instance_id
-        ahead = self._ahead
-        if not ahead:
+        ahead, before = self._ahead, self._ahead_before
+        made: dict[int, tuple[Row, str]] = {}
+        self._made_ahead = made  # whatever an earlier call left is never used for these rows
+        if not ahead and not before:
             return [{**record.__dict__, "instance_id": instance} for record in records]
-        made: dict[int, str] = {}
         rows: list[Row] = []
         for record in records:
-            hit = ahead.pop(id(record), None)
+            hit = ahead.pop(id(record), None) or before.pop(id(record), None)
             if hit is not None and hit[0] is record:
                 rows.append(hit[1])
-                made[id(hit[1])] = hit[2]
+                made[id(hit[1])] = (hit[1], hit[2])
             else:
                 rows.append({**record.__dict__, "instance_id": instance})
-        self._made_ahead = made
         return rows
 
     async def prepare_ahead(self, records: Sequence[Record]) -> None:
@@ -251,17 +253,17 @@ class VersionedTable(Generic[RecordT]):
         The writer calls it with the batch after the one being committed, while that commit waits for the server:
         the loop would otherwise be idle then (about a third of a sustained write). A slice at a time, handing the
         loop back between slices; what is made is what :meth:`rows` would make, taken by the record's identity, so
-        a record made ahead but never written is simply not used. Cancelled when the commit is done.
+        a record made ahead but never written is simply not used: it is dropped at the preparation after next (at
+        most two batches are held). Cancelled when the commit is done.
         """
         if self._db.is_sqlite:
             return
-        ahead, instance, encode = self._ahead, self.instance_id, self._encode
+        self._ahead_before, self._ahead = self._ahead, {}
+        ahead, before, instance, encode = self._ahead, self._ahead_before, self.instance_id, self._encode
         for start in range(0, len(records), AHEAD_SLICE):
             await asyncio.sleep(0)
-            if len(ahead) >= AHEAD_MAX:
-                ahead.clear()
             for record in records[start : start + AHEAD_SLICE]:
-                if id(record) in ahead:
+                if id(record) in ahead or id(record) in before:
                     continue
                 row = {**record.__dict__, "instance_id": instance}
                 ahead[id(record)] = (record, row, encode(row))
