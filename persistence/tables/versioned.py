@@ -23,7 +23,8 @@ trail links a record's versions in the order they were committed, :mod:`persiste
 On PostgreSQL the claims go in key order (their surrogate ids drawn first, in batch order), like the ``FOR UPDATE``
 read, so two writers of overlapping keys queue instead of deadlocking; batches of
 :data:`~persistence.db.pgcopy.COPY_MIN_ROWS` rows or more go by binary ``COPY`` (:mod:`persistence.db.pgcopy`),
-straight into the table when every key is new, and the new versions' canonical JSON is made while the server works. On
+straight into the table when every key is new, and the new versions' canonical JSON is made while the server works
+(or earlier, while the batch before commits: :meth:`VersionedTable.prepare_ahead`). On
 SQLite the statements run on the driver's thread (:meth:`VersionedTable.write_on`, one call for the whole transaction,
 :mod:`persistence.db.driver`) with rows encoded straight to driver values (:mod:`persistence.db.rowcodec`).
 """

@@ -6,7 +6,8 @@ Each turn of the loop is admit → commit → publish → settle:
   while it refuses, the writer sleeps until it may ask again, or until new work arrives.
 * **commit**: before the database is ready it prepares it (migrations, the history); then it takes the head of the
   backlog (up to ``PERSISTENCE_BATCH_SIZE`` records, oldest first, from the journal or RAM) and hands it to the
-  committer, which returns an outcome.
+  committer, which returns an outcome. Meanwhile the committer may make ahead what it can of the batch after it
+  (the records that follow in RAM): a task cancelled when the commit is done.
 * **publish**: receipts resolve, then events say what happened; the outcome's verdict goes to the breaker (a
   transient failure counts once, data errors never) and says whether the database is reachable: the writer is the
   one owner of :attr:`Writer.database_ok`, written in one place (:meth:`Writer._conclude`).
