@@ -321,6 +321,34 @@ async def test_the_chain_continues_across_restarts_and_a_journal_replay_after_an
         assert (await verify(database)).ok
 
 
+async def test_batches_made_ahead_while_others_commit_leave_a_trail_that_verifies(
+    clean_database_url: str, sidecar_settings: SettingsFactory
+) -> None:
+    """Many batches recorded at once, amendments among them: on PostgreSQL each batch is made ahead while the one
+    before commits (first versions' rows and JSON), and the trail must still be the one a batch made in place writes."""
+    settings = sidecar_settings(clean_database_url, instance_id="bot-ahead", batch_size=100)
+    opened = [make_trade() for _ in range(450)]
+    closed = [closed_version(trade) for trade in opened[:150]]
+    async with PersistenceSidecar(settings) as sidecar:
+        receipts = [sidecar.record_trade(trade) for trade in [*opened, *closed]]
+        assert set(await asyncio.gather(*receipts)) == {"persisted"}
+        database = sidecar.database
+        assert database is not None
+        for trade in [*closed, *opened[150:]]:
+            assert await sidecar.trades.get_trade_by_id(trade.trade_id) == trade
+        trail = await entries(database, "bot-ahead")
+        assert [entry["seq"] for entry in trail] == list(range(1, 601))
+        fields = tuple(Trade.model_fields)
+        by_key: dict[str, list[str]] = {}
+        for entry in trail:
+            by_key.setdefault(entry["natural_key"], []).append(entry["payload"])
+        for trade in opened[150:]:
+            assert by_key[trade.trade_id] == [canonical_version(trade.__dict__, fields)]
+        for first, last in zip(opened[:150], closed, strict=True):
+            assert by_key[first.trade_id] == [canonical_version(version.__dict__, fields) for version in (first, last)]
+        assert (await verify(database)).ok
+
+
 async def test_instances_sharing_one_database_keep_their_own_chains_and_the_newest_version_wins(
     postgres_url: str, sidecar_settings: SettingsFactory, tmp_path: Path
 ) -> None:
