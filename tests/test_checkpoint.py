@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
 from persistence import PersistenceSidecar
-from persistence.db.engine import WAL_AUTOCHECKPOINT_PAGES, Database, create_database
+from persistence.db.engine import WAL_AUTOCHECKPOINT_PAGES, Database, create_database, sqlite_path
 from persistence.db.wal_checkpoint import CHECKPOINT_INTERVAL, WalCheckpointer
 from persistence.errors import QueryTimeoutError
 from persistence.migrations import upgrade
@@ -26,18 +27,25 @@ from tests.support.databases import make_settings
 from tests.support.factories import make_trade
 
 
+def database_file(url: str) -> Path:
+    """The file of a SQLite URL (the project's own reading of it)."""
+    path = sqlite_path(make_url(url))
+    assert path is not None
+    return path
+
+
 def wal_pages(url: str) -> int:
-    path = Path(url.split(":///", 1)[1])
+    path = database_file(url)
     wal = path.with_name(path.name + "-wal")
     with contextlib.closing(sqlite3.connect(path)) as connection:
         page_size = connection.execute("PRAGMA page_size").fetchone()[0]
     return wal.stat().st_size // page_size if wal.exists() else 0
 
 
-def rows_in_database_file(path: Path, folder: Path) -> int:
-    """The trades in the SQLite file at ``path`` without its log: what checkpoints have copied into it."""
+def rows_in_database_file(url: str, folder: Path) -> int:
+    """The trades in the SQLite file of ``url`` without its log: what checkpoints have copied into it."""
     alone = folder / "alone.db"
-    shutil.copyfile(path, alone)
+    shutil.copyfile(database_file(url), alone)
     try:
         with contextlib.closing(sqlite3.connect(alone)) as connection:
             return int(connection.execute("SELECT count(*) FROM trades").fetchone()[0])
@@ -69,13 +77,12 @@ async def test_committed_pages_reach_the_database_file_in_the_background(
 ) -> None:
     # 300 one-record transactions write about 2,500 log pages, well below the commit path's backstop (10,000): only
     # the background checkpoints can have copied them into the database file itself.
-    path = Path(sqlite_url.split(":///", 1)[1])
     clock = FakeClock()
 
     async with PersistenceSidecar(sidecar_settings(sqlite_url), clock=clock, sleep=clock.sleep) as sidecar:
         await record_one_by_one(sidecar, clock, 300)
         assert wal_pages(sqlite_url) < WAL_AUTOCHECKPOINT_PAGES
-        await eventually(lambda: rows_in_database_file(path, tmp_path) >= 250)
+        await eventually(lambda: rows_in_database_file(sqlite_url, tmp_path) >= 250)
 
 
 async def test_the_last_commit_of_a_burst_reaches_the_database_file_once_its_interval_is_up(
@@ -83,17 +90,17 @@ async def test_the_last_commit_of_a_burst_reaches_the_database_file_once_its_int
 ) -> None:
     # With synchronous=NORMAL a commit reaches the disk itself when a checkpoint syncs the log: a commit that came
     # within the interval of the last checkpoint must still get one, or it waits for the next commit (or close()).
-    path = Path(sqlite_url.split(":///", 1)[1])
     clock = FakeClock()
 
     async with PersistenceSidecar(sidecar_settings(sqlite_url), clock=clock, sleep=clock.sleep) as sidecar:
         await sidecar.record_trade(make_trade())
-        await eventually(lambda: rows_in_database_file(path, tmp_path) == 1)  # the first commit's checkpoint, at once
+        # the first commit's checkpoint, at once
+        await eventually(lambda: rows_in_database_file(sqlite_url, tmp_path) == 1)
         await sidecar.record_trade(make_trade())  # within the interval: owed one
         await asyncio.sleep(0.2)
-        assert rows_in_database_file(path, tmp_path) == 1
+        assert rows_in_database_file(sqlite_url, tmp_path) == 1
         clock.advance(CHECKPOINT_INTERVAL)
-        await eventually(lambda: rows_in_database_file(path, tmp_path) == 2)
+        await eventually(lambda: rows_in_database_file(sqlite_url, tmp_path) == 2)
 
 
 async def test_a_failing_checkpoint_is_logged_and_every_record_is_still_written(
@@ -110,7 +117,7 @@ async def test_a_failing_checkpoint_is_logged_and_every_record_is_still_written(
             assert sidecar.health().breaker == "closed"
     failures = [line for line in logs if line["event"] == "wal_checkpoint_failed"]
     assert len(failures) == 1 and failures[0]["error"] == "disk I/O error"  # four failed; one streak, one line
-    with sqlite3.connect(sqlite_url.split(":///", 1)[1]) as connection:
+    with sqlite3.connect(database_file(sqlite_url)) as connection:
         assert connection.execute("SELECT count(*) FROM trades").fetchone()[0] == 200
 
 
@@ -269,7 +276,7 @@ async def test_a_vanished_file_leaves_no_connection_open_behind_a_running_checkp
     sqlite_url: str, sidecar_settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ends = slowed_checkpoints(monkeypatch, 0.2)
-    path = Path(sqlite_url.split(":///", 1)[1])
+    path = database_file(sqlite_url)
     clock = FakeClock()
     retry = RetryPolicy(attempts=2, initial_wait=0.0, max_wait=0.0)
     async with PersistenceSidecar(sidecar_settings(sqlite_url), clock=clock, sleep=clock.sleep, retry=retry) as sidecar:
