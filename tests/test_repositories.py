@@ -447,6 +447,15 @@ async def test_a_large_batch_upsert_lands_every_row_exactly(repos: Repositories)
     assert await repos.trades.count() == BATCH
 
 
+async def test_a_large_batch_of_new_rows_takes_its_ids_in_the_order_recorded(repos: Repositories) -> None:
+    """Claims go in key order on PostgreSQL (and by COPY); the surrogate ids still follow the batch's order."""
+    batch = [make_trade(trade_id=f"ORDER-{n:03d}") for n in reversed(range(BATCH))]
+    async with repos.database.write() as connection:
+        await repos.trades.upsert(connection, batch)
+        stored = (await connection.execute(select(trades.c.trade_id).order_by(trades.c.id))).scalars().all()
+    assert stored == [trade.trade_id for trade in batch]
+
+
 async def test_a_large_batch_never_lets_an_older_version_overwrite_a_newer_one(repos: Repositories) -> None:
     originals = [make_trade(updated_at=BASE_TIME + timedelta(hours=1)) for _ in range(BATCH)]
     async with repos.database.write() as connection:

@@ -151,9 +151,11 @@ class VersionedTable(Generic[RecordT]):
         # PostgreSQL claims in key order (see write()); an integer surrogate id is drawn first, in batch order.
         self._drawn_ids: Any = None
         if database.dialect_name == "postgresql" and not isinstance(table.c.id.type, String):
-            # The table's name comes from the schema, never from input.
+            # The table's name comes from the schema, never from input. The sequence is looked up once per statement
+            # (an init plan), not once per id: 0.86 against 1.9 ms for 500 ids. (As one array they would come back
+            # faster still, but asyncpg looks up an int8[] type on each new connection: 8 ms in a burst's first batch.)
             self._drawn_ids = text(
-                f"SELECT nextval(pg_get_serial_sequence('{table.name}', 'id'))"  # noqa: S608
+                f"SELECT nextval((SELECT pg_get_serial_sequence('{table.name}', 'id'))::regclass)"  # noqa: S608
                 " FROM generate_series(1, :count) ORDER BY 1"
             )
         self._claim = _Statement(
