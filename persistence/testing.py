@@ -34,7 +34,7 @@ from sqlalchemy.util import await_only
 from persistence.db import schema
 from persistence.db.driver import DRIVER_HOOKS
 from persistence.db.engine import Database, sqlite_path
-from persistence.db.pgcopy import COPY_HOOKS
+from persistence.db.pgcopy import AHEAD_INFO, COPY_HOOKS
 from persistence.errors import DatabaseUnavailableError
 
 if TYPE_CHECKING:
@@ -128,6 +128,10 @@ class _StatementHook:
     included, and delay it there (the event loop is never blocked); on PostgreSQL, the pooled connection's ``COPY``
     hooks (:data:`persistence.db.pgcopy.COPY_HOOKS`), which see each batch sent by ``COPY`` as an ``INSERT`` into
     its table with its rows.
+
+    A PostgreSQL transaction begun ahead for the next batch (:mod:`persistence.tables.ahead`) is left alone: it is a
+    speculation the writer throws away on any error, so a fault spent on it would be a failure nobody sees. The
+    batch's own transaction, which continues it or starts afresh, meets the faults.
     """
 
     def __init__(self, database: Database) -> None:
@@ -173,8 +177,10 @@ class _StatementHook:
         self.remove()
 
     def _before(
-        self, _conn: Connection, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool
+        self, conn: Connection, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool
     ) -> None:
+        if conn.info.get(AHEAD_INFO):
+            return  # a transaction begun ahead: the batch's own transaction meets the fault (see the class docstring)
         delay = self._check(statement, parameters, executemany)
         if delay > 0:
             # Runs in SQLAlchemy's greenlet on the loop thread: await through the bridge, never block the loop.

@@ -321,11 +321,23 @@ async def test_the_chain_continues_across_restarts_and_a_journal_replay_after_an
         assert (await verify(database)).ok
 
 
-async def test_batches_made_ahead_while_others_commit_leave_a_trail_that_verifies(
-    clean_database_url: str, sidecar_settings: SettingsFactory
+async def test_batches_begun_ahead_while_others_commit_leave_a_trail_that_verifies(
+    clean_database_url: str, sidecar_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Many batches recorded at once, amendments among them: on PostgreSQL each batch is made ahead while the one
-    before commits (first versions' rows and JSON), and the trail must still be the one a batch made in place writes."""
+    """Many batches recorded at once, amendments among them: on PostgreSQL a batch's transaction is begun while the
+    one before commits (its new rows claimed), and the trail must still be the one a batch written in place writes."""
+    from persistence.tables.ahead import AheadTransactions
+
+    continued: list[object] = []
+    take = AheadTransactions.take
+
+    async def counted(self: AheadTransactions, parts: Any) -> Any:
+        held = await take(self, parts)
+        if held is not None:
+            continued.append(held)
+        return held
+
+    monkeypatch.setattr(AheadTransactions, "take", counted)
     settings = sidecar_settings(clean_database_url, instance_id="bot-ahead", batch_size=100)
     opened = [make_trade() for _ in range(450)]
     closed = [closed_version(trade) for trade in opened[:150]]
@@ -347,6 +359,8 @@ async def test_batches_made_ahead_while_others_commit_leave_a_trail_that_verifie
         for first, last in zip(opened[:150], closed, strict=True):
             assert by_key[first.trade_id] == [canonical_version(version.__dict__, fields) for version in (first, last)]
         assert (await verify(database)).ok
+    if not settings.is_sqlite:
+        assert continued  # the batches were begun ahead: this test saw that path
 
 
 async def test_instances_sharing_one_database_keep_their_own_chains_and_the_newest_version_wins(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from sqlalchemy import insert, select, text
@@ -537,79 +537,19 @@ async def test_a_later_tables_conflict_takes_back_only_its_own_copy(repos: Repos
     assert len(await repos.audit.versions("signal", stored.signal_id)) == 2
 
 
-async def test_records_made_ahead_are_written_and_audited_exactly_as_without(repos: Repositories) -> None:
-    """What the writer makes ahead of a batch (rows, first versions' JSON) is what the transaction would make: the
-    rows stored and every entry's payload are each version's canonical JSON, for new records, a record with two
-    versions in the batch, a record made ahead but not in the batch, and one in the batch but not made ahead."""
-    from persistence.audit.chain import canonical_version
-    from persistence.records.models import Trade
+async def test_nothing_is_begun_ahead_on_sqlite(tmp_path: Path) -> None:
+    """SQLite's write lock holds the whole database: no second transaction begins while one commits (PostgreSQL's
+    transactions begun ahead: tests/test_ahead.py)."""
+    from persistence.db.engine import create_database
+    from tests.support.databases import make_settings
 
-    opened = [make_trade(exit_time=None, pnl=None) for _ in range(BATCH)]
-    closed = opened[3].model_copy(update={"pnl": Decimal("12.5"), "updated_at": opened[3].updated_at + timedelta(1)})
-    signals = [make_signal() for _ in range(BATCH)]
-    not_written = make_trade()
-    late = make_trade()
-    await repos.prepare_ahead([*opened, closed, not_written, *signals])
-    written = await repos.write_batch([*opened, closed, late], signals, [], [], [], unknown_signal="none")
-    assert written.unknown == []
-    if repos.database.dialect_name == "postgresql":  # taken by the transaction; only the one not written is left
-        assert set(repos.trades._versions._ahead) == {id(not_written)}
-    assert await repos.trades.get_trade_by_id(not_written.trade_id) is None
-    for trade in [*opened[:3], closed, *opened[4:], late]:
-        assert await repos.trades.get_trade_by_id(trade.trade_id) == trade
-    for signal in signals:
-        assert await repos.signals.get_signal_by_id(signal.signal_id) == signal
-    fields = tuple(Trade.model_fields)
-    versions = await repos.audit.versions("trade", opened[3].trade_id)
-    assert [entry.payload for entry in versions] == [
-        canonical_version(opened[3].__dict__, fields),
-        canonical_version(closed.__dict__, fields),
-    ]
-    for trade in [*opened[:3], *opened[4:], late]:
-        [entry] = await repos.audit.versions("trade", trade.trade_id)
-        assert entry.payload == canonical_version(trade.__dict__, fields)
-    # what was made ahead and never written is not used by a later batch that holds another version of it
-    changed = not_written.model_copy(update={"pnl": Decimal("-1")})
-    await repos.write_batch([changed], [], [], [], [], unknown_signal="none")
-    [entry] = await repos.audit.versions("trade", not_written.trade_id)
-    assert entry.payload == canonical_version(changed.__dict__, fields)
-
-
-async def test_a_retry_never_takes_payloads_made_for_the_rows_of_a_failed_attempt(repos: Repositories) -> None:
-    """A first attempt takes the rows made ahead and fails before their payloads are used; the retry makes new rows,
-    which may sit where the freed ones did: each entry's payload is still its own record's canonical JSON."""
-    import gc
-
-    from persistence.audit.chain import canonical_version
-    from persistence.records.models import Trade
-
-    records = [make_trade() for _ in range(BATCH)]
-    fields = tuple(Trade.model_fields)
-    table = repos.trades._versions
-    await repos.prepare_ahead(records)
-    table.rows(records)  # the failed attempt: its rows are dropped
-    gc.collect()
-    retry = table.rows(records[3:] + records[:3])  # the retry's rows, made the instant the freed ones are gone
-    done = asyncio.get_running_loop().create_future()
-    done.set_result(None)
-    payloads = await table._encode_meanwhile(done, retry)
-    assert [payloads[id(row)] for row in retry] == [canonical_version(row, fields) for row in retry]
-    await repos.write_batch(records, [], [], [], [], unknown_signal="none")
-    for trade in records:
-        [entry] = await repos.audit.versions("trade", trade.trade_id)
-        assert entry.payload == canonical_version(trade.__dict__, fields)
-
-
-async def test_what_is_made_ahead_and_never_written_is_held_for_two_batches_at_most(repos: Repositories) -> None:
-    table = repos.trades._versions
-    batches = [[make_trade() for _ in range(BATCH)] for _ in range(3)]
-    for batch in batches:
-        await repos.prepare_ahead(batch)
-    held = set(table._ahead) | set(table._ahead_before)
-    if repos.database.dialect_name == "postgresql":
-        assert held == {id(record) for record in batches[1] + batches[2]}
-    else:
-        assert held == set()  # SQLite's transaction makes its rows on the driver's thread
+    database = create_database(make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'ahead.db'}"))
+    try:
+        repos = Repositories(database)
+        assert repos.begin_ahead([make_trade() for _ in range(BATCH)], [make_trade()]) is None
+        await repos.discard_ahead()  # nothing held: nothing to do
+    finally:
+        await database.dispose()
 
 
 async def test_a_large_batch_rolls_back_with_its_transaction(repos: Repositories) -> None:

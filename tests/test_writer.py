@@ -47,6 +47,7 @@ class FakeTarget:
         self.poison: set[str] = set()
         self.batches: list[list[str]] = []
         self.ahead: list[list[str]] = []
+        self.ahead_of: list[list[str]] = []
         self.ahead_stopped = 0
 
     async def prepare(self) -> int:
@@ -70,8 +71,9 @@ class FakeTarget:
                 outcome.committed.append(item)
         return outcome
 
-    async def prepare_ahead(self, records: Sequence[Pending]) -> None:
+    async def prepare_ahead(self, records: Sequence[Pending], committing: Sequence[Pending]) -> None:
         self.ahead.append([item.record.key for item in records])
+        self.ahead_of.append([item.record.key for item in committing])
         try:
             await asyncio.Event().wait()  # longer than any commit here
         finally:
@@ -132,10 +134,11 @@ async def test_records_are_committed_in_batches_oldest_first_and_receipts_resolv
     assert sum(event.records for event in loop.events.of(BatchCommitted)) == 25
 
 
-async def test_the_next_batch_is_made_ahead_while_a_commit_waits_and_stopped_when_it_is_done(loop: Loop) -> None:
+async def test_the_next_batch_is_prepared_while_a_commit_waits_and_stopped_when_it_is_done(loop: Loop) -> None:
     receipts = [loop.backlog.submit(make_trade(trade_id=f"A-{i:02d}")) for i in range(25)]
     assert await asyncio.wait_for(asyncio.gather(*receipts), 5) == ["persisted"] * 25
     assert loop.target.ahead == [[f"A-{i:02d}" for i in range(10, 20)], [f"A-{i:02d}" for i in range(20, 25)]]
+    assert loop.target.ahead_of == [[f"A-{i:02d}" for i in range(0, 10)], [f"A-{i:02d}" for i in range(10, 20)]]
     assert loop.target.ahead_stopped == 2  # each stopped when its commit was done: none outlives it
     assert [len(batch) for batch in loop.target.batches] == [10, 10, 5]
 

@@ -28,6 +28,9 @@ from persistence.errors import QueryTimeoutError
 
 COPY_MIN_ROWS = 16
 """Batches smaller than this take ``executemany``; measured in ``make bench`` (PostgreSQL burst and steady)."""
+AHEAD_INFO = "persistence.begun_ahead"
+"""Key in a pooled connection's ``info``, present while it holds a transaction begun ahead
+(:mod:`persistence.tables.ahead`): a speculation the writer may throw away, which the fault kit's hooks leave alone."""
 COPY_HOOKS = "persistence.copy_hooks"
 """Key in a pooled connection's ``info`` of the callables that see each ``COPY`` before it is sent.
 
@@ -91,7 +94,7 @@ class CopyUpsert:
         driver = await driver_of(connection)
         raw = await connection.get_raw_connection()
         try:
-            for hook in tuple(raw.info.get(COPY_HOOKS, ())):
+            for hook in () if raw.info.get(AHEAD_INFO) else tuple(raw.info.get(COPY_HOOKS, ())):
                 delay = hook(self.announced_sql, rows, True)
                 if delay > 0:
                     await asyncio.sleep(delay)

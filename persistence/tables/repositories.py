@@ -15,6 +15,7 @@ Sorting is only ever by a column from a fixed set; anything else raises
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -43,6 +44,7 @@ from persistence.records.models import (
     utc_now,
 )
 from persistence.records.registry import BY_ENTITY, RECORD_KINDS
+from persistence.tables.ahead import AheadTransactions, Parts
 from persistence.tables.queries import (
     MAX_PAGE_SIZE,
     SignalQuery,
@@ -52,7 +54,7 @@ from persistence.tables.queries import (
     date_range,
     order_by,
 )
-from persistence.tables.versioned import VersionedTable, never
+from persistence.tables.versioned import Claimed, VersionedTable, never
 from persistence.tools import export as history_export
 from persistence.tools.export import ExportResult
 
@@ -537,6 +539,21 @@ class DeadLetterRepository:
         return await _count(self._db, dead_letters, [])
 
 
+def batch_parts(records: Sequence[Record]) -> Parts:
+    """A batch's records grouped as :meth:`Repositories.write_batch` takes them: trades, signals, execution updates,
+    snapshots, parameter changes, each group in batch order."""
+    groups: dict[type[Record], list[Record]] = {
+        Trade: [],
+        Signal: [],
+        SignalExecution: [],
+        PerformanceSnapshot: [],
+        ParameterChange: [],
+    }
+    for record in records:
+        groups[type(record)].append(record)
+    return tuple(groups.values())
+
+
 class Repositories:
     """Every repository over one database."""
 
@@ -548,6 +565,7 @@ class Repositories:
         self.snapshots = PerformanceSnapshotRepository(database, self.audit)
         self.parameters = ParameterHistoryRepository(database, self.audit)
         self.dead_letters = DeadLetterRepository(database)
+        self._ahead = AheadTransactions(database)
 
     async def write_batch(
         self,
@@ -569,16 +587,46 @@ class Repositories:
             return await self.database.write_on_driver(
                 partial(self._write_batch_on, trades, signals, executions, snapshots, changes, unknown_signal)
             )
-        head: AuditHead | None = None
+        parts: Parts = (trades, signals, executions, snapshots, changes)
+        try:
+            held = await self._ahead.take(parts)
+            if held is None:
+                async with self.database.write() as connection:
+                    return await self._write_parts(connection, parts, None, unknown_signal)
+            held.continued()
+            try:
+                written = await self._write_parts(held.connection, parts, held.claims, unknown_signal)
+                await held.commit()
+            except BaseException:
+                await held.discard()
+                raise
+            return written
+        finally:
+            self._ahead.written(parts)
+
+    async def _write_parts(
+        self, connection: AsyncConnection, parts: Parts, claims: list[Claimed | None] | None, unknown_signal: str
+    ) -> BatchWritten:
+        """:meth:`write_batch` on PostgreSQL inside ``connection``'s transaction: the chain lock, each table's rows
+        (``claims``: their first halves, made in a transaction begun ahead), then every version's entry at once."""
+        executions = parts[2]
+        await self.audit.lock(connection)
+        versions: list[Version] = []
         unknown: list[SignalExecution] = []
-        async with self.database.write() as connection:
-            for table, records, updates in self._batch_parts(trades, signals, executions, snapshots, changes):
-                _, missing, appended = await _write_audited(self.audit, table, connection, records, updates)
-                head = appended or head
-                if updates:
-                    unknown = [executions[index] for index in missing]
-            if unknown:
-                await self.dead_letters.insert(connection, [(change, unknown_signal) for change in unknown])
+        for index, (table, records, updates) in enumerate(self._batch_parts(*parts)):
+            if not records and not updates:
+                continue
+            claimed = claims[index] if claims is not None else None
+            if claimed is None:
+                claimed = await table.claim(connection, table.rows(records), updates)
+            written, missing = await table.finish(connection, claimed)
+            versions += written
+            if updates:
+                unknown = [executions[position] for position in missing]
+        self._ahead.written(parts)  # the rows are written: the batch after this one may begin
+        head = await self.audit.append(connection, versions)
+        if unknown:
+            await self.dead_letters.insert(connection, [(change, unknown_signal) for change in unknown])
         return BatchWritten(unknown, head)
 
     def _write_batch_on(
@@ -601,22 +649,35 @@ class Repositories:
             self.dead_letters.insert_on(session, [(change, unknown_signal) for change in unknown])
         return BatchWritten(unknown, appender.appended)
 
-    async def prepare_ahead(self, records: Sequence[Record]) -> None:
-        """Make the rows and payloads of records a later :meth:`write_batch` will write, while the loop would wait
-        (PostgreSQL; :meth:`VersionedTable.prepare_ahead <persistence.tables.versioned.VersionedTable.prepare_ahead>`).
+    def begin_ahead(self, records: Sequence[Record], committing: Sequence[Record]) -> asyncio.Task[Any] | None:
+        """Begin the transaction of ``records`` (the batch after ``committing``) ahead, on PostgreSQL: its new rows
+        are claimed in a transaction of their own once the rows of ``committing`` are written, and the
+        :meth:`write_batch` of exactly these records continues it (:mod:`persistence.tables.ahead`).
+
+        ``None`` (nothing begun) on SQLite, with a pool of one connection, and when a key of ``records`` is in
+        ``committing``: the two transactions must never wait for each other.
         """
-        if self.database.is_sqlite:
-            return
-        tables: dict[type[Record], VersionedTable[Any]] = {
-            Trade: self.trades._versions,
-            Signal: self.signals._versions,
-            PerformanceSnapshot: self.snapshots._versions,
-            ParameterChange: self.parameters._versions,
-        }
-        for record_type, table in tables.items():
-            chosen = [record for record in records if type(record) is record_type]
-            if chosen:
-                await table.prepare_ahead(chosen)
+        if not self._ahead.enabled or not records:
+            return None
+        busy = {(record.entity, record.key) for record in committing}
+        if any((record.entity, record.key) in busy for record in records):
+            return None
+
+        async def claim(connection: AsyncConnection, parts: Parts) -> list[Claimed | None]:
+            return [
+                await table.claim(connection, table.rows(group), updates) if group or updates else None
+                for table, group, updates in self._batch_parts(*parts)
+            ]
+
+        return self._ahead.start(batch_parts(records), batch_parts(committing), claim)
+
+    async def open_ahead_connections(self) -> None:
+        """PostgreSQL: open the pool's second connection now, the one :meth:`begin_ahead` takes (at start)."""
+        await self._ahead.open_connections()
+
+    async def discard_ahead(self) -> None:
+        """Roll back a transaction begun ahead, or being begun (:meth:`begin_ahead`)."""
+        await self._ahead.discard()
 
     def _batch_parts(
         self,

@@ -23,8 +23,9 @@ trail links a record's versions in the order they were committed, :mod:`persiste
 On PostgreSQL the claims go in key order (their surrogate ids drawn first, in batch order), like the ``FOR UPDATE``
 read, so two writers of overlapping keys queue instead of deadlocking; batches of
 :data:`~persistence.db.pgcopy.COPY_MIN_ROWS` rows or more go by binary ``COPY`` (:mod:`persistence.db.pgcopy`),
-straight into the table when every key is new, and the new versions' canonical JSON is made while the server works
-(or earlier, while the batch before commits: :meth:`VersionedTable.prepare_ahead`). On
+straight into the table when every key is new, and the new versions' canonical JSON is made while the server works.
+There, 2 is :meth:`VersionedTable.claim` and 1 and 3 are :meth:`VersionedTable.finish`: the claim may run in a
+transaction begun ahead, while the batch before commits (:mod:`persistence.tables.ahead`). On
 SQLite the statements run on the driver's thread (:meth:`VersionedTable.write_on`, one call for the whole transaction,
 :mod:`persistence.db.driver`) with rows encoded straight to driver values (:mod:`persistence.db.rowcodec`).
 """
@@ -35,6 +36,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from operator import itemgetter
 from typing import Any, Generic
@@ -59,9 +61,6 @@ Change = Callable[[Row], Row]
 _READ_CHUNK = 5000
 OVERLAP_SLICE = 32
 """First versions encoded between two hand-backs of the loop while their claim runs."""
-AHEAD_SLICE = 16
-"""Records made ahead between two hand-backs of the loop (:meth:`VersionedTable.prepare_ahead`): a slice delays the
-transaction under way by at most its own time when the server answers meanwhile."""
 
 
 def winning_version(new: Row, stored: Row, replaces: Replaces) -> Row | None:
@@ -79,6 +78,18 @@ def winning_version(new: Row, stored: Row, replaces: Replaces) -> Row | None:
 def never(_new: Mapping[str, Any], _stored: Mapping[str, Any]) -> bool:
     """The rule of immutable records: the first version stays."""
     return False
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What :meth:`VersionedTable.claim` did in a transaction: the keys it touched, those it inserted (their first
+    version written), and the canonical JSON of those first versions, by ``id`` of row."""
+
+    rows: Sequence[Row]
+    changes: Sequence[tuple[str, Change]]
+    keys: list[str]
+    written_first: set[str]
+    payloads: dict[int, str]
 
 
 class _Statement:
@@ -195,12 +206,6 @@ class VersionedTable(Generic[RecordT]):
             )
             stored = stored.add_columns(latest)
         self._stored = stored
-        # Made ahead, by id of record: this preparation's and the one before it (what neither took is dropped at the
-        # next preparation, so at most two batches are held). Each entry holds its record: no id is reused meanwhile.
-        self._ahead: dict[int, tuple[Record, Row, str]] = {}
-        self._ahead_before: dict[int, tuple[Record, Row, str]] = {}
-        # The payloads of the rows :meth:`rows` last gave, by id of row, each with its row (checked by identity).
-        self._made_ahead: dict[int, tuple[Row, str]] = {}
         self._stored_sql = ""
         if database.is_sqlite:
             compiled = stored.compile(dialect=database.engine.dialect)
@@ -216,13 +221,11 @@ class VersionedTable(Generic[RecordT]):
         """
         encode = self._encode
         encoded: dict[int, str] = {}
-        made, self._made_ahead = self._made_ahead, {}
         try:
             for start in range(0, len(rows), OVERLAP_SLICE):
                 await asyncio.sleep(0)
                 for row in rows[start : start + OVERLAP_SLICE]:
-                    hit = made.get(id(row))
-                    encoded[id(row)] = hit[1] if hit is not None and hit[0] is row else encode(row)
+                    encoded[id(row)] = encode(row)
         except BaseException:
             claiming.cancel()
             with contextlib.suppress(BaseException):
@@ -231,45 +234,9 @@ class VersionedTable(Generic[RecordT]):
         return encoded
 
     def rows(self, records: Sequence[Record]) -> list[Row]:
-        """The rows of ``records`` as this process writes them (its ``instance_id`` added); those made ahead
-        (:meth:`prepare_ahead`) are taken, with their payloads, for the transaction that writes them."""
+        """The rows of ``records`` as this process writes them (its ``instance_id`` added)."""
         instance = self.instance_id
-        ahead, before = self._ahead, self._ahead_before
-        made: dict[int, tuple[Row, str]] = {}
-        self._made_ahead = made  # whatever an earlier call left is never used for these rows
-        if not ahead and not before:
-            return [{**record.__dict__, "instance_id": instance} for record in records]
-        rows: list[Row] = []
-        for record in records:
-            hit = ahead.pop(id(record), None) or before.pop(id(record), None)
-            if hit is not None and hit[0] is record:
-                rows.append(hit[1])
-                made[id(hit[1])] = (hit[1], hit[2])
-            else:
-                rows.append({**record.__dict__, "instance_id": instance})
-        return rows
-
-    async def prepare_ahead(self, records: Sequence[Record]) -> None:
-        """Make the rows of ``records`` and their first versions' canonical JSON now, for a later transaction
-        (PostgreSQL; on SQLite the transaction makes both on the driver's thread).
-
-        The writer calls it with the batch after the one being committed, while that commit waits for the server:
-        the loop would otherwise be idle then (about a third of a sustained write). A slice at a time, handing the
-        loop back between slices; what is made is what :meth:`rows` would make, taken by the record's identity, so
-        a record made ahead but never written is simply not used: it is dropped at the preparation after next (at
-        most two batches are held). Cancelled when the commit is done.
-        """
-        if self._db.is_sqlite:
-            return
-        self._ahead_before, self._ahead = self._ahead, {}
-        ahead, before, instance, encode = self._ahead, self._ahead_before, self.instance_id, self._encode
-        for start in range(0, len(records), AHEAD_SLICE):
-            await asyncio.sleep(0)
-            for record in records[start : start + AHEAD_SLICE]:
-                if id(record) in ahead or id(record) in before:
-                    continue
-                row = {**record.__dict__, "instance_id": instance}
-                ahead[id(record)] = (record, row, encode(row))
+        return [{**record.__dict__, "instance_id": instance} for record in records]
 
     async def stored(self, connection: AsyncConnection, keys: Sequence[str], links: dict[str, str]) -> dict[str, Row]:
         """The stored rows of ``keys`` that exist, read (and on PostgreSQL locked) inside the transaction; ``links``
@@ -315,17 +282,27 @@ class VersionedTable(Generic[RecordT]):
         """
         if self._db.is_sqlite:
             return await self._db.on_driver(connection, partial(self.write_on, rows=rows, changes=changes))
+        return await self.finish(connection, await self.claim(connection, rows, changes))
+
+    async def claim(
+        self, connection: AsyncConnection, rows: Sequence[Row], changes: Sequence[tuple[str, Change]] = ()
+    ) -> Claimed:
+        """The first half of :meth:`write` on PostgreSQL: insert the first version of each key that is new.
+
+        It reads nothing of what is stored and takes no lock but on the keys it inserts, so it may run in a
+        transaction begun ahead, before the chain lock (:mod:`persistence.tables.ahead`).
+        """
         key = self._key
         keys = list(dict.fromkeys([row[key] for row in rows] + [change_key for change_key, _ in changes]))
         if not keys:
-            return [], []
+            return Claimed(rows, changes, keys, set(), {})
         # Each key's first version, in batch order: new rows take their surrogate ids in the order recorded.
         first: dict[str, Row] = {}
         for row in rows:
             first.setdefault(row[key], row)
         # Claim first; RETURNING names the keys that were new. Every other key has a committed row (an insert that
-        # conflicts waits for the other transaction), read and locked now. A batch of new keys, the common case,
-        # needs no read at all. Claims go in key order, like the read, so two writers of overlapping keys queue
+        # conflicts waits for the other transaction), read and locked by finish(). A batch of new keys, the common
+        # case, needs no read at all. Claims go in key order, like the read, so two writers of overlapping keys queue
         # instead of deadlocking; the ids they take were drawn in batch order.
         claims = list(first.values())
         if self._drawn_ids is not None:
@@ -334,10 +311,21 @@ class VersionedTable(Generic[RecordT]):
         claims.sort(key=itemgetter(key))
         claiming = asyncio.ensure_future(self._claim.claim(connection, claims, key))
         payloads = await self._encode_meanwhile(claiming, list(first.values()))
-        written_first = set(await claiming or ())
+        return Claimed(rows, changes, keys, set(await claiming or ()), payloads)
+
+    async def finish(self, connection: AsyncConnection, claimed: Claimed) -> tuple[list[Version], list[int]]:
+        """The second half of :meth:`write` on PostgreSQL: read and lock the stored rows of the keys not claimed,
+        apply every version, and write what changed; the versions written and the changes whose key has no row."""
+        if not claimed.keys:
+            return [], []
+        written_first = claimed.written_first
         links: dict[str, str] = {}
-        state = await self.stored(connection, [identity for identity in keys if identity not in written_first], links)
-        versions, missing, finals = self._apply(rows, changes, state, written_first, payloads, links)
+        state = await self.stored(
+            connection, [identity for identity in claimed.keys if identity not in written_first], links
+        )
+        versions, missing, finals = self._apply(
+            claimed.rows, claimed.changes, state, written_first, claimed.payloads, links
+        )
         await self._overwrite.run(connection, finals)
         return versions, missing
 

@@ -13,7 +13,6 @@ nothing of the breaker, the backlog or receipts: the writer turns its :class:`Ou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -120,8 +119,15 @@ class Committer:
     async def commit(self, batch: Sequence[Pending]) -> Outcome:
         """Commit ``batch``; on a data error split it until the bad records are isolated and dead-lettered.
 
-        The handled records always form a prefix of ``batch`` in order: on a transient failure the rest waits.
+        The handled records always form a prefix of ``batch`` in order: on a transient failure the rest waits. A
+        transaction begun ahead of it (:meth:`prepare_ahead`) is rolled back unless all of ``batch`` is handled.
         """
+        outcome = await self._split_and_commit(batch)
+        if outcome.handled < len(batch):
+            await self._repos.discard_ahead()
+        return outcome
+
+    async def _split_and_commit(self, batch: Sequence[Pending]) -> Outcome:
         outcome = Outcome()
         segments: deque[list[Pending]] = deque([list(batch)] if batch else [])
         while segments:
@@ -150,11 +156,24 @@ class Committer:
                     outcome.committed.append(item)
         return outcome
 
-    async def prepare_ahead(self, batch: Sequence[Pending]) -> None:
-        """Make what the transaction of ``batch`` (the next one) can make before it begins, while the current commit
-        waits for the server; nothing that fails here matters (the transaction makes it again and meets the error)."""
-        with contextlib.suppress(Exception):
-            await self._repos.prepare_ahead([item.record for item in batch])
+    async def prepare_ahead(self, batch: Sequence[Pending], committing: Sequence[Pending]) -> None:
+        """Begin the transaction of ``batch`` (the next one) while ``committing`` commits
+        (:meth:`Repositories.begin_ahead <persistence.tables.repositories.Repositories.begin_ahead>`); its
+        :meth:`commit` continues it. Nothing that fails here matters: that transaction meets the error again. The
+        beginning is not stopped by this call's cancellation (the writer's, once the commit is done)."""
+        begun = self._repos.begin_ahead([item.record for item in batch], [item.record for item in committing])
+        if begun is not None:
+            try:
+                await asyncio.shield(begun)
+            except asyncio.CancelledError:
+                if not begun.cancelled():
+                    raise  # this call is cancelled; the beginning goes on
+            except Exception:
+                return
+
+    async def close(self) -> None:
+        """Roll back a transaction begun ahead and not committed (at stop)."""
+        await self._repos.discard_ahead()
 
     async def _dead_letter(self, item: Pending, cause: BaseException, outcome: Outcome) -> bool:
         """Keep one bad record in ``dead_letters``, else in the file; ``False`` if the database failed meanwhile."""

@@ -173,6 +173,7 @@ class Runtime:
         """Drain within ``timeout`` (keeping a slice back for the journal), journal the rest, release everything."""
         reserve = min(timeout / 4, 0.5)
         await self.writer.stop(timeout - reserve)
+        await self.committer.close()  # a transaction begun ahead and never committed: rolled back
         await self.anchorer.stop()  # the checkpoint at close(): after the last commit
         await self.backlog.close()
         await self.link.close(max(reserve, 0.1))

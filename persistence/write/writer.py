@@ -6,8 +6,9 @@ Each turn of the loop is admit → commit → publish → settle:
   while it refuses, the writer sleeps until it may ask again, or until new work arrives.
 * **commit**: before the database is ready it prepares it (migrations, the history); then it takes the head of the
   backlog (up to ``PERSISTENCE_BATCH_SIZE`` records, oldest first, from the journal or RAM) and hands it to the
-  committer, which returns an outcome. Meanwhile the committer may make ahead what it can of the batch after it
-  (the records that follow in RAM): a task cancelled when the commit is done.
+  committer, which returns an outcome. Meanwhile the committer may begin the transaction of the batch after it (the
+  records that follow in RAM; on PostgreSQL): a task the writer stops awaiting when the commit is done, whose
+  transaction the next commit continues or rolls back.
 * **publish**: receipts resolve, then events say what happened; the outcome's verdict goes to the breaker (a
   transient failure counts once, data errors never) and says whether the database is reachable: the writer is the
   one owner of :attr:`Writer.database_ok`, written in one place (:meth:`Writer._conclude`).
@@ -50,8 +51,9 @@ class BatchCommitter(Protocol):
     async def commit(self, records: Sequence[Pending]) -> Outcome:
         """Write a batch; see :class:`~persistence.write.committer.Committer`."""
 
-    async def prepare_ahead(self, records: Sequence[Pending]) -> None:
-        """Make ahead what the next batch's transaction can, while a commit waits (cancelled when it is done)."""
+    async def prepare_ahead(self, records: Sequence[Pending], committing: Sequence[Pending]) -> None:
+        """Prepare the next batch's transaction while ``committing`` commits (this call is cancelled when it is done;
+        what it began is the committer's to finish or roll back)."""
 
 
 class Preparer(Protocol):
@@ -267,7 +269,7 @@ class Writer:
             return True
         started = self._clock()
         upcoming = self._backlog.upcoming(batch, self._batch_size)
-        ahead = asyncio.ensure_future(self._committer.prepare_ahead(upcoming)) if upcoming else None
+        ahead = asyncio.ensure_future(self._committer.prepare_ahead(upcoming, batch.records)) if upcoming else None
         try:
             outcome = await self._committer.commit(batch.records)
         finally:

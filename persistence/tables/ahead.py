@@ -1,0 +1,210 @@
+"""A PostgreSQL transaction begun ahead: the next batch's new rows claimed while the batch before it commits.
+
+While a batch's transaction waits for the server (its audit entries' ``COPY``, its ``COMMIT``), the event loop and the
+server's second backend would otherwise idle. The writer hands over the records that follow the batch
+(:meth:`Repositories.begin_ahead <persistence.tables.repositories.Repositories.begin_ahead>`): once the committing
+batch's rows are written, they get a transaction of their own, on a second pooled connection, in which each table's
+first versions are claimed (:meth:`VersionedTable.claim <persistence.tables.versioned.VersionedTable.claim>`: ids
+drawn, rows copied, their canonical JSON made). Nothing stored is read, nothing is audited, nothing is committed.
+When the writer next commits exactly those records, their transaction is this one, continued: the chain lock, the
+rest of the version rule, the audit entries, the commit. Anything else rolls it back.
+
+What keeps it safe:
+
+* Only records none of whose keys is in the committing batch are begun ahead, so neither transaction ever waits for
+  the other's rows, and a retry of the committing batch never waits for the held one.
+* The held transaction takes the chain lock only when it continues, after the batch before it has committed: the
+  chain grows in commit order and its head is read under the lock, as for any transaction.
+* It is rolled back when the batch committed next is another one (a split, more records), when the batch before it
+  is not wholly handled, and at close. Until it commits nothing of it is visible, and its records are still in the
+  backlog and the journal, so a crash loses nothing.
+* It needs a second connection: with a pool of one (``DATABASE_POOL_SIZE=1``, ``DATABASE_MAX_OVERFLOW=0``) nothing
+  is begun ahead.
+
+One case is resolved by the server rather than avoided: a second process with the same instance id that writes the
+same new keys may hold the chain lock while waiting for a key the held transaction claimed, which then waits for the
+chain lock. PostgreSQL detects the deadlock (``deadlock_timeout``, 1 s by default) and fails one of the two, which
+its writer retries as a transient error; nothing is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from persistence.db.engine import Database
+from persistence.db.pgcopy import AHEAD_INFO
+from persistence.tables.versioned import Claimed
+
+Parts = tuple[Sequence[Any], ...]
+"""A batch as the repositories write it: its records grouped by kind, each group in batch order."""
+Claim = Callable[[AsyncConnection, Parts], Awaitable[list[Claimed | None]]]
+
+
+def same_records(first: Parts, second: Parts) -> bool:
+    """Whether two batches hold the same record objects, group by group, in the same order."""
+    return len(first) == len(second) and all(
+        len(one) == len(other) and all(a is b for a, b in zip(one, other, strict=True))
+        for one, other in zip(first, second, strict=True)
+    )
+
+
+@dataclass(slots=True)
+class Held:
+    """A transaction begun ahead: the batch it is for, its connection, and each table's claim (``None``: the table has
+    nothing in the batch)."""
+
+    parts: Parts
+    connection: AsyncConnection
+    claims: list[Claimed | None]
+
+    def continued(self) -> None:
+        """The batch's own transaction goes on in it: no longer a speculation (the fault kit sees it again)."""
+        self.connection.info.pop(AHEAD_INFO, None)
+
+    async def commit(self) -> None:
+        """Commit it and give its connection back."""
+        try:
+            await self.connection.commit()
+        finally:
+            await self.connection.close()
+
+    async def discard(self) -> None:
+        """Roll it back and give its connection back; an error doing so only invalidates the connection."""
+        self.continued()
+        with contextlib.suppress(Exception):
+            await self.connection.rollback()
+        with contextlib.suppress(Exception):
+            await self.connection.close()
+
+
+@dataclass(slots=True)
+class _Beginning:
+    """One transaction being begun ahead: the task, the batch committing meanwhile, the gate its rows open."""
+
+    after: Parts
+    gate: asyncio.Future[None]
+    task: asyncio.Task[Held | None] | None = None
+    claiming: bool = False  # past the gate: a connection is taken, the claims are under way
+
+    def stop_waiting(self) -> None:
+        """Cancel it if it is still waiting for its gate (nothing begun yet); one claiming is let finish."""
+        if self.task is not None and not self.claiming and not self.task.done():
+            self.task.cancel()
+
+
+class AheadTransactions:
+    """At most one transaction begun ahead over one database, and the task that begins it."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        settings = database.settings
+        # A second transaction needs a second connection: never with a pool of one (it would wait for the first).
+        self.enabled = not database.is_sqlite and settings.pool_size + settings.max_overflow >= 2
+        self._current: _Beginning | None = None
+        self._cleanups: set[asyncio.Future[None]] = set()
+
+    async def open_connections(self) -> None:
+        """Have the pool hold the two connections the writer uses (a batch's and the one begun ahead), so that the
+        first burst after a start does not wait for a connection to be opened. A server that refuses the second
+        connection is not an error here: a transaction begun ahead then fails, and the batch is written without."""
+        if not self.enabled:
+            return
+        with contextlib.suppress(Exception):
+            async with self._db.engine.connect() as first, self._db.engine.connect() as second:
+                await first.exec_driver_sql("SELECT 1")
+                await second.exec_driver_sql("SELECT 1")
+
+    def start(self, parts: Parts, after: Parts, claim: Claim) -> asyncio.Task[Held | None]:
+        """Begin ``parts`` ahead once the rows of ``after`` (the committing batch) are written (:meth:`written`); a
+        transaction held from before and not taken is rolled back first."""
+        previous = self._current
+        if previous is not None:
+            previous.stop_waiting()
+        beginning = _Beginning(after, asyncio.get_running_loop().create_future())
+        beginning.task = asyncio.ensure_future(self._begin(previous, beginning, parts, claim))
+        self._current = beginning
+        return beginning.task
+
+    def written(self, parts: Parts) -> None:
+        """The rows of ``parts`` are written (or their transaction ended): a batch begun ahead of them may start."""
+        current = self._current
+        if current is not None and not current.gate.done() and same_records(current.after, parts):
+            current.gate.set_result(None)
+
+    async def take(self, parts: Parts) -> Held | None:
+        """The transaction held for ``parts``, if that is what is held. One begun ahead of ``parts`` (while they
+        commit) is the next batch's and stays: a retry of ``parts`` comes here. Any other is rolled back."""
+        current = self._current
+        if current is None or same_records(current.after, parts):
+            return None
+        held = await self._unregister()
+        if held is not None and same_records(held.parts, parts):
+            return held
+        if held is not None:
+            await held.discard()
+        return None
+
+    async def discard(self) -> None:
+        """Roll back whatever is held or being begun (the batch before it was not wholly handled; close)."""
+        held = await self._unregister()
+        if held is not None:
+            await held.discard()
+
+    async def _unregister(self) -> Held | None:
+        """Take the registered beginning out (a new one then leaves it alone) and return what it came to; one still
+        waiting for its gate is cancelled."""
+        current, self._current = self._current, None
+        if current is None or current.task is None:
+            return None
+        current.stop_waiting()
+        try:
+            return await _outcome(current.task)
+        except asyncio.CancelledError:
+            # The caller is cancelled: the connection still goes back, once the beginning is done.
+            cleanup = asyncio.ensure_future(_discard_when_done(current.task))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+            raise
+
+    async def _begin(
+        self, previous: _Beginning | None, beginning: _Beginning, parts: Parts, claim: Claim
+    ) -> Held | None:
+        if previous is not None and previous.task is not None:
+            await _discard_when_done(previous.task)
+        await beginning.gate
+        beginning.claiming = True
+        connection = await self._db.engine.connect()
+        connection.info[AHEAD_INFO] = True
+        try:
+            await connection.begin()
+            await connection.exec_driver_sql("SELECT 1")  # BEGIN is sent: the claims' driver calls run inside it
+            claims = await claim(connection, parts)
+        except BaseException:
+            await Held(parts, connection, []).discard()
+            raise
+        return Held(parts, connection, claims)
+
+
+async def _discard_when_done(task: asyncio.Task[Held | None]) -> None:
+    held = await _outcome(task)
+    if held is not None:
+        await held.discard()
+
+
+async def _outcome(task: asyncio.Task[Held | None]) -> Held | None:
+    """What a beginning came to: the held transaction, or ``None`` if it failed or was cancelled (the transaction
+    that writes those records meets any error again)."""
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.cancelled():
+            return None
+        raise
+    except Exception:
+        return None

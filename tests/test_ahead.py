@@ -1,0 +1,300 @@
+"""PostgreSQL transactions begun ahead: the next batch's rows claimed while the batch before it commits.
+
+Real PostgreSQL throughout: what another connection sees while a transaction is held, whether the held one is the
+one that commits (its ids drawn once), that it is rolled back and its keys freed whenever it is not taken, and that
+the batches' trail verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from persistence.audit.chain import canonical_version
+from persistence.audit.verify import verify
+from persistence.db.engine import Database, create_database
+from persistence.migrations import upgrade
+from persistence.records.models import Record, SignalExecution, Trade
+from persistence.tables.ahead import Held
+from persistence.tables.repositories import Repositories, batch_parts
+from persistence.testing import WriteFaults
+from persistence.write.backlog import Pending
+from persistence.write.committer import Committer, RetryPolicy
+from tests.support.audit import closed_version
+from tests.support.databases import empty_every_table, make_settings
+from tests.support.factories import make_parameter_change, make_signal, make_snapshot, make_trade
+
+pytestmark = pytest.mark.postgres
+
+BATCH = 40  # above COPY_MIN_ROWS: the claims go by COPY
+
+
+@pytest.fixture
+async def repos(postgres_url: str) -> AsyncIterator[Repositories]:
+    database = create_database(make_settings(database_url=postgres_url, query_timeout_ms=5000))
+    await upgrade(database)
+    async with database.write() as connection:
+        await empty_every_table(connection)
+    try:
+        yield Repositories(database)
+    finally:
+        await database.dispose()
+
+
+def pending(records: Sequence[Record]) -> list[Pending]:
+    return [Pending(seq, record, None, None, None) for seq, record in enumerate(records)]
+
+
+async def write(repos: Repositories, records: Sequence[Record]) -> None:
+    await repos.write_batch(*batch_parts(records), unknown_signal="unknown")
+
+
+async def idle_in_transaction(database: Database) -> int:
+    """Connections of this database holding a transaction open and doing nothing: a held transaction."""
+    async with database.read() as connection:
+        result = await connection.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'idle in transaction' AND pid <> pg_backend_pid()"
+            )
+        )
+        return int(result.scalar_one())
+
+
+async def last_id(database: Database) -> int:
+    async with database.read() as connection:
+        result = await connection.execute(text("SELECT last_value FROM trades_id_seq"))
+        return int(result.scalar_one())
+
+
+async def stored_ids(database: Database, records: Sequence[Trade]) -> list[int]:
+    async with database.read() as connection:
+        result = await connection.execute(
+            text("SELECT id FROM trades WHERE trade_id = ANY(:keys) ORDER BY id"),
+            {"keys": [record.trade_id for record in records]},
+        )
+        return [int(value) for value in result.scalars()]
+
+
+async def insert_within(url: str, trade_id: str, seconds: float) -> None:
+    """Insert a row with ``trade_id`` from a connection of its own, failing if a lock holds it past ``seconds``."""
+    connection = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        await connection.execute(f"SET lock_timeout = '{int(seconds * 1000)}ms'")
+        async with connection.transaction():
+            await connection.execute(
+                "INSERT INTO trades (trade_id, signal_id, account_id, symbol, direction, entry_time, entry_price, "
+                "stop_loss, take_profit, position_size, session, pattern_type, created_at, updated_at) "
+                "VALUES ($1, 'S', 'A', 'EURUSD', 'BUY', now(), 1, 1, 1, 1, 'LONDON', 'p', now(), now())",
+                trade_id,
+            )
+            raise asyncio.CancelledError  # roll back: only whether it could take the key matters
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await connection.close()
+
+
+async def test_the_batch_begun_ahead_is_the_transaction_that_commits_it_and_its_trail_verifies(
+    repos: Repositories,
+) -> None:
+    database = repos.database
+    first = [make_trade() for _ in range(BATCH)]
+    opened = [make_trade(exit_time=None, pnl=None) for _ in range(BATCH)]
+    closed = closed_version(opened[3])
+    signals = [make_signal() for _ in range(BATCH)]
+    executed = SignalExecution.parse(
+        {"signal_id": signals[5].signal_id, "executed": True, "execution_status": "FILLED"}
+    )
+    nxt: list[Record] = [*opened, closed, *signals, executed, make_snapshot(), make_parameter_change()]
+
+    begun = repos.begin_ahead(nxt, first)
+    assert begun is not None
+    await write(repos, first)
+    held = await begun
+    assert isinstance(held, Held)
+    drawn = await last_id(database)
+    # Held, not committed: another connection sees none of it, and the transaction waits open.
+    assert await repos.trades.count() == BATCH
+    assert await repos.signals.get_signal_by_id(signals[0].signal_id) is None
+    assert await idle_in_transaction(database) == 1
+
+    await write(repos, nxt)
+    assert await idle_in_transaction(database) == 0
+    # Its rows are those the held transaction claimed: their ids were drawn before it continued, not again.
+    assert max(await stored_ids(database, opened)) <= drawn
+    for trade in [*first, *opened[:3], closed, *opened[4:]]:
+        assert await repos.trades.get_trade_by_id(trade.trade_id) == trade
+    stored = await repos.signals.get_signal_by_id(signals[5].signal_id)
+    assert stored is not None and stored.executed and stored.execution_status == "FILLED"
+    fields = tuple(Trade.model_fields)
+    versions = await repos.audit.versions("trade", opened[3].trade_id)
+    assert [entry.payload for entry in versions] == [
+        canonical_version(version.__dict__, fields) for version in (opened[3], closed)
+    ]
+    assert len(await repos.audit.versions("signal", signals[5].signal_id)) == 2
+    assert (await verify(database)).ok
+
+
+async def test_nothing_is_begun_ahead_of_a_batch_that_shares_a_key_with_the_committing_one(
+    repos: Repositories,
+) -> None:
+    committing = [make_trade() for _ in range(BATCH)]
+    assert repos.begin_ahead([make_trade(), closed_version(committing[7])], committing) is None
+    signal = make_signal()
+    execution = SignalExecution.parse({"signal_id": signal.signal_id, "executed": True})
+    assert repos.begin_ahead([make_trade(), execution], [signal]) is None
+    assert repos.begin_ahead([], committing) is None
+
+
+async def test_a_transaction_begun_for_other_records_is_rolled_back_and_frees_their_keys(
+    repos: Repositories, postgres_url: str
+) -> None:
+    database = repos.database
+    first, nxt, other = ([make_trade() for _ in range(BATCH)] for _ in range(3))
+    begun = repos.begin_ahead(nxt, first)
+    assert begun is not None
+    await write(repos, first)
+    assert isinstance(await begun, Held)
+    await write(repos, other)  # not the records begun ahead: that transaction is rolled back
+    assert await idle_in_transaction(database) == 0
+    assert await repos.trades.count() == 2 * BATCH
+    await insert_within(postgres_url, nxt[0].trade_id, 2.0)  # its key is free: no lock left behind
+    await asyncio.wait_for(write(repos, nxt), 10)
+    assert await repos.trades.count() == 3 * BATCH
+    assert (await verify(database)).ok
+
+
+async def test_a_retry_of_the_committing_batch_leaves_the_batch_begun_ahead_of_it_in_place(
+    repos: Repositories,
+) -> None:
+    database = repos.database
+    first, nxt = [make_trade() for _ in range(BATCH)], [make_trade() for _ in range(BATCH)]
+    begun = repos.begin_ahead(nxt, first)
+    assert begun is not None
+    with WriteFaults(database, 1, tables=("trades",)) as faults:
+        with pytest.raises(DBAPIError, match=r"persistence\.testing"):
+            await write(repos, first)
+        assert len(faults.failed) == 1  # the committing batch's own statement met the fault
+    await write(repos, first)  # the retry
+    held = await begun
+    assert isinstance(held, Held)
+    drawn = await last_id(database)
+    await write(repos, nxt)
+    assert max(await stored_ids(database, nxt)) <= drawn  # the held transaction committed them
+    assert await repos.trades.count() == 2 * BATCH
+    assert (await verify(database)).ok
+
+
+async def test_discarding_rolls_back_a_held_transaction_and_cancels_one_still_waiting(
+    repos: Repositories, postgres_url: str
+) -> None:
+    database = repos.database
+    first, nxt = [make_trade() for _ in range(BATCH)], [make_trade() for _ in range(BATCH)]
+    waiting = repos.begin_ahead(nxt, first)  # the committing batch never writes: it waits for its rows forever
+    assert waiting is not None
+    await asyncio.wait_for(repos.discard_ahead(), 5)
+    assert waiting.cancelled()
+
+    begun = repos.begin_ahead(nxt, first)
+    assert begun is not None
+    await write(repos, first)
+    assert isinstance(await begun, Held)
+    assert await idle_in_transaction(database) == 1
+    await repos.discard_ahead()
+    assert await idle_in_transaction(database) == 0
+    assert await repos.trades.count() == BATCH
+    await insert_within(postgres_url, nxt[-1].trade_id, 2.0)
+
+
+async def test_a_commit_not_wholly_handled_rolls_back_what_was_begun_after_it_and_close_rolls_back_the_rest(
+    repos: Repositories, tmp_path: Path
+) -> None:
+    """Through the committer, as the writer drives it: the batch after a failed commit is never left holding locks."""
+    database = repos.database
+
+    async def no_sleep(_seconds: float) -> None:
+        return None
+
+    committer = Committer(
+        database, repos, retry=RetryPolicy(attempts=1), sleep=no_sleep, dead_letter_dir=tmp_path / "letters"
+    )
+    items = pending([make_trade() for _ in range(2 * BATCH)])
+    first, nxt = items[:BATCH], items[BATCH:]
+    with WriteFaults(database, 1, tables=("trades",)):
+        ahead = asyncio.ensure_future(committer.prepare_ahead(nxt, first))
+        outcome = await committer.commit(first)
+    assert outcome.failure is not None and outcome.handled == 0
+    await ahead  # whatever it began is over
+    assert await idle_in_transaction(database) == 0
+
+    ahead = asyncio.ensure_future(committer.prepare_ahead(nxt, first))
+    assert (await committer.commit(first)).handled == BATCH
+    await asyncio.sleep(0)
+    await ahead
+    assert await idle_in_transaction(database) == 1
+    await committer.close()  # the sidecar stops before the next batch is committed
+    assert await idle_in_transaction(database) == 0
+    assert await repos.trades.count() == BATCH
+
+
+async def test_a_poisoned_record_begun_ahead_is_dead_lettered_by_the_batch_that_meets_it(
+    repos: Repositories, tmp_path: Path
+) -> None:
+    """A row the server refuses fails the claim made ahead (nothing is held); the batch's own transaction meets the
+    refusal, isolates the record, and commits the rest."""
+    database = repos.database
+    async with database.write() as connection:
+        await connection.execute(
+            text(
+                "CREATE OR REPLACE FUNCTION refuse_ahead() RETURNS trigger AS $$ BEGIN "
+                "IF NEW.trade_id = 'REFUSED-AHEAD' THEN RAISE EXCEPTION 'refused' USING ERRCODE = '23514'; END IF; "
+                "RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+        )
+        await connection.execute(text("DROP TRIGGER IF EXISTS refuse_ahead ON trades"))
+        await connection.execute(
+            text("CREATE TRIGGER refuse_ahead BEFORE INSERT ON trades FOR EACH ROW EXECUTE FUNCTION refuse_ahead()")
+        )
+    try:
+
+        async def no_sleep(_seconds: float) -> None:
+            return None
+
+        committer = Committer(database, repos, retry=RetryPolicy(), sleep=no_sleep, dead_letter_dir=tmp_path)
+        first = pending([make_trade() for _ in range(BATCH)])
+        nxt = pending([*(make_trade() for _ in range(BATCH - 1)), make_trade(trade_id="REFUSED-AHEAD")])
+        ahead = asyncio.ensure_future(committer.prepare_ahead(nxt, first))
+        assert (await committer.commit(first)).handled == BATCH
+        await ahead
+        outcome = await committer.commit(nxt)
+        assert len(outcome.committed) == BATCH - 1
+        assert [dead.item.record.key for dead in outcome.dead] == ["REFUSED-AHEAD"]
+        assert await idle_in_transaction(database) == 0
+        assert await repos.trades.count() == 2 * BATCH - 1
+        assert (await verify(database)).ok
+    finally:
+        async with database.write() as connection:
+            await connection.execute(text("DROP TRIGGER IF EXISTS refuse_ahead ON trades"))
+
+
+async def test_a_pool_of_one_connection_begins_nothing_ahead_and_still_starts(postgres_url: str) -> None:
+    """A second transaction would wait for the pool's only connection, held by the first: nothing is begun, and the
+    start-up's opening of a second connection is skipped (it would wait for the pool's timeout)."""
+    database = create_database(
+        make_settings(database_url=postgres_url, query_timeout_ms=5000, pool_size=1, max_overflow=0)
+    )
+    try:
+        await upgrade(database)
+        repos = Repositories(database)
+        await asyncio.wait_for(repos.open_ahead_connections(), 5)
+        assert repos.begin_ahead([make_trade() for _ in range(BATCH)], [make_trade()]) is None
+        await write(repos, [make_trade() for _ in range(BATCH)])
+    finally:
+        await database.dispose()
