@@ -129,9 +129,9 @@ class _StatementHook:
     hooks (:data:`persistence.db.pgcopy.COPY_HOOKS`), which see each batch sent by ``COPY`` as an ``INSERT`` into
     its table with its rows.
 
-    A PostgreSQL transaction begun ahead for the next batch (:mod:`persistence.tables.ahead`) is left alone: it is a
-    speculation the writer throws away on any error, so a fault spent on it would be a failure nobody sees. The
-    batch's own transaction, which continues it or starts afresh, meets the faults.
+    While one is installed the writer begins no PostgreSQL transaction ahead (:mod:`persistence.tables.ahead`) and
+    rolls back one it holds, so every batch's statements meet the faults; one still being begun when it was
+    installed is left alone (it is thrown away).
     """
 
     def __init__(self, database: Database) -> None:
@@ -151,6 +151,7 @@ class _StatementHook:
         event.listen(engine, "before_cursor_execute", self._before, insert=True)
         if self.database.is_sqlite or self.database.dialect_name == "postgresql":
             event.listen(engine.pool, "checkout", self._hook_driver)
+        self.database.faults_installed += 1
         self._installed = True
 
     def remove(self) -> None:
@@ -165,6 +166,7 @@ class _StatementHook:
             if self._check in hooks:
                 hooks.remove(self._check)
         self._doors.clear()
+        self.database.faults_installed -= 1
         self._installed = False
 
     def __enter__(self) -> Self:
@@ -180,7 +182,7 @@ class _StatementHook:
         self, conn: Connection, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool
     ) -> None:
         if conn.info.get(AHEAD_INFO):
-            return  # a transaction begun ahead: the batch's own transaction meets the fault (see the class docstring)
+            return  # a transaction begun ahead before this was installed: it is thrown away (see the class docstring)
         delay = self._check(statement, parameters, executemany)
         if delay > 0:
             # Runs in SQLAlchemy's greenlet on the loop thread: await through the bridge, never block the loop.

@@ -23,11 +23,16 @@ from persistence.migrations import upgrade
 from persistence.records.models import Record, SignalExecution, Trade
 from persistence.tables.ahead import Held
 from persistence.tables.repositories import Repositories, batch_parts
-from persistence.testing import WriteFaults
+from persistence.testing import PoisonRecords, WriteFaults
 from persistence.write.backlog import Pending
 from persistence.write.committer import Committer, RetryPolicy
 from tests.support.audit import closed_version
-from tests.support.databases import empty_every_table, make_settings
+from tests.support.databases import (
+    create_postgres_database,
+    drop_postgres_database,
+    empty_every_table,
+    make_settings,
+)
 from tests.support.factories import make_parameter_change, make_signal, make_snapshot, make_trade
 
 pytestmark = pytest.mark.postgres
@@ -80,6 +85,34 @@ async def stored_ids(database: Database, records: Sequence[Trade]) -> list[int]:
             {"keys": [record.trade_id for record in records]},
         )
         return [int(value) for value in result.scalars()]
+
+
+async def fail_entry_once(database: Database, natural_key: str) -> None:
+    """The first audit entry of ``natural_key`` fails like a serialization failure (SQLSTATE 40001, transient), after
+    its batch's rows are written; later ones pass (the count is a sequence: a rollback does not take it back)."""
+    async with database.write() as connection:
+        await connection.execute(text("CREATE SEQUENCE IF NOT EXISTS fail_entry_count"))
+        await connection.execute(
+            text(
+                "CREATE OR REPLACE FUNCTION fail_entry_once() RETURNS trigger AS $$ BEGIN "
+                f"IF NEW.natural_key = '{natural_key}' AND nextval('fail_entry_count') = 1 THEN "
+                "RAISE EXCEPTION 'injected once' USING ERRCODE = '40001'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+        )
+        await connection.execute(text("DROP TRIGGER IF EXISTS fail_entry_once ON audit_log"))
+        await connection.execute(
+            text(
+                "CREATE TRIGGER fail_entry_once BEFORE INSERT ON audit_log FOR EACH ROW "
+                "EXECUTE FUNCTION fail_entry_once()"
+            )
+        )
+
+
+async def drop_fail_entry_once(database: Database) -> None:
+    async with database.write() as connection:
+        await connection.execute(text("DROP TRIGGER IF EXISTS fail_entry_once ON audit_log"))
+        await connection.execute(text("DROP FUNCTION IF EXISTS fail_entry_once()"))
+        await connection.execute(text("DROP SEQUENCE IF EXISTS fail_entry_count"))
 
 
 async def insert_within(url: str, trade_id: str, seconds: float) -> None:
@@ -171,23 +204,26 @@ async def test_a_transaction_begun_for_other_records_is_rolled_back_and_frees_th
     assert (await verify(database)).ok
 
 
-async def test_a_retry_of_the_committing_batch_leaves_the_batch_begun_ahead_of_it_in_place(
+async def test_a_failed_attempt_of_the_committing_batch_gives_up_the_batch_begun_ahead_of_it(
     repos: Repositories,
 ) -> None:
+    """The committing batch fails after its rows are written (the batch after it has begun claiming): that batch is
+    given up, so the retry runs alone and the later batch takes its ids after it."""
     database = repos.database
     first, nxt = [make_trade() for _ in range(BATCH)], [make_trade() for _ in range(BATCH)]
-    begun = repos.begin_ahead(nxt, first)
-    assert begun is not None
-    with WriteFaults(database, 1, tables=("trades",)) as faults:
-        with pytest.raises(DBAPIError, match=r"persistence\.testing"):
+    await fail_entry_once(database, first[0].trade_id)
+    try:
+        begun = repos.begin_ahead(nxt, first)
+        assert begun is not None
+        with pytest.raises(DBAPIError, match="injected once"):
             await write(repos, first)
-        assert len(faults.failed) == 1  # the committing batch's own statement met the fault
-    await write(repos, first)  # the retry
-    held = await begun
-    assert isinstance(held, Held)
-    drawn = await last_id(database)
-    await write(repos, nxt)
-    assert max(await stored_ids(database, nxt)) <= drawn  # the held transaction committed them
+        await asyncio.wait({begun})
+        await write(repos, first)  # the retry
+        await write(repos, nxt)
+    finally:
+        await drop_fail_entry_once(database)
+    assert await idle_in_transaction(database) == 0
+    assert min(await stored_ids(database, nxt)) > max(await stored_ids(database, first))
     assert await repos.trades.count() == 2 * BATCH
     assert (await verify(database)).ok
 
@@ -216,7 +252,8 @@ async def test_discarding_rolls_back_a_held_transaction_and_cancels_one_still_wa
 async def test_a_commit_not_wholly_handled_rolls_back_what_was_begun_after_it_and_close_rolls_back_the_rest(
     repos: Repositories, tmp_path: Path
 ) -> None:
-    """Through the committer, as the writer drives it: the batch after a failed commit is never left holding locks."""
+    """Through the committer, as the writer drives it: when a commit fails after its rows are written (the batch
+    after it claiming meanwhile), nothing is held once it returns; at close, neither is anything begun since."""
     database = repos.database
 
     async def no_sleep(_seconds: float) -> None:
@@ -227,21 +264,70 @@ async def test_a_commit_not_wholly_handled_rolls_back_what_was_begun_after_it_an
     )
     items = pending([make_trade() for _ in range(2 * BATCH)])
     first, nxt = items[:BATCH], items[BATCH:]
-    with WriteFaults(database, 1, tables=("trades",)):
+    await fail_entry_once(database, first[0].record.key)
+    try:
         ahead = asyncio.ensure_future(committer.prepare_ahead(nxt, first))
         outcome = await committer.commit(first)
-    assert outcome.failure is not None and outcome.handled == 0
-    await ahead  # whatever it began is over
-    assert await idle_in_transaction(database) == 0
+        assert outcome.failure is not None and outcome.handled == 0
+        assert await idle_in_transaction(database) == 0
+        await ahead
 
-    ahead = asyncio.ensure_future(committer.prepare_ahead(nxt, first))
-    assert (await committer.commit(first)).handled == BATCH
-    await asyncio.sleep(0)
-    await ahead
-    assert await idle_in_transaction(database) == 1
-    await committer.close()  # the sidecar stops before the next batch is committed
+        ahead = asyncio.ensure_future(committer.prepare_ahead(nxt, first))
+        assert (await committer.commit(first)).handled == BATCH
+        await ahead
+        assert await idle_in_transaction(database) == 1
+        await committer.close()  # the sidecar stops before the next batch is committed
+        assert await idle_in_transaction(database) == 0
+        assert await repos.trades.count() == BATCH
+    finally:
+        await drop_fail_entry_once(database)
+
+
+async def test_nothing_is_begun_ahead_while_a_fault_of_the_kit_is_installed(repos: Repositories) -> None:
+    """Every batch's statements must meet the kit's faults: none is begun ahead while one is installed, and one held
+    from before is rolled back rather than continued (its claims never met the fault)."""
+    database = repos.database
+    first, nxt = [make_trade() for _ in range(BATCH)], [make_trade() for _ in range(BATCH)]
+    with WriteFaults(database, 0):
+        assert repos.begin_ahead(nxt, first) is None
+    begun = repos.begin_ahead(nxt, first)
+    assert begun is not None
+    await write(repos, first)
+    assert isinstance(await begun, Held)
+    with PoisonRecords(database, {nxt[5].trade_id}), pytest.raises(DBAPIError):
+        await write(repos, nxt)
     assert await idle_in_transaction(database) == 0
     assert await repos.trades.count() == BATCH
+    assert database.faults_installed == 0
+
+
+async def test_a_server_default_of_repeatable_read_still_chains_the_batch_begun_ahead_after_the_one_before() -> None:
+    """Under REPEATABLE READ a transaction begun before the batch before it committed would read the chain's head
+    as it was then; the held transaction reads at READ COMMITTED whatever the server's default."""
+    url = await asyncio.to_thread(create_postgres_database, "persistence_rr")
+    try:
+        admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            name = await admin.fetchval("SELECT current_database()")
+            await admin.execute(f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'")
+        finally:
+            await admin.close()
+        database = create_database(make_settings(database_url=url, query_timeout_ms=5000))
+        try:
+            await upgrade(database)
+            repos = Repositories(database)
+            first, nxt = [make_trade() for _ in range(BATCH)], [make_trade() for _ in range(BATCH)]
+            begun = repos.begin_ahead(nxt, first)
+            assert begun is not None
+            await write(repos, first)
+            assert isinstance(await begun, Held)
+            await write(repos, nxt)
+            assert await repos.trades.count() == 2 * BATCH
+            assert (await verify(database)).ok
+        finally:
+            await database.dispose()
+    finally:
+        await asyncio.to_thread(drop_postgres_database, url)
 
 
 async def test_a_poisoned_record_begun_ahead_is_dead_lettered_by_the_batch_that_meets_it(

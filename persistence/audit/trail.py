@@ -13,9 +13,10 @@ with ``prev_hash`` :data:`GENESIS`. ``key_prev_hash`` is the hash of the previou
 instance wrote it: :mod:`persistence.tables.versioned` reads it with the stored rows it already reads (a batch of new
 records reads nothing), under the same locks, so one record's versions chain in the order they were committed. The
 chain's head is read inside the write transaction, under the database's lock for that chain
-(SQLite's write lock; ``pg_advisory_xact_lock`` on PostgreSQL, taken before the transaction's first row lock and held
-to the commit), so two processes sharing an instance id append one after the other and a chain never forks; a unique
-index on ``(instance_id, seq)`` refuses a fork outright.
+(SQLite's write lock; ``pg_advisory_xact_lock`` on PostgreSQL, held to the commit and taken before the head is read:
+before the transaction's first row lock, or, in a transaction begun ahead, when it continues), so two processes
+sharing an instance id append one after the other and a chain never forks; a unique index on ``(instance_id, seq)``
+refuses a fork outright.
 
 What the trail proves and what it does not is in docs/audit.md. :mod:`persistence.audit.verify` walks
 the chains.
@@ -116,9 +117,10 @@ class AuditLog:
     async def lock(self, connection: AsyncConnection) -> None:
         """Take this instance's chain lock for the rest of the transaction (PostgreSQL; SQLite's write lock is it).
 
-        The repositories take it before their first row lock, so every writer takes the chain lock, then rows: a
-        second process on the same instance id waits here for the first one's commit instead of deadlocking with
-        it over rows. Taken once per transaction.
+        The repositories take it before their first row lock, so a second process on the same instance id waits
+        here for the first one's commit instead of deadlocking with it over rows; a transaction begun ahead has
+        claimed its new rows before it takes this (:mod:`persistence.tables.ahead` says what the server resolves
+        then). Taken once per transaction.
         """
         if self._db.dialect_name != "postgresql":
             return

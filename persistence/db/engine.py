@@ -84,6 +84,9 @@ class Database:
         self.settings = settings
         self.dialect_name = engine.dialect.name
         self._writer = engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+        self.faults_installed = 0
+        """How many faults of the fault kit (:mod:`persistence.testing`) see this database's statements now; while
+        any do, the writer begins no transaction ahead (:mod:`persistence.tables.ahead`)."""
 
     @property
     def is_sqlite(self) -> bool:

@@ -11,18 +11,21 @@ rest of the version rule, the audit entries, the commit. Anything else rolls it 
 
 What keeps it safe:
 
-* Only records none of whose keys is in the committing batch are begun ahead, so neither transaction ever waits for
-  the other's rows, and a retry of the committing batch never waits for the held one.
-* The held transaction takes the chain lock only when it continues, after the batch before it has committed: the
-  chain grows in commit order and its head is read under the lock, as for any transaction.
+* Only records none of whose keys is in the committing batch are begun ahead, so the two transactions never wait for
+  each other's rows.
+* It begins only once the committing batch's rows are written, and it is given up as soon as that batch's
+  transaction fails or is cancelled: a retry of the committing batch runs alone, and a stop never waits for it.
+* It reads at ``READ COMMITTED`` whatever the server's default, and takes the chain lock only when it continues,
+  after the batch before it has committed: the chain grows in commit order and its head is read under the lock, as
+  for any transaction.
 * It is rolled back when the batch committed next is another one (a split, more records), when the batch before it
   is not wholly handled, and at close. Until it commits nothing of it is visible, and its records are still in the
   backlog and the journal, so a crash loses nothing.
-* It needs a second connection: with a pool of one (``DATABASE_POOL_SIZE=1``, ``DATABASE_MAX_OVERFLOW=0``) nothing
-  is begun ahead.
+* It needs a second connection of the pool's own: with ``DATABASE_POOL_SIZE`` under 2 nothing is begun ahead. Nor
+  while a fault of the fault kit is installed (:mod:`persistence.testing`): every batch's statements meet the faults.
 
 One case is resolved by the server rather than avoided: a second process with the same instance id that writes the
-same new keys may hold the chain lock while waiting for a key the held transaction claimed, which then waits for the
+same new keys may take the chain lock and then wait for a key the held transaction claimed, which then waits for the
 chain lock. PostgreSQL detects the deadlock (``deadlock_timeout``, 1 s by default) and fails one of the two, which
 its writer retries as a transient error; nothing is lost or written twice.
 """
@@ -75,12 +78,18 @@ class Held:
             await self.connection.close()
 
     async def discard(self) -> None:
-        """Roll it back and give its connection back; an error doing so only invalidates the connection."""
+        """Roll it back and give its connection back, even if the caller is cancelled meanwhile; an error doing so
+        only invalidates the connection."""
         self.continued()
-        with contextlib.suppress(Exception):
-            await self.connection.rollback()
-        with contextlib.suppress(Exception):
-            await self.connection.close()
+        await asyncio.shield(self._rollback_and_close())
+
+    async def _rollback_and_close(self) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                await self.connection.rollback()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.connection.close()
 
 
 @dataclass(slots=True)
@@ -103,11 +112,18 @@ class AheadTransactions:
 
     def __init__(self, database: Database) -> None:
         self._db = database
-        settings = database.settings
-        # A second transaction needs a second connection: never with a pool of one (it would wait for the first).
-        self.enabled = not database.is_sqlite and settings.pool_size + settings.max_overflow >= 2
+        # A second transaction needs a second connection of the pool's own: with fewer, the held one would take an
+        # overflow connection each batch, or wait for the only one.
+        self.enabled = not database.is_sqlite and database.settings.pool_size >= 2
         self._current: _Beginning | None = None
         self._cleanups: set[asyncio.Future[None]] = set()
+
+    @property
+    def allowed(self) -> bool:
+        """Whether a transaction may be begun ahead now: PostgreSQL, a pool of two or more, and no fault of the
+        fault kit installed (:attr:`Database.faults_installed <persistence.db.engine.Database.faults_installed>`:
+        every batch's statements must meet the faults)."""
+        return self.enabled and not self._db.faults_installed
 
     async def open_connections(self) -> None:
         """Have the pool hold the two connections the writer uses (a batch's and the one begun ahead), so that the
@@ -122,66 +138,72 @@ class AheadTransactions:
 
     def start(self, parts: Parts, after: Parts, claim: Claim) -> asyncio.Task[Held | None]:
         """Begin ``parts`` ahead once the rows of ``after`` (the committing batch) are written (:meth:`written`); a
-        transaction held from before and not taken is rolled back first."""
-        previous = self._current
-        if previous is not None:
-            previous.stop_waiting()
+        beginning registered from before and not taken is abandoned (:meth:`abandon`)."""
+        self.abandon()
         beginning = _Beginning(after, asyncio.get_running_loop().create_future())
-        beginning.task = asyncio.ensure_future(self._begin(previous, beginning, parts, claim))
+        beginning.task = asyncio.ensure_future(self._begin(beginning, parts, claim))
         self._current = beginning
         return beginning.task
 
     def written(self, parts: Parts) -> None:
-        """The rows of ``parts`` are written (or their transaction ended): a batch begun ahead of them may start."""
+        """The rows of ``parts`` are written, in a transaction that goes on to commit: a batch begun ahead of them
+        may start."""
         current = self._current
         if current is not None and not current.gate.done() and same_records(current.after, parts):
             current.gate.set_result(None)
 
+    def abandon(self) -> None:
+        """Give up what is registered, without waiting: one still waiting for its gate is cancelled, one claiming is
+        rolled back once its claims are done, by a task :meth:`discard` awaits."""
+        current, self._current = self._current, None
+        if current is not None and current.task is not None:
+            current.stop_waiting()
+            self._clean_up(current.task)
+
     async def take(self, parts: Parts) -> Held | None:
         """The transaction held for ``parts``, if that is what is held. One begun ahead of ``parts`` (while they
-        commit) is the next batch's and stays: a retry of ``parts`` comes here. Any other is rolled back."""
+        commit) is the next batch's and stays. Any other is rolled back; with a fault of the kit installed, so is
+        the one held for ``parts`` (its claims never met the faults)."""
         current = self._current
-        if current is None or same_records(current.after, parts):
+        if current is None or (same_records(current.after, parts) and self.allowed):
             return None
-        held = await self._unregister()
-        if held is not None and same_records(held.parts, parts):
+        self._current = None
+        task = current.task
+        if task is None:
+            return None
+        current.stop_waiting()
+        try:
+            held = await _outcome(task)
+        except asyncio.CancelledError:
+            self._clean_up(task)  # the caller is cancelled: the connection still goes back
+            raise
+        if held is not None and same_records(held.parts, parts) and self.allowed:
             return held
         if held is not None:
             await held.discard()
         return None
 
     async def discard(self) -> None:
-        """Roll back whatever is held or being begun (the batch before it was not wholly handled; close)."""
-        held = await self._unregister()
-        if held is not None:
-            await held.discard()
+        """Roll back whatever is held or being begun, and wait until every connection taken for one is back (the
+        batch before it was not wholly handled; close)."""
+        self.abandon()
+        while self._cleanups:
+            await asyncio.wait(set(self._cleanups))
 
-    async def _unregister(self) -> Held | None:
-        """Take the registered beginning out (a new one then leaves it alone) and return what it came to; one still
-        waiting for its gate is cancelled."""
-        current, self._current = self._current, None
-        if current is None or current.task is None:
-            return None
-        current.stop_waiting()
-        try:
-            return await _outcome(current.task)
-        except asyncio.CancelledError:
-            # The caller is cancelled: the connection still goes back, once the beginning is done.
-            cleanup = asyncio.ensure_future(_discard_when_done(current.task))
-            self._cleanups.add(cleanup)
-            cleanup.add_done_callback(self._cleanups.discard)
-            raise
+    def _clean_up(self, task: asyncio.Task[Held | None]) -> None:
+        cleanup = asyncio.ensure_future(_discard_when_done(task))
+        self._cleanups.add(cleanup)
+        cleanup.add_done_callback(self._cleanups.discard)
 
-    async def _begin(
-        self, previous: _Beginning | None, beginning: _Beginning, parts: Parts, claim: Claim
-    ) -> Held | None:
-        if previous is not None and previous.task is not None:
-            await _discard_when_done(previous.task)
+    async def _begin(self, beginning: _Beginning, parts: Parts, claim: Claim) -> Held | None:
         await beginning.gate
         beginning.claiming = True
         connection = await self._db.engine.connect()
         connection.info[AHEAD_INFO] = True
         try:
+            # Its snapshot must not predate the commit it continues after: READ COMMITTED whatever the server's
+            # default (under REPEATABLE READ the chain's head read later would be the one before that commit).
+            await connection.execution_options(isolation_level="READ COMMITTED")
             await connection.begin()
             await connection.exec_driver_sql("SELECT 1")  # BEGIN is sent: the claims' driver calls run inside it
             claims = await claim(connection, parts)
@@ -199,12 +221,8 @@ async def _discard_when_done(task: asyncio.Task[Held | None]) -> None:
 
 async def _outcome(task: asyncio.Task[Held | None]) -> Held | None:
     """What a beginning came to: the held transaction, or ``None`` if it failed or was cancelled (the transaction
-    that writes those records meets any error again)."""
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        if task.cancelled():
-            return None
-        raise
-    except Exception:
+    that writes those records meets any error again). The caller's own cancellation always comes through."""
+    await asyncio.wait({task})
+    if task.cancelled() or task.exception() is not None:
         return None
+    return task.result()

@@ -601,8 +601,11 @@ class Repositories:
                 await held.discard()
                 raise
             return written
-        finally:
-            self._ahead.written(parts)
+        except BaseException:
+            # The batch after this one was begun on the promise that this one commits: give it up (a retry of this
+            # one must never share the server with it, nor a stop wait for it).
+            self._ahead.abandon()
+            raise
 
     async def _write_parts(
         self, connection: AsyncConnection, parts: Parts, claims: list[Claimed | None] | None, unknown_signal: str
@@ -654,10 +657,11 @@ class Repositories:
         are claimed in a transaction of their own once the rows of ``committing`` are written, and the
         :meth:`write_batch` of exactly these records continues it (:mod:`persistence.tables.ahead`).
 
-        ``None`` (nothing begun) on SQLite, with a pool of one connection, and when a key of ``records`` is in
-        ``committing``: the two transactions must never wait for each other.
+        ``None`` (nothing begun) on SQLite, with a pool of fewer than two connections, while a fault of the fault kit
+        is installed, and when a key of ``records`` is in ``committing``: the two transactions must never wait for
+        each other.
         """
-        if not self._ahead.enabled or not records:
+        if not self._ahead.allowed or not records:
             return None
         busy = {(record.entity, record.key) for record in committing}
         if any((record.entity, record.key) in busy for record in records):

@@ -10,6 +10,8 @@ committer and the link directly; then it starts and stops them in order. It take
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -173,9 +175,11 @@ class Runtime:
         """Drain within ``timeout`` (keeping a slice back for the journal), journal the rest, release everything."""
         reserve = min(timeout / 4, 0.5)
         await self.writer.stop(timeout - reserve)
-        await self.committer.close()  # a transaction begun ahead and never committed: rolled back
         await self.anchorer.stop()  # the checkpoint at close(): after the last commit
         await self.backlog.close()
+        # A transaction begun ahead and never committed is rolled back; its records are journaled already.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.committer.close(), max(reserve, 0.1))
         await self.link.close(max(reserve, 0.1))
 
     # ------------------------------------------------------------------ wiring
