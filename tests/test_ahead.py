@@ -384,3 +384,34 @@ async def test_a_pool_of_one_connection_begins_nothing_ahead_and_still_starts(po
         await write(repos, [make_trade() for _ in range(BATCH)])
     finally:
         await database.dispose()
+
+
+async def test_a_cancelled_continuation_raises_the_cancellation_and_gives_its_connection_back(
+    repos: Repositories, postgres_url: str
+) -> None:
+    """A stop cancels the writer while it continues a held transaction (here waiting for the chain lock, which another
+    session holds): the cancellation comes out as itself, not as an error of the connection it leaves behind (which
+    the committer would retry, running past the stop's timeout)."""
+    from persistence.audit.trail import chain_lock_key
+
+    database = repos.database
+    first, nxt = [make_trade() for _ in range(BATCH)], [make_trade() for _ in range(BATCH)]
+    begun = repos.begin_ahead(nxt, first)
+    assert begun is not None
+    await write(repos, first)
+    assert isinstance(await begun, Held)
+    other = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        await other.execute("BEGIN")
+        await other.execute("SELECT pg_advisory_xact_lock($1)", chain_lock_key(database.settings.instance_id))
+        continuing = asyncio.ensure_future(write(repos, nxt))
+        await asyncio.sleep(0.3)  # waiting on the server for the chain lock
+        continuing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await continuing
+    finally:
+        await other.close()
+    await repos.discard_ahead()
+    assert database.engine.sync_engine.pool.checkedout() == 0
+    assert await idle_in_transaction(database) == 0
+    assert await repos.trades.count() == BATCH

@@ -456,6 +456,35 @@ async def test_a_large_batch_of_new_rows_takes_its_ids_in_the_order_recorded(rep
     assert stored == [trade.trade_id for trade in batch]
 
 
+async def test_claims_and_overwrites_staged_on_one_connection_keep_their_own_columns(database_url: str) -> None:
+    """On PostgreSQL a batch's claims and its overwrites may both go through a temporary stage, the claims' with the
+    drawn ids: whichever comes first on a connection must not decide the other's columns. One connection throughout."""
+    from persistence.db.engine import create_database
+    from persistence.migrations import upgrade
+    from tests.support.audit import closed_version
+    from tests.support.databases import empty_every_table, make_settings
+
+    database = create_database(make_settings(database_url=database_url, pool_size=1, max_overflow=0))
+    try:
+        await upgrade(database)
+        if database.dialect_name == "postgresql":
+            async with database.write() as connection:
+                await empty_every_table(connection)
+        repos = Repositories(database)
+        opened = [make_trade(exit_time=None, pnl=None) for _ in range(BATCH)]
+        closed = [closed_version(trade) for trade in opened]
+        await repos.write_batch([*opened, *closed], [], [], [], [], unknown_signal="none")  # overwrites staged first
+        stored = make_trade(exit_time=None, pnl=None)
+        await repos.write_batch([stored], [], [], [], [], unknown_signal="none")
+        fresh = [make_trade() for _ in range(BATCH)]
+        # the claims staged now: one key is stored
+        await repos.write_batch([*fresh, closed_version(stored)], [], [], [], [], unknown_signal="none")
+        assert await repos.trades.count() == 2 * BATCH + 1
+        assert await repos.trades.get_trade_by_id(stored.trade_id) == closed_version(stored)
+    finally:
+        await database.dispose()
+
+
 async def test_a_large_batch_never_lets_an_older_version_overwrite_a_newer_one(repos: Repositories) -> None:
     originals = [make_trade(updated_at=BASE_TIME + timedelta(hours=1)) for _ in range(BATCH)]
     async with repos.database.write() as connection:

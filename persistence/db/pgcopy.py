@@ -15,6 +15,7 @@ instead of one or two would cost more than the ``COPY`` saves.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Mapping, Sequence
 from operator import itemgetter
 from typing import Any
@@ -58,7 +59,9 @@ class CopyUpsert:
     ) -> None:
         self.table = table.name
         self.columns = list(columns)
-        self.stage = f"stage_{table.name}"
+        # Named after its columns too: two statements of one table with different columns (the claim's carries the
+        # drawn ids, the overwrite's does not) must not share one temporary table, created by whichever came first.
+        self.stage = f"stage_{table.name}_{hashlib.sha256(','.join(self.columns).encode()).hexdigest()[:8]}"
         names = ", ".join(self.columns)
         # Table and column names come from the schema, never from input; values go by COPY.
         # Each staged row carries its position in the batch (staged_order): new rows take their surrogate ids in the

@@ -67,8 +67,10 @@ class Held:
     claims: list[Claimed | None]
 
     def continued(self) -> None:
-        """The batch's own transaction goes on in it: no longer a speculation (the fault kit sees it again)."""
-        self.connection.info.pop(AHEAD_INFO, None)
+        """The batch's own transaction goes on in it: no longer a speculation (the fault kit sees it again). A
+        connection already invalidated or closed has nothing to clear."""
+        with contextlib.suppress(Exception):
+            self.connection.info.pop(AHEAD_INFO, None)
 
     async def commit(self) -> None:
         """Commit it and give its connection back."""
