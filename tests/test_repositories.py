@@ -566,6 +566,21 @@ async def test_a_later_tables_conflict_takes_back_only_its_own_copy(repos: Repos
     assert len(await repos.audit.versions("signal", stored.signal_id)) == 2
 
 
+def test_a_batch_is_grouped_by_kind_in_order_and_a_subclass_goes_with_its_base() -> None:
+    from persistence.records.models import Trade
+    from persistence.tables.repositories import batch_parts
+
+    class HostTrade(Trade):  # a host's own subclass: Trade.parse hands it through as it is
+        pass
+
+    own = HostTrade.model_validate(make_trade().model_dump())
+    first, signal, second = make_trade(), make_signal(), make_trade()
+    execution = SignalExecution.parse({"signal_id": signal.signal_id, "executed": True})
+    snapshot, change = make_snapshot(), make_parameter_change()
+    parts = batch_parts([first, change, signal, own, execution, snapshot, second])
+    assert [list(group) for group in parts] == [[first, own, second], [signal], [execution], [snapshot], [change]]
+
+
 async def test_nothing_is_begun_ahead_on_sqlite(tmp_path: Path) -> None:
     """SQLite's write lock holds the whole database: no second transaction begins while one commits (PostgreSQL's
     transactions begun ahead: tests/test_ahead.py)."""

@@ -550,7 +550,10 @@ def batch_parts(records: Sequence[Record]) -> Parts:
         ParameterChange: [],
     }
     for record in records:
-        groups[type(record)].append(record)
+        group = groups.get(type(record))
+        if group is None:  # a subclass of a record type (a host's own): its base's group
+            group = next(group for kind, group in groups.items() if isinstance(record, kind))
+        group.append(record)
     return tuple(groups.values())
 
 
@@ -610,18 +613,18 @@ class Repositories:
     async def _write_parts(
         self, connection: AsyncConnection, parts: Parts, claims: list[Claimed | None] | None, unknown_signal: str
     ) -> BatchWritten:
-        """:meth:`write_batch` on PostgreSQL inside ``connection``'s transaction: the chain lock, each table's rows
-        (``claims``: their first halves, made in a transaction begun ahead), then every version's entry at once."""
+        """:meth:`write_batch` on PostgreSQL inside ``connection``'s transaction: the chain lock, every table's new rows
+        claimed (``claims``: done already, in a transaction begun ahead), every table's rows finished, then every
+        version's entry at once."""
         executions = parts[2]
         await self.audit.lock(connection)
+        if claims is None:
+            claims = await self._claim_parts(connection, parts)
         versions: list[Version] = []
         unknown: list[SignalExecution] = []
-        for index, (table, records, updates) in enumerate(self._batch_parts(*parts)):
-            if not records and not updates:
-                continue
-            claimed = claims[index] if claims is not None else None
+        for (table, _, updates), claimed in zip(self._batch_parts(*parts), claims, strict=True):
             if claimed is None:
-                claimed = await table.claim(connection, table.rows(records), updates)
+                continue
             written, missing = await table.finish(connection, claimed)
             versions += written
             if updates:
@@ -667,13 +670,16 @@ class Repositories:
         if any((record.entity, record.key) in busy for record in records):
             return None
 
-        async def claim(connection: AsyncConnection, parts: Parts) -> list[Claimed | None]:
-            return [
-                await table.claim(connection, table.rows(group), updates) if group or updates else None
-                for table, group, updates in self._batch_parts(*parts)
-            ]
+        return self._ahead.start(batch_parts(records), batch_parts(committing), self._claim_parts)
 
-        return self._ahead.start(batch_parts(records), batch_parts(committing), claim)
+    async def _claim_parts(self, connection: AsyncConnection, parts: Parts) -> list[Claimed | None]:
+        """Each table's first half of a batch's write (:meth:`VersionedTable.claim
+        <persistence.tables.versioned.VersionedTable.claim>`), in the order a batch writes them; ``None`` for a table
+        with nothing in the batch. In the batch's own transaction, or in one begun ahead."""
+        return [
+            await table.claim(connection, table.rows(group), updates) if group or updates else None
+            for table, group, updates in self._batch_parts(*parts)
+        ]
 
     async def open_ahead_connections(self) -> None:
         """PostgreSQL: open the pool's second connection now, the one :meth:`begin_ahead` takes (at start)."""

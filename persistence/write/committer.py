@@ -34,8 +34,7 @@ from tenacity import (
 from persistence.audit.chain import AuditHead
 from persistence.db.engine import Database
 from persistence.errors import DataFault, TransientFault
-from persistence.records.models import ParameterChange, PerformanceSnapshot, Signal, SignalExecution, Trade
-from persistence.tables.repositories import Repositories
+from persistence.tables.repositories import Repositories, batch_parts
 from persistence.write.backlog import KINDS, Pending, Sleep
 from persistence.write.breaker import Verdict, verdict_of
 from persistence.write.faults import classify
@@ -226,30 +225,13 @@ class Committer:
         Every version of a record in the segment is applied in order, and each one written is audited.
         """
         self._check()
-        trades: list[Trade] = []
-        signals: list[Signal] = []
-        executions: list[tuple[Pending, SignalExecution]] = []
-        snapshots: list[PerformanceSnapshot] = []
-        changes: list[ParameterChange] = []
-        for item in segment:
-            record = item.record
-            if isinstance(record, Trade):
-                trades.append(record)
-            elif isinstance(record, Signal):
-                signals.append(record)
-            elif isinstance(record, SignalExecution):
-                executions.append((item, record))
-            elif isinstance(record, PerformanceSnapshot):
-                snapshots.append(record)
-            elif isinstance(record, ParameterChange):
-                changes.append(record)
         written = await self._repos.write_batch(
-            trades, signals, [change for _, change in executions], snapshots, changes, unknown_signal=UNKNOWN_SIGNAL
+            *batch_parts([item.record for item in segment]), unknown_signal=UNKNOWN_SIGNAL
         )
         if written.audit_head is not None:
             outcome.audit_head = written.audit_head
         missing_ids = {id(change) for change in written.unknown}
-        return [item for item, change in executions if id(change) in missing_ids]
+        return [item for item in segment if id(item.record) in missing_ids]
 
     async def _dead_letter_row(self, item: Pending, error: BaseException) -> None:
         self._check()
