@@ -21,6 +21,7 @@ from persistence.observe.events import (
     DatabaseRecovered,
     DatabaseUnavailable,
     EventBus,
+    JournalSpilled,
     JournalSynced,
     RecordDeadLettered,
     WriteFailed,
@@ -238,5 +239,45 @@ async def test_the_keeper_journals_a_waiting_record_when_the_injected_clock_says
         clock.advance(1.5)
         await eventually(lambda: bool(events.of(JournalSynced)), timeout=3.0)
         assert sum(event.records for event in events.of(JournalSynced)) == 1
+    finally:
+        await backlog.close()
+
+
+async def test_an_outage_journals_every_waiting_record_in_one_spill_per_grace_period(tmp_path: Path) -> None:
+    """Records arriving one a second through an outage: when the oldest is a grace period old (half the 60 s sync
+    interval), every record in RAM only goes in that one spill (one append, one fsync, one log line), not one spill
+    per record as each comes due; the next spill waits until the oldest record after it is as old."""
+    settings = make_settings(journal_dir=tmp_path / "journal", journal_sync_seconds=60.0)
+    clock, bus, book = FakeClock(), EventBus(), ReceiptBook()
+    events = Recorder(bus)
+    backlog = Backlog(settings, bus=bus, history=TradeHistory(1000), clock=clock, sleep=clock.sleep, book=book)
+    await backlog.open()
+
+    async def turns() -> None:
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    try:
+        for _ in range(30):  # recorded at 0, 1, ..., 29 s
+            backlog.submit(make_trade())
+            await turns()
+            clock.advance(1.0)
+        assert events.of(JournalSpilled) == []
+        clock.advance(0.5)  # 30.5 s: the first record is past the grace period, the last one 1.5 s old
+        await eventually(lambda: bool(events.of(JournalSynced)), timeout=3.0)
+        await turns()
+        assert [event.records for event in events.of(JournalSpilled)] == [30]
+        assert [event.records for event in events.of(JournalSynced)] == [30]
+        for _ in range(5):  # recorded at 31.5 ... 35.5 s
+            clock.advance(1.0)
+            backlog.submit(make_trade())
+            await turns()
+        clock.advance(60.0 - 35.5)  # 60 s: the oldest of them is 28.5 s old, not due
+        await turns()
+        assert len(events.of(JournalSpilled)) == 1
+        clock.advance(2.0)
+        await eventually(lambda: len(events.of(JournalSpilled)) == 2, timeout=3.0)
+        assert [event.records for event in events.of(JournalSpilled)] == [30, 5]
+        assert backlog.journal_pending == 35
     finally:
         await backlog.close()

@@ -8,11 +8,12 @@ in both:
   ``set_enabled`` flip) and records pushed out of RAM; after them come records that are in RAM *and* journaled, and
   last the newest records, in RAM only. So RAM is a journaled prefix followed by an unjournaled suffix, and the head
   of the FIFO is on disk only while the journal holds records that are not in RAM;
-* a keeper task journals (chunked appends, then one fsync) every RAM record older than half of
-  ``PERSISTENCE_JOURNAL_SYNC_SECONDS`` whenever the writer has made no progress for as long (an outage, a retry under
-  way, a database that stopped answering), so during an outage RAM is never the only copy of a record for longer
-  than the sync interval. It also keeps RAM within ``PERSISTENCE_MAX_PENDING``: past it the oldest records are
-  journaled and let go from RAM, also while a commit is in flight;
+* a keeper task journals (chunked appends, then one fsync) every record in RAM only, the youngest too, once the
+  oldest of them is half of ``PERSISTENCE_JOURNAL_SYNC_SECONDS`` old and the writer has made no progress for as long
+  (an outage, a retry under way, a database that stopped answering). So during an outage RAM is never the only copy
+  of a record for longer than the sync interval, and the journal takes one append and one fsync per half interval,
+  not one per record as they come due. It also keeps RAM within ``PERSISTENCE_MAX_PENDING``: past it the oldest
+  records are journaled and let go from RAM, also while a commit is in flight;
 * each record version is written to the journal at most once; a batch that is committed is acknowledged in the
   journal through its last journaled record (one checkpoint, off the event loop).
 
@@ -540,9 +541,11 @@ class Backlog:
         )
 
     async def spill_due(self) -> bool:
-        """Journal every RAM record that is due (see the module docstring) and keep RAM within its bound.
+        """Journal what is due (see the module docstring) and keep RAM within its bound.
 
-        Returns whether anything was journaled or let go.
+        While the writer makes no progress, every record in RAM only is journaled at once, not just those a grace
+        period old: they would each come due within it, and one append and one fsync for all of them cost the loop,
+        the disk and the log one spill instead of one per record. Returns whether anything was journaled or let go.
         """
         async with self._io_lock:
             if self._closed:
@@ -553,9 +556,7 @@ class Backlog:
             start = self._journaled_in_ram
             end = start
             if idle:
-                cutoff = now - self._grace
-                while end < len(self._ram) and (self._ram[end].recorded_at or now) <= cutoff:
-                    end += 1
+                end = len(self._ram)
             end = max(end, spill_over(len(self._ram), self._settings.max_pending))
             written: list[Pending] = []
             refused = False
