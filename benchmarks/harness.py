@@ -113,6 +113,12 @@ def sqlite_settings(path: Path, **overrides: Any) -> Settings:
     return bench_settings(f"sqlite+aiosqlite:///{path}", path.parent / f"{path.stem}-journal", **overrides)
 
 
+def persistence_off(path: Path) -> Settings:
+    """A sidecar's settings with persistence switched off (``ENABLE_DATABASE_PERSISTENCE=false``): no engine, no
+    thread, no file. A host loop run with it gives the machine's own stall floor beside a figure of the same run."""
+    return sqlite_settings(path, enabled=False)
+
+
 async def migrated(settings: Settings) -> None:
     database = create_database(settings)
     try:

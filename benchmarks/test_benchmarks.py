@@ -23,6 +23,7 @@ from benchmarks.harness import (
     ms,
     naive_burst,
     percentile,
+    persistence_off,
     pg_ceilings,
     pg_connect,
     raw_executemany,
@@ -130,6 +131,8 @@ def test_steady_1000_trades_per_second_p95(
     stalls: list[float] = []
     frozen_user_p95s: list[float] = []
     frozen_stalls: list[float] = []
+    off_stalls: list[float] = []  # the machine's own floor: the same host loop with persistence off
+    off_apart: list[float] = []
     counter = iter(range(10_000))
 
     async def steady(settings: Settings, prefix: str, rate: int, seconds: float, freeze: bool = False) -> list[float]:
@@ -162,6 +165,10 @@ def test_steady_1000_trades_per_second_p95(
         latencies = run(loop, user_steady(settings, 3000, 1000, f"W{n}", probe, freeze=True))
         frozen_user_p95s.append(percentile(latencies, 95))
         frozen_stalls.append(probe.largest)
+        probe = LoopStallProbe()
+        run(loop, user_steady(persistence_off(tmp_path / f"steady-off-{n}.db"), 3000, 1000, f"X{n}", probe))
+        off_stalls.append(probe.largest)
+        off_apart.append(probe.largest_without_a_full_collection)
         settings = sqlite_settings(tmp_path / f"steady-{n}.db")
         run(loop, migrated(settings))
         latencies = run(loop, steady(settings, f"T{n}", 1000, 3.0))
@@ -202,13 +209,19 @@ def test_steady_1000_trades_per_second_p95(
             "measured": ms(stall),
             "baseline": (
                 f"per round: {', '.join(ms(value) for value in stalls)}; the host's heap frozen after start-up: "
-                f"{ms(frozen_stall)} ({', '.join(ms(value) for value in frozen_stalls)})"
+                f"{ms(frozen_stall)} ({', '.join(ms(value) for value in frozen_stalls)}); the same host loop with "
+                f"persistence off (the machine's floor): {ms(statistics.median(off_stalls))} "
+                f"({', '.join(ms(value) for value in off_stalls)}; with no full collection inside: "
+                f"{', '.join(ms(value) for value in off_apart)})"
             ),
             "values": {
                 "largest_stall_ms": stall * 1000,
                 "per_round_ms": [value * 1000 for value in stalls],
                 "frozen_largest_stall_ms": frozen_stall * 1000,
                 "frozen_per_round_ms": [value * 1000 for value in frozen_stalls],
+                "persistence_off_largest_stall_ms": statistics.median(off_stalls) * 1000,
+                "persistence_off_per_round_ms": [value * 1000 for value in off_stalls],
+                "persistence_off_without_a_full_collection_ms": [value * 1000 for value in off_apart],
             },
         }
     )
@@ -778,6 +791,8 @@ def test_loop_stall_during_an_outage(
     spilled: list[int] = []
     apart: list[float] = []  # the largest stall with no full collection inside it
     collections: list[str] = []
+    off_stalls: list[float] = []  # the machine's own floor: the same host loop with persistence off
+    off_apart: list[float] = []
     counter = iter(range(10_000))
 
     async def outage(settings: Settings, prefix: str) -> float:
@@ -812,6 +827,10 @@ def test_loop_stall_during_an_outage(
         settings = sqlite_settings(tmp_path / f"outage-{n}.db", query_timeout_ms=250, breaker_reset_seconds=0.5)
         run(loop, migrated(settings))
         stalls.append(run(loop, outage(settings, f"O{n}")))
+        probe = LoopStallProbe()
+        run(loop, user_steady(persistence_off(tmp_path / f"outage-off-{n}.db"), 3000, 1000, f"P{n}", probe))
+        off_stalls.append(probe.largest)
+        off_apart.append(probe.largest_without_a_full_collection)
 
     benchmark.pedantic(one_round, rounds=max(ROUNDS // 2, 3), iterations=1)
     stall = statistics.median(stalls)
@@ -824,11 +843,16 @@ def test_loop_stall_during_an_outage(
                 f"per round: {', '.join(ms(value) for value in stalls)}; records spilled to the journal per round: "
                 f"{', '.join(str(value) for value in spilled)}; the largest stall with no full collection of the "
                 f"heap inside it: {ms(statistics.median(apart))} (per round {', '.join(ms(value) for value in apart)}; "
-                f"{'; '.join(collections)})"
+                f"{'; '.join(collections)}); the same host loop at 1000/s with persistence off (the machine's "
+                f"floor): {ms(statistics.median(off_stalls))} ({', '.join(ms(value) for value in off_stalls)}; "
+                f"with no full collection inside: {', '.join(ms(value) for value in off_apart)})"
             ),
             "values": {
                 "largest_stall_ms": stall * 1000,
                 "per_round_ms": [value * 1000 for value in stalls],
+                "persistence_off_largest_stall_ms": statistics.median(off_stalls) * 1000,
+                "persistence_off_per_round_ms": [value * 1000 for value in off_stalls],
+                "persistence_off_without_a_full_collection_ms": [value * 1000 for value in off_apart],
                 "journal_spilled_per_round": spilled,
                 "largest_stall_without_a_full_collection_ms": [value * 1000 for value in apart],
                 "full_collections": collections,
