@@ -379,7 +379,7 @@ async def test_a_pool_of_one_connection_begins_nothing_ahead_and_still_starts(po
     try:
         await upgrade(database)
         repos = Repositories(database)
-        await asyncio.wait_for(repos.open_ahead_connections(), 5)
+        await asyncio.wait_for(repos.warm_connections(), 5)
         assert repos.begin_ahead([make_trade() for _ in range(BATCH)], [make_trade()]) is None
         await write(repos, [make_trade() for _ in range(BATCH)])
     finally:
@@ -415,3 +415,45 @@ async def test_a_cancelled_continuation_raises_the_cancellation_and_gives_its_co
     assert database.engine.sync_engine.pool.checkedout() == 0
     assert await idle_in_transaction(database) == 0
     assert await repos.trades.count() == BATCH
+
+
+async def prepared_statements(database: Database) -> dict[int, int]:
+    """How many statements each of the pool's two connections has prepared (its backend pid → count); the count's
+    own statement is prepared by the first call and is the same one after."""
+    counts: dict[int, int] = {}
+    async with database.engine.connect() as one, database.engine.connect() as two:
+        for connection in (one, two):
+            row = (
+                await connection.exec_driver_sql("SELECT pg_backend_pid(), count(*) FROM pg_prepared_statements")
+            ).one()
+            counts[int(row[0])] = int(row[1])
+            await connection.rollback()
+    return counts
+
+
+async def test_the_connections_warmed_at_start_prepare_nothing_in_the_first_batches(postgres_url: str) -> None:
+    """At start the writer's two connections are sent a batch's statements (warm_connections). The first batches
+    after it, one of them begun ahead on the other connection, prepare nothing more on either: without the warm-up
+    they prepared nine statements, 5-10 ms of the first burst after a start."""
+    database = create_database(
+        make_settings(database_url=postgres_url, query_timeout_ms=5000, pool_size=2, max_overflow=0)
+    )
+    try:
+        await upgrade(database)
+        async with database.write() as connection:
+            await empty_every_table(connection)
+        repos = Repositories(database)
+        await repos.warm_connections()
+        before = await prepared_statements(database)
+        first = [make_trade() for _ in range(BATCH)]
+        nxt: list[Record] = [*(make_trade() for _ in range(BATCH)), *(make_signal() for _ in range(BATCH))]
+        begun = repos.begin_ahead(nxt, first)
+        assert begun is not None
+        await write(repos, first)
+        assert isinstance(await begun, Held)
+        await write(repos, nxt)
+        after = await prepared_statements(database)
+        assert len(after) == 2 and after == before
+        assert await repos.trades.count() == 2 * BATCH  # read last: its own statement is prepared on a connection
+    finally:
+        await database.dispose()

@@ -130,6 +130,17 @@ class AuditLog:
         await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": chain_lock_key(self.instance_id)})
         connection.info[LOCK_INFO] = transaction
 
+    async def warm(self, connection: AsyncConnection) -> None:
+        """PostgreSQL: send an append's statements once on ``connection`` (the chain lock, the head read, an empty
+        ``COPY`` of entries), inside a begun transaction the caller rolls back; see
+        :meth:`VersionedTable.warm <persistence.tables.versioned.VersionedTable.warm>`."""
+        if self._db.dialect_name != "postgresql":
+            return
+        await self.lock(connection)
+        await self.head(connection)
+        if self._copy is not None:
+            await self._copy.warm(connection)
+
     async def head(self, connection: AsyncConnection, instance_id: str | None = None) -> AuditHead | None:
         """The last entry of a chain (this instance's by default), or ``None`` for an empty chain."""
         instance = instance_id or self.instance_id

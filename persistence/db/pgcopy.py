@@ -105,6 +105,13 @@ class CopyUpsert:
             raise self._translate(self.announced_sql, error) from error
         return driver
 
+    async def warm(self, connection: AsyncConnection) -> None:
+        """Have asyncpg look this copy's table up on ``connection`` now, inside the caller's begun transaction (which
+        is rolled back): it does so at a connection's first ``COPY`` into a table (a catalog query and a round trip),
+        which would otherwise land in the first batch after a start. An empty ``COPY``; the stage is left alone."""
+        driver = await driver_of(connection)
+        await driver.copy_records_to_table(self.table, records=[], columns=self.columns)
+
     async def write_new(self, connection: AsyncConnection, values: Sequence[Mapping[str, Any]]) -> bool:
         """Copy ``values`` straight into the table if none of their keys is there yet; ``False`` (nothing written) if
         one is.

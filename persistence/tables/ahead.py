@@ -44,6 +44,8 @@ from persistence.db.engine import Database
 from persistence.db.pgcopy import AHEAD_INFO
 from persistence.tables.versioned import Claimed
 
+BEGIN_SQL = "SELECT 1"
+"""The statement that has a transaction begun ahead sent its ``BEGIN`` (the claims' driver calls run inside it)."""
 Parts = tuple[Sequence[Any], ...]
 """A batch as the repositories write it: its records grouped by kind, each group in batch order."""
 Claim = Callable[[AsyncConnection, Parts], Awaitable[list[Claimed | None]]]
@@ -127,17 +129,6 @@ class AheadTransactions:
         every batch's statements must meet the faults)."""
         return self.enabled and not self._db.faults_installed
 
-    async def open_connections(self) -> None:
-        """Have the pool hold the two connections the writer uses (a batch's and the one begun ahead), so that the
-        first burst after a start does not wait for a connection to be opened. A server that refuses the second
-        connection is not an error here: a transaction begun ahead then fails, and the batch is written without."""
-        if not self.enabled:
-            return
-        with contextlib.suppress(Exception):
-            async with self._db.engine.connect() as first, self._db.engine.connect() as second:
-                await first.exec_driver_sql("SELECT 1")
-                await second.exec_driver_sql("SELECT 1")
-
     def start(self, parts: Parts, after: Parts, claim: Claim) -> asyncio.Task[Held | None]:
         """Begin ``parts`` ahead once the rows of ``after`` (the committing batch) are written (:meth:`written`); a
         beginning registered from before and not taken is abandoned (:meth:`abandon`)."""
@@ -207,7 +198,7 @@ class AheadTransactions:
             # default (under REPEATABLE READ the chain's head read later would be the one before that commit).
             await connection.execution_options(isolation_level="READ COMMITTED")
             await connection.begin()
-            await connection.exec_driver_sql("SELECT 1")  # BEGIN is sent: the claims' driver calls run inside it
+            await connection.exec_driver_sql(BEGIN_SQL)
             claims = await claim(connection, parts)
         except BaseException:
             await Held(parts, connection, []).discard()

@@ -134,6 +134,11 @@ class _Statement:
         result = await connection.execute(self._statement, list(rows))
         return list(result.scalars()) if self._returning is not None else None
 
+    async def warm(self, connection: AsyncConnection) -> None:
+        """PostgreSQL: prepare this statement's ``COPY`` on ``connection`` (see :meth:`VersionedTable.warm`)."""
+        if self._copy is not None:
+            await self._copy.warm(connection)
+
     async def claim(self, connection: AsyncConnection, rows: Sequence[Mapping[str, Any]], key: str) -> list[Any] | None:
         """:meth:`run` an ``INSERT … DO NOTHING`` of ``rows``; on PostgreSQL a batch of only new keys takes a plain
         ``COPY`` into the table instead (:meth:`~persistence.db.pgcopy.CopyUpsert.write_new`)."""
@@ -237,6 +242,18 @@ class VersionedTable(Generic[RecordT]):
         """The rows of ``records`` as this process writes them (its ``instance_id`` added)."""
         instance = self.instance_id
         return [{**record.__dict__, "instance_id": instance} for record in records]
+
+    async def warm(self, connection: AsyncConnection) -> None:
+        """PostgreSQL: send a batch's statements once on ``connection``, inside a begun transaction the caller rolls
+        back, with nothing to write or read (no ids drawn, no keys, empty ``COPY``), so that the connection has them
+        prepared before the first batch after a start needs them."""
+        if self._db.dialect_name != "postgresql":
+            return
+        if self._drawn_ids is not None:
+            await connection.execute(self._drawn_ids, {"count": 0})
+        await self._claim.warm(connection)
+        await connection.execute(self._stored, {"keys": []})
+        await connection.execute(self._latest_entries, {"keys": []})
 
     async def stored(self, connection: AsyncConnection, keys: Sequence[str], links: dict[str, str]) -> dict[str, Row]:
         """The stored rows of ``keys`` that exist, read (and on PostgreSQL locked) inside the transaction; ``links``

@@ -103,7 +103,7 @@ class DatabaseLink:
         # orchestrator's trades are its own authoritative history, not this one's.
         trades = await self._repos.trades.get_latest_trades(self._settings.history_max, self._settings.instance_id)
         self.history_loaded = self._history.load(trades)
-        await self._repos.open_ahead_connections()
+        await self._repos.warm_connections()
         self._remember_database_file()
         self._ready = True
         return self.history_loaded
