@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from persistence.observe.events import (
 )
 from persistence.records.history import TradeHistory
 from persistence.testing import FakeClock
+from persistence.write import backlog as backlog_module
 from persistence.write.backlog import Backlog, Pending, ReceiptBook
 from persistence.write.breaker import CircuitBreaker
 from persistence.write.committer import DeadLetteredRecord, Outcome
@@ -280,4 +282,46 @@ async def test_an_outage_journals_every_waiting_record_in_one_spill_per_grace_pe
         assert [event.records for event in events.of(JournalSpilled)] == [30, 5]
         assert backlog.journal_pending == 35
     finally:
+        await backlog.close()
+
+
+async def test_a_batch_committed_while_a_spill_journals_it_is_acknowledged_in_the_journal_to_its_last_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer commits 100 records taken from RAM while the keeper journals the same 100 in two chunks (the
+    outage's spill takes every record in RAM only). The commit settles while the second chunk is still being written:
+    the journal must end with nothing pending, not with the second chunk's records to be written again as a journal
+    batch."""
+    settings = make_settings(journal_dir=tmp_path / "journal", journal_sync_seconds=1.0)
+    clock = FakeClock()
+    backlog = Backlog(
+        settings, bus=EventBus(), history=TradeHistory(1000), clock=clock, sleep=clock.sleep, book=ReceiptBook()
+    )
+    await backlog.open()
+    real, chunks = backlog_module._append_chunk, []
+    second_chunk, go_on = threading.Event(), threading.Event()
+
+    def held_second_chunk(journal: object, run_id: str, items: Sequence[Pending]) -> object:
+        chunks.append(len(items))
+        if len(chunks) == 2:  # on the journal thread: hold the spill between its two chunks
+            second_chunk.set()
+            go_on.wait(10)
+        return real(journal, run_id, items)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backlog_module, "_append_chunk", held_second_chunk)
+    try:
+        for _ in range(100):
+            backlog.submit(make_trade())
+        batch = await backlog.take(100)  # the writer's batch, being committed
+        clock.advance(1.0)  # no progress for the grace period: the keeper spills all 100
+        await eventually(second_chunk.is_set, timeout=5.0)
+        settling = asyncio.ensure_future(backlog.settle(batch, 100))  # the commit succeeded meanwhile
+        await asyncio.sleep(0.05)
+        go_on.set()
+        await asyncio.wait_for(settling, 5.0)
+        assert chunks == [64, 36]
+        assert backlog.queue_depth == 0 and backlog.journal_pending == 0 and not backlog.on_disk_only
+        assert not (await backlog.take(100)).slots  # nothing comes back to be written twice
+    finally:
+        go_on.set()
         await backlog.close()

@@ -437,12 +437,14 @@ class Backlog:
             return
         done = batch.slots[:handled]
         last_seq = max((slot.seq for slot in done if slot is not None), default=0)
-        positions = [
-            slot.journal_at if slot is not None else position
-            for slot, position in zip(done, batch.positions[:handled], strict=True)
-        ]  # read now: the keeper may have journaled part of a RAM batch while it was being committed
-        last_position = max((position for position in positions if position is not None), default=None)
         async with self._io_lock:
+            # Read under the lock: the keeper may have journaled part of a RAM batch while it was being committed,
+            # and a spill under way (chunk by chunk, holding the lock) may be journaling more of it right now.
+            positions = [
+                slot.journal_at if slot is not None else position
+                for slot, position in zip(done, batch.positions[:handled], strict=True)
+            ]
+            last_position = max((position for position in positions if position is not None), default=None)
             # RAM: the batch is the head of the FIFO, but the keeper may have let part of it go from RAM meanwhile.
             if not batch.from_journal:
                 handled_seq = max(slot.seq for slot in done if slot is not None)
