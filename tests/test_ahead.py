@@ -457,3 +457,32 @@ async def test_the_connections_warmed_at_start_prepare_nothing_in_the_first_batc
         assert await repos.trades.count() == 2 * BATCH  # read last: its own statement is prepared on a connection
     finally:
         await database.dispose()
+
+
+@pytest.mark.parametrize("held", ["table", "chain"])
+async def test_warming_at_start_does_not_wait_for_a_lock_another_session_holds(postgres_url: str, held: str) -> None:
+    """Another session holds a lock the warm-up's statements need (a SHARE lock on trades, as a plain CREATE INDEX
+    takes; or this instance's chain lock): the warm-up gives up on it at once instead of waiting for the query
+    timeout (30 s here), and a batch written after the lock is gone goes through."""
+    from persistence.audit.trail import chain_lock_key
+
+    database = create_database(make_settings(database_url=postgres_url, query_timeout_ms=30_000))
+    try:
+        await upgrade(database)
+        repos = Repositories(database)
+        other = await asyncpg.connect(postgres_url.replace("+asyncpg", ""))
+        try:
+            await other.execute("BEGIN")
+            if held == "table":
+                await other.execute("LOCK TABLE trades IN SHARE MODE")
+            else:
+                await other.execute("SELECT pg_advisory_xact_lock($1)", chain_lock_key(database.settings.instance_id))
+            await asyncio.wait_for(repos.warm_connections(), 5)
+            assert await idle_in_transaction(database) == 1  # only the other session: the warm-up rolled back
+        finally:
+            await other.execute("ROLLBACK")
+            await other.close()
+        await write(repos, [make_trade() for _ in range(BATCH)])
+        assert await repos.trades.count() >= BATCH
+    finally:
+        await database.dispose()

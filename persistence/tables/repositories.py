@@ -459,6 +459,8 @@ _SAME_DEAD_LETTER = (
     .limit(1)
 )
 """A dead letter of the same record with the same content (found through the ``(entity, natural_key)`` index)."""
+WARM_LOCK_WAIT = 0.1
+"""Seconds the start-up warming of the writer's connections waits for a lock before giving up on it."""
 _SAME_DEAD_LETTER_SQLITE = "SELECT 1 FROM dead_letters WHERE entity = ? AND natural_key = ? AND payload = ? LIMIT 1"
 
 
@@ -688,7 +690,9 @@ class Repositories:
 
         Otherwise the first batches after a start open the second connection and prepare their statements (nine, two
         of them after a catalog lookup for ``COPY``: 5-10 ms of the first burst, measured). Nothing here is an error:
-        a server that refuses now is the writer's to meet.
+        a server that refuses now is the writer's to meet. Nor does it wait on a lock another session holds (a table
+        being indexed, the chain lock of a process with the same instance id) for longer than :data:`WARM_LOCK_WAIT`:
+        a start must not take a query timeout for what only saves milliseconds.
         """
         if self.database.dialect_name != "postgresql":
             return
@@ -698,6 +702,7 @@ class Repositories:
                     connection = await stack.enter_async_context(self.database.engine.connect())
                     try:
                         await connection.exec_driver_sql(BEGIN_SQL)
+                        await connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{WARM_LOCK_WAIT * 1000:.0f}ms'")
                         for table in self._tables():
                             await table.warm(connection)
                         await self.audit.warm(connection)
