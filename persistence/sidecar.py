@@ -91,6 +91,7 @@ class PersistenceSidecar:
         self._started = False
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
+        self._starting: asyncio.Task[None] | None = None
         self._toggle_lock = asyncio.Lock()
         self._exporter: MetricsExporter | None = None
 
@@ -121,7 +122,7 @@ class PersistenceSidecar:
         self._exporter = start_exporter(self.settings.metrics_port, self.registry, enabled=self._enabled)
         if self._enabled:
             try:
-                await self._start_writer()
+                await self._start_writer_tracked()
             except BaseException:
                 if self._runtime is None:  # refused before anything ran (the journal directory): may start again
                     self._started = False
@@ -141,7 +142,8 @@ class PersistenceSidecar:
     async def close(self, timeout: float | None = None) -> None:
         """Stop intake, drain within ``timeout`` (default ``PERSISTENCE_SHUTDOWN_TIMEOUT``), journal the rest.
 
-        Idempotent: a second call waits for the first to finish. Logs one ``shutdown_complete`` summary.
+        Idempotent: a second call waits for the first to finish. Logs one ``shutdown_complete`` summary. A
+        ``start()`` still under way is stopped first (it raises :class:`SidecarClosedError`).
         """
         if self._closing is None:
             self._closed = True
@@ -172,7 +174,15 @@ class PersistenceSidecar:
         )
 
     async def _stop_persistence(self, timeout: float) -> int:
-        """Stop the runtime (or, never started, journal what was recorded); returns what waits in the journal."""
+        """Stop the runtime (or, never started, journal what was recorded); returns what waits in the journal.
+
+        A start under way is cancelled and waited for first: stopped under it, the runtime's pool would be disposed
+        of while the start still held connections, left open on the server for as long as the process lives.
+        """
+        starting = self._starting
+        if starting is not None and not starting.done():
+            starting.cancel()
+            await asyncio.wait([starting])
         runtime, self._runtime = self._runtime, None
         backlog, self._backlog = self._backlog, None
         if runtime is not None:
@@ -198,6 +208,26 @@ class PersistenceSidecar:
         return Backlog(
             self.settings, bus=self.events, history=self._history, clock=self._clock, sleep=self._sleep, book=self._book
         )
+
+    async def _start_writer_tracked(self) -> None:
+        """:meth:`_start_writer` as a task of its own, which a ``close()`` (or ``set_enabled(False)``) coming meanwhile
+        cancels and waits for. Then ``start()`` raises :class:`SidecarClosedError` after a close, and returns after a
+        switch-off (the sidecar runs with persistence off); a cancellation of the caller itself comes out as such."""
+        starting = self._starting = asyncio.ensure_future(self._start_writer())
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            if not starting.done():  # the caller was cancelled: so is the start under way
+                starting.cancel()
+                await asyncio.wait([starting])
+            current = asyncio.current_task()
+            if not starting.cancelled() or (current is not None and current.cancelling()):
+                raise
+            if self._closed:
+                raise SidecarClosedError("the sidecar was closed while it started") from None
+        finally:
+            if self._starting is starting:
+                self._starting = None
 
     async def _start_writer(self) -> None:
         if self._backlog is None:
@@ -245,7 +275,7 @@ class PersistenceSidecar:
             if enabled:
                 self._backlog = self._new_backlog()
                 if self._started:
-                    await self._start_writer()
+                    await self._start_writer_tracked()
             else:
                 backlog = self._backlog
                 if backlog is not None and self._runtime is not None:

@@ -27,7 +27,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from persistence import PersistenceSidecar
+from persistence import PersistenceSidecar, SidecarClosedError
 from persistence.observe.events import BreakerChanged, WriteFailed
 from persistence.records.models import Signal, Trade
 from persistence.testing import DatabaseLock, FaultInjector, wait_for_breaker
@@ -265,3 +265,51 @@ async def test_a_simulated_server_restart_loses_nothing_duplicates_nothing_and_t
     assert killed >= 1
     openings = [event for event in events.of(BreakerChanged) if event.to_state == "open"]
     assert openings, "the outage never opened the breaker; it was not an outage"
+
+
+async def test_close_during_a_start_waiting_for_the_database_stops_it_and_leaves_no_session_open(
+    throwaway_postgres_url: str, tmp_path: Path
+) -> None:
+    """Another session holds trades in ACCESS EXCLUSIVE mode, so the start's history load waits (up to a 30 s query
+    timeout). A close() then cancels the start and waits for it: start() raises SidecarClosedError, and once the
+    lock is gone no session of the sidecar is left open on the server (the pool was disposed of after the start had
+    given its connections back, not under it)."""
+    settings = make_settings(
+        database_url=throwaway_postgres_url, journal_dir=tmp_path / "journal", query_timeout_ms=30_000
+    )
+    async with PersistenceSidecar(settings, log_events=False):
+        pass  # migrated
+    holder, monitor = await connect(throwaway_postgres_url), await connect(throwaway_postgres_url)
+    # Asked outside a transaction, so each query sees the activity anew.
+    others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> ALL($1::int[])"
+    ours = [holder.get_server_pid(), monitor.get_server_pid()]
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("LOCK TABLE trades IN ACCESS EXCLUSIVE MODE")
+        sidecar = PersistenceSidecar(settings, log_events=False)
+        starting = asyncio.ensure_future(sidecar.start())
+        await eventually_async(
+            lambda: monitor.fetchval(others + " AND wait_event_type = 'Lock'", ours), "the start never waited"
+        )
+        await asyncio.wait_for(sidecar.close(), 10)
+        with pytest.raises(SidecarClosedError):
+            await asyncio.wait_for(starting, 10)
+        await holder.execute("ROLLBACK")
+        await eventually_async(
+            lambda: _none(monitor.fetchval(others, ours)), "a session of the closed sidecar was left open"
+        )
+    finally:
+        await holder.close()
+        await monitor.close()
+
+
+async def _none(count: Any) -> bool:
+    return int(await count) == 0
+
+
+async def eventually_async(check: Any, message: str, timeout: float = 10.0) -> None:
+    """Wait until the awaitable ``check()`` returns a truthy value."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, message
+        await asyncio.sleep(0.05)
