@@ -91,6 +91,8 @@ class DeadLetterRow:
     created_at: datetime
 
 
+WARM_LOCK_WAIT = 0.1
+"""Seconds the start-up warming of the writer's connections waits for a lock before giving up on it."""
 AMENDMENT_RULES: Mapping[str, Callable[[Mapping[str, Any], Mapping[str, Any]], bool]] = {
     TABLE_OF[kind.entity].name: kind.replaces for kind in RECORD_KINDS if kind.replaces is not None
 }
@@ -459,8 +461,6 @@ _SAME_DEAD_LETTER = (
     .limit(1)
 )
 """A dead letter of the same record with the same content (found through the ``(entity, natural_key)`` index)."""
-WARM_LOCK_WAIT = 0.1
-"""Seconds the start-up warming of the writer's connections waits for a lock before giving up on it."""
 _SAME_DEAD_LETTER_SQLITE = "SELECT 1 FROM dead_letters WHERE entity = ? AND natural_key = ? AND payload = ? LIMIT 1"
 
 
