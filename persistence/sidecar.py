@@ -252,10 +252,21 @@ class PersistenceSidecar:
         try:
             runtime = await asyncio.shield(build)
         except asyncio.CancelledError:
-            build.add_done_callback(_discard_runtime)  # built all the same: let its anchorer leave the bus
+            # Built all the same on its thread (15-30 ms): wait for it, so that nothing of this start outlives the
+            # cancellation (a close() returns only then), and let it go.
+            await asyncio.wait([build])
+            if not build.cancelled() and build.exception() is None:
+                await build.result().abandon()
             raise
         self._runtime = runtime
-        await runtime.start()
+        try:
+            await runtime.start()
+        except BaseException:
+            # Its writer never ran: let the runtime go, keep the backlog (the sidecar's, open, holding what was
+            # recorded), and a start() called again builds a new runtime on it instead of finding a half-started one.
+            self._runtime = None
+            await runtime.abandon()
+            raise
 
     # ------------------------------------------------------------------ the run-time flag
 
@@ -434,15 +445,3 @@ class PersistenceSidecar:
     def dead_letters(self) -> DeadLetterRepository:
         """Records that could never be written."""
         return self._repositories().dead_letters
-
-
-def _discard_runtime(build: asyncio.Future[Runtime]) -> None:
-    """A runtime whose start was cancelled while it was being built: it never ran, it only has to leave the bus."""
-    if not build.cancelled() and build.exception() is None:
-        task = asyncio.ensure_future(build.result().anchorer.stop())
-        _DISCARDING.add(task)
-        task.add_done_callback(_DISCARDING.discard)
-
-
-_DISCARDING: set[asyncio.Future[None]] = set()
-"""Runtimes being let go (a reference to each task until it ends)."""

@@ -357,9 +357,32 @@ async def test_the_runtime_is_built_off_the_loop_and_a_start_cancelled_meanwhile
     await eventually(lambda: bool(threads))  # the loop runs on while the construction waits at the gate
     assert threads[0] is not threading.main_thread()
     starting.cancel()
+    await asyncio.sleep(0.05)
+    assert not starting.done()  # the cancelled start waits for the construction under way, not leaving it behind
+    gate.set()
     with pytest.raises(asyncio.CancelledError):
         await starting
-    gate.set()
-    # Built all the same on its thread; it never ran, and its anchorer leaves the bus.
-    await eventually(lambda: len(sidecar.events._listeners) == listeners)
+    # Built all the same on its thread; it never ran, and its anchorer has left the bus by the time start() ends.
+    assert len(sidecar.events._listeners) == listeners
     await sidecar.close()
+
+
+async def test_a_start_cancelled_during_its_migrations_can_be_started_again_and_persists(
+    sqlite_url: str, sidecar_settings: SettingsFactory, sidecars: list[Any]
+) -> None:
+    """Another connection holds the database's write lock, so the start waits in its migrations; the host cancels
+    it. A start() called again once the lock is gone starts the writer: nothing half-started is left to find, and a
+    record made in between is persisted."""
+    sidecar = build(sidecar_settings(sqlite_url, query_timeout_ms=20_000), sidecars)
+    async with DatabaseLock(sqlite_url):
+        starting = asyncio.ensure_future(sidecar.start())
+        await asyncio.sleep(0.3)
+        assert not starting.done()
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(starting, 10)
+        assert sidecar.runtime is None
+        receipt = sidecar.record_trade(make_trade())
+    await asyncio.wait_for(sidecar.start(), 10)
+    assert sidecar.writer is not None and sidecar.writer.running
+    assert await asyncio.wait_for(receipt, 10) == "persisted"

@@ -182,6 +182,14 @@ class Runtime:
             await asyncio.wait_for(self.committer.close(), max(reserve, 0.1))
         await self.link.close(max(reserve, 0.1))
 
+    async def abandon(self) -> None:
+        """Let go of a runtime whose start failed or was cancelled (its writer never ran): its anchorer leaves the
+        bus, its pool is disposed of. The backlog is left open: it is the sidecar's, and a later start takes it on."""
+        await self.anchorer.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.committer.close(), 0.5)
+        await self.link.close(0.5)
+
     # ------------------------------------------------------------------ wiring
 
     def _on_retry(self, state: RetryCallState) -> None:
