@@ -124,8 +124,7 @@ class PersistenceSidecar:
             try:
                 await self._start_writer_tracked()
             except BaseException:
-                if self._runtime is None:  # refused before anything ran (the journal directory): may start again
-                    self._started = False
+                self._started = False  # nothing of the failed start is left running (_start_writer): may start again
                 await self._stop_exporter()
                 raise
         runtime = self._runtime

@@ -556,10 +556,7 @@ class Backlog:
             over = len(self._ram) - self._settings.max_pending
             idle = now - self._last_progress >= self._grace
             start = self._journaled_in_ram
-            end = start
-            if idle:
-                end = len(self._ram)
-            end = max(end, spill_over(len(self._ram), self._settings.max_pending))
+            end = max(len(self._ram) if idle else start, spill_over(len(self._ram), self._settings.max_pending))
             written: list[Pending] = []
             refused = False
             if end > start:

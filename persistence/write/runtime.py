@@ -177,18 +177,20 @@ class Runtime:
         await self.writer.stop(timeout - reserve)
         await self.anchorer.stop()  # the checkpoint at close(): after the last commit
         await self.backlog.close()
-        # A transaction begun ahead and never committed is rolled back; its records are journaled already.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.committer.close(), max(reserve, 0.1))
-        await self.link.close(max(reserve, 0.1))
+        await self._release(max(reserve, 0.1))
 
     async def abandon(self) -> None:
         """Let go of a runtime whose start failed or was cancelled (its writer never ran): its anchorer leaves the
         bus, its pool is disposed of. The backlog is left open: it is the sidecar's, and a later start takes it on."""
         await self.anchorer.stop()
+        await self._release(0.5)
+
+    async def _release(self, timeout: float) -> None:
+        """Roll back a transaction begun ahead and never committed (its records are in the backlog), then dispose of
+        the pool; each within ``timeout``."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.committer.close(), 0.5)
-        await self.link.close(0.5)
+            await asyncio.wait_for(self.committer.close(), timeout)
+        await self.link.close(timeout)
 
     # ------------------------------------------------------------------ wiring
 
